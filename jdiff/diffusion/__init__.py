@@ -1,0 +1,35 @@
+"""Flow-matching math: the path, its views, training times, the shift and the samplers.
+
+Every formula lives here once; see DESIGN.md "Math conventions".
+"""
+
+from jdiff.diffusion.flow import (
+    PREDICTIONS,
+    VIEWS,
+    WEIGHTINGS,
+    convert,
+    flow_loss,
+    from_x0_eps,
+    interpolate,
+    loss_weight,
+    to_x0_eps,
+    velocity_target,
+)
+from jdiff.diffusion.sampling import METHODS, guided_velocity, sample, solve
+from jdiff.diffusion.timesteps import (
+    SHIFT_KINDS,
+    TIMESTEP_KINDS,
+    inference_times,
+    resolution_shift,
+    sample_timesteps,
+    sampling_times,
+    time_shift,
+    training_timesteps,
+)
+
+__all__ = [
+    "PREDICTIONS", "VIEWS", "WEIGHTINGS", "METHODS", "SHIFT_KINDS", "TIMESTEP_KINDS",
+    "convert", "flow_loss", "from_x0_eps", "interpolate", "loss_weight", "to_x0_eps",
+    "velocity_target", "guided_velocity", "sample", "solve", "inference_times",
+    "resolution_shift", "sample_timesteps", "sampling_times", "time_shift", "training_timesteps",
+]

@@ -1,0 +1,21 @@
+"""Diffusion transformers. A config picks one by name from MODELS; the rest of
+`config.model` (variant, sizes, dtypes, scan, remat, ...) goes to that model's `make`."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+
+from jdiff.models import dit, mmdit
+
+MODELS = {"dit": dit.make, "mmdit": mmdit.make}
+
+
+def build(model_cfg: Mapping[str, Any]) -> nn.Module:
+  """config.model -> Flax module. `name` picks the model; every other field is its argument."""
+  kwargs = dict(model_cfg)
+  name = kwargs.pop("name")
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; expected one of {tuple(MODELS)}")
+  return MODELS[name](**kwargs)

@@ -1,0 +1,135 @@
+"""DiT with adaLN-Zero (Peebles & Xie, 2023), conditioned on a class label or a pooled text vector.
+
+Sizes (DiT paper, Table 1); the variant name adds the patch size, e.g. 'XL/2':
+  S: depth 12, width 384, 6 heads     B: depth 12, width 768, 12 heads
+  L: depth 24, width 1024, 16 heads   XL: depth 28, width 1152, 16 heads
+patch 2, 4 or 8.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jdiff.models import layers as L
+
+SIZES = {
+    "S": dict(depth=12, width=384, num_heads=6),
+    "B": dict(depth=12, width=768, num_heads=12),
+    "L": dict(depth=24, width=1024, num_heads=16),
+    "XL": dict(depth=28, width=1152, num_heads=16),
+}
+PATCH_SIZES = (2, 4, 8)
+
+
+def parse_variant(variant: str) -> dict[str, int]:
+  """'XL/2' -> dict(depth=28, width=1152, num_heads=16, patch_size=2)."""
+  size, _, patch = variant.partition("/")
+  if size not in SIZES or not patch.isdigit() or int(patch) not in PATCH_SIZES:
+    raise ValueError(f"unknown DiT variant {variant!r}; expected SIZE/PATCH with SIZE in "
+                     f"{tuple(SIZES)} and PATCH in {PATCH_SIZES}, e.g. 'XL/2'")
+  return dict(SIZES[size], patch_size=int(patch))
+
+
+class DiTBlock(nn.Module):
+  """x + gate*Attn(adaLN(x)); x + gate*MLP(adaLN(x)), six modulation vectors from c."""
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qk_norm: bool = False
+  attention: str = "default"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, c: jax.Array):
+    """x: [B, L, D]; c: [B, D] -> ([B, L, D], None)."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    width = x.shape[-1]
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = L.Modulation(
+        6, width, name="adaLN", **kw)(c)
+    h = L.modulate(L.layer_norm("norm1", self.dtype)(x), shift_msa, scale_msa)
+    q, k, v = L.QKV(self.num_heads, L.check_divisible(width, self.num_heads), self.qk_norm,
+                    name="attn", **kw)(h)
+    h = L.attention_out(L.dot_product_attention(q, k, v, self.attention), width, name="attn_out", **kw)
+    x = x + gate_msa[:, None] * h
+    h = L.modulate(L.layer_norm("norm2", self.dtype)(x), shift_mlp, scale_mlp)
+    x = x + gate_mlp[:, None] * L.MLP(int(width * self.mlp_ratio), name="mlp", **kw)(h)
+    return L.constrain(x, "activation_batch", "activation_length", "activation_embed"), None
+
+
+class DiT(nn.Module):
+  """Diffusion transformer on image patches.
+
+  Conditioning: `labels` [B] (int, num_classes is the null label for classifier-free
+  guidance) when num_classes > 0, else `pooled` [B, pooled_dim] text vectors.
+  """
+
+  depth: int
+  width: int
+  num_heads: int
+  patch_size: int = 2
+  in_channels: int = 4
+  out_channels: int | None = None
+  num_classes: int = 0
+  pooled_dim: int = 0
+  mlp_ratio: float = 4.0
+  qk_norm: bool = False
+  pos_embed_max_size: int = 64
+  pos_embed_base_size: int | None = None
+  time_scale: float = 1000.0
+  attention: str = "default"
+  scan: bool = False
+  remat: str = "none"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, *, labels: jax.Array | None = None,
+               pooled: jax.Array | None = None, context: jax.Array | None = None) -> jax.Array:
+    """x: [B, H, W, C]; t: [B] in [0, 1] -> prediction [B, H, W, out_channels].
+
+    `context` (text tokens) is accepted and ignored, so every model shares one call.
+    """
+    del context
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    out_channels = self.out_channels or self.in_channels
+    if x.shape[-1] != self.in_channels:
+      raise ValueError(f"expected {self.in_channels} input channels, got shape {x.shape}")
+    grid = (x.shape[1] // self.patch_size, x.shape[2] // self.patch_size)
+    h = L.PatchEmbed(self.width, self.patch_size, self.pos_embed_max_size,
+                     self.pos_embed_base_size, name="patch_embed", **kw)(x.astype(self.dtype))
+    c = L.TimestepEmbed(self.width, self.time_scale, name="t_embed", **kw)(t)
+    if self.num_classes > 0:
+      if labels is None:
+        raise ValueError("class-conditional DiT needs `labels`")
+      table = self.param("label_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                     ("vocab", "embed")),
+                         (self.num_classes + 1, self.width), self.param_dtype)
+      c = c + jnp.take(L.gathered(table.astype(self.dtype), ("vocab", "embed")), labels, axis=0)
+    elif self.pooled_dim > 0:
+      if pooled is None:
+        raise ValueError("text-conditional DiT needs `pooled`")
+      c = c + L.CondMLP(self.width, name="pooled_embed", **kw)(pooled.astype(self.dtype))
+    h = L.run_blocks(DiTBlock, self.depth, h, c, name="blocks", scan=self.scan, remat=self.remat,
+                     num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm,
+                     attention=self.attention, **kw)
+    shift, scale = L.Modulation(2, self.width, name="final_adaLN", **kw)(c)
+    h = L.modulate(L.layer_norm("final_norm", self.dtype)(h), shift, scale)
+    h = L.dense(self.patch_size**2 * out_channels, ("embed", "patch"), name="final_proj",
+                init=L.zeros, **kw)(h)
+    return L.unpatchify(h, grid, self.patch_size).astype(jnp.float32)
+
+
+def make(variant: str = "S/2", *, depth: int | None = None, width: int | None = None,
+         num_heads: int | None = None, patch_size: int | None = None, dtype: str = "float32",
+         param_dtype: str = "float32", **kwargs) -> DiT:
+  """Builds a DiT from a variant name ('XL/2'); explicit sizes override the table."""
+  size = parse_variant(variant)
+  for key, value in dict(depth=depth, width=width, num_heads=num_heads, patch_size=patch_size).items():
+    if value is not None:
+      size[key] = value
+  return DiT(**size, dtype=L.as_dtype(dtype), param_dtype=L.as_dtype(param_dtype), **kwargs)

@@ -1,0 +1,411 @@
+"""Layers shared by the diffusion transformers.
+
+Images are NHWC. Every parameter carries logical axis names and activations are
+constrained with logical names; `config.sharding.logical_rules` maps these names onto
+the mesh axes (data, fsdp, tensor), so this file never mentions a mesh.
+
+Parameter axes:   embed (model width), mlp (MLP hidden), heads (heads*head_dim),
+                  kv (head_dim), modulation (n*width of adaLN), cond (conditioning
+                  inputs), patch (p*p*C), vocab (label table), norm, layers (scan).
+Activation axes:  activation_batch, activation_length, activation_embed,
+                  activation_heads, activation_kv, activation_mlp.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+ATTENTION_IMPLS = {"default": None, "xla": "xla", "cudnn": "cudnn"}
+
+# 'none' runs blocks without rematerialisation; the others wrap each block in nn.remat.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+xavier = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros_init()
+
+
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+  """Constrains an activation's sharding by logical axis names (no-op without rules)."""
+  return nn.with_logical_constraint(x, names)
+
+
+# Mesh axes that only shard parameter *storage* (ZeRO-3 / FSDP): a weight is kept split
+# over them and all-gathered where it is used, so compute sees it sharded only over the
+# remaining axes (e.g. tensor). Making the gather explicit also keeps XLA's SPMD
+# partitioner away from a miscompile it makes when it is left to reshard activations
+# against fsdp-sharded weights on its own (docs/notes.md).
+STORAGE_ONLY_AXES = ("fsdp",)
+
+
+@functools.lru_cache(maxsize=16)
+def _compute_rules(rules: tuple) -> tuple:
+  def drop(axes):
+    if axes is None or isinstance(axes, str):
+      return None if axes in STORAGE_ONLY_AXES else axes
+    kept = tuple(a for a in axes if a not in STORAGE_ONLY_AXES)
+    return kept if len(kept) > 1 else (kept[0] if kept else None)
+  return tuple((name, drop(axes)) for name, axes in rules)
+
+
+def gathered(w: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+  """A weight with logical `axes`, constrained to its compute sharding (no-op without rules)."""
+  rules = nn.get_logical_axis_rules()
+  if not rules:
+    return w
+  return nn.with_logical_constraint(w, axes, rules=_compute_rules(tuple(rules)))
+
+
+class Dense(nn.Module):
+  """y = x @ kernel + bias, kernel [in, out] with logical `axes`, bias [out] with axes[1].
+
+  Parameters are stored in param_dtype, cast to dtype and gathered (see `gathered`)
+  before use; names match nn.Dense ('kernel', 'bias').
+  """
+
+  features: int
+  axes: tuple[str, str]
+  use_bias: bool = True
+  init: Callable = xavier
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.init, self.axes),
+                        (x.shape[-1], self.features), self.param_dtype)
+    y = jnp.dot(x.astype(self.dtype), gathered(kernel.astype(self.dtype), self.axes))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(zeros, (self.axes[1],)),
+                        (self.features,), self.param_dtype)
+      y = y + gathered(bias.astype(self.dtype), (self.axes[1],))
+    return y
+
+
+def dense(
+    features: int,
+    axes: tuple[str, str],
+    *,
+    name: str,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    init: Callable = xavier,
+    use_bias: bool = True,
+) -> Dense:
+  """A `Dense` layer (keyword shorthand used throughout the models)."""
+  return Dense(features, axes, use_bias=use_bias, init=init, dtype=dtype, param_dtype=param_dtype,
+               name=name)
+
+
+def layer_norm(name: str, dtype: Dtype, eps: float = 1e-6) -> nn.LayerNorm:
+  """LayerNorm without affine parameters (adaLN supplies scale and shift)."""
+  return nn.LayerNorm(
+      epsilon=eps, use_bias=False, use_scale=False, use_fast_variance=False, dtype=dtype, name=name
+  )
+
+
+def rms_norm(name: str, dtype: Dtype, param_dtype: Dtype, axis_name: str = "kv", eps: float = 1e-6):
+  """RMSNorm with a learned scale over the last axis (statistics in float32)."""
+  return nn.RMSNorm(
+      epsilon=eps,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
+      name=name,
+  )
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """x * (1 + scale) + shift.  x: [B, L, D]; shift, scale: [B, D]."""
+  return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+
+
+class Modulation(nn.Module):
+  """adaLN: n per-sample vectors [B, D] from the conditioning c [B, D_c], via Dense(silu(c)).
+
+  Zero-initialised, so at init every shift, scale and gate is 0: blocks start as the
+  identity and the model's output is exactly 0 (adaLN-Zero).
+  """
+
+  n: int
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, c: jax.Array) -> list[jax.Array]:
+    out = dense(
+        self.n * self.features, ("embed", "modulation"), name="linear", init=zeros,
+        dtype=self.dtype, param_dtype=self.param_dtype,
+    )(nn.silu(c))
+    return jnp.split(out, self.n, axis=-1)
+
+
+class MLP(nn.Module):
+  """Dense -> GELU (tanh) -> Dense.  x: [B, L, D] -> [B, L, D]."""
+
+  hidden: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = dense(self.hidden, ("embed", "mlp"), name="fc1", **kw)(x)
+    h = constrain(nn.gelu(h, approximate=True), "activation_batch", "activation_length", "activation_mlp")
+    return dense(x.shape[-1], ("mlp", "embed"), name="fc2", **kw)(h)
+
+
+def dot_product_attention(q, k, v, implementation: str = "default") -> jax.Array:
+  """Softmax attention with scale 1/sqrt(head_dim).  q: [B, T, N, H]; k, v: [B, S, N, H]."""
+  if implementation not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention implementation {implementation!r}; "
+                     f"expected one of {tuple(ATTENTION_IMPLS)}")
+  return jax.nn.dot_product_attention(q, k, v, implementation=ATTENTION_IMPLS[implementation])
+
+
+class QKV(nn.Module):
+  """Query, key and value projections [B, L, D] -> 3 x [B, L, N, H], with optional QK-RMSNorm."""
+
+  num_heads: int
+  head_dim: int
+  qk_norm: bool = True
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
+    width = self.num_heads * self.head_dim
+    names = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+    q, k, v = (
+        constrain(
+            dense(width, ("embed", "heads"), name=n, **kw)(x).reshape(
+                x.shape[:2] + (self.num_heads, self.head_dim)),
+            *names)
+        for n in ("q", "k", "v")
+    )
+    if self.qk_norm:
+      q = rms_norm("q_norm", self.dtype, self.param_dtype)(q)
+      k = rms_norm("k_norm", self.dtype, self.param_dtype)(k)
+    return q, k, v
+
+
+def attention_out(x: jax.Array, width: int, *, name: str, dtype: Dtype, param_dtype: Dtype):
+  """[B, L, N, H] -> [B, L, width]: merge heads and project."""
+  x = x.reshape(x.shape[:2] + (-1,))
+  return dense(width, ("heads", "embed"), name=name, dtype=dtype, param_dtype=param_dtype)(x)
+
+
+# --- patches and positions ---------------------------------------------------------------
+
+
+def patchify(x: jax.Array, patch_size: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], tokens in row-major order, features (p_row, p_col, C)."""
+  b, h, w, c = x.shape
+  p = patch_size
+  if h % p or w % p:
+    raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: jax.Array, grid: tuple[int, int], patch_size: int) -> jax.Array:
+  """Inverse of `patchify`: [B, h*w, p*p*C] -> [B, h*p, w*p, C] for grid = (h, w)."""
+  b, _, f = x.shape
+  (h, w), p = grid, patch_size
+  c = f // (p * p)
+  x = x.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * p, w * p, c)
+
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+  """[len(pos), dim]: sin then cos of pos * 10000^(-2i/dim), i < dim/2 (float64)."""
+  omega = 1.0 / 10000.0 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  angles = np.outer(pos.astype(np.float64), omega)
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+@functools.lru_cache(maxsize=32)
+def cropped_sincos_2d(dim: int, grid: tuple[int, int], max_size: int, base_size: int | None):
+  """2D sin-cos position table [h*w, dim] for grid (h, w), cut from the centre of max_size^2.
+
+  As in SD3: the table is defined on a max_size x max_size grid whose coordinates are
+  scaled by base_size / max_size (base_size None: unit spacing), and each resolution
+  takes its centred crop, so one set of weights serves every grid up to max_size.
+  The first dim/2 channels encode the column, the last dim/2 the row.
+  """
+  h, w = grid
+  if dim % 4:
+    raise ValueError(f"2D sin-cos embedding needs a width divisible by 4, got {dim}")
+  if h > max_size or w > max_size:
+    raise ValueError(f"patch grid {h}x{w} exceeds pos_embed_max_size={max_size}; "
+                     "raise pos_embed_max_size or use smaller images")
+  spacing = 1.0 if base_size is None else base_size / max_size
+  top, left = (max_size - h) // 2, (max_size - w) // 2
+  rows = (np.arange(h) + top) * spacing
+  cols = (np.arange(w) + left) * spacing
+  col_emb = sincos_1d(dim // 2, np.tile(cols, h))
+  row_emb = sincos_1d(dim // 2, np.repeat(rows, w))
+  return np.concatenate([col_emb, row_emb], axis=1).astype(np.float32)
+
+
+class PatchEmbed(nn.Module):
+  """[B, H, W, C] -> tokens [B, (H/p)*(W/p), D] plus the cropped 2D sin-cos position table."""
+
+  width: int
+  patch_size: int
+  pos_embed_max_size: int
+  pos_embed_base_size: int | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    grid = (x.shape[1] // self.patch_size, x.shape[2] // self.patch_size)
+    tokens = dense(self.width, ("patch", "embed"), name="proj", dtype=self.dtype,
+                   param_dtype=self.param_dtype)(patchify(x, self.patch_size))
+    pos = cropped_sincos_2d(self.width, grid, self.pos_embed_max_size, self.pos_embed_base_size)
+    tokens = tokens + jnp.asarray(pos, self.dtype)[None]
+    return constrain(tokens, "activation_batch", "activation_length", "activation_embed")
+
+
+def timestep_features(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal features [B, dim] of t [B]: cos then sin of t * max_period^(-i/(dim/2))."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class CondMLP(nn.Module):
+  """Dense -> SiLU -> Dense, for timestep features and pooled text: [B, F] -> [B, D]."""
+
+  width: int
+  init: Callable = xavier
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init=self.init)
+    h = nn.silu(dense(self.width, ("cond", "mlp"), name="fc1", **kw)(x))
+    return dense(self.width, ("mlp", "embed"), name="fc2", **kw)(h)
+
+
+class TimestepEmbed(nn.Module):
+  """t in [0, 1] [B] -> [B, D]: sinusoidal features of t*time_scale, then CondMLP.
+
+  time_scale=1000 matches the DiT/SD3 convention of embedding timesteps in [0, 1000].
+  """
+
+  width: int
+  time_scale: float = 1000.0
+  freq_dim: int = 256
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: jax.Array) -> jax.Array:
+    feats = timestep_features(t * self.time_scale, self.freq_dim).astype(self.dtype)
+    return CondMLP(self.width, init=nn.initializers.normal(0.02), dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="mlp")(feats)
+
+
+# --- block stacks ------------------------------------------------------------------------
+
+
+def run_blocks(
+    block_cls: type[nn.Module],
+    depth: int,
+    carry: Any,
+    cond: jax.Array,
+    *,
+    name: str,
+    scan: bool,
+    remat: str,
+    **block_kwargs,
+) -> Any:
+  """Applies `depth` blocks of `block_cls` (call: (carry, cond) -> (carry, None)).
+
+  Must be called from a compact method. scan=True runs them under nn.scan with params
+  stacked on a leading 'layers' axis under `name` (compile time flat in depth);
+  scan=False creates `name`_0 ... `name`_{depth-1}. `remat` names a policy in
+  REMAT_POLICIES ('none' = no rematerialisation).
+  """
+  if depth == 0:
+    return carry
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {remat!r}; expected one of {tuple(REMAT_POLICIES)}")
+  cls = block_cls
+  if remat != "none":
+    cls = nn.remat(cls, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+  if scan:
+    stack = nn.scan(
+        cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=nn.broadcast,
+        length=depth,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(name=name, **block_kwargs)
+    carry, _ = stack(carry, cond)
+    return carry
+  for i in range(depth):
+    carry, _ = cls(name=f"{name}_{i}", **block_kwargs)(carry, cond)
+  return carry
+
+
+def as_dtype(name: str | Dtype) -> Dtype:
+  """'float32' / 'bfloat16' / a dtype -> jnp dtype (configs hold strings)."""
+  return jnp.dtype(name)
+
+
+def stack_unrolled(params: dict, name: str, depth: int) -> dict:
+  """Unrolled block params {name_0 ... name_{depth-1}} -> scanned {name: stacked}.
+
+  Moves weights between the scan=False and scan=True layouts of the same model.
+  """
+  params = dict(params)
+  blocks = [params.pop(f"{name}_{i}") for i in range(depth)]
+  params[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  return params
+
+
+def unstack_scanned(params: dict, name: str) -> dict:
+  """Inverse of `stack_unrolled`."""
+  params = dict(params)
+  stacked = params.pop(name)
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(depth):
+    params[f"{name}_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return params
+
+
+def check_divisible(width: int, num_heads: int) -> int:
+  """head_dim for a width split into num_heads heads, with a clear error if it does not divide."""
+  if width % num_heads:
+    raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+  return width // num_heads
+
+
+__all__: Sequence[str] = [
+    "ATTENTION_IMPLS", "REMAT_POLICIES", "STORAGE_ONLY_AXES", "constrain", "gathered", "Dense", "dense", "layer_norm", "rms_norm", "modulate",
+    "Modulation", "MLP", "dot_product_attention", "QKV", "attention_out", "patchify", "unpatchify",
+    "sincos_1d", "cropped_sincos_2d", "PatchEmbed", "timestep_features", "CondMLP", "TimestepEmbed",
+    "run_blocks", "as_dtype", "stack_unrolled", "unstack_scanned", "check_divisible",
+]

@@ -1,0 +1,151 @@
+"""MMDiT (Esser et al., 2024: "Scaling Rectified Flow Transformers", SD3).
+
+Two token streams, image and text, each with its own weights; one joint attention over
+their concatenation (image tokens first, then text), with RMSNorm on Q and K per
+stream. Both streams are modulated (adaLN-Zero) by c = embed(t) + embed(pooled text).
+The last block's text stream only supplies keys and values: its outputs are never read,
+so it has no attention output projection and no MLP.
+
+Size rule (SD3): depth d gives width 64*d and d heads of 64; variant 'd24' is SD3's 2B.
+Parameter names follow the structure of diffusers' SD3Transformer2DModel so that weights
+map one to one.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jdiff.models import layers as L
+
+HEAD_DIM = 64
+
+
+def parse_variant(variant: str) -> dict[str, int]:
+  """'d24' -> dict(depth=24, width=1536, num_heads=24)."""
+  m = re.fullmatch(r"d(\d+)", variant)
+  if not m or int(m.group(1)) < 1:
+    raise ValueError(f"unknown MMDiT variant {variant!r}; expected 'd<depth>', e.g. 'd24'")
+  d = int(m.group(1))
+  return dict(depth=d, width=HEAD_DIM * d, num_heads=d)
+
+
+class JointBlock(nn.Module):
+  """One MMDiT block on (image [B, N, D], text [B, M, D]) conditioned on c [B, D]."""
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qk_norm: bool = True
+  context_pre_only: bool = False
+  attention: str = "default"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, carry: tuple[jax.Array, jax.Array], c: jax.Array):
+    x, ctx = carry
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    width = x.shape[-1]
+    head_dim = L.check_divisible(width, self.num_heads)
+
+    # Image stream modulation: shift, scale, gate for attention and for the MLP.
+    x_shift, x_scale, x_gate, x_shift2, x_scale2, x_gate2 = L.Modulation(6, width, name="x_adaLN", **kw)(c)
+    hx = L.modulate(L.layer_norm("x_norm1", self.dtype)(x), x_shift, x_scale)
+    if self.context_pre_only:
+      # SD3's AdaLayerNormContinuous: (scale, shift), in that order.
+      c_scale, c_shift = L.Modulation(2, width, name="ctx_adaLN", **kw)(c)
+    else:
+      c_shift, c_scale, c_gate, c_shift2, c_scale2, c_gate2 = L.Modulation(6, width, name="ctx_adaLN", **kw)(c)
+    hc = L.modulate(L.layer_norm("ctx_norm1", self.dtype)(ctx), c_shift, c_scale)
+
+    qx, kx, vx = L.QKV(self.num_heads, head_dim, self.qk_norm, name="x_qkv", **kw)(hx)
+    qc, kc, vc = L.QKV(self.num_heads, head_dim, self.qk_norm, name="ctx_qkv", **kw)(hc)
+    q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((qx, qc), (kx, kc), (vx, vc)))
+    out = L.dot_product_attention(q, k, v, self.attention)
+    n = x.shape[1]
+
+    x = x + x_gate[:, None] * L.attention_out(out[:, :n], width, name="x_attn_out", **kw)
+    hx = L.modulate(L.layer_norm("x_norm2", self.dtype)(x), x_shift2, x_scale2)
+    x = x + x_gate2[:, None] * L.MLP(int(width * self.mlp_ratio), name="x_mlp", **kw)(hx)
+    x = L.constrain(x, "activation_batch", "activation_length", "activation_embed")
+    if self.context_pre_only:
+      return (x, ctx), None
+
+    ctx = ctx + c_gate[:, None] * L.attention_out(out[:, n:], width, name="ctx_attn_out", **kw)
+    hc = L.modulate(L.layer_norm("ctx_norm2", self.dtype)(ctx), c_shift2, c_scale2)
+    ctx = ctx + c_gate2[:, None] * L.MLP(int(width * self.mlp_ratio), name="ctx_mlp", **kw)(hc)
+    ctx = L.constrain(ctx, "activation_batch", "activation_length", "activation_embed")
+    return (x, ctx), None
+
+
+class MMDiT(nn.Module):
+  """SD3-style multimodal diffusion transformer.
+
+  Call: x [B, H, W, C], t [B] in [0, 1], context [B, M, context_dim] text tokens,
+  pooled [B, pooled_dim] pooled text -> prediction [B, H, W, out_channels].
+  """
+
+  depth: int
+  width: int
+  num_heads: int
+  patch_size: int = 2
+  in_channels: int = 16
+  out_channels: int | None = None
+  context_dim: int = 4096
+  pooled_dim: int = 2048
+  mlp_ratio: float = 4.0
+  qk_norm: bool = True
+  pos_embed_max_size: int = 96
+  pos_embed_base_size: int | None = None
+  time_scale: float = 1000.0
+  attention: str = "default"
+  scan: bool = False
+  remat: str = "none"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, *, context: jax.Array, pooled: jax.Array,
+               labels: jax.Array | None = None) -> jax.Array:
+    del labels  # one call signature for every model
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    out_channels = self.out_channels or self.in_channels
+    if x.shape[-1] != self.in_channels:
+      raise ValueError(f"expected {self.in_channels} input channels, got shape {x.shape}")
+    if context.shape[-1] != self.context_dim or pooled.shape[-1] != self.pooled_dim:
+      raise ValueError(f"expected context [..., {self.context_dim}] and pooled [..., {self.pooled_dim}], "
+                       f"got {context.shape} and {pooled.shape}")
+    grid = (x.shape[1] // self.patch_size, x.shape[2] // self.patch_size)
+    h = L.PatchEmbed(self.width, self.patch_size, self.pos_embed_max_size, self.pos_embed_base_size,
+                     name="patch_embed", **kw)(x.astype(self.dtype))
+    c = L.TimestepEmbed(self.width, self.time_scale, name="t_embed", **kw)(t)
+    c = c + L.CondMLP(self.width, name="pooled_embed", **kw)(pooled.astype(self.dtype))
+    ctx = L.dense(self.width, ("cond", "embed"), name="context_embed", **kw)(context.astype(self.dtype))
+    ctx = L.constrain(ctx, "activation_batch", "activation_length", "activation_embed")
+
+    block = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm,
+                 attention=self.attention, **kw)
+    carry = L.run_blocks(JointBlock, self.depth - 1, (h, ctx), c, name="blocks", scan=self.scan,
+                         remat=self.remat, **block)
+    (h, _), _ = JointBlock(context_pre_only=True, name="last_block", **block)(carry, c)
+
+    scale, shift = L.Modulation(2, self.width, name="final_adaLN", **kw)(c)
+    h = L.modulate(L.layer_norm("final_norm", self.dtype)(h), shift, scale)
+    h = L.dense(self.patch_size**2 * out_channels, ("embed", "patch"), name="final_proj",
+                init=L.zeros, **kw)(h)
+    return L.unpatchify(h, grid, self.patch_size).astype(jnp.float32)
+
+
+def make(variant: str = "d24", *, depth: int | None = None, width: int | None = None,
+         num_heads: int | None = None, dtype: str = "float32", param_dtype: str = "float32",
+         **kwargs) -> MMDiT:
+  """Builds an MMDiT from 'd<depth>' (width 64*d, d heads); explicit sizes override the rule."""
+  size = parse_variant(variant)
+  for key, value in dict(depth=depth, width=width, num_heads=num_heads).items():
+    if value is not None:
+      size[key] = value
+  return MMDiT(**size, dtype=L.as_dtype(dtype), param_dtype=L.as_dtype(param_dtype), **kwargs)

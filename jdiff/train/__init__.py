@@ -1,0 +1,1 @@
+"""Training: mesh and sharding, state, the train step, the trainer loop and checkpoints."""

@@ -1,0 +1,42 @@
+"""Small models and inputs shared by the tests."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jdiff import models
+
+TINY_MMDIT = dict(name="mmdit", variant="d2", in_channels=4, context_dim=24, pooled_dim=12,
+                  pos_embed_max_size=16)
+TINY_DIT_TEXT = dict(name="dit", variant="S/2", depth=2, width=64, num_heads=4, in_channels=3,
+                     pooled_dim=12, pos_embed_max_size=16)
+TINY_DIT_CLASS = dict(name="dit", variant="S/2", depth=2, width=64, num_heads=4, in_channels=3,
+                      num_classes=10, pos_embed_max_size=16)
+
+
+def inputs(cfg, batch=2, size=(16, 16), seed=0, text_len=5):
+  """(x, t, cond) for a model config."""
+  ks = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(ks[0], (batch, *size, cfg["in_channels"]))
+  t = jax.random.uniform(ks[1], (batch,))
+  cond = {}
+  if cfg.get("num_classes"):
+    cond["labels"] = jax.random.randint(ks[2], (batch,), 0, cfg["num_classes"] + 1)
+  else:
+    cond["pooled"] = jax.random.normal(ks[2], (batch, cfg["pooled_dim"]))
+  if cfg["name"] == "mmdit":
+    cond["context"] = jax.random.normal(ks[3], (batch, text_len, cfg["context_dim"]))
+  return x, t, cond
+
+
+def init(cfg, x, t, cond, seed=0):
+  model = models.build(cfg)
+  return model, nn.unbox(model.init(jax.random.key(seed), x, t, **cond))
+
+
+def perturb(params, scale=0.05, seed=1):
+  """Zero-initialised layers make outputs trivially 0; add noise so comparisons bite."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape, p.dtype)
+                                   for p, k in zip(leaves, keys)])

@@ -1,0 +1,186 @@
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jdiff import models
+from jdiff.models import dit, layers, mmdit
+
+from helpers import TINY_DIT_CLASS, TINY_DIT_TEXT, TINY_MMDIT, init, inputs, perturb
+
+CONFIGS = {"mmdit": TINY_MMDIT, "dit_text": TINY_DIT_TEXT, "dit_class": TINY_DIT_CLASS}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_shapes_at_several_resolutions_from_one_set_of_weights(name):
+  cfg = CONFIGS[name]
+  model, params = init(cfg, *inputs(cfg))
+  for size in [(16, 16), (32, 32), (8, 24), (32, 16)]:
+    x, t, cond = inputs(cfg, batch=3, size=size)
+    out = model.apply(params, x, t, **cond)
+    chex.assert_shape(out, x.shape)
+    chex.assert_type(out, jnp.float32)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_output_is_exactly_zero_at_init(name):
+  cfg = CONFIGS[name]
+  x, t, cond = inputs(cfg, batch=3)
+  model, params = init(cfg, x, t, cond)
+  out = model.apply(params, x, t, **cond)
+  assert np.array_equal(np.asarray(out), np.zeros(x.shape, np.float32))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+def test_scanned_equals_unrolled(name, remat):
+  cfg = CONFIGS[name]
+  x, t, cond = inputs(cfg, batch=2)
+  unrolled, params = init(cfg, x, t, cond)
+  params = perturb(params)
+  depth = unrolled.depth - 1 if cfg["name"] == "mmdit" else unrolled.depth
+  scanned = models.build(dict(cfg, scan=True, remat=remat))
+  scanned_params = {"params": layers.stack_unrolled(params["params"], "blocks", depth)}
+  ref = unrolled.apply(params, x, t, **cond)
+  out = scanned.apply(scanned_params, x, t, **cond)
+  assert float(jnp.abs(ref).max()) > 1e-2
+  chex.assert_trees_all_close(out, ref, atol=1e-5, rtol=1e-5)
+  # The scanned layout has the same weights under a leading layers axis.
+  back = layers.unstack_scanned(scanned_params["params"], "blocks")
+  chex.assert_trees_all_equal(back, params["params"])
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_jit_equals_no_jit(name):
+  cfg = CONFIGS[name]
+  x, t, cond = inputs(cfg, batch=2)
+  model, params = init(cfg, x, t, cond)
+  params = perturb(params)
+  eager = model.apply(params, x, t, **cond)
+  jitted = jax.jit(lambda p, x, t, c: model.apply(p, x, t, **c))(params, x, t, cond)
+  chex.assert_trees_all_close(eager, jitted, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_match_between_scan_and_unrolled():
+  cfg = TINY_MMDIT
+  x, t, cond = inputs(cfg)
+  unrolled, params = init(cfg, x, t, cond)
+  params = perturb(params)
+  scanned = models.build(dict(cfg, scan=True, remat="full"))
+  loss = lambda m, p: jnp.mean(m.apply(p, x, t, **cond) ** 2)
+  g_unrolled = jax.grad(lambda p: loss(unrolled, p))(params)
+  g_scanned = jax.grad(lambda p: loss(scanned, p))({"params": layers.stack_unrolled(params["params"], "blocks", 1)})
+  g_scanned = {"params": layers.unstack_scanned(g_scanned["params"], "blocks")}
+  chex.assert_trees_all_close(g_scanned, g_unrolled, atol=1e-5, rtol=1e-4)
+
+
+def test_every_parameter_has_logical_axis_names():
+  for cfg in CONFIGS.values():
+    x, t, cond = inputs(cfg)
+    boxed = models.build(dict(cfg, scan=True)).init(jax.random.key(0), x, t, **cond)
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
+    assert leaves
+    for leaf in leaves:
+      assert isinstance(leaf, nn.LogicallyPartitioned), leaf
+      assert len(leaf.names) == leaf.value.ndim and all(isinstance(n, str) for n in leaf.names)
+
+
+def test_bf16_compute_with_fp32_params():
+  cfg = dict(TINY_MMDIT, dtype="bfloat16", param_dtype="float32")
+  x, t, cond = inputs(cfg)
+  model, params = init(cfg, x, t, cond)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  params = perturb(params)
+  out = model.apply(params, x, t, **cond)
+  ref = models.build(TINY_MMDIT).apply(params, x, t, **cond)
+  chex.assert_type(out, jnp.float32)
+  assert np.isfinite(np.asarray(out)).all()
+  # bf16 keeps ~3 significant digits; the two paths agree to that precision.
+  rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+  assert rel < 0.05
+
+
+def test_size_tables():
+  assert dit.parse_variant("XL/2") == dict(depth=28, width=1152, num_heads=16, patch_size=2)
+  assert dit.parse_variant("S/8") == dict(depth=12, width=384, num_heads=6, patch_size=8)
+  assert mmdit.parse_variant("d24") == dict(depth=24, width=1536, num_heads=24)
+  for bad in ("XL/3", "M/2", "XL"):
+    with pytest.raises(ValueError, match="DiT variant"):
+      dit.parse_variant(bad)
+  with pytest.raises(ValueError, match="MMDiT variant"):
+    mmdit.parse_variant("24")
+  with pytest.raises(ValueError, match="unknown model"):
+    models.build(dict(name="unet"))
+
+
+def test_mmdit_parameter_count_matches_sd3_formula():
+  """d=2 MMDiT: count by hand from SD3's block structure."""
+  cfg = TINY_MMDIT
+  x, t, cond = inputs(cfg)
+  _, params = init(cfg, x, t, cond)
+  n = sum(p.size for p in jax.tree.leaves(params))
+  w, p, c = 128, 2, 4
+  lin = lambda i, o: i * o + o
+  full_block = 2 * (lin(w, 6 * w) + 4 * lin(w, w) + 2 * 64 + lin(w, 4 * w) + lin(4 * w, w))
+  last_block = lin(w, 6 * w) + lin(w, 2 * w) + 2 * 3 * lin(w, w) + 4 * 64 + lin(w, w) + lin(w, 4 * w) + lin(4 * w, w)
+  embed = lin(p * p * c, w) + lin(256, w) + lin(w, w) + lin(12, w) + lin(w, w) + lin(24, w)
+  final = lin(w, 2 * w) + lin(w, p * p * c)
+  assert n == full_block + last_block + embed + final
+
+
+def test_patchify_round_trip_and_layout():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 12, 3))
+  tokens = layers.patchify(x, 2)
+  chex.assert_shape(tokens, (2, 24, 12))
+  # Token (row 1, col 2) holds pixels [2:4, 4:6] in (p_row, p_col, C) order.
+  np.testing.assert_array_equal(tokens[:, 1 * 6 + 2], x[:, 2:4, 4:6, :].reshape(2, -1))
+  np.testing.assert_array_equal(layers.unpatchify(tokens, (4, 6), 2), x)
+  with pytest.raises(ValueError, match="not divisible by the patch size"):
+    layers.patchify(x, 5)
+
+
+def test_position_table_is_a_centre_crop_of_the_maximum_grid():
+  full = layers.cropped_sincos_2d(64, (8, 8), 8, None).reshape(8, 8, 64)
+  crop = layers.cropped_sincos_2d(64, (4, 6), 8, None).reshape(4, 6, 64)
+  np.testing.assert_array_equal(crop, full[2:6, 1:7])
+  # Columns in the first half of the channels, rows in the second; unit spacing.
+  np.testing.assert_allclose(full[3, 5, 0], np.sin(5.0))
+  np.testing.assert_allclose(full[3, 5, 16], np.cos(5.0))
+  np.testing.assert_allclose(full[3, 5, 32], np.sin(3.0))
+  # SD3 spacing: coordinates scaled by base/max.
+  sd3 = layers.cropped_sincos_2d(64, (8, 8), 8, 4).reshape(8, 8, 64)
+  np.testing.assert_allclose(sd3[3, 5, 0], np.sin(2.5), rtol=1e-6)
+  with pytest.raises(ValueError, match="pos_embed_max_size"):
+    layers.cropped_sincos_2d(64, (10, 4), 8, None)
+
+
+def test_timestep_features_by_hand():
+  f = layers.timestep_features(jnp.array([500.0]), dim=4, max_period=10000.0)
+  freqs = np.array([1.0, np.exp(-np.log(10000.0) / 2)])
+  np.testing.assert_allclose(f[0], np.concatenate([np.cos(500 * freqs), np.sin(500 * freqs)]), rtol=1e-5)
+
+
+def test_bad_inputs_fail_clearly():
+  cfg = TINY_MMDIT
+  x, t, cond = inputs(cfg)
+  model, params = init(cfg, x, t, cond)
+  with pytest.raises(ValueError, match="input channels"):
+    model.apply(params, x[..., :3], t, **cond)
+  with pytest.raises(ValueError, match="context"):
+    model.apply(params, x, t, context=cond["context"][..., :5], pooled=cond["pooled"])
+  with pytest.raises(ValueError, match="attention implementation"):
+    layers.dot_product_attention(jnp.ones((1, 2, 1, 4)), jnp.ones((1, 2, 1, 4)), jnp.ones((1, 2, 1, 4)), "flash")
+  with pytest.raises(ValueError, match="remat policy"):
+    models.build(dict(cfg, remat="some")).init(jax.random.key(0), x, t, **cond)
+
+
+def test_class_null_label_changes_output():
+  cfg = TINY_DIT_CLASS
+  x, t, cond = inputs(cfg)
+  model, params = init(cfg, x, t, cond)
+  params = perturb(params)
+  a = model.apply(params, x, t, labels=jnp.array([1, 1]))
+  b = model.apply(params, x, t, labels=jnp.array([10, 10]))  # the null label
+  assert float(jnp.abs(a - b).max()) > 1e-3
