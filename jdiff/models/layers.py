@@ -6,7 +6,8 @@ the mesh axes (data, fsdp, tensor), so this file never mentions a mesh.
 
 Parameter axes:   embed (model width), mlp (MLP hidden), heads (heads*head_dim),
                   kv (head_dim), modulation (n*width of adaLN), cond (conditioning
-                  inputs), patch (p*p*C), vocab (label table), norm, layers (scan).
+                  inputs), patch (p*p*C), vocab (token/label tables), length
+                  (learned positions), norm, layers (scan).
 Activation axes:  activation_batch, activation_length, activation_embed,
                   activation_heads, activation_kv, activation_mlp.
 """
@@ -114,6 +115,15 @@ def layer_norm(name: str, dtype: Dtype, eps: float = 1e-6) -> nn.LayerNorm:
   """LayerNorm without affine parameters (adaLN supplies scale and shift)."""
   return nn.LayerNorm(
       epsilon=eps, use_bias=False, use_scale=False, use_fast_variance=False, dtype=dtype, name=name
+  )
+
+
+def affine_layer_norm(name: str, dtype: Dtype, param_dtype: Dtype, eps: float = 1e-5) -> nn.LayerNorm:
+  """LayerNorm with learned scale and bias (for encoders without adaLN)."""
+  return nn.LayerNorm(
+      epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      bias_init=nn.with_logical_partitioning(zeros, ("norm",)), name=name,
   )
 
 
@@ -404,7 +414,7 @@ def check_divisible(width: int, num_heads: int) -> int:
 
 
 __all__: Sequence[str] = [
-    "ATTENTION_IMPLS", "REMAT_POLICIES", "STORAGE_ONLY_AXES", "constrain", "gathered", "Dense", "dense", "layer_norm", "rms_norm", "modulate",
+    "ATTENTION_IMPLS", "REMAT_POLICIES", "STORAGE_ONLY_AXES", "constrain", "gathered", "Dense", "dense", "layer_norm", "affine_layer_norm", "rms_norm", "modulate",
     "Modulation", "MLP", "dot_product_attention", "QKV", "attention_out", "patchify", "unpatchify",
     "sincos_1d", "cropped_sincos_2d", "PatchEmbed", "timestep_features", "CondMLP", "TimestepEmbed",
     "run_blocks", "as_dtype", "stack_unrolled", "unstack_scanned", "check_divisible",

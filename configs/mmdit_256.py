@@ -1,0 +1,49 @@
+"""MMDiT (SD3-style) text-to-image on the embedded shapes data, pixel space.
+
+Default (GPU/TPU), 256x256, d12, patch 8:
+  python -m jdiff.main --config=configs/mmdit_256.py --workdir=runs/mmdit_256
+CPU demo for a 2-core laptop (README's first command), 32x32, d4, about 10 minutes:
+  python -m jdiff.main --config=configs/mmdit_256.py:cpu --workdir=runs/demo
+Seconds-long smoke run (tests):
+  python -m jdiff.main --config=configs/mmdit_256.py:test --workdir=/tmp/jdiff_test
+Real data: add --config.data.source=tfds --config.data.tfds_name=NAME (or arrayrecord).
+"""
+
+from jdiff import config as config_lib
+
+VARIANTS = ("gpu", "cpu", "test")
+
+
+def get_config(arg: str | None = None):
+  variant = arg or "gpu"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r} of configs/mmdit_256.py; expected one of {VARIANTS}")
+  c = config_lib.base()
+  if variant == "gpu":
+    return c
+
+  # Small CPU runs: float32 everywhere, no scan/remat (depth is small), one device.
+  c.model.update(dtype="float32", scan=False, remat="none")
+  c.text.update(dtype="float32")
+  c.data.update(read_threads=2, prefetch=64)
+  c.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.999)
+  c.diffusion.shift.base_seq_len = 64  # s = 1 at the demo's 32x32 (64 tokens)
+  if variant == "cpu":
+    c.model.update(variant="d4", patch_size=4, pos_embed_max_size=16)
+    c.text.update(width=128, depth=2, num_heads=4)
+    c.data.resolution = 32
+    c.train.update(batch_size=32, num_steps=1500, log_every=50, checkpoint_every=500,
+                   sample_every=500, keep_checkpoints=2)
+    c.sample.update(num_steps=20, cfg_scale=3.0, batch_size=8)
+    c.eval.update(num_samples=48, num_steps=20, cfg_scale=3.0)
+  else:  # test
+    c.model.update(variant="d2", patch_size=4, pos_embed_max_size=8)
+    c.text.update(width=32, depth=1, num_heads=2, max_len=32)
+    c.data.resolution = 16
+    c.diffusion.shift.base_seq_len = 16
+    c.train.update(batch_size=8, num_steps=4, log_every=2, checkpoint_every=2, sample_every=4,
+                   keep_checkpoints=2)
+    c.sample.update(num_steps=2, batch_size=4, prompts=("a large red circle in the top left",
+                                                        "a small blue square in the center"))
+    c.eval.update(num_samples=4, num_steps=2)
+  return c

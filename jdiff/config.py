@@ -1,0 +1,180 @@
+"""The shared shape of a jdiff config and its validation.
+
+Config files (configs/*.py) call `base()` and override what differs; `validate` runs
+before any compute, so an unknown name or a bad value fails at start with a message that
+names the field. Unknown keys are rejected by ml_collections itself (configs are locked).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from jdiff import diffusion, models
+from jdiff.data import sources
+from jdiff.models import layers, text
+from jdiff.train import optim
+
+STAGES = ("pretrain", "posttrain", "tune", "distill")
+
+# Logical axis -> mesh axes. Parameters are stored sharded over fsdp and gathered for use
+# (models/layers.py); heads and MLP hidden units split over tensor; batch over data x fsdp.
+LOGICAL_RULES = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("modulation", "tensor"),
+    ("kv", None),
+    ("cond", None),
+    ("patch", None),
+    ("vocab", None),
+    ("length", None),
+    ("norm", None),
+    ("layers", None),
+)
+
+
+def base() -> ml_collections.ConfigDict:
+  """Every field a run reads, with defaults for a GPU/TPU-sized MMDiT on the shapes data."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # init, shuffle and noise all derive from it
+  c.stage = "pretrain"  # one of STAGES; recorded in the checkpoint lineage
+  c.init_from = ""  # workdir of an earlier stage: start from its EMA params, fresh optimizer
+
+  c.model = ml_collections.ConfigDict(dict(
+      name="mmdit",  # key of jdiff.models.MODELS
+      variant="d12",  # mmdit: d<depth>; dit: S|B|L|XL/<patch>
+      patch_size=8,  # pixels per patch side
+      in_channels=3,  # 3 for pixel space
+      pos_embed_max_size=64,  # largest patch grid side the position table covers
+      dtype="bfloat16",  # compute dtype
+      param_dtype="float32",  # storage dtype of params and optimizer state
+      attention="default",  # default | xla | cudnn
+      scan=True,  # nn.scan over blocks: compile time flat in depth
+      remat="dots_no_batch",  # none | full | dots | dots_no_batch
+      qk_norm=True,  # RMSNorm on queries and keys
+  ))
+  c.text = ml_collections.ConfigDict(dict(
+      encoder="bytes",  # key of jdiff.models.text.TEXT_ENCODERS
+      width=512,  # token width = the denoiser's context and pooled input width
+      depth=4,
+      num_heads=8,
+      max_len=64,  # BOS + caption bytes, cut beyond
+      dtype="bfloat16",
+      param_dtype="float32",
+  ))
+  c.data = ml_collections.ConfigDict(dict(
+      source="shapes",  # shapes | tfds | arrayrecord
+      resolution=256,  # square training resolution (resize short side, centre-crop)
+      caption_dropout=0.1,  # P(caption -> empty) for classifier-free guidance
+      shapes_size=1_000_000,  # records in the embedded dataset (procedural)
+      shapes_seed=0,
+      tfds_name="",  # e.g. 'my_captions', prepared with file_format='array_record'
+      tfds_split="train",
+      tfds_data_dir="",
+      arrayrecord_pattern="",  # glob of ArrayRecord files of tf.train.Example records
+      image_key="image",  # feature holding the (encoded) image
+      caption_key="caption",  # feature holding the caption text
+      read_threads=8,  # grain read threads per process
+      prefetch=256,  # grain prefetch buffer (elements)
+      num_workers=0,  # grain worker processes (0: threads in the main process)
+  ))
+  c.diffusion = ml_collections.ConfigDict(dict(
+      prediction="v",  # v | eps | x0: what the network outputs
+      weighting="none",  # none | eps | x0 | sigma_sqrt | cosmap
+      timesteps=ml_collections.ConfigDict(dict(kind="logit_normal", mean=0.0, std=1.0, scale=1.29)),
+      # sd3: s = factor*sqrt(seq_len/base_seq_len); flux: s = exp(mu(seq_len)); fixed; none.
+      shift=ml_collections.ConfigDict(dict(kind="sd3", base_seq_len=256, factor=1.0, max_seq_len=4096,
+                                           base_shift=0.5, max_shift=1.15, shift=1.0)),
+  ))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-4, schedule="constant", warmup_steps=1000, end_lr_factor=0.0,  # end factor: cosine only
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+      ema_decay=0.9999, ema_warmup=True,
+  ))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=256,  # global batch
+      num_steps=400_000,
+      grad_accum=1,  # micro-batches per step
+      log_every=100,
+      checkpoint_every=5000,
+      keep_checkpoints=3,
+      sample_every=5000,  # 0 disables sample grids
+      max_nonfinite=10,  # stop after this many consecutive non-finite steps
+  ))
+  c.sample = ml_collections.ConfigDict(dict(
+      num_steps=28, method="euler", cfg_scale=5.0, seed=0, batch_size=16,
+      prompts=(
+          "a large red circle in the top left",
+          "a small blue square in the center",
+          "a large green triangle at the bottom",
+          "a small yellow square on the right",
+          "a large purple circle in the bottom right",
+          "a small orange triangle in the top right",
+          "a large blue triangle on the left",  # held-out pair
+          "a small yellow circle at the top",  # held-out pair
+      ),
+  ))
+  c.eval = ml_collections.ConfigDict(dict(num_samples=64, num_steps=28, cfg_scale=5.0, method="euler", seed=0))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding = ml_collections.ConfigDict(dict(logical_rules=LOGICAL_RULES))
+  return c
+
+
+def _one_of(name: str, value: Any, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f"config.{name}={value!r} is not one of {tuple(allowed)}")
+
+
+def _positive(name: str, value: Any) -> None:
+  if not value > 0:
+    raise ValueError(f"config.{name}={value!r} must be > 0")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Checks every enumerated and numeric field; raises ValueError naming the field."""
+  _one_of("stage", c.stage, STAGES)
+  _one_of("model.name", c.model.name, models.MODELS)
+  _one_of("model.attention", c.model.attention, layers.ATTENTION_IMPLS)
+  _one_of("model.remat", c.model.remat, layers.REMAT_POLICIES)
+  _one_of("text.encoder", c.text.encoder, text.TEXT_ENCODERS)
+  _one_of("data.source", c.data.source, sources.SOURCES)
+  _one_of("diffusion.prediction", c.diffusion.prediction, diffusion.PREDICTIONS)
+  _one_of("diffusion.weighting", c.diffusion.weighting, diffusion.WEIGHTINGS)
+  _one_of("diffusion.timesteps.kind", c.diffusion.timesteps.kind, diffusion.TIMESTEP_KINDS)
+  _one_of("diffusion.shift.kind", c.diffusion.shift.kind, diffusion.SHIFT_KINDS)
+  _one_of("optim.schedule", c.optim.schedule, optim.SCHEDULES)
+  _one_of("sample.method", c.sample.method, diffusion.METHODS)
+  _one_of("eval.method", c.eval.method, diffusion.METHODS)
+  for dtype_field in ("model.dtype", "model.param_dtype", "text.dtype", "text.param_dtype"):
+    section, key = dtype_field.split(".")
+    _one_of(dtype_field, c[section][key], ("float32", "bfloat16", "float16"))
+  for name in ("data.resolution", "train.batch_size", "train.num_steps", "train.grad_accum",
+               "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+               "train.max_nonfinite", "sample.num_steps", "eval.num_steps", "eval.num_samples",
+               "text.max_len", "optim.lr", "optim.grad_clip", "model.patch_size", "sample.batch_size"):
+    section, key = name.split(".")
+    _positive(name, c[section][key])
+  if not 0.0 <= c.data.caption_dropout < 1.0:
+    raise ValueError(f"config.data.caption_dropout={c.data.caption_dropout} must lie in [0, 1)")
+  if not 0.0 <= c.optim.ema_decay < 1.0:
+    raise ValueError(f"config.optim.ema_decay={c.optim.ema_decay} must lie in [0, 1)")
+  if c.train.batch_size % c.train.grad_accum:
+    raise ValueError(f"config.train.batch_size={c.train.batch_size} is not divisible by "
+                     f"train.grad_accum={c.train.grad_accum}")
+  if c.data.resolution % c.model.patch_size:
+    raise ValueError(f"config.data.resolution={c.data.resolution} is not divisible by "
+                     f"model.patch_size={c.model.patch_size}")
+  grid = c.data.resolution // c.model.patch_size
+  if grid > c.model.pos_embed_max_size:
+    raise ValueError(f"the patch grid ({grid}) exceeds config.model.pos_embed_max_size="
+                     f"{c.model.pos_embed_max_size}")
+  if c.sample.cfg_scale < 0 or c.eval.cfg_scale < 0:
+    raise ValueError("config.sample.cfg_scale and config.eval.cfg_scale must be >= 0")

@@ -1,0 +1,168 @@
+"""The grain input pipeline: seeded shuffle -> per-process shard -> decode, resize, tokenise
+-> skip corrupt records -> batch -> global jax.Arrays on the mesh.
+
+Each process reads only its own slice of the globally shuffled index order; together the
+processes cover every record once per epoch. The iterator's state (a position in that
+order) is saved in every checkpoint, so a resumed run continues with the same batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+from typing import Any, Iterator, Mapping
+
+import grain
+import jax
+import numpy as np
+from PIL import Image
+
+from jdiff.data import sources
+from jdiff.models import text
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Corrupt:
+  """Stands in for a record that could not be read or decoded."""
+
+  index: int
+  error: str
+
+
+class _Guarded:
+  """Wraps a source so a record that fails to read becomes a `Corrupt` marker."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int):
+    try:
+      return self._source[index]
+    except Exception as e:  # a broken record must not stop a long run
+      return Corrupt(int(index), f"read: {e!r}")
+
+  def __repr__(self) -> str:
+    return f"_Guarded({self._source!r})"
+
+
+def to_rgb(image: Any, resolution: int) -> np.ndarray:
+  """Encoded bytes or an array -> uint8 [resolution, resolution, 3]: resize the short side, centre-crop."""
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    pil = Image.open(io.BytesIO(bytes(image)))
+    pil.load()
+  else:
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or arr.dtype != np.uint8:
+      raise ValueError(f"expected a uint8 [H, W, 1|3|4] image, got {arr.dtype} {arr.shape}")
+    if arr.shape[:2] == (resolution, resolution) and arr.shape[-1] == 3:
+      return arr
+    pil = Image.fromarray(arr if arr.shape[-1] != 1 else arr[..., 0])
+  pil = pil.convert("RGB")
+  w, h = pil.size
+  scale = resolution / min(w, h)
+  if scale != 1:
+    pil = pil.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+                     Image.Resampling.BICUBIC, reducing_gap=None if scale > 0.5 else 2.0)
+  w, h = pil.size
+  left, top = (w - resolution) // 2, (h - resolution) // 2
+  return np.asarray(pil.crop((left, top, left + resolution, top + resolution)), np.uint8)
+
+
+class Preprocess(grain.transforms.MapWithIndex):
+  """record -> {'image': uint8 [R, R, 3], 'tokens': int32 [max_len]} or Corrupt."""
+
+  def __init__(self, resolution: int, max_len: int):
+    self.resolution, self.max_len = resolution, max_len
+
+  def map_with_index(self, index: int, record):
+    if isinstance(record, Corrupt):
+      return record
+    try:
+      caption = record["caption"]
+      if isinstance(caption, (bytes, np.bytes_)):
+        caption = bytes(caption).decode("utf-8")
+      return dict(image=to_rgb(record["image"], self.resolution),
+                  tokens=text.tokenize(str(caption), self.max_len))
+    except Exception as e:  # undecodable image, missing field, bad text
+      return Corrupt(int(index), f"decode: {e!r}")
+
+
+class SkipCorrupt(grain.transforms.Filter):
+  """Drops Corrupt markers, counting and logging them (runs in the main process)."""
+
+  def __init__(self):
+    self.skipped = 0
+
+  def filter(self, element) -> bool:
+    if isinstance(element, Corrupt):
+      self.skipped += 1
+      log.warning("skipping corrupt record %d (%s); %d skipped so far", element.index, element.error,
+                  self.skipped)
+      return False
+    return True
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """A per-process iterator of host batches plus its skip counter."""
+
+  iterator: grain.DatasetIterator
+  skip: SkipCorrupt
+  per_process_batch: int
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self.iterator
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self.iterator)
+
+  @property
+  def skipped(self) -> int:
+    return self.skip.skipped
+
+
+def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: int, seed: int,
+                  split: str = "train", process_index: int | None = None,
+                  process_count: int | None = None) -> Pipeline:
+  """Builds this process's shard of the input pipeline (an endless, reshuffled stream).
+
+  Args:
+    data_cfg: config.data.
+    global_batch: batch size over all processes; must divide by process_count.
+    max_len: text tokens per caption.
+    seed: shuffle seed.
+    split: the source split to read.
+    process_index, process_count: default to jax.process_index() / process_count().
+  """
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  if global_batch % pc:
+    raise ValueError(f"batch size {global_batch} is not divisible by {pc} processes")
+  source = sources.make_source(data_cfg, split)
+  if len(source) < pc:
+    raise ValueError(f"{source!r} has {len(source)} records, fewer than {pc} processes")
+  ds = grain.MapDataset.source(_Guarded(source)).seed(seed).shuffle().repeat(None)
+  ds = ds[pi::pc].map_with_index(Preprocess(data_cfg["resolution"], max_len))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg["read_threads"],
+                                            prefetch_buffer_size=data_cfg["prefetch"]))
+  if data_cfg["num_workers"] > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg["num_workers"]))
+  skip = SkipCorrupt()
+  it = it.filter(skip).batch(global_batch // pc, drop_remainder=True)
+  return Pipeline(iter(it), skip, global_batch // pc)
+
+
+def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+  """Per-process host batch -> global jax.Arrays laid out by `sharding` along the batch axis."""
+  out = {}
+  for key, value in batch.items():
+    spec = jax.sharding.PartitionSpec(sharding.spec[0], *([None] * (value.ndim - 1)))
+    out[key] = jax.make_array_from_process_local_data(
+        jax.sharding.NamedSharding(sharding.mesh, spec), value)
+  return out

@@ -1,0 +1,93 @@
+"""Random-access sources of captioned images: the embedded shapes, TFDS and ArrayRecord.
+
+Every source returns records {'image': uint8 [H, W, 3] or encoded bytes, 'caption':
+str or bytes}; `pipeline.py` decodes, resizes and tokenises them. Sources are checked
+when they are built, so a missing dataset fails before any compute.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any, Mapping
+
+import grain
+
+from jdiff.data import shapes
+
+SOURCES = ("shapes", "tfds", "arrayrecord")
+
+
+class ArrayRecordExamples:
+  """ArrayRecord files of serialized tf.train.Example records with image and caption features.
+
+  The image feature holds encoded image bytes (PNG/JPEG); the caption holds UTF-8 bytes.
+  Parsed with the tf.train.Example proto that ships with tensorflow-datasets (no TF).
+  """
+
+  def __init__(self, pattern: str, image_key: str = "image", caption_key: str = "caption"):
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+      raise FileNotFoundError(f"no ArrayRecord files match data.arrayrecord_pattern={pattern!r}")
+    self._records = grain.sources.ArrayRecordDataSource(paths)
+    self._image_key, self._caption_key = image_key, caption_key
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+
+    features = tf_example_pb2.Example.FromString(self._records[index]).features.feature
+    return dict(image=features[self._image_key].bytes_list.value[0],
+                caption=features[self._caption_key].bytes_list.value[0])
+
+  def __repr__(self) -> str:
+    return f"ArrayRecordExamples({self._records!r})"
+
+
+class TfdsExamples:
+  """A TFDS dataset prepared in ArrayRecord format, read through tfds.data_source.
+
+  Images are left encoded (SkipDecoding) so that a corrupt one is skipped by the
+  pipeline instead of failing inside TFDS.
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str | None, image_key: str, caption_key: str):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    try:
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
+                                      decoders={image_key: tfds.decode.SkipDecoding()})
+    except Exception as e:  # TFDS raises several types for a missing or unprepared dataset.
+      where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+      raise FileNotFoundError(
+          f"TFDS dataset {name!r} (split {split!r}) is not available under {where}: {e}. "
+          "Prepare it with file_format='array_record', or set data.tfds_data_dir.") from e
+    self._image_key, self._caption_key = image_key, caption_key
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = self._source[index]
+    return dict(image=record[self._image_key], caption=record[self._caption_key])
+
+  def __repr__(self) -> str:
+    return f"TfdsExamples({self._source!r})"
+
+
+def make_source(data_cfg: Mapping[str, Any], split: str = "train"):
+  """config.data -> a random-access source (len and getitem)."""
+  kind = data_cfg["source"]
+  if kind == "shapes":
+    return shapes.ShapesSource(data_cfg["resolution"], split, size=data_cfg["shapes_size"],
+                               seed=data_cfg["shapes_seed"])
+  if kind == "tfds":
+    if not data_cfg["tfds_name"]:
+      raise ValueError("data.source='tfds' needs data.tfds_name")
+    return TfdsExamples(data_cfg["tfds_name"], data_cfg["tfds_split"] if split == "train" else split,
+                        data_cfg["tfds_data_dir"], data_cfg["image_key"], data_cfg["caption_key"])
+  if kind == "arrayrecord":
+    return ArrayRecordExamples(data_cfg["arrayrecord_pattern"], data_cfg["image_key"], data_cfg["caption_key"])
+  raise ValueError(f"unknown data.source {kind!r}; expected one of {SOURCES}")

@@ -1,0 +1,39 @@
+"""Train a text-to-image diffusion transformer.
+
+  python -m jdiff.main --config=configs/mmdit_256.py[:variant] --workdir=DIR [--config.x=y ...]
+
+The config is locked: an unknown --config key fails at once, naming it; bad values fail
+in validation before any compute. Everything here is importable:
+jdiff.train.trainer.train_and_evaluate(config, workdir).
+"""
+
+import json
+import logging
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from jdiff import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mmdit_256.py:cpu.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config_lib.validate(_CONFIG.value)  # before JAX starts any work
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and friends log every file at INFO
+  logging.getLogger("jdiff").setLevel(logging.INFO)
+  from jdiff.train import trainer  # pylint: disable=g-import-not-at-top
+
+  summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  print(json.dumps({"step": summary["step"], "stopped_by": summary["stopped_by"],
+                    "loss": summary["last_metrics"].get("loss"), "samples": summary["samples"][-1:]}))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,111 @@
+"""Checkpoints: one Orbax CheckpointManager per workdir with four named items.
+
+  state    the TrainState (params, EMA, optimizer, step, rng), sharded arrays
+  data     the grain iterator position of every process
+  config   the run's config as JSON
+  lineage  the chain of stages that led here: [{stage, workdir, init_from, from_step}, ...]
+
+Restoring takes an abstract state whose leaves carry the *current* mesh's shardings, so
+a checkpoint written on one mesh restores onto another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+ITEMS = ("state", "data", "config", "lineage")
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / "checkpoints"
+
+
+class Checkpoints:
+  """Saves and restores the four items of a run in `workdir`/checkpoints."""
+
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
+    self.workdir = os.path.abspath(workdir)
+    self.manager = ocp.CheckpointManager(
+        checkpoint_dir(self.workdir),
+        item_names=ITEMS,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                             create=not read_only, read_only=read_only),
+    )
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iterator: Any, config: ml_collections.ConfigDict,
+           lineage: list[dict[str, Any]], force: bool = False) -> bool:
+    """Starts an (async) save of all items at `step`; returns whether one was started."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+        lineage=ocp.args.JsonSave({"stages": lineage}),
+    )
+    return self.manager.save(step, args=args, force=force)
+
+  def restore(self, abstract_state: Any, data_iterator: Any, step: int | None = None):
+    """Restores (state, lineage) at `step` (default: latest) and rewinds `data_iterator`."""
+    step = self.latest_step() if step is None else step
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iterator),
+        lineage=ocp.args.JsonRestore(),
+    ))
+    return restored.state, restored.lineage["stages"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _restore_subtree(workdir: str, subtree: dict[str, Any], step: int | None = None):
+  """Restores only the named parts of a state checkpoint (e.g. EMA params), onto the
+  shardings of `subtree`'s ShapeDtypeStructs. Returns (restored subtree, lineage, step)."""
+  ckpt = Checkpoints(workdir, read_only=True)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint found in {checkpoint_dir(workdir)}")
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), subtree)
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item=subtree, restore_args=restore_args, partial_restore=True),
+      lineage=ocp.args.JsonRestore(),
+  ))
+  ckpt.close()
+  return restored.state, restored.lineage["stages"], step
+
+
+def restore_ema(workdir: str, abstract_params: Any, step: int | None = None):
+  """The EMA params of `workdir`'s latest (or given) checkpoint: (ema, lineage, step)."""
+  tree, lineage, step = _restore_subtree(workdir, {"ema_params": abstract_params}, step)
+  return tree["ema_params"], lineage, step
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was started with (workdir/config.json)."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} a jdiff workdir?")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  path = epath.Path(workdir) / "config.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(config.to_json_best_effort(indent=2))

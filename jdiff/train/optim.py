@@ -1,0 +1,53 @@
+"""Optimizer: AdamW with linear warmup then a constant or cosine learning rate, gradient
+clipping by global norm, weight decay on kernels only."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import optax
+
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(optim_cfg: Mapping[str, Any], num_steps: int) -> optax.Schedule:
+  """Warmup from 0 to lr over warmup_steps, then constant or cosine decay to lr*end_lr_factor."""
+  lr, warmup = optim_cfg["lr"], optim_cfg["warmup_steps"]
+  kind = optim_cfg["schedule"]
+  if kind == "constant":
+    after = optax.constant_schedule(lr)
+  elif kind == "cosine":
+    after = optax.cosine_decay_schedule(lr, max(num_steps - warmup, 1), alpha=optim_cfg["end_lr_factor"])
+  else:
+    raise ValueError(f"unknown optim.schedule {kind!r}; expected one of {SCHEDULES}")
+  if warmup <= 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def decay_mask(params: Any) -> Any:
+  """True for kernels (matrices), False for biases, norm scales, embeddings and positions.
+
+  Works on boxed (LogicallyPartitioned) and plain trees alike: it looks at the path only.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(getattr(k, "key", None) == "kernel" for k in path), params)
+
+
+def make_optimizer(optim_cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTransformation:
+  """config.optim -> clip_by_global_norm + AdamW (weight decay on kernels)."""
+  return optax.chain(
+      optax.clip_by_global_norm(optim_cfg["grad_clip"]),
+      optax.adamw(learning_rate(optim_cfg, num_steps), b1=optim_cfg["b1"], b2=optim_cfg["b2"],
+                  eps=optim_cfg["eps"], weight_decay=optim_cfg["weight_decay"], mask=decay_mask),
+  )
+
+
+def ema_decay(optim_cfg: Mapping[str, Any], step: jax.Array) -> jax.Array:
+  """EMA decay at `step`; with ema_warmup, min(decay, (1 + step) / (10 + step)) so early
+  averages are not dominated by the random init."""
+  decay = optim_cfg["ema_decay"]
+  if optim_cfg["ema_warmup"]:
+    return jax.numpy.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.numpy.asarray(decay)

@@ -1,0 +1,110 @@
+"""One training step: flow-matching loss, gradients (optionally accumulated over
+micro-batches), AdamW update, EMA, and the non-finite guard.
+
+train_step(state, batch, rng) -> (state, metrics) is pure; the trainer binds `networks`,
+`tx` and `config` with functools.partial and jits it once with explicit shardings and a
+donated state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jdiff import diffusion
+from jdiff.train import optim
+from jdiff.train.state import Networks, TrainState
+
+NUM_T_BINS = 10
+
+
+def images_to_model_space(images: jax.Array) -> jax.Array:
+  """uint8 [B, H, W, C] in [0, 255] -> float32 in [-1, 1]."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *, networks: Networks, config):
+  """Mean flow-matching loss and per-sample (loss [B], t [B]).
+
+  batch: {'image': uint8 [B, H, W, C], 'tokens': int32 [B, T]}. Captions are replaced
+  by the empty caption with probability config.data.caption_dropout (for CFG).
+  """
+  x0 = images_to_model_space(batch["image"])
+  b, h, w, _ = x0.shape
+  k_drop, k_t, k_eps = jax.random.split(rng, 3)
+  drop = jax.random.bernoulli(k_drop, config.data.caption_dropout, (b,))
+  tokens = jnp.where(drop[:, None], jnp.asarray(networks.null_tokens())[None], batch["tokens"])
+  cond = networks.encode(params["text"], tokens)
+  d = config.diffusion
+  t = diffusion.training_timesteps(k_t, b, networks.seq_len(h, w), d.timesteps, d.shift)
+  eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+  pred = networks.predict(params["denoiser"], diffusion.interpolate(x0, eps, t), t, cond)
+  per_sample = diffusion.flow_loss(pred, x0, eps, t, prediction=d.prediction, weighting=d.weighting)
+  return per_sample.mean(), (per_sample, t)
+
+
+def _grads(params, batch, rng, networks: Networks, config):
+  """(loss, per-sample losses [B], t [B], grads), accumulated over config.train.grad_accum
+  micro-batches (one optimizer update per step either way)."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  accum = config.train.grad_accum
+  if accum == 1:
+    (loss, (per_sample, t)), grads = grad_fn(params, batch, rng, networks=networks, config=config)
+    return loss, per_sample, t, grads
+  micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+  def body(acc, xs):
+    mb, i = xs
+    (loss, aux), g = grad_fn(params, mb, jax.random.fold_in(rng, i), networks=networks, config=config)
+    return jax.tree.map(jnp.add, acc, g), (loss, aux)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, (losses, (per_sample, t)) = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+  grads = jax.tree.map(lambda g: g / accum, grads)
+  return losses.mean(), per_sample.reshape(-1), t.reshape(-1), grads
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
+               networks: Networks, tx: optax.GradientTransformation, config) -> tuple[TrainState, dict]:
+  """One update. rng: the run's base key data (uint32 [2]); this step uses
+  fold_in(rng, state.step), so no key is ever reused.
+
+  A non-finite loss or gradient leaves params, EMA and optimizer state untouched (the
+  step counter still advances past the bad batch) and increments nonfinite_streak.
+
+  Returns the new state and on-device metrics: loss, grad_norm, lr, nonfinite, streak,
+  and per-t-bin loss sums and counts (NUM_T_BINS equal bins of t in [0, 1]).
+  """
+  key = jax.random.fold_in(jax.random.wrap_key_data(rng), state.step)
+  loss, per_sample, t, grads = _grads(state.params, batch, key, networks, config)
+  grad_norm = optax.global_norm(grads)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = optim.ema_decay(config.optim, state.step)
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      ema_params=keep(ema, state.ema_params),
+      opt_state=keep(opt_state, state.opt_state),
+      nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1),
+  )
+  bins = jax.nn.one_hot(jnp.clip((t * NUM_T_BINS).astype(jnp.int32), 0, NUM_T_BINS - 1), NUM_T_BINS)
+  finite_losses = jnp.where(jnp.isfinite(per_sample), per_sample, 0.0)
+  metrics = dict(
+      loss=loss,
+      grad_norm=grad_norm,
+      lr=optim.learning_rate(config.optim, config.train.num_steps)(state.step),
+      nonfinite=(~ok).astype(jnp.int32),
+      nonfinite_streak=new_state.nonfinite_streak,
+      t_bin_loss_sum=bins.T @ finite_losses,
+      t_bin_count=bins.sum(0),
+  )
+  return new_state, metrics

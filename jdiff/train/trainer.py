@@ -1,0 +1,267 @@
+"""train_and_evaluate(config, workdir): the training loop.
+
+Order of business:
+  1. validate the config, build the mesh, the networks and the optimizer;
+  2. resume: a checkpoint already in workdir > config.init_from > scratch;
+  3. compile the step ahead of time and log its memory analysis;
+  4. loop: global batch -> step -> (every N) log, checkpoint, sample grid;
+  5. on SIGTERM or after max_nonfinite bad steps in a row, save and stop cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import ml_collections
+import numpy as np
+import tqdm
+
+from jdiff import config as config_lib
+from jdiff import inference
+from jdiff.data import pipeline as pipeline_lib
+from jdiff.train import checkpoint as ckpt_lib
+from jdiff.train import optim
+from jdiff.train import sharding as shard_lib
+from jdiff.train import state as state_lib
+from jdiff.train import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+  """Raised after config.train.max_nonfinite consecutive non-finite steps."""
+
+
+class _StopFlag:
+  """Set by SIGTERM/SIGINT; the loop saves a checkpoint and returns at the next step."""
+
+  def __init__(self):
+    self.signal: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    log.warning("received signal %d: saving a checkpoint and stopping", signum)
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class MetricWriter:
+  """metrics.jsonl + TensorBoard events under workdir (process 0 only)."""
+
+  workdir: str
+
+  def __post_init__(self):
+    self.enabled = jax.process_index() == 0
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+      os.makedirs(self.workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+      self._tb = SummaryWriter(os.path.join(self.workdir, "tb"))
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    self._jsonl.flush()
+    for k, v in values.items():
+      self._tb.add_scalar(k, v, step)
+
+  def image(self, step: int, name: str, image: np.ndarray) -> None:
+    if self.enabled:
+      self._tb.add_image(name, image, step, dataformats="HWC")
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def summarize(history: list[dict[str, Any]], seconds: float, batch_size: int) -> dict[str, float]:
+  """Host-side averages of the on-device metrics of the steps since the last log."""
+  h = jax.device_get(history)
+  stack = lambda k: np.stack([m[k] for m in h])
+  out = dict(loss=float(np.nanmean(stack("loss"))), grad_norm=float(np.nanmean(stack("grad_norm"))),
+             lr=float(h[-1]["lr"]), nonfinite_steps=int(stack("nonfinite").sum()),
+             nonfinite_streak=int(h[-1]["nonfinite_streak"]))
+  sums, counts = stack("t_bin_loss_sum").sum(0), stack("t_bin_count").sum(0)
+  for i, (s, c) in enumerate(zip(sums, counts)):
+    if c > 0:
+      out[f"loss_t{i / len(sums):.1f}"] = float(s / c)
+  out["steps_per_s"] = len(h) / seconds
+  out["images_per_s"] = len(h) * batch_size / seconds
+  return out
+
+
+def _lineage_entry(config, workdir: str, from_step: int | None) -> dict[str, Any]:
+  return dict(stage=config.stage, workdir=os.path.abspath(workdir), init_from=config.init_from or "",
+              from_step=from_step)
+
+
+def compile_step(networks, tx, config, mesh, rules, state_shardings, abstract_state):
+  """The jitted, donated train step, lowered and compiled ahead of step 1."""
+  batch_sharding = shard_lib.logical_sharding(mesh, rules, "activation_batch")
+  res = config.data.resolution
+  abstract_batch = dict(
+      image=jax.ShapeDtypeStruct((config.train.batch_size, res, res, config.model.in_channels), jnp.uint8,
+                                 sharding=batch_sharding),
+      tokens=jax.ShapeDtypeStruct((config.train.batch_size, config.text.max_len), jnp.int32,
+                                  sharding=batch_sharding),
+  )
+  replicated = shard_lib.replicated(mesh)
+  step_fn = jax.jit(
+      functools.partial(step_lib.train_step, networks=networks, tx=tx, config=config),
+      in_shardings=(state_shardings, batch_sharding, replicated),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=0,
+  )
+  t0 = time.time()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    compiled = step_fn.lower(state_lib.abstract_with_shardings(abstract_state, state_shardings),
+                             abstract_batch, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+                             ).compile()
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    log.info("train step compiled in %.1fs; memory per device: arguments %.1f MB, outputs %.1f MB, "
+             "temporaries %.1f MB, generated code %.1f MB", time.time() - t0,
+             mem.argument_size_in_bytes / 2**20, mem.output_size_in_bytes / 2**20,
+             mem.temp_size_in_bytes / 2**20, mem.generated_code_size_in_bytes / 2**20)
+  else:
+    log.info("train step compiled in %.1fs", time.time() - t0)
+  return compiled, batch_sharding
+
+
+def initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline):
+  """Resume order: a checkpoint in workdir > config.init_from > scratch.
+
+  Returns (state, shardings, abstract_state, lineage).
+  """
+  abstract, shardings = state_lib.state_shardings(networks, tx, mesh, rules)
+  if ckpt.latest_step() is not None:
+    step = ckpt.latest_step()
+    log.info("resuming from %s at step %d", ckpt.workdir, step)
+    target = state_lib.abstract_with_shardings(abstract, shardings)
+    state, lineage = ckpt.restore(target, pipeline.iterator, step)
+    return state, shardings, abstract, lineage
+  state, _ = state_lib.create_state(networks, tx, mesh, rules, config.seed)
+  if config.init_from:
+    target = state_lib.abstract_with_shardings(abstract.ema_params, shardings.ema_params)
+    ema, parent_lineage, from_step = ckpt_lib.restore_ema(config.init_from, target)
+    log.info("starting from the EMA params of %s (step %d) with a fresh optimizer", config.init_from, from_step)
+    state = state.replace(params=ema, ema_params=jax.tree.map(jnp.copy, ema))
+    return state, shardings, abstract, parent_lineage + [_lineage_entry(config, workdir, from_step)]
+  log.info("starting from scratch")
+  return state, shardings, abstract, [_lineage_entry(config, workdir, None)]
+
+
+def write_samples(config, networks, params, workdir: str, step: int, writer: MetricWriter) -> str:
+  """A grid of config.sample.prompts drawn with fixed noise from `params` (the EMA)."""
+  model = inference.Model(networks, jax.device_get(params), config, step)
+  images = inference.generate(model, list(config.sample.prompts), seed=config.sample.seed)
+  grid = inference.grid(images, columns=min(len(images), 4))
+  path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    inference.save_png(grid, path, upscale=max(1, 256 // networks.resolution))
+    with open(path[:-4] + ".txt", "w") as f:
+      f.write("\n".join(f"{i}: {p}" for i, p in enumerate(config.sample.prompts)) + "\n")
+    writer.image(step, "samples", grid)
+  return path
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains until config.train.num_steps (resuming if workdir holds a checkpoint).
+
+  Returns a summary: {'step', 'stopped_by', 'last_metrics', 'samples'}.
+  """
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    ckpt_lib.write_config(workdir, config)
+  rules = shard_lib.rules_tuple(config.sharding.logical_rules)
+  mesh = shard_lib.make_mesh(config.mesh)
+  networks = state_lib.build_networks(config)
+  tx = optim.make_optimizer(config.optim, config.train.num_steps)
+  pipeline = pipeline_lib.make_pipeline(config.data, global_batch=config.train.batch_size,
+                                        max_len=config.text.max_len, seed=config.seed)
+  ckpt = ckpt_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+  state, shardings, abstract, lineage = initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline)
+  log.info("mesh %s; %s denoiser params, %s text params", dict(mesh.shape),
+           f"{state_lib.param_count(state.params['denoiser']):,}", f"{state_lib.param_count(state.params['text']):,}")
+  compiled, batch_sharding = compile_step(networks, tx, config, mesh, rules, shardings, abstract)
+
+  writer = MetricWriter(workdir)
+  t = config.train
+  start = int(jax.device_get(state.step))
+  run_rng = jnp.copy(state.rng)
+  history, last_metrics, stopped_by, samples = [], {}, "num_steps", []
+  last_saved = start if ckpt.latest_step() == start else None
+  bar = tqdm.tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                  disable=jax.process_index() != 0)
+  tick = time.time()
+
+  def save(step: int, force: bool = False):
+    nonlocal last_saved
+    if last_saved != step:
+      ckpt.save(step, state, pipeline.iterator, config, lineage, force=force)
+      last_saved = step
+
+  try:
+    with _StopFlag() as stop:
+      for step in range(start, t.num_steps):
+        if stop.signal is not None:
+          stopped_by = f"signal {stop.signal}"
+          break
+        batch = pipeline_lib.to_global(next(pipeline), batch_sharding)
+        state, metrics = compiled(state, batch, run_rng)
+        history.append(metrics)
+        done = step + 1
+        bar.update(1)
+        if done % t.log_every == 0 or done == t.num_steps:
+          now = time.time()
+          last_metrics = summarize(history, now - tick, t.batch_size)
+          last_metrics["skipped_records"] = pipeline.skipped
+          history, tick = [], now
+          writer.scalars(done, last_metrics)
+          bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", refresh=False)
+          if last_metrics["nonfinite_streak"] >= t.max_nonfinite:
+            raise NonFiniteError(f"{last_metrics['nonfinite_streak']} consecutive non-finite steps at step "
+                                 f"{done} (train.max_nonfinite={t.max_nonfinite}); params are from the last "
+                                 "finite step")
+        if done % t.checkpoint_every == 0:
+          save(done)
+        if t.sample_every and done % t.sample_every == 0:
+          samples.append(write_samples(config, networks, state.ema_params, workdir, done, writer))
+          tick = time.time()  # do not count sampling in steps/s
+    step_now = int(jax.device_get(state.step))
+    save(step_now, force=True)
+    if t.sample_every and stopped_by == "num_steps" and step_now % t.sample_every:
+      samples.append(write_samples(config, networks, state.ema_params, workdir, step_now, writer))
+  finally:
+    bar.close()
+    ckpt.close()
+    writer.close()
+  log.info("stopped at step %d (%s)", step_now, stopped_by)
+  return dict(step=step_now, stopped_by=stopped_by, last_metrics=last_metrics, samples=samples)
