@@ -37,5 +37,5 @@ def get_config(arg: str | None = None):
     c.diffusion.shift.base_seq_len = 16
     c.train.update(batch_size=8, num_steps=4, log_every=2, checkpoint_every=2, sample_every=4)
     c.sample.update(num_steps=2, batch_size=4)
-    c.eval.update(num_samples=4, num_steps=2)
+    c.eval.update(num_samples=4, num_steps=2, at_end=False)
   return c

@@ -45,5 +45,5 @@ def get_config(arg: str | None = None):
                    keep_checkpoints=2)
     c.sample.update(num_steps=2, batch_size=4, prompts=("a large red circle in the top left",
                                                         "a small blue square in the center"))
-    c.eval.update(num_samples=4, num_steps=2)
+    c.eval.update(num_samples=4, num_steps=2, at_end=False)
   return c

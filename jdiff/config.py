@@ -7,9 +7,11 @@ names the field. Unknown keys are rejected by ml_collections itself (configs are
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from jdiff import diffusion, models
 from jdiff.data import sources
@@ -51,6 +53,9 @@ def base() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="mmdit",  # key of jdiff.models.MODELS
       variant="d12",  # mmdit: d<depth>; dit: S|B|L|XL/<patch>
+      depth=config_dict.placeholder(int),  # overrides the variant's size table when set
+      width=config_dict.placeholder(int),
+      num_heads=config_dict.placeholder(int),
       patch_size=8,  # pixels per patch side
       in_channels=3,  # 3 for pixel space
       pos_embed_max_size=64,  # largest patch grid side the position table covers
@@ -67,6 +72,10 @@ def base() -> ml_collections.ConfigDict:
       depth=4,
       num_heads=8,
       max_len=64,  # BOS + caption bytes, cut beyond
+      conv_kernel=5,  # bytes mixed by a 1D convolution before attention (0: off)
+      downsample=1,  # adjacent byte states merged: max_len/downsample context tokens
+      max_words=16,  # > 0: bytes pooled per space-separated word into this many tokens instead
+      word_buckets=4096,  # with max_words: hashed whole-word embeddings (0: off)
       dtype="bfloat16",
       param_dtype="float32",
   ))
@@ -122,7 +131,10 @@ def base() -> ml_collections.ConfigDict:
           "a small yellow circle at the top",  # held-out pair
       ),
   ))
-  c.eval = ml_collections.ConfigDict(dict(num_samples=64, num_steps=28, cfg_scale=5.0, method="euler", seed=0))
+  # Shapes caption-adherence benchmark (data.source='shapes' only): every N steps (0: never)
+  # and at the end of training; results go to metrics and workdir/eval.jsonl.
+  c.eval = ml_collections.ConfigDict(dict(num_samples=64, num_steps=28, cfg_scale=5.0, method="euler", seed=0,
+                                          every=0, at_end=True))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(logical_rules=LOGICAL_RULES))
   return c
@@ -159,9 +171,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name in ("data.resolution", "train.batch_size", "train.num_steps", "train.grad_accum",
                "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                "train.max_nonfinite", "sample.num_steps", "eval.num_steps", "eval.num_samples",
-               "text.max_len", "optim.lr", "optim.grad_clip", "model.patch_size", "sample.batch_size"):
+               "text.max_len", "optim.grad_clip", "model.patch_size", "sample.batch_size"):
     section, key = name.split(".")
     _positive(name, c[section][key])
+  if c.optim.lr < 0:
+    raise ValueError(f"config.optim.lr={c.optim.lr} must be >= 0")
   if not 0.0 <= c.data.caption_dropout < 1.0:
     raise ValueError(f"config.data.caption_dropout={c.data.caption_dropout} must lie in [0, 1)")
   if not 0.0 <= c.optim.ema_decay < 1.0:
@@ -178,3 +192,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      f"{c.model.pos_embed_max_size}")
   if c.sample.cfg_scale < 0 or c.eval.cfg_scale < 0:
     raise ValueError("config.sample.cfg_scale and config.eval.cfg_scale must be >= 0")
+  if c.text.max_len % c.text.downsample:
+    raise ValueError(f"config.text.max_len={c.text.max_len} is not divisible by text.downsample="
+                     f"{c.text.downsample}")
+  model = models.build(dict(c.model))  # resolves the variant's size table (no weights)
+  patch_dim = model.patch_size**2 * c.model.in_channels
+  if patch_dim > model.width:
+    # The noise in a patch then cannot pass the patch embedding, so v = eps - x0 is not
+    # learnable: seen as a loss stuck at ~0.43 for every t (32x32 pixels, patch 8, width 128).
+    logging.warning("a patch holds %d values but the model width is %d: the network cannot see all "
+                    "of a patch's noise and v/eps prediction will plateau; use a smaller patch or a "
+                    "wider model", patch_dim, model.width)

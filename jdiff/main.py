@@ -32,7 +32,8 @@ def main(argv):
 
   summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print(json.dumps({"step": summary["step"], "stopped_by": summary["stopped_by"],
-                    "loss": summary["last_metrics"].get("loss"), "samples": summary["samples"][-1:]}))
+                    "loss": summary["last_metrics"].get("loss"), "samples": summary["samples"][-1:],
+                    "adherence": summary["eval"]}))
 
 
 if __name__ == "__main__":

@@ -97,8 +97,10 @@ def test_sampling_times():
 
 def test_training_and_inference_use_the_same_shift():
   shift_cfg = dict(kind="sd3", base_seq_len=64, factor=1.0)
-  key = jax.random.key(5)
-  t = D.training_timesteps(key, 16, 256, dict(kind="uniform"), shift_cfg)
-  u = jax.random.uniform(key, (16,))
+  keys = jax.random.split(jax.random.key(5), 16)
+  t = D.training_timesteps(keys, 256, dict(kind="uniform"), shift_cfg)
+  u = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys)
   np.testing.assert_allclose(t, D.time_shift(u, 2.0), atol=1e-6)
+  # A sample's t depends on its own key only, not on the batch around it.
+  np.testing.assert_array_equal(D.training_timesteps(keys[3:5], 256, dict(kind="uniform"), shift_cfg), t[3:5])
   np.testing.assert_allclose(D.inference_times(4, 256, shift_cfg), D.sampling_times(4, 2.0), atol=1e-7)

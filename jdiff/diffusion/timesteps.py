@@ -129,19 +129,20 @@ def sampling_times(num_steps: int, shift: jax.Array | float = 1.0) -> jax.Array:
   return time_shift(jnp.linspace(1.0, 0.0, num_steps + 1, dtype=jnp.float32), shift)
 
 
-def training_timesteps(
-    rng: jax.Array, batch_size: int, seq_len: jax.Array | int, timestep_cfg: Any, shift_cfg: Any
-) -> jax.Array:
-  """Training t [B]: `sample_timesteps` then `time_shift` by `resolution_shift(seq_len)`.
+def training_timesteps(keys: jax.Array, seq_len: jax.Array | int, timestep_cfg: Any, shift_cfg: Any
+                       ) -> jax.Array:
+  """Training t [B]: one `sample_timesteps` draw per sample key, then `time_shift` by
+  `resolution_shift(seq_len)`.
 
   Args:
-    rng: a PRNG key.
-    batch_size: B.
+    keys: [B] PRNG keys, one per sample (so a sample's t does not depend on how the batch
+      is split into micro-batches or shards).
     seq_len: image tokens per sample (int or [B]).
     timestep_cfg: mapping with `kind` and that sampler's parameters.
     shift_cfg: mapping with `kind` and that shift's parameters.
   """
-  t = sample_timesteps(rng, (batch_size,), **dict(timestep_cfg))
+  timestep_cfg = dict(timestep_cfg)
+  t = jax.vmap(lambda k: sample_timesteps(k, (), **timestep_cfg))(keys)
   return time_shift(t, resolution_shift(seq_len, **dict(shift_cfg)))
 
 

@@ -18,6 +18,7 @@ from jdiff.models import layers as L
 
 PAD, BOS, BYTE_OFFSET = 0, 1, 2
 VOCAB_SIZE = 256 + BYTE_OFFSET
+SPACE = ord(" ") + BYTE_OFFSET
 
 
 def tokenize(captions: Sequence[str] | str, max_len: int) -> np.ndarray:
@@ -63,39 +64,132 @@ class EncoderBlock(nn.Module):
 
 
 class ByteEncoder(nn.Module):
-  """tokens [B, T] int32 -> dict(context [B, T, width], pooled [B, width]).
+  """tokens [B, T] int32 -> dict(context [B, T/downsample, width], pooled [B, width]).
 
+  Bytes are embedded with learned positions and mixed locally by a 1D convolution over
+  `conv_kernel` neighbouring bytes (so word-like n-gram features form in one layer). Then
+  either `max_words` > 0: byte states are averaged within each space-separated word (no
+  vocabulary needed; BOS is word 0) into max_words word tokens with learned word
+  positions, plus, with `word_buckets` > 0, an embedding looked up by a hash of the
+  word's bytes (the hashing trick: whole-word identity from the first step), or `downsample` > 1: every `downsample` adjacent states are merged
+  (concatenate, project), as in CANINE/Charformer. Transformer blocks run on the result.
   `pooled` is the mean of the final states over non-padding tokens.
+
+  Output length: max_words if set, else T / downsample.
   """
 
   width: int = 256
   depth: int = 2
   num_heads: int = 4
   max_len: int = 64
+  conv_kernel: int = 0  # 0: no convolution
+  downsample: int = 1
+  max_words: int = 0  # > 0: pool bytes into this many word tokens (words beyond are dropped)
+  word_buckets: int = 0  # > 0: also add a hashed embedding of each whole word (hashing trick)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def _pool_words(self, tokens, x, valid):
+    del valid
+    words, valid = _pool_words_impl(tokens, x, self.max_words)
+    if self.word_buckets:
+      table = self.param("word_embed",
+                         nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                         (self.word_buckets, self.width), self.param_dtype)
+      bucket = (word_hashes(tokens, self.max_words) % self.word_buckets).astype(jnp.int32)
+      words = words + jnp.take(L.gathered(table.astype(self.dtype), ("vocab", "embed")), bucket, axis=0)
+    pos = self.param("word_pos_embed",
+                     nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
+                     (self.max_words, self.width), self.param_dtype)
+    return words + L.gathered(pos.astype(self.dtype), ("length", "embed"))[None], valid
+
   @nn.compact
   def __call__(self, tokens: jax.Array) -> dict[str, jax.Array]:
-    if tokens.shape[-1] > self.max_len:
-      raise ValueError(f"{tokens.shape[-1]} tokens exceed the text encoder's max_len={self.max_len}")
+    b, n = tokens.shape
+    if n > self.max_len:
+      raise ValueError(f"{n} tokens exceed the text encoder's max_len={self.max_len}")
+    if n % self.downsample:
+      raise ValueError(f"{n} tokens are not divisible by downsample={self.downsample}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     valid = tokens != PAD
     table = self.param("embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
                        (VOCAB_SIZE, self.width), self.param_dtype)
     pos = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
                      (self.max_len, self.width), self.param_dtype)
     x = jnp.take(L.gathered(table.astype(self.dtype), ("vocab", "embed")), tokens, axis=0)
-    x = x + L.gathered(pos.astype(self.dtype), ("length", "embed"))[None, : tokens.shape[-1]]
+    x = x + L.gathered(pos.astype(self.dtype), ("length", "embed"))[None, :n]
+    if self.conv_kernel:
+      conv = nn.Conv(self.width, (self.conv_kernel,), padding="SAME", name="conv", **kw,
+                     kernel_init=nn.with_logical_partitioning(L.xavier, ("kernel_size", "embed", "mlp")),
+                     bias_init=nn.with_logical_partitioning(L.zeros, ("mlp",)))
+      x = x + nn.gelu(conv(x * valid[..., None].astype(x.dtype)), approximate=True)
+    if self.max_words:
+      x, valid = self._pool_words(tokens, x, valid)
+    elif self.downsample > 1:
+      s = self.downsample
+      x = x.reshape(b, n // s, s * self.width)
+      x = L.dense(self.width, ("mlp", "embed"), name="merge", **kw)(x)
+      valid = valid.reshape(b, n // s, s).any(-1)
     x = L.constrain(x, "activation_batch", "activation_length", "activation_embed")
-    mask = (valid[:, None, None, :] & valid[:, None, :, None])  # [B, 1, T, T]
+    m = valid.shape[1]
+    mask = (valid[:, None, None, :] & valid[:, None, :, None])  # [B, 1, M, M]
     # Padding queries attend to themselves only, so no softmax row is empty.
-    mask = mask | jnp.eye(tokens.shape[-1], dtype=bool)[None, None]
+    mask = mask | jnp.eye(m, dtype=bool)[None, None]
     for i in range(self.depth):
-      x, _ = EncoderBlock(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")(x, mask)
+      x, _ = EncoderBlock(self.num_heads, name=f"blocks_{i}", **kw)(x, mask)
     x = L.affine_layer_norm("final_norm", self.dtype, self.param_dtype)(x)
     w = valid.astype(x.dtype)[..., None]
     pooled = (x * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
     return dict(context=x.astype(jnp.float32), pooled=pooled.astype(jnp.float32))
+
+
+def _word_index(tokens, max_words):
+  """Word index per byte [B, T] (BOS is word 0; word k > 0 is the k-th run of non-space
+  bytes; spaces, padding and words past max_words get max_words, i.e. nowhere) and each
+  byte's offset inside its word [B, T]."""
+  prev = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)), constant_values=SPACE)
+  is_byte = (tokens != SPACE) & (tokens != PAD) & (tokens != BOS)
+  starts = is_byte & ((prev == SPACE) | (prev == BOS))
+  word = jnp.where(is_byte | (tokens == BOS), jnp.cumsum(starts, axis=1), max_words)
+  word = jnp.minimum(word, max_words)
+  pos = jnp.arange(tokens.shape[1])[None]
+  offset = pos - jax.lax.cummax(jnp.where(starts, pos, 0), axis=1)
+  return word, offset
+
+
+def _pool_words_impl(tokens, x, max_words):
+  """Mean of byte states per word: ([B, T], [B, T, D]) -> ([B, W, D], valid [B, W])."""
+  word, _ = _word_index(tokens, max_words)
+  onehot = jax.nn.one_hot(word, max_words, dtype=x.dtype)  # [B, T, W]; index max_words -> zeros
+  counts = onehot.sum(1)  # [B, W]
+  words = jnp.einsum("btw,btd->bwd", onehot, x) / jnp.maximum(counts, 1.0)[..., None]
+  return words, counts > 0
+
+
+_HASH_BASE = np.uint32(0x01000193)  # FNV prime
+
+
+def word_hashes(tokens, max_words):
+  """A 32-bit polynomial hash of each word's bytes: [B, T] -> uint32 [B, max_words].
+
+  sum_i (token_i * P^offset_i) mod 2^32 over the word's bytes, then an avalanche mix, so
+  equal words get equal hashes wherever they stand (a hashing-trick vocabulary).
+  """
+  word, offset = _word_index(tokens, max_words)
+  powers = jnp.asarray(_powers(tokens.shape[1]))
+  contrib = tokens.astype(jnp.uint32) * powers[offset]
+  h = jax.vmap(lambda c, w: jax.ops.segment_sum(c, w, num_segments=max_words + 1))(contrib, word)[:, :max_words]
+  h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
+  h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
+def _powers(n: int) -> np.ndarray:
+  """P^0 ... P^(n-1) mod 2^32."""
+  out = np.ones(n, np.uint32)
+  for i in range(1, n):
+    out[i] = (int(out[i - 1]) * int(_HASH_BASE)) % 2**32
+  return out
 
 
 TEXT_ENCODERS = {"bytes": ByteEncoder}

@@ -12,7 +12,12 @@ SCHEDULES = ("constant", "cosine")
 
 
 def learning_rate(optim_cfg: Mapping[str, Any], num_steps: int) -> optax.Schedule:
-  """Warmup from 0 to lr over warmup_steps, then constant or cosine decay to lr*end_lr_factor."""
+  """lr(n) for the n-th applied update: linear warmup lr*(n+1)/warmup_steps, then constant
+  or cosine decay to lr*end_lr_factor.
+
+  n counts applied updates (the optimizer's own count): a step skipped for a non-finite
+  loss does not advance the schedule.
+  """
   lr, warmup = optim_cfg["lr"], optim_cfg["warmup_steps"]
   kind = optim_cfg["schedule"]
   if kind == "constant":
@@ -23,7 +28,15 @@ def learning_rate(optim_cfg: Mapping[str, Any], num_steps: int) -> optax.Schedul
     raise ValueError(f"unknown optim.schedule {kind!r}; expected one of {SCHEDULES}")
   if warmup <= 0:
     return after
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+  return optax.join_schedules([optax.linear_schedule(lr / warmup, lr, warmup - 1), after], [warmup - 1])
+
+
+def applied_updates(opt_state: Any) -> jax.Array:
+  """How many updates the optimizer has applied (its AdamW count)."""
+  for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)):
+    if isinstance(s, optax.ScaleByAdamState):
+      return s.count
+  raise ValueError("no AdamW state in the optimizer state")
 
 
 def decay_mask(params: Any) -> Any:

@@ -38,8 +38,15 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, ...]
 
 
 def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: all), topology-aware on TPU."""
+  """A (data, fsdp, tensor) mesh over `devices` (default: all), topology-aware on TPU.
+
+  With fixed sizes (no -1) that need fewer devices than a single process has, the mesh
+  takes the first ones (useful for small runs on a many-device host).
+  """
   devices = list(jax.devices() if devices is None else devices)
+  wanted = math.prod(int(mesh_cfg[a]) for a in MESH_AXES)
+  if wanted > 0 and wanted < len(devices) and jax.process_count() == 1:
+    devices = devices[:wanted]
   shape = mesh_shape(mesh_cfg, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 

@@ -26,43 +26,46 @@ def images_to_model_space(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32) / 127.5 - 1.0
 
 
-def loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *, networks: Networks, config):
+def loss_fn(params: Any, batch: Mapping[str, jax.Array], keys: jax.Array, *, networks: Networks, config):
   """Mean flow-matching loss and per-sample (loss [B], t [B]).
 
-  batch: {'image': uint8 [B, H, W, C], 'tokens': int32 [B, T]}. Captions are replaced
-  by the empty caption with probability config.data.caption_dropout (for CFG).
+  batch: {'image': uint8 (or float) [B, H, W, C] in [0, 255], 'tokens': int32 [B, T]}.
+  keys: [B] per-sample PRNG keys: each sample's caption dropout (the caption becomes the
+  empty one with probability config.data.caption_dropout), t and noise come from its own
+  key, so a sample is treated the same whatever micro-batch or shard it lands in.
   """
   x0 = images_to_model_space(batch["image"])
-  b, h, w, _ = x0.shape
-  k_drop, k_t, k_eps = jax.random.split(rng, 3)
-  drop = jax.random.bernoulli(k_drop, config.data.caption_dropout, (b,))
+  _, h, w, _ = x0.shape
+  k_drop, k_t, k_eps = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(3))
+  drop = jax.vmap(lambda k: jax.random.bernoulli(k, config.data.caption_dropout))(k_drop)
   tokens = jnp.where(drop[:, None], jnp.asarray(networks.null_tokens())[None], batch["tokens"])
   cond = networks.encode(params["text"], tokens)
   d = config.diffusion
-  t = diffusion.training_timesteps(k_t, b, networks.seq_len(h, w), d.timesteps, d.shift)
-  eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+  t = diffusion.training_timesteps(k_t, networks.seq_len(h, w), d.timesteps, d.shift)
+  eps = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(k_eps)
   pred = networks.predict(params["denoiser"], diffusion.interpolate(x0, eps, t), t, cond)
   per_sample = diffusion.flow_loss(pred, x0, eps, t, prediction=d.prediction, weighting=d.weighting)
   return per_sample.mean(), (per_sample, t)
 
 
-def _grads(params, batch, rng, networks: Networks, config):
+def _grads(params, batch, keys, networks: Networks, config):
   """(loss, per-sample losses [B], t [B], grads), accumulated over config.train.grad_accum
-  micro-batches (one optimizer update per step either way)."""
+  micro-batches (one optimizer update per step either way; equal results up to float
+  rounding, since randomness is per sample)."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   accum = config.train.grad_accum
   if accum == 1:
-    (loss, (per_sample, t)), grads = grad_fn(params, batch, rng, networks=networks, config=config)
+    (loss, (per_sample, t)), grads = grad_fn(params, batch, keys, networks=networks, config=config)
     return loss, per_sample, t, grads
-  micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+  split = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
 
   def body(acc, xs):
-    mb, i = xs
-    (loss, aux), g = grad_fn(params, mb, jax.random.fold_in(rng, i), networks=networks, config=config)
+    mb, mk = xs
+    (loss, aux), g = grad_fn(params, mb, mk, networks=networks, config=config)
     return jax.tree.map(jnp.add, acc, g), (loss, aux)
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, (losses, (per_sample, t)) = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+  grads, (losses, (per_sample, t)) = jax.lax.scan(body, zeros, (jax.tree.map(split, batch), split(keys)))
   grads = jax.tree.map(lambda g: g / accum, grads)
   return losses.mean(), per_sample.reshape(-1), t.reshape(-1), grads
 
@@ -79,8 +82,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   and per-t-bin loss sums and counts (NUM_T_BINS equal bins of t in [0, 1]).
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(rng), state.step)
-  loss, per_sample, t, grads = _grads(state.params, batch, key, networks, config)
-  grad_norm = optax.global_norm(grads)
+  keys = jax.random.split(key, batch["image"].shape[0])
+  loss, per_sample, t, grads = _grads(state.params, batch, keys, networks, config)
+  grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -101,7 +105,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   metrics = dict(
       loss=loss,
       grad_norm=grad_norm,
-      lr=optim.learning_rate(config.optim, config.train.num_steps)(state.step),
+      lr=optim.learning_rate(config.optim, config.train.num_steps)(optim.applied_updates(state.opt_state)),
       nonfinite=(~ok).astype(jnp.int32),
       nonfinite_streak=new_state.nonfinite_streak,
       t_bin_loss_sum=bins.T @ finite_losses,

@@ -99,11 +99,12 @@ class MetricWriter:
       self._tb.close()
 
 
-def summarize(history: list[dict[str, Any]], seconds: float, batch_size: int) -> dict[str, float]:
-  """Host-side averages of the on-device metrics of the steps since the last log."""
-  h = jax.device_get(history)
+def summarize(h: list[dict[str, Any]], seconds: float, batch_size: int) -> dict[str, float]:
+  """Host-side averages of the (fetched) metrics of the steps since the last log; loss and
+  grad norm average the finite steps (non-finite ones are counted separately)."""
   stack = lambda k: np.stack([m[k] for m in h])
-  out = dict(loss=float(np.nanmean(stack("loss"))), grad_norm=float(np.nanmean(stack("grad_norm"))),
+  finite_mean = lambda x: float(np.mean(x[np.isfinite(x)])) if np.isfinite(x).any() else float("nan")
+  out = dict(loss=finite_mean(stack("loss")), grad_norm=finite_mean(stack("grad_norm")),
              lr=float(h[-1]["lr"]), nonfinite_steps=int(stack("nonfinite").sum()),
              nonfinite_streak=int(h[-1]["nonfinite_streak"]))
   sums, counts = stack("t_bin_loss_sum").sum(0), stack("t_bin_count").sum(0)
@@ -191,10 +192,26 @@ def write_samples(config, networks, params, workdir: str, step: int, writer: Met
   return path
 
 
+def run_benchmark(config, networks, params, workdir: str, step: int, writer: MetricWriter) -> dict[str, Any]:
+  """Caption adherence of `params` (the EMA) on the shapes benchmark, logged and appended
+  to workdir/eval.jsonl."""
+  from jdiff.eval import benchmark  # pylint: disable=g-import-not-at-top
+
+  t0 = time.time()
+  result = benchmark.evaluate(inference.Model(networks, jax.device_get(params), config, step))
+  log.info("step %d adherence (%.0fs): %s", step, time.time() - t0, json.dumps(result))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
+      f.write(json.dumps({"step": step, **result}) + "\n")
+    writer.scalars(step, {f"adherence/{split}/{k}": v for split, r in result.items() for k, v in r.items()
+                          if k != "n"})
+  return result
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains until config.train.num_steps (resuming if workdir holds a checkpoint).
 
-  Returns a summary: {'step', 'stopped_by', 'last_metrics', 'samples'}.
+  Returns a summary: {'step', 'stopped_by', 'last_metrics', 'samples', 'eval'}.
   """
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
@@ -216,7 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   t = config.train
   start = int(jax.device_get(state.step))
   run_rng = jnp.copy(state.rng)
-  history, last_metrics, stopped_by, samples = [], {}, "num_steps", []
+  history, last_metrics, stopped_by, samples, evals = [], {}, "num_steps", [], []
+  benchmark_on = config.data.source == "shapes"
   last_saved = start if ckpt.latest_step() == start else None
   bar = tqdm.tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
@@ -240,8 +258,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         done = step + 1
         bar.update(1)
         if done % t.log_every == 0 or done == t.num_steps:
+          fetched = jax.device_get(history)  # waits for the steps to finish
           now = time.time()
-          last_metrics = summarize(history, now - tick, t.batch_size)
+          last_metrics = summarize(fetched, now - tick, t.batch_size)
           last_metrics["skipped_records"] = pipeline.skipped
           history, tick = [], now
           writer.scalars(done, last_metrics)
@@ -255,13 +274,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if t.sample_every and done % t.sample_every == 0:
           samples.append(write_samples(config, networks, state.ema_params, workdir, done, writer))
           tick = time.time()  # do not count sampling in steps/s
+        if benchmark_on and config.eval.every and done % config.eval.every == 0 and done != t.num_steps:
+          evals.append(run_benchmark(config, networks, state.ema_params, workdir, done, writer))
+          tick = time.time()
     step_now = int(jax.device_get(state.step))
     save(step_now, force=True)
     if t.sample_every and stopped_by == "num_steps" and step_now % t.sample_every:
       samples.append(write_samples(config, networks, state.ema_params, workdir, step_now, writer))
+    if benchmark_on and config.eval.at_end and stopped_by == "num_steps":
+      evals.append(run_benchmark(config, networks, state.ema_params, workdir, step_now, writer))
   finally:
     bar.close()
     ckpt.close()
     writer.close()
   log.info("stopped at step %d (%s)", step_now, stopped_by)
-  return dict(step=step_now, stopped_by=stopped_by, last_metrics=last_metrics, samples=samples)
+  return dict(step=step_now, stopped_by=stopped_by, last_metrics=last_metrics, samples=samples,
+              eval=evals[-1] if evals else None)

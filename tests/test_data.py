@@ -1,0 +1,211 @@
+"""The embedded shapes data, the analyser, real-data sources and the grain pipeline."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jdiff.data import pipeline, shapes, sources
+from jdiff.eval import adherence
+from jdiff.models import text
+
+DATA = dict(source="shapes", resolution=32, shapes_size=1_000_000, shapes_seed=0, read_threads=1,
+            prefetch=8, num_workers=0, tfds_name="", tfds_split="train", tfds_data_dir="",
+            arrayrecord_pattern="", image_key="image", caption_key="caption")
+
+
+def test_shapes_are_a_pure_function_of_the_index():
+  a, b = shapes.ShapesSource(32), shapes.ShapesSource(32)
+  for i in (0, 7, 123_456):
+    np.testing.assert_array_equal(a[i]["image"], b[i]["image"])
+    assert a[i]["caption"] == b[i]["caption"]
+  assert a[1]["caption"] != a[2]["caption"] or not np.array_equal(a[1]["image"], a[2]["image"])
+  assert not np.array_equal(shapes.ShapesSource(32, seed=1)[0]["image"], a[0]["image"])
+
+
+def test_any_resolution_renders_the_same_scene():
+  lo, hi = shapes.ShapesSource(32)[5], shapes.ShapesSource(128)[5]
+  assert lo["image"].shape == (32, 32, 3) and hi["image"].shape == (128, 128, 3)
+  assert lo["caption"] == hi["caption"]
+  down = np.asarray(Image.fromarray(hi["image"]).resize((32, 32), Image.Resampling.BOX), np.float32)
+  assert np.abs(down - lo["image"]).mean() < 3.0
+
+
+def test_held_out_pairs_never_appear_in_training():
+  train = shapes.ShapesSource(16, "train")
+  held = shapes.ShapesSource(16, "held_out")
+  seen_pairs, seen = set(), {a: set() for a in shapes.ATTRIBUTES}
+  for i in range(3000):
+    ex = train[i]
+    seen_pairs.add((ex["color"], ex["shape"]))
+    for a in shapes.ATTRIBUTES:
+      seen[a].add(ex[a])
+  assert not seen_pairs & shapes.HELD_OUT
+  assert seen_pairs == {(c, s) for c in shapes.COLORS for s in shapes.SHAPES} - shapes.HELD_OUT
+  assert seen["color"] == set(shapes.COLORS) and seen["shape"] == set(shapes.SHAPES)
+  assert seen["position"] == set(shapes.POSITIONS) and seen["size"] == set(shapes.SIZES)
+  for i in range(300):
+    assert (held[i]["color"], held[i]["shape"]) in shapes.HELD_OUT
+
+
+def test_captions_name_every_attribute_in_varied_templates():
+  src = shapes.ShapesSource(16)
+  phrases = {"top left": "top left", "middle center": "center", "bottom center": "bottom"}
+  forms = set()
+  for i in range(200):
+    ex = src[i]
+    cap = ex["caption"]
+    for a in ("color", "shape", "size"):
+      assert ex[a] in cap, (a, cap)
+    if ex["position"] in phrases:
+      assert phrases[ex["position"]] in cap
+    forms.add(cap.split()[0])
+  assert len(forms) >= 4
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+@pytest.mark.parametrize("split", ["train", "held_out"])
+def test_analyser_reads_renders(resolution, split):
+  src = shapes.ShapesSource(resolution, split, seed=3)
+  examples = [src[i] for i in range(500)]
+  acc = adherence.score([e["image"] for e in examples], examples)
+  for a in shapes.ATTRIBUTES:
+    assert acc[a] >= 0.99, (a, acc)
+
+
+def test_analyser_tolerates_noise_and_rejects_empty_images():
+  src = shapes.ShapesSource(32, seed=4)
+  rng = np.random.default_rng(0)
+  examples = [src[i] for i in range(300)]
+  noisy = [np.clip(e["image"] + rng.normal(0, 8, e["image"].shape), 0, 255).astype(np.uint8) for e in examples]
+  acc = adherence.score(noisy, examples)
+  for a in shapes.ATTRIBUTES:
+    assert acc[a] >= 0.97, (a, acc)
+  blank = np.full((32, 32, 3), 128, np.uint8)
+  assert adherence.analyse(blank)["color"] is None
+  assert adherence.score([blank], [examples[0]])["all"] == 0.0
+
+
+def test_benchmark_prompts():
+  seen = shapes.benchmark("train", 36)
+  held = shapes.benchmark("held_out", 36)
+  assert seen == shapes.benchmark("train", 36)
+  assert all((a["color"], a["shape"]) not in shapes.HELD_OUT for _, a in seen)
+  assert all((a["color"], a["shape"]) in shapes.HELD_OUT for _, a in held)
+  assert {a["position"] for _, a in seen} == set(shapes.POSITIONS)
+  assert sum(a["size"] == "small" for _, a in seen) == 18
+
+
+def test_tokenizer():
+  toks = text.tokenize(["ab", ""], 5)
+  np.testing.assert_array_equal(toks, [[1, 99, 100, 0, 0], [1, 0, 0, 0, 0]])
+  assert text.detokenize(text.tokenize("a red circle", 64)) == "a red circle"
+  assert text.tokenize("x" * 100, 8).tolist() == [1] + [ord("x") + 2] * 7
+
+
+def _take(p, n):
+  return [next(p) for _ in range(n)]
+
+
+def test_pipeline_batches_are_seeded_and_resumable():
+  a = pipeline.make_pipeline(DATA, global_batch=4, max_len=48, seed=0)
+  b = pipeline.make_pipeline(DATA, global_batch=4, max_len=48, seed=0)
+  c = pipeline.make_pipeline(DATA, global_batch=4, max_len=48, seed=1)
+  first = _take(a, 3)
+  assert first[0]["image"].shape == (4, 32, 32, 3) and first[0]["image"].dtype == np.uint8
+  assert first[0]["tokens"].shape == (4, 48) and first[0]["tokens"].dtype == np.int32
+  for x, y in zip(first, _take(b, 3)):
+    np.testing.assert_array_equal(x["image"], y["image"])
+  assert not np.array_equal(first[0]["image"], next(c)["image"])
+  state = a.iterator.get_state()
+  ahead = _take(a, 2)
+  a.iterator.set_state(state)
+  for x, y in zip(ahead, _take(a, 2)):
+    np.testing.assert_array_equal(x["tokens"], y["tokens"])
+
+
+def test_processes_read_disjoint_shards_covering_an_epoch():
+  cfg = dict(DATA, shapes_size=24, resolution=8)
+  seen = []
+  for pi in range(2):
+    p = pipeline.make_pipeline(cfg, global_batch=4, max_len=64, seed=0, process_index=pi, process_count=2)
+    batches = _take(p, 6)  # 6 batches of 2 = 12 records = half an epoch each
+    seen.append({text.detokenize(t) + str(img.tobytes()) for b in batches for t, img in zip(b["tokens"], b["image"])})
+  assert len(seen[0]) == len(seen[1]) == 12  # no repeats within a process's half epoch
+  assert not seen[0] & seen[1]  # and none across processes: together they cover all 24
+
+
+def _png(array):
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _example(image_bytes, caption):
+  from tensorflow_datasets.proto import tf_example_pb2
+
+  ex = tf_example_pb2.Example()
+  ex.features.feature["image"].bytes_list.value.append(image_bytes)
+  ex.features.feature["caption"].bytes_list.value.append(caption.encode())
+  return ex.SerializeToString()
+
+
+def test_arrayrecord_source_decodes_resizes_and_skips_corrupt_records(tmp_path):
+  from array_record.python import array_record_module
+
+  path = str(tmp_path / "data.array_record")
+  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+  colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+  for i, color in enumerate(colors):
+    writer.write(_example(_png(np.full((20, 30, 3), color, np.uint8)), f"caption {i}"))
+  writer.write(_example(b"not an image", "broken"))
+  writer.write(b"not even a proto")
+  writer.close()
+  cfg = dict(DATA, source="arrayrecord", arrayrecord_pattern=str(tmp_path / "*.array_record"), resolution=8)
+  p = pipeline.make_pipeline(cfg, global_batch=4, max_len=16, seed=0)
+  batch = next(p)
+  assert batch["image"].shape == (4, 8, 8, 3)
+  got = {tuple(int(v) for v in img[4, 4]) for img in batch["image"]}
+  assert got == set(colors)
+  assert {text.detokenize(t) for t in batch["tokens"]} == {f"caption {i}" for i in range(4)}
+  assert p.skipped == 2
+
+
+def test_missing_sources_fail_fast(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no ArrayRecord files match"):
+    sources.make_source(dict(DATA, source="arrayrecord", arrayrecord_pattern=str(tmp_path / "*.ar")))
+  with pytest.raises(FileNotFoundError, match="'nope'"):
+    sources.make_source(dict(DATA, source="tfds", tfds_name="nope", tfds_data_dir=str(tmp_path)))
+  with pytest.raises(ValueError, match="unknown data.source"):
+    sources.make_source(dict(DATA, source="webdataset"))
+
+
+def test_tfds_source_on_a_dataset_the_test_writes(tmp_path):
+  import tensorflow_datasets as tfds
+
+  class JdiffTinyCaptions(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)), "caption": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(6):
+        # Encoded bytes keep TFDS from needing TensorFlow to write the images.
+        yield i, {"image": io.BytesIO(_png(np.full((12, 16, 3), 40 * i, np.uint8))), "caption": f"image {i}"}
+
+  JdiffTinyCaptions(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  cfg = dict(DATA, source="tfds", tfds_name="jdiff_tiny_captions", tfds_data_dir=str(tmp_path), resolution=8)
+  src = sources.make_source(cfg)
+  assert len(src) == 6
+  p = pipeline.make_pipeline(cfg, global_batch=6, max_len=16, seed=0)
+  batch = next(p)
+  values = sorted(int(img[0, 0, 0]) for img in batch["image"])
+  assert values == [0, 40, 80, 120, 160, 200]
+  by_value = {int(img[0, 0, 0]): text.detokenize(t) for img, t in zip(batch["image"], batch["tokens"])}
+  assert by_value[80] == "image 2"

@@ -1,0 +1,281 @@
+"""The trainer end to end on tiny configs: resume, sharding, init_from, failures, CLIs."""
+
+import functools
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jdiff.data import pipeline as pipeline_lib
+from jdiff.train import checkpoint as ckpt_lib
+from jdiff.train import optim, trainer
+from jdiff.train import sharding as shard_lib
+from jdiff.train import state as state_lib
+from jdiff.train import step as step_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def get_config(name="mmdit_256", variant="test", **overrides):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(variant)
+  config.mesh.data = 1  # one device unless a test asks for more
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    config[section][field] = value
+  return config
+
+
+def run(config, workdir):
+  return trainer.train_and_evaluate(config, str(workdir))
+
+
+def restored(workdir, config):
+  """(state, data iterator state) of the latest checkpoint in `workdir`, on one device."""
+  networks = state_lib.build_networks(config)
+  tx = optim.make_optimizer(config.optim, config.train.num_steps)
+  mesh = shard_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  abstract, shardings = state_lib.state_shardings(networks, tx, mesh, shard_lib.rules_tuple(config.sharding.logical_rules))
+  p = pipeline_lib.make_pipeline(config.data, global_batch=config.train.batch_size,
+                                 max_len=config.text.max_len, seed=config.seed)
+  ckpt = ckpt_lib.Checkpoints(str(workdir), read_only=True)
+  state, lineage = ckpt.restore(state_lib.abstract_with_shardings(abstract, shardings), p.iterator)
+  ckpt.close()
+  return jax.device_get(state), p.iterator.get_state(), lineage
+
+
+def test_resumed_equals_uninterrupted(tmp_path):
+  config = get_config(train__num_steps=6, train__checkpoint_every=3, train__sample_every=0)
+  full = run(config, tmp_path / "full")
+  assert full["step"] == 6
+  half = get_config(train__num_steps=3, train__checkpoint_every=3, train__sample_every=0)
+  assert run(half, tmp_path / "resumed")["step"] == 3
+  resumed = run(config, tmp_path / "resumed")  # same workdir: picks up at step 3
+  assert resumed["step"] == 6
+  a, a_data, _ = restored(tmp_path / "full", config)
+  b, b_data, _ = restored(tmp_path / "resumed", config)
+  assert int(a.step) == int(b.step) == 6
+  chex.assert_trees_all_equal(a.params, b.params)
+  chex.assert_trees_all_equal(a.ema_params, b.ema_params)
+  chex.assert_trees_all_equal(a.opt_state, b.opt_state)
+  chex.assert_trees_all_equal(a.rng, b.rng)
+  assert a_data == b_data  # same position in the same data order
+  lines = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
+  assert [l["step"] for l in lines] == [2, 4, 6]
+  assert all(np.isfinite(l["loss"]) and l["loss"] > 0 for l in lines)
+  assert any(k.startswith("loss_t") for k in lines[0])
+
+
+def _tiny_state_and_batch(config, mesh, seed=0):
+  networks = state_lib.build_networks(config)
+  tx = optim.make_optimizer(config.optim, config.train.num_steps)
+  rules = shard_lib.rules_tuple(config.sharding.logical_rules)
+  state, shardings = state_lib.create_state(networks, tx, mesh, rules, seed)
+  p = pipeline_lib.make_pipeline(config.data, global_batch=config.train.batch_size,
+                                 max_len=config.text.max_len, seed=0)
+  return networks, tx, rules, state, shardings, next(p)
+
+
+def _step_on(mesh, config, host_state=None):
+  networks, tx, rules, state, shardings, batch = _tiny_state_and_batch(config, mesh)
+  if host_state is not None:
+    state = jax.device_put(host_state, shardings)
+  compiled, batch_sharding = trainer.compile_step(networks, tx, config, mesh, rules, shardings,
+                                                  jax.eval_shape(lambda: state))
+  rng = jnp.copy(state.rng)
+  new_state, metrics = compiled(state, pipeline_lib.to_global(batch, batch_sharding), rng)
+  return jax.device_get(new_state), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 4, 2)])
+def test_sharded_train_step_equals_single_device(shape):
+  config = get_config(train__batch_size=8)
+  # Non-zero params so every layer matters: take one step on one device first.
+  one = shard_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  warm, _ = _step_on(one, config)
+  ref_state, ref_metrics = _step_on(one, config, warm)
+  mesh = shard_lib.make_mesh(dict(zip(shard_lib.MESH_AXES, shape)))
+  state, metrics = _step_on(mesh, config, warm)
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(state.params, ref_state.params, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(state.ema_params, ref_state.ema_params, atol=1e-5, rtol=1e-5)
+
+
+def test_grad_accumulation_equals_one_big_batch():
+  one = shard_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  config = get_config(train__batch_size=8)
+  warm, _ = _step_on(one, config)
+  a, ma = _step_on(one, config, warm)
+  b, mb = _step_on(one, get_config(train__batch_size=8, train__grad_accum=4), warm)
+  np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
+  chex.assert_trees_all_close(a.params, b.params, atol=1e-6, rtol=1e-5)
+
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path):
+  config = get_config(train__num_steps=2, train__sample_every=0)
+  config.mesh.update(data=8, fsdp=1, tensor=1)
+  run(config, tmp_path)
+  saved, _, _ = restored(tmp_path, config)
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  networks = state_lib.build_networks(config)
+  tx = optim.make_optimizer(config.optim, config.train.num_steps)
+  mesh = shard_lib.make_mesh(config.mesh)
+  rules = shard_lib.rules_tuple(config.sharding.logical_rules)
+  abstract, shardings = state_lib.state_shardings(networks, tx, mesh, rules)
+  p = pipeline_lib.make_pipeline(config.data, global_batch=8, max_len=config.text.max_len, seed=0)
+  ckpt = ckpt_lib.Checkpoints(str(tmp_path), read_only=True)
+  state, _ = ckpt.restore(state_lib.abstract_with_shardings(abstract, shardings), p.iterator)
+  ckpt.close()
+  kernel = state.params["denoiser"]["last_block"]["x_mlp"]["fc1"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert len(kernel.addressable_shards) == 8
+  chex.assert_trees_all_equal(jax.device_get(state), saved)
+  # And training continues on the new mesh.
+  config.train.num_steps = 4
+  assert run(config, tmp_path)["step"] == 4
+
+
+def test_init_from_starts_from_ema_with_fresh_optimizer_and_records_lineage(tmp_path):
+  first = get_config(train__num_steps=3, train__sample_every=0)
+  run(first, tmp_path / "stage1")
+  stage1, _, lineage1 = restored(tmp_path / "stage1", first)
+  assert [e["stage"] for e in lineage1] == ["pretrain"]
+
+  second = get_config(train__num_steps=1, train__sample_every=0)
+  second.stage = "posttrain"
+  second.init_from = str(tmp_path / "stage1")
+  # Zero learning rate: after one step the params must still be stage 1's EMA.
+  second.optim.update(lr=0.0, warmup_steps=0)
+  run(second, tmp_path / "stage2")
+  stage2, _, lineage2 = restored(tmp_path / "stage2", second)
+  chex.assert_trees_all_close(stage2.params, stage1.ema_params, atol=1e-7)
+  assert int(stage2.step) == 1
+  adam = stage2.opt_state[1][0]
+  assert int(adam.count) == 1  # fresh optimizer: one update, not four
+  assert [e["stage"] for e in lineage2] == ["pretrain", "posttrain"]
+  assert lineage2[1]["init_from"] == str(tmp_path / "stage1") and lineage2[1]["from_step"] == 3
+
+
+def test_nan_batch_is_skipped_without_touching_params():
+  config = get_config(train__batch_size=8)
+  one = shard_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  networks, tx, rules, state, shardings, batch = _tiny_state_and_batch(config, one)
+  step = jax.jit(functools.partial(step_lib.train_step, networks=networks, tx=tx, config=config))
+  bad = dict(batch, image=batch["image"].astype(np.float32))
+  bad["image"][3, 2, 2, 1] = np.nan
+  before = jax.device_get(state)
+  after, metrics = step(state, bad, before.rng)
+  after = jax.device_get(after)
+  assert int(metrics["nonfinite"]) == 1 and int(after.nonfinite_streak) == 1 and int(after.step) == 1
+  chex.assert_trees_all_equal(after.params, before.params)
+  chex.assert_trees_all_equal(after.ema_params, before.ema_params)
+  chex.assert_trees_all_equal(after.opt_state, before.opt_state)
+  good, metrics = step(jax.device_put(after), batch, before.rng)
+  assert int(metrics["nonfinite"]) == 0 and int(good.nonfinite_streak) == 0
+  assert not np.allclose(jax.device_get(good.params["denoiser"]["final_proj"]["kernel"]),
+                         before.params["denoiser"]["final_proj"]["kernel"])
+
+
+def test_trainer_stops_after_max_nonfinite(tmp_path, monkeypatch):
+  config = get_config(train__num_steps=10, train__log_every=1, train__max_nonfinite=2, train__sample_every=0)
+  # Every image becomes NaN inside the compiled step.
+  monkeypatch.setattr(step_lib, "images_to_model_space", lambda images: jnp.full(images.shape, jnp.nan))
+  with pytest.raises(trainer.NonFiniteError, match="2 consecutive non-finite steps"):
+    run(config, tmp_path)
+
+
+def test_sigterm_saves_and_stops_cleanly_then_resumes(tmp_path, monkeypatch):
+  config = get_config(train__num_steps=6, train__checkpoint_every=100, train__sample_every=0)
+  real_next = pipeline_lib.Pipeline.__next__
+  calls = {"n": 0}
+
+  def next_then_signal(self):
+    calls["n"] += 1
+    if calls["n"] == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_next(self)
+
+  monkeypatch.setattr(pipeline_lib.Pipeline, "__next__", next_then_signal)
+  summary = run(config, tmp_path / "run")
+  assert summary["stopped_by"] == f"signal {signal.SIGTERM}" and summary["step"] == 3
+  assert ckpt_lib.Checkpoints(str(tmp_path / "run"), read_only=True).latest_step() == 3
+  monkeypatch.setattr(pipeline_lib.Pipeline, "__next__", real_next)
+  assert run(config, tmp_path / "run")["step"] == 6
+  run(config, tmp_path / "straight")
+  a, _, _ = restored(tmp_path / "run", config)
+  b, _, _ = restored(tmp_path / "straight", config)
+  chex.assert_trees_all_equal(a.params, b.params)
+
+
+def _cli(*args, check=True):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(proc.stderr[-3000:])
+  return proc
+
+
+def test_cli_train_sample_evaluate(tmp_path):
+  work = str(tmp_path / "w")
+  out = _cli("jdiff.main", "--config=configs/mmdit_256.py:test", f"--workdir={work}")
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  assert summary["step"] == 4 and np.isfinite(summary["loss"])
+  assert os.path.exists(os.path.join(work, "samples", "step_0000004.png"))
+  assert os.listdir(os.path.join(work, "tb"))
+  prompt = "a small green square in the bottom left"
+  out = _cli("jdiff.sample", f"--workdir={work}", f"--prompt={prompt}", "--num_images=2", "--num_steps=3",
+             f"--out={tmp_path / 'gen'}")
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["step"] == 4 and len(result["images"]) == 2
+  from PIL import Image
+  assert np.asarray(Image.open(result["images"][0])).shape == (16, 16, 3)
+  out = _cli("jdiff.evaluate", f"--workdir={work}", "--num_samples=3", "--num_steps=2")
+  scores = json.loads(out.stdout.strip().splitlines()[-1])
+  assert set(scores) == {"seen", "held_out"}
+  for split in scores.values():
+    assert split["n"] == 3
+    for key in ("color", "shape", "size", "position", "all"):
+      assert 0.0 <= split[key] <= 1.0
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.model.bogus=1", "bogus"),
+    ("--config.model.remat=sometimes", "model.remat='sometimes'"),
+    ("--config.train.batch_size=-4", "train.batch_size=-4"),
+    ("--config.data.source=tfds", "needs data.tfds_name"),
+])
+def test_bad_config_fails_fast_with_a_clear_message(tmp_path, flag, message):
+  proc = _cli("jdiff.main", "--config=configs/mmdit_256.py:test", f"--workdir={tmp_path}", flag, check=False)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-2000:]
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_missing_dataset_fails_fast(tmp_path):
+  proc = _cli("jdiff.main", "--config=configs/mmdit_256.py:test", f"--workdir={tmp_path / 'w'}",
+              "--config.data.source=tfds", "--config.data.tfds_name=no_such_dataset",
+              f"--config.data.tfds_data_dir={tmp_path}", check=False)
+  assert proc.returncode != 0
+  assert "no_such_dataset" in proc.stderr and "not available" in proc.stderr
+  assert not os.path.exists(os.path.join(tmp_path, "w", "checkpoints"))
+
+
+def test_dit_config_trains():
+  config = get_config("dit_256", train__num_steps=2, train__sample_every=0)
+  networks = state_lib.build_networks(config)
+  assert type(networks.denoiser).__name__ == "DiT"
+  one = shard_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  state, metrics = _step_on(one, config)
+  assert np.isfinite(metrics["loss"]) and int(state.step) == 1
