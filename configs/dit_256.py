@@ -2,7 +2,7 @@
 
 Default (GPU/TPU), 256x256, DiT-B/8:
   python -m jdiff.main --config=configs/dit_256.py --workdir=runs/dit_256
-CPU demo (32x32, DiT-S/4, a few minutes):
+CPU demo (24x24, DiT-S/4 shapes at width 128 and depth 4, about 8 minutes):
   python -m jdiff.main --config=configs/dit_256.py:cpu --workdir=runs/dit_demo
 """
 
@@ -21,15 +21,15 @@ def get_config(arg: str | None = None):
     return c
   c.model.update(dtype="float32", scan=False, remat="none", patch_size=4, pos_embed_max_size=16)
   c.text.update(dtype="float32", width=128, depth=2, num_heads=4)
-  c.data.update(resolution=32, read_threads=2, prefetch=64)
+  c.data.update(resolution=24, read_threads=2, prefetch=64)
   c.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.999)
-  c.diffusion.shift.base_seq_len = 64
+  c.diffusion.shift.base_seq_len = 36
   c.sample.update(num_steps=20, cfg_scale=3.0, batch_size=8)
   c.eval.update(num_samples=48, num_steps=20, cfg_scale=3.0)
   if variant == "cpu":
-    c.model.variant = "S/4"
-    c.train.update(batch_size=32, num_steps=1500, log_every=50, checkpoint_every=500,
-                   sample_every=500, keep_checkpoints=2)
+    c.model.update(variant="S/4", depth=4, width=128, num_heads=2)
+    c.train.update(batch_size=32, num_steps=4000, log_every=100, checkpoint_every=1000,
+                   sample_every=1000, keep_checkpoints=2)
   else:  # test
     c.model.update(variant="S/4", depth=2, width=64, num_heads=2, pos_embed_max_size=8)
     c.text.update(width=32, depth=1, num_heads=2, max_len=32)

@@ -2,7 +2,7 @@
 
 Default (GPU/TPU), 256x256, d12, patch 8:
   python -m jdiff.main --config=configs/mmdit_256.py --workdir=runs/mmdit_256
-CPU demo for a 2-core laptop (README's first command), 32x32, d4, about 10 minutes:
+CPU demo for a 2-core machine (README's first command), 24x24, about 9 minutes:
   python -m jdiff.main --config=configs/mmdit_256.py:cpu --workdir=runs/demo
 Seconds-long smoke run (tests):
   python -m jdiff.main --config=configs/mmdit_256.py:test --workdir=/tmp/jdiff_test
@@ -27,13 +27,15 @@ def get_config(arg: str | None = None):
   c.text.update(dtype="float32")
   c.data.update(read_threads=2, prefetch=64)
   c.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.999)
-  c.diffusion.shift.base_seq_len = 64  # s = 1 at the demo's 32x32 (64 tokens)
   if variant == "cpu":
-    c.model.update(variant="d4", patch_size=4, pos_embed_max_size=16)
+    # Sized for 2 cores and ~9 minutes (BENCHMARKS.md): 24x24 pixels, patch 4 (36 image
+    # tokens), width 128 with depth 4, byte text pooled into <= 16 word tokens.
+    c.model.update(variant="d2", depth=4, patch_size=4, pos_embed_max_size=16)
     c.text.update(width=128, depth=2, num_heads=4)
-    c.data.resolution = 32
-    c.train.update(batch_size=32, num_steps=1500, log_every=50, checkpoint_every=500,
-                   sample_every=500, keep_checkpoints=2)
+    c.data.resolution = 24
+    c.diffusion.shift.base_seq_len = 36  # s = 1 at 24x24
+    c.train.update(batch_size=32, num_steps=4000, log_every=100, checkpoint_every=1000,
+                   sample_every=1000, keep_checkpoints=2)
     c.sample.update(num_steps=20, cfg_scale=3.0, batch_size=8)
     c.eval.update(num_samples=48, num_steps=20, cfg_scale=3.0)
   else:  # test

@@ -93,8 +93,10 @@ class ByteEncoder(nn.Module):
     del valid
     words, valid = _pool_words_impl(tokens, x, self.max_words)
     if self.word_buckets:
+      # Unit scale: every word starts as a distinct direction, so the denoiser can tell
+      # "top" from "bottom" from the first step (at 0.02 position words stayed unused).
       table = self.param("word_embed",
-                         nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                         nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
                          (self.word_buckets, self.width), self.param_dtype)
       bucket = (word_hashes(tokens, self.max_words) % self.word_buckets).astype(jnp.int32)
       words = words + jnp.take(L.gathered(table.astype(self.dtype), ("vocab", "embed")), bucket, axis=0)
