@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jdiff.models import base
 from jdiff.models import layers as L
 
 SIZES = {
@@ -61,31 +62,15 @@ class DiTBlock(nn.Module):
     return L.constrain(x, "activation_batch", "activation_length", "activation_embed"), None
 
 
-class DiT(nn.Module):
+class DiT(base.PatchTransformer):
   """Diffusion transformer on image patches.
 
   Conditioning: `labels` [B] (int, num_classes is the null label for classifier-free
   guidance) when num_classes > 0, else `pooled` [B, pooled_dim] text vectors.
   """
 
-  depth: int
-  width: int
-  num_heads: int
-  patch_size: int = 2
-  in_channels: int = 4
-  out_channels: int | None = None
   num_classes: int = 0
-  pooled_dim: int = 0
-  mlp_ratio: float = 4.0
   qk_norm: bool = False
-  pos_embed_max_size: int = 64
-  pos_embed_base_size: int | None = None
-  time_scale: float = 1000.0
-  attention: str = "default"
-  scan: bool = False
-  remat: str = "none"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, *, labels: jax.Array | None = None,
@@ -95,14 +80,7 @@ class DiT(nn.Module):
     `context` (text tokens) is accepted and ignored, so every model shares one call.
     """
     del context
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    out_channels = self.out_channels or self.in_channels
-    if x.shape[-1] != self.in_channels:
-      raise ValueError(f"expected {self.in_channels} input channels, got shape {x.shape}")
-    grid = (x.shape[1] // self.patch_size, x.shape[2] // self.patch_size)
-    h = L.PatchEmbed(self.width, self.patch_size, self.pos_embed_max_size,
-                     self.pos_embed_base_size, name="patch_embed", **kw)(x.astype(self.dtype))
-    c = L.TimestepEmbed(self.width, self.time_scale, name="t_embed", **kw)(t)
+    h, c, grid = self.embed_inputs(x, t)
     if self.num_classes > 0:
       if labels is None:
         raise ValueError("class-conditional DiT needs `labels`")
@@ -113,15 +91,11 @@ class DiT(nn.Module):
     elif self.pooled_dim > 0:
       if pooled is None:
         raise ValueError("text-conditional DiT needs `pooled`")
-      c = c + L.CondMLP(self.width, name="pooled_embed", **kw)(pooled.astype(self.dtype))
+      c = c + self.pooled_embed(pooled)
     h = L.run_blocks(DiTBlock, self.depth, h, c, name="blocks", scan=self.scan, remat=self.remat,
                      num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm,
-                     attention=self.attention, **kw)
-    shift, scale = L.Modulation(2, self.width, name="final_adaLN", **kw)(c)
-    h = L.modulate(L.layer_norm("final_norm", self.dtype)(h), shift, scale)
-    h = L.dense(self.patch_size**2 * out_channels, ("embed", "patch"), name="final_proj",
-                init=L.zeros, **kw)(h)
-    return L.unpatchify(h, grid, self.patch_size).astype(jnp.float32)
+                     attention=self.attention, **self._kw)
+    return self.output_head(h, c, grid, scale_first=False)
 
 
 def make(variant: str = "S/2", *, depth: int | None = None, width: int | None = None,

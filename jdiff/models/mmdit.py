@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jdiff.models import base
 from jdiff.models import layers as L
 
 HEAD_DIM = 64
@@ -82,62 +83,37 @@ class JointBlock(nn.Module):
     return (x, ctx), None
 
 
-class MMDiT(nn.Module):
+class MMDiT(base.PatchTransformer):
   """SD3-style multimodal diffusion transformer.
 
   Call: x [B, H, W, C], t [B] in [0, 1], context [B, M, context_dim] text tokens,
   pooled [B, pooled_dim] pooled text -> prediction [B, H, W, out_channels].
   """
 
-  depth: int
-  width: int
-  num_heads: int
-  patch_size: int = 2
   in_channels: int = 16
-  out_channels: int | None = None
   context_dim: int = 4096
   pooled_dim: int = 2048
-  mlp_ratio: float = 4.0
-  qk_norm: bool = True
   pos_embed_max_size: int = 96
-  pos_embed_base_size: int | None = None
-  time_scale: float = 1000.0
-  attention: str = "default"
-  scan: bool = False
-  remat: str = "none"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, *, context: jax.Array, pooled: jax.Array,
                labels: jax.Array | None = None) -> jax.Array:
     del labels  # one call signature for every model
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    out_channels = self.out_channels or self.in_channels
-    if x.shape[-1] != self.in_channels:
-      raise ValueError(f"expected {self.in_channels} input channels, got shape {x.shape}")
     if context.shape[-1] != self.context_dim or pooled.shape[-1] != self.pooled_dim:
       raise ValueError(f"expected context [..., {self.context_dim}] and pooled [..., {self.pooled_dim}], "
                        f"got {context.shape} and {pooled.shape}")
-    grid = (x.shape[1] // self.patch_size, x.shape[2] // self.patch_size)
-    h = L.PatchEmbed(self.width, self.patch_size, self.pos_embed_max_size, self.pos_embed_base_size,
-                     name="patch_embed", **kw)(x.astype(self.dtype))
-    c = L.TimestepEmbed(self.width, self.time_scale, name="t_embed", **kw)(t)
-    c = c + L.CondMLP(self.width, name="pooled_embed", **kw)(pooled.astype(self.dtype))
-    ctx = L.dense(self.width, ("cond", "embed"), name="context_embed", **kw)(context.astype(self.dtype))
+    h, c, grid = self.embed_inputs(x, t)
+    c = c + self.pooled_embed(pooled)
+    ctx = L.dense(self.width, ("cond", "embed"), name="context_embed", **self._kw)(context.astype(self.dtype))
     ctx = L.constrain(ctx, "activation_batch", "activation_length", "activation_embed")
 
     block = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm,
-                 attention=self.attention, **kw)
+                 attention=self.attention, **self._kw)
     carry = L.run_blocks(JointBlock, self.depth - 1, (h, ctx), c, name="blocks", scan=self.scan,
                          remat=self.remat, **block)
     (h, _), _ = JointBlock(context_pre_only=True, name="last_block", **block)(carry, c)
-
-    scale, shift = L.Modulation(2, self.width, name="final_adaLN", **kw)(c)
-    h = L.modulate(L.layer_norm("final_norm", self.dtype)(h), shift, scale)
-    h = L.dense(self.patch_size**2 * out_channels, ("embed", "patch"), name="final_proj",
-                init=L.zeros, **kw)(h)
-    return L.unpatchify(h, grid, self.patch_size).astype(jnp.float32)
+    # SD3's AdaLayerNormContinuous: (scale, shift).
+    return self.output_head(h, c, grid, scale_first=True)
 
 
 def make(variant: str = "d24", *, depth: int | None = None, width: int | None = None,

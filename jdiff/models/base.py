@@ -1,0 +1,67 @@
+"""What DiT and MMDiT share: their common fields, the input stem (patches + positions,
+timestep embedding) and the output head (adaLN, LayerNorm, zero-initialised projection,
+unpatchify)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jdiff.models import layers as L
+
+
+class PatchTransformer(nn.Module):
+  """Base of the diffusion transformers: fields and stems, no blocks."""
+
+  depth: int = 12
+  width: int = 768
+  num_heads: int = 12
+  patch_size: int = 2
+  in_channels: int = 4
+  out_channels: int | None = None
+  pooled_dim: int = 0
+  mlp_ratio: float = 4.0
+  qk_norm: bool = True
+  pos_embed_max_size: int = 64
+  pos_embed_base_size: int | None = None
+  time_scale: float = 1000.0
+  attention: str = "default"
+  scan: bool = False
+  remat: str = "none"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @property
+  def _kw(self) -> dict[str, Any]:
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+  def embed_inputs(self, x: jax.Array, t: jax.Array):
+    """x [B, H, W, C], t [B] -> (tokens [B, N, D], conditioning c [B, D], patch grid (h, w))."""
+    if x.shape[-1] != self.in_channels:
+      raise ValueError(f"expected {self.in_channels} input channels, got shape {x.shape}")
+    grid = (x.shape[1] // self.patch_size, x.shape[2] // self.patch_size)
+    h = L.PatchEmbed(self.width, self.patch_size, self.pos_embed_max_size, self.pos_embed_base_size,
+                     name="patch_embed", **self._kw)(x.astype(self.dtype))
+    c = L.TimestepEmbed(self.width, self.time_scale, name="t_embed", **self._kw)(t)
+    return h, c, grid
+
+  def pooled_embed(self, pooled: jax.Array) -> jax.Array:
+    """Pooled text [B, pooled_dim] -> [B, D], added to the conditioning."""
+    return L.CondMLP(self.width, name="pooled_embed", **self._kw)(pooled.astype(self.dtype))
+
+  def output_head(self, h: jax.Array, c: jax.Array, grid: tuple[int, int], *, scale_first: bool) -> jax.Array:
+    """Final adaLN + projection to patches + unpatchify: [B, N, D] -> [B, H, W, out] (float32).
+
+    The projection is zero-initialised, so the model outputs exactly 0 at init.
+    scale_first: the two modulation vectors are (scale, shift) as in SD3, else (shift,
+    scale) as in DiT, so that reference weights map one to one.
+    """
+    first, second = L.Modulation(2, self.width, name="final_adaLN", **self._kw)(c)
+    shift, scale = (second, first) if scale_first else (first, second)
+    h = L.modulate(L.layer_norm("final_norm", self.dtype)(h), shift, scale)
+    out = self.out_channels or self.in_channels
+    h = L.dense(self.patch_size**2 * out, ("embed", "patch"), name="final_proj", init=L.zeros, **self._kw)(h)
+    return L.unpatchify(h, grid, self.patch_size).astype(jnp.float32)
