@@ -5,9 +5,12 @@ import jax
 import jax.numpy as jnp
 
 from jdiff import models
+from jdiff.models import layers
 
 TINY_MMDIT = dict(name="mmdit", variant="d2", in_channels=4, context_dim=24, pooled_dim=12,
                   pos_embed_max_size=16)
+TINY_FLUX = dict(name="flux", variant="schnell", depth=1, single_depth=2, width=64, num_heads=2,
+                 in_channels=4, context_dim=24, pooled_dim=12, axes_dims=(8, 12, 12))
 TINY_DIT_TEXT = dict(name="dit", variant="S/2", depth=2, width=64, num_heads=4, in_channels=3,
                      pooled_dim=12, pos_embed_max_size=16)
 TINY_DIT_CLASS = dict(name="dit", variant="S/2", depth=2, width=64, num_heads=4, in_channels=3,
@@ -24,7 +27,7 @@ def inputs(cfg, batch=2, size=(16, 16), seed=0, text_len=5):
     cond["labels"] = jax.random.randint(ks[2], (batch,), 0, cfg["num_classes"] + 1)
   else:
     cond["pooled"] = jax.random.normal(ks[2], (batch, cfg["pooled_dim"]))
-  if cfg["name"] == "mmdit":
+  if cfg["name"] in ("mmdit", "flux"):
     cond["context"] = jax.random.normal(ks[3], (batch, text_len, cfg["context_dim"]))
   return x, t, cond
 
@@ -40,3 +43,22 @@ def perturb(params, scale=0.05, seed=1):
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape, p.dtype)
                                    for p, k in zip(leaves, keys)])
+
+
+def block_groups(cfg, model):
+  """(name, depth) of each stack of blocks that scan=True stacks on a 'layers' axis."""
+  if cfg["name"] == "flux":
+    return [("double_blocks", model.depth), ("single_blocks", model.single_depth)]
+  return [("blocks", model.depth - 1 if cfg["name"] == "mmdit" else model.depth)]
+
+
+def to_scanned(params, groups):
+  for name, depth in groups:
+    params = layers.stack_unrolled(params, name, depth)
+  return params
+
+
+def to_unrolled(params, groups):
+  for name, _ in groups:
+    params = layers.unstack_scanned(params, name)
+  return params

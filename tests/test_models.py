@@ -8,9 +8,10 @@ import pytest
 from jdiff import models
 from jdiff.models import dit, layers, mmdit
 
-from helpers import TINY_DIT_CLASS, TINY_DIT_TEXT, TINY_MMDIT, init, inputs, perturb
+from helpers import (TINY_DIT_CLASS, TINY_DIT_TEXT, TINY_FLUX, TINY_MMDIT, block_groups, init, inputs, perturb,
+                     to_scanned, to_unrolled)
 
-CONFIGS = {"mmdit": TINY_MMDIT, "dit_text": TINY_DIT_TEXT, "dit_class": TINY_DIT_CLASS}
+CONFIGS = {"mmdit": TINY_MMDIT, "dit_text": TINY_DIT_TEXT, "dit_class": TINY_DIT_CLASS, "flux": TINY_FLUX}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -40,15 +41,15 @@ def test_scanned_equals_unrolled(name, remat):
   x, t, cond = inputs(cfg, batch=2)
   unrolled, params = init(cfg, x, t, cond)
   params = perturb(params)
-  depth = unrolled.depth - 1 if cfg["name"] == "mmdit" else unrolled.depth
+  groups = block_groups(cfg, unrolled)
   scanned = models.build(dict(cfg, scan=True, remat=remat))
-  scanned_params = {"params": layers.stack_unrolled(params["params"], "blocks", depth)}
+  scanned_params = {"params": to_scanned(params["params"], groups)}
   ref = unrolled.apply(params, x, t, **cond)
   out = scanned.apply(scanned_params, x, t, **cond)
   assert float(jnp.abs(ref).max()) > 1e-2
   chex.assert_trees_all_close(out, ref, atol=1e-5, rtol=1e-5)
   # The scanned layout has the same weights under a leading layers axis.
-  back = layers.unstack_scanned(scanned_params["params"], "blocks")
+  back = to_unrolled(scanned_params["params"], groups)
   chex.assert_trees_all_equal(back, params["params"])
 
 
@@ -184,3 +185,23 @@ def test_class_null_label_changes_output():
   a = model.apply(params, x, t, labels=jnp.array([1, 1]))
   b = model.apply(params, x, t, labels=jnp.array([10, 10]))  # the null label
   assert float(jnp.abs(a - b).max()) > 1e-3
+
+
+def test_rope_tables_and_rotation_by_hand():
+  ids = np.array([[0, 0, 0], [0, 2, 3]])
+  cos, sin = layers.rope_tables(ids, (2, 4, 2), theta=100.0)
+  chex.assert_shape(cos, (2, 8))
+  # Token 1: axis 1 (row 2) has frequencies 1 and 100^-0.5, each on an interleaved pair;
+  # axis 2 (column 3) frequency 1.
+  angles = np.array([0, 0, 2, 2, 2 * 0.1, 2 * 0.1, 3, 3])
+  np.testing.assert_allclose(cos[1], np.cos(angles), rtol=1e-6)
+  np.testing.assert_allclose(sin[1], np.sin(angles), rtol=1e-6)
+  np.testing.assert_array_equal(cos[0], np.ones(8))
+  x = jax.random.normal(jax.random.key(0), (1, 2, 1, 8))
+  y = np.asarray(layers.apply_rope(x, (cos, sin)))
+  a, b = np.asarray(x[0, 1, 0, 2]), np.asarray(x[0, 1, 0, 3])
+  np.testing.assert_allclose(y[0, 1, 0, 2:4], [a * np.cos(2) - b * np.sin(2), b * np.cos(2) + a * np.sin(2)],
+                             rtol=1e-5)
+  np.testing.assert_allclose(y[0, 0], x[0, 0], rtol=1e-6)  # position 0: identity
+  # Rotations keep norms, and attention logits depend only on position differences.
+  np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)

@@ -13,7 +13,7 @@ import pytest
 from jdiff import models
 from jdiff.train import sharding as S
 
-from helpers import TINY_DIT_TEXT, TINY_MMDIT, inputs, perturb
+from helpers import TINY_DIT_TEXT, TINY_FLUX, TINY_MMDIT, inputs, perturb
 
 RULES = (
     ("activation_batch", ("data", "fsdp")),
@@ -30,7 +30,7 @@ def test_eight_devices():
   assert jax.device_count() == 8
 
 
-@pytest.mark.parametrize("cfg", [TINY_MMDIT, TINY_DIT_TEXT], ids=["mmdit", "dit"])
+@pytest.mark.parametrize("cfg", [TINY_MMDIT, TINY_DIT_TEXT, TINY_FLUX], ids=["mmdit", "dit", "flux"])
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("batch,mesh_shape", [(4, (2, 2, 2)), (8, (2, 2, 2)), (4, (1, 4, 2))])
 def test_sharded_forward_equals_single_device(cfg, scan, batch, mesh_shape):
@@ -41,7 +41,8 @@ def test_sharded_forward_equals_single_device(cfg, scan, batch, mesh_shape):
   init = lambda k: model.init(k, x, t, **cond)
   params, shardings = S.init_sharded(init, mesh, RULES, jax.random.key(0))
   # Parameters really are split: the MLP kernels over fsdp x tensor, for instance.
-  fc1 = params["params"]["blocks" if scan else "blocks_0"]
+  blocks = "double_blocks" if cfg["name"] == "flux" else "blocks"
+  fc1 = params["params"][blocks if scan else blocks + "_0"]
   fc1 = fc1["mlp" if cfg["name"] == "dit" else "x_mlp"]["fc1"]["kernel"]
   assert fc1.sharding.spec[-2:] == ("fsdp", "tensor")
   assert fc1.addressable_shards[0].data.size == fc1.size // (mesh_shape[1] * mesh_shape[2])

@@ -7,9 +7,9 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 
-from jdiff.models import dit, mmdit
+from jdiff.models import dit, flux, mmdit
 
-MODELS = {"dit": dit.make, "mmdit": mmdit.make}
+MODELS = {"dit": dit.make, "mmdit": mmdit.make, "flux": flux.make}
 
 
 def build(model_cfg: Mapping[str, Any]) -> nn.Module:

@@ -272,17 +272,21 @@ def cropped_sincos_2d(dim: int, grid: tuple[int, int], max_size: int, base_size:
   if h > max_size or w > max_size:
     raise ValueError(f"patch grid {h}x{w} exceeds pos_embed_max_size={max_size}; "
                      "raise pos_embed_max_size or use smaller images")
-  spacing = 1.0 if base_size is None else base_size / max_size
+  # Grid coordinates in float32 as arange / (max_size / base_size), the rest in float64:
+  # this reproduces diffusers' SD3 table bit for bit (tests/test_interop_sd3.py).
+  coords = np.arange(max_size, dtype=np.float32)
+  if base_size is not None:
+    coords = coords / np.float32(max_size / base_size)
   top, left = (max_size - h) // 2, (max_size - w) // 2
-  rows = (np.arange(h) + top) * spacing
-  cols = (np.arange(w) + left) * spacing
+  rows, cols = coords[top:top + h], coords[left:left + w]
   col_emb = sincos_1d(dim // 2, np.tile(cols, h))
   row_emb = sincos_1d(dim // 2, np.repeat(rows, w))
   return np.concatenate([col_emb, row_emb], axis=1).astype(np.float32)
 
 
 class PatchEmbed(nn.Module):
-  """[B, H, W, C] -> tokens [B, (H/p)*(W/p), D] plus the cropped 2D sin-cos position table."""
+  """[B, H, W, C] -> tokens [B, (H/p)*(W/p), D] plus the cropped 2D sin-cos position table
+  (none when pos_embed_max_size is 0: models with rotary positions)."""
 
   width: int
   patch_size: int
@@ -296,9 +300,42 @@ class PatchEmbed(nn.Module):
     grid = (x.shape[1] // self.patch_size, x.shape[2] // self.patch_size)
     tokens = dense(self.width, ("patch", "embed"), name="proj", dtype=self.dtype,
                    param_dtype=self.param_dtype)(patchify(x, self.patch_size))
-    pos = cropped_sincos_2d(self.width, grid, self.pos_embed_max_size, self.pos_embed_base_size)
-    tokens = tokens + jnp.asarray(pos, self.dtype)[None]
+    if self.pos_embed_max_size:
+      pos = cropped_sincos_2d(self.width, grid, self.pos_embed_max_size, self.pos_embed_base_size)
+      tokens = tokens + jnp.asarray(pos, self.dtype)[None]
     return constrain(tokens, "activation_batch", "activation_length", "activation_embed")
+
+
+def rope_tables(ids: np.ndarray, axes_dims: Sequence[int], theta: float = 10000.0):
+  """Rotary tables (cos, sin), each [S, sum(axes_dims)] float32, for positions ids [S, n_axes].
+
+  Axis a rotates its own axes_dims[a] channels by angles ids[:, a] * theta^(-2i/axes_dims[a]);
+  channels come in interleaved pairs (2i, 2i+1) sharing one angle, as in Flux.
+  Computed in float64 on the host (positions are static).
+  """
+  ids = np.asarray(ids, np.float64)
+  if ids.shape[-1] != len(axes_dims):
+    raise ValueError(f"position ids have {ids.shape[-1]} axes but axes_dims has {len(axes_dims)}")
+  angles = []
+  for a, dim in enumerate(axes_dims):
+    if dim % 2:
+      raise ValueError(f"rotary axis dims must be even, got {tuple(axes_dims)}")
+    freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    angles.append(np.repeat(np.outer(ids[:, a], freqs), 2, axis=1))
+  angles = np.concatenate(angles, axis=1)
+  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Rotates interleaved channel pairs of x [B, S, N, H] by the tables (cos, sin) [S, H].
+
+  (a, b) -> (a cos - b sin, b cos + a sin), in float32, returned in x's dtype.
+  """
+  cos, sin = (jnp.asarray(r, jnp.float32)[None, :, None, :] for r in rope)
+  xf = x.astype(jnp.float32)
+  pairs = xf.reshape(x.shape[:-1] + (-1, 2))
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+  return (xf * cos + rotated * sin).astype(x.dtype)
 
 
 def timestep_features(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
@@ -423,6 +460,6 @@ def check_divisible(width: int, num_heads: int) -> int:
 __all__: Sequence[str] = [
     "ATTENTION_IMPLS", "REMAT_POLICIES", "STORAGE_ONLY_AXES", "constrain", "gathered", "Dense", "dense", "layer_norm", "affine_layer_norm", "rms_norm", "modulate",
     "Modulation", "MLP", "dot_product_attention", "QKV", "attention_out", "patchify", "unpatchify",
-    "sincos_1d", "cropped_sincos_2d", "PatchEmbed", "timestep_features", "CondMLP", "TimestepEmbed",
+    "sincos_1d", "cropped_sincos_2d", "PatchEmbed", "rope_tables", "apply_rope", "timestep_features", "CondMLP", "TimestepEmbed",
     "run_blocks", "as_dtype", "stack_unrolled", "unstack_scanned", "check_divisible",
 ]

@@ -4,7 +4,8 @@ Two token streams, image and text, each with its own weights; one joint attentio
 their concatenation (image tokens first, then text), with RMSNorm on Q and K per
 stream. Both streams are modulated (adaLN-Zero) by c = embed(t) + embed(pooled text).
 The last block's text stream only supplies keys and values: its outputs are never read,
-so it has no attention output projection and no MLP.
+so it has no attention output projection and no MLP. SD3.5 Medium (MMDiT-X) adds to its
+first `dual_attention_depth` blocks a second attention over the image tokens alone.
 
 Size rule (SD3): depth d gives width 64*d and d heads of 64; variant 'd24' is SD3's 2B.
 Parameter names follow the structure of diffusers' SD3Transformer2DModel so that weights
@@ -42,20 +43,27 @@ class JointBlock(nn.Module):
   mlp_ratio: float = 4.0
   qk_norm: bool = True
   context_pre_only: bool = False
+  dual_attention: bool = False
   attention: str = "default"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, carry: tuple[jax.Array, jax.Array], c: jax.Array):
+  def __call__(self, carry: tuple[jax.Array, jax.Array], cond):
+    """carry (x, ctx); cond is c [B, D], or (c, rope) with rope = (cos, sin) [N+M, head_dim]
+    rotary tables for the joint sequence [image; text] (Flux's double-stream blocks)."""
+    c, rope = cond if isinstance(cond, tuple) else (cond, None)
     x, ctx = carry
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     width = x.shape[-1]
     head_dim = L.check_divisible(width, self.num_heads)
 
-    # Image stream modulation: shift, scale, gate for attention and for the MLP.
-    x_shift, x_scale, x_gate, x_shift2, x_scale2, x_gate2 = L.Modulation(6, width, name="x_adaLN", **kw)(c)
-    hx = L.modulate(L.layer_norm("x_norm1", self.dtype)(x), x_shift, x_scale)
+    # Image stream modulation: shift, scale, gate for attention and for the MLP (and, with
+    # dual attention, for the second, image-only attention: SD3.5's MMDiT-X).
+    mods = L.Modulation(9 if self.dual_attention else 6, width, name="x_adaLN", **kw)(c)
+    x_shift, x_scale, x_gate, x_shift2, x_scale2, x_gate2 = mods[:6]
+    x_normed = L.layer_norm("x_norm1", self.dtype)(x)
+    hx = L.modulate(x_normed, x_shift, x_scale)
     if self.context_pre_only:
       # SD3's AdaLayerNormContinuous: (scale, shift), in that order.
       c_scale, c_shift = L.Modulation(2, width, name="ctx_adaLN", **kw)(c)
@@ -66,10 +74,18 @@ class JointBlock(nn.Module):
     qx, kx, vx = L.QKV(self.num_heads, head_dim, self.qk_norm, name="x_qkv", **kw)(hx)
     qc, kc, vc = L.QKV(self.num_heads, head_dim, self.qk_norm, name="ctx_qkv", **kw)(hc)
     q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((qx, qc), (kx, kc), (vx, vc)))
+    if rope is not None:
+      q, k = L.apply_rope(q, rope), L.apply_rope(k, rope)
     out = L.dot_product_attention(q, k, v, self.attention)
     n = x.shape[1]
 
     x = x + x_gate[:, None] * L.attention_out(out[:, :n], width, name="x_attn_out", **kw)
+    if self.dual_attention:
+      a_shift, a_scale, a_gate = mods[6:]
+      q2, k2, v2 = L.QKV(self.num_heads, head_dim, self.qk_norm, name="x_qkv2", **kw)(
+          L.modulate(x_normed, a_shift, a_scale))
+      out2 = L.dot_product_attention(q2, k2, v2, self.attention)
+      x = x + a_gate[:, None] * L.attention_out(out2, width, name="x_attn2_out", **kw)
     hx = L.modulate(L.layer_norm("x_norm2", self.dtype)(x), x_shift2, x_scale2)
     x = x + x_gate2[:, None] * L.MLP(int(width * self.mlp_ratio), name="x_mlp", **kw)(hx)
     x = L.constrain(x, "activation_batch", "activation_length", "activation_embed")
@@ -94,6 +110,7 @@ class MMDiT(base.PatchTransformer):
   context_dim: int = 4096
   pooled_dim: int = 2048
   pos_embed_max_size: int = 96
+  dual_attention_depth: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, *, context: jax.Array, pooled: jax.Array,
@@ -107,11 +124,17 @@ class MMDiT(base.PatchTransformer):
     ctx = L.dense(self.width, ("cond", "embed"), name="context_embed", **self._kw)(context.astype(self.dtype))
     ctx = L.constrain(ctx, "activation_batch", "activation_length", "activation_embed")
 
+    if not 0 <= self.dual_attention_depth <= self.depth:
+      raise ValueError(f"dual_attention_depth={self.dual_attention_depth} must be in [0, depth={self.depth}]")
     block = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm,
                  attention=self.attention, **self._kw)
-    carry = L.run_blocks(JointBlock, self.depth - 1, (h, ctx), c, name="blocks", scan=self.scan,
-                         remat=self.remat, **block)
-    (h, _), _ = JointBlock(context_pre_only=True, name="last_block", **block)(carry, c)
+    stack = dict(scan=self.scan, remat=self.remat, **block)
+    # Blocks 0 .. dual_attention_depth-1 carry the second attention (SD3.5 Medium: 13 of 24).
+    num_dual = min(self.dual_attention_depth, self.depth - 1)
+    carry = L.run_blocks(JointBlock, num_dual, (h, ctx), c, name="dual_blocks", dual_attention=True, **stack)
+    carry = L.run_blocks(JointBlock, self.depth - 1 - num_dual, carry, c, name="blocks", **stack)
+    (h, _), _ = JointBlock(context_pre_only=True, dual_attention=self.dual_attention_depth == self.depth,
+                           name="last_block", **block)(carry, c)
     # SD3's AdaLayerNormContinuous: (scale, shift).
     return self.output_head(h, c, grid, scale_first=True)
 

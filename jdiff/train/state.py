@@ -82,7 +82,7 @@ def build_networks(config) -> Networks:
   """config -> Networks; the denoiser's conditioning widths follow the text encoder."""
   text = text_lib.build(config.text)
   extra = dict(pooled_dim=text.width)
-  if config.model.name == "mmdit":
+  if config.model.name in ("mmdit", "flux"):
     extra["context_dim"] = text.width
   denoiser = models.build({**config.model, **extra})
   return Networks(denoiser, text, config.data.resolution, config.model.in_channels, config.text.max_len)
