@@ -95,12 +95,12 @@ def rules(kwargs: Mapping[str, Any]) -> list[M.Rule]:
 
 def to_jdiff(config: Mapping[str, Any], state_dict: Mapping[str, Any]) -> dict:
   """diffusers Flux state dict -> jdiff Flux params (unrolled layout; see `scan_layout`)."""
-  return M.to_jdiff(rules(model_kwargs(config)), state_dict, "Flux transformer")
+  return M.import_params(rules(model_kwargs(config)), state_dict, "Flux transformer")
 
 
 def to_diffusers(config: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
   """jdiff Flux params (unrolled layout) -> diffusers Flux state dict."""
-  return M.to_diffusers(rules(model_kwargs(config)), params, "Flux")
+  return M.export_params(rules(model_kwargs(config)), params, "Flux")
 
 
 def scan_layout(params: dict, kwargs: Mapping[str, Any], scan: bool) -> dict:

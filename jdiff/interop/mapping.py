@@ -32,6 +32,8 @@ LAYOUTS = {
     # torch Linear weight [out, in] <-> Dense kernel [in, out]
     "linear": (lambda w, shape: w.T, lambda w, shape: w.T),
     # torch Conv2d patch weight [D, C, p, p] <-> Dense kernel [p*p*C, D] over (p_row, p_col, C)
+    # torch Conv2d weight [out, in, kh, kw] <-> flax Conv kernel [kh, kw, in, out]
+    "conv": (lambda w, shape: w.transpose(2, 3, 1, 0), lambda w, shape: w.transpose(3, 2, 0, 1)),
     "patch_conv": (
         lambda w, shape: w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]),
         lambda w, shape: w.reshape(shape + (-1,)).transpose(3, 2, 0, 1),
@@ -73,7 +75,7 @@ def linear(key: str, path: tuple[str, ...], bias: bool = True) -> list[Rule]:
   return rules
 
 
-def to_jdiff(rules: Iterable[Rule | Derived], state_dict: Mapping[str, Any], what: str = "model") -> dict:
+def import_params(rules: Iterable[Rule | Derived], state_dict: Mapping[str, Any], what: str = "model") -> dict:
   """diffusers state dict (numpy-like arrays) -> nested jdiff params (numpy arrays).
 
   Every rule's key must be present and every key of the state dict must be used; a
@@ -104,7 +106,7 @@ def to_jdiff(rules: Iterable[Rule | Derived], state_dict: Mapping[str, Any], wha
   return params
 
 
-def to_diffusers(rules: Iterable[Rule | Derived], params: Mapping[str, Any], what: str = "model") -> dict[str, np.ndarray]:
+def export_params(rules: Iterable[Rule | Derived], params: Mapping[str, Any], what: str = "model") -> dict[str, np.ndarray]:
   """Nested jdiff params -> diffusers state dict; every jdiff leaf must be covered by a rule.
   Derived buffers are written in the dtype of the params."""
   rules, derived = _split(rules)

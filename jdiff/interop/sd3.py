@@ -128,12 +128,12 @@ def rules(kwargs: Mapping[str, Any]) -> list[M.Rule | M.Derived]:
 
 def to_jdiff(config: Mapping[str, Any], state_dict: Mapping[str, Any]) -> dict:
   """diffusers SD3 state dict -> jdiff MMDiT params (unrolled layout; see `scan_layout`)."""
-  return M.to_jdiff(rules(model_kwargs(config)), state_dict, "SD3 transformer")
+  return M.import_params(rules(model_kwargs(config)), state_dict, "SD3 transformer")
 
 
 def to_diffusers(config: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
   """jdiff MMDiT params (unrolled layout) -> diffusers SD3 state dict."""
-  return M.to_diffusers(rules(model_kwargs(config)), params, "MMDiT")
+  return M.export_params(rules(model_kwargs(config)), params, "MMDiT")
 
 
 def scan_layout(params: dict, kwargs: Mapping[str, Any], scan: bool) -> dict:
