@@ -14,7 +14,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jdiff import diffusion, models
-from jdiff.data import sources
+from jdiff.data import cache, sources
 from jdiff.models import layers, text
 from jdiff.train import optim
 
@@ -65,9 +65,21 @@ def base() -> ml_collections.ConfigDict:
       scan=True,  # nn.scan over blocks: compile time flat in depth
       remat="dots_no_batch",  # none | full | dots | dots_no_batch
       qk_norm=True,  # RMSNorm on queries and keys
+      # Set by `python -m jdiff.convert` for imported SD3 models (None: the model's default):
+      out_channels=config_dict.placeholder(int),
+      pos_embed_base_size=config_dict.placeholder(int),  # SD3: sample_size // patch_size
+      dual_attention_depth=config_dict.placeholder(int),  # SD3.5 Medium: 13
+      # Conditioning widths; with text.encoder='bytes' they follow text.width.
+      context_dim=config_dict.placeholder(int),
+      pooled_dim=config_dict.placeholder(int),
   ))
+  # Pixel space (path '') or latent space: a diffusers AutoencoderKL directory (or a pipeline
+  # directory with vae/). Latent-space runs train on a cache (`python -m jdiff.cache`).
+  c.autoencoder = ml_collections.ConfigDict(dict(path="", dtype="float32"))
   c.text = ml_collections.ConfigDict(dict(
-      encoder="bytes",  # key of jdiff.models.text.TEXT_ENCODERS
+      encoder="bytes",  # bytes (trainable, jdiff.models.text) | sd3 (frozen CLIP-L/G + T5, cached)
+      pipeline="",  # sd3: a local diffusers SD3 pipeline directory holding the text encoders
+      t5_len=256,  # sd3: T5 tokens per caption
       width=512,  # token width = the denoiser's context and pooled input width
       depth=4,
       num_heads=8,
@@ -80,7 +92,8 @@ def base() -> ml_collections.ConfigDict:
       param_dtype="float32",
   ))
   c.data = ml_collections.ConfigDict(dict(
-      source="shapes",  # shapes | tfds | arrayrecord
+      source="shapes",  # shapes | tfds | arrayrecord | cache
+      cache_dir="",  # source 'cache': a directory written by `python -m jdiff.cache`
       resolution=256,  # square training resolution (resize short side, centre-crop)
       caption_dropout=0.1,  # P(caption -> empty) for classifier-free guidance
       shapes_size=1_000_000,  # records in the embedded dataset (procedural)
@@ -150,13 +163,53 @@ def _positive(name: str, value: Any) -> None:
     raise ValueError(f"config.{name}={value!r} must be > 0")
 
 
+INHERITED = ("model", "text", "autoencoder")
+# Fields of those sections that say how to run, not what the model is: kept from the config.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "attention", "remat", "t5_len")
+
+
+def resolve(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """model.name='inherit': take the architecture (the model, text and autoencoder sections,
+  except RUNTIME_FIELDS) from the config of the init_from workdir (e.g. one written by
+  `python -m jdiff.convert import`), so a tune config need not restate an imported model.
+  Other configs are returned as they are."""
+  if c.model.name != "inherit":
+    return c
+  if not c.init_from:
+    raise ValueError("config.model.name='inherit' takes the model from config.init_from, which is not set")
+  from jdiff.train import checkpoint  # pylint: disable=g-import-not-at-top
+
+  parent = checkpoint.load_config(c.init_from)
+  c = ml_collections.ConfigDict(c.to_dict())  # an unlocked copy
+  for section in INHERITED:
+    for key, value in parent[section].items():
+      if key not in RUNTIME_FIELDS:
+        c[section][key] = value
+  c.lock()
+  return c
+
+
+def model_resolution(c: ml_collections.ConfigDict) -> int:
+  """The side of the denoiser's input: data.resolution in pixel space, its latent size otherwise."""
+  if c.autoencoder.path:
+    from jdiff.interop import sd3_pipeline  # pylint: disable=g-import-not-at-top
+
+    factor = sd3_pipeline.vae_geometry(c.autoencoder.path)["factor"]
+    if c.data.resolution % factor:
+      raise ValueError(f"config.data.resolution={c.data.resolution} is not divisible by the VAE's factor {factor}")
+    return c.data.resolution // factor
+  return c.data.resolution
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks every enumerated and numeric field; raises ValueError naming the field."""
   _one_of("stage", c.stage, STAGES)
+  if c.model.name == "inherit":
+    raise ValueError("config.model.name='inherit' must be resolved first (jdiff.config.resolve)")
   _one_of("model.name", c.model.name, models.MODELS)
   _one_of("model.attention", c.model.attention, layers.ATTENTION_IMPLS)
   _one_of("model.remat", c.model.remat, layers.REMAT_POLICIES)
-  _one_of("text.encoder", c.text.encoder, text.TEXT_ENCODERS)
+  _one_of("text.encoder", c.text.encoder, tuple(text.TEXT_ENCODERS) + ("sd3",))
   _one_of("data.source", c.data.source, sources.SOURCES)
   _one_of("diffusion.prediction", c.diffusion.prediction, diffusion.PREDICTIONS)
   _one_of("diffusion.weighting", c.diffusion.weighting, diffusion.WEIGHTINGS)
@@ -183,11 +236,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.train.batch_size % c.train.grad_accum:
     raise ValueError(f"config.train.batch_size={c.train.batch_size} is not divisible by "
                      f"train.grad_accum={c.train.grad_accum}")
-  if c.data.resolution % c.model.patch_size:
-    raise ValueError(f"config.data.resolution={c.data.resolution} is not divisible by "
-                     f"model.patch_size={c.model.patch_size}")
-  grid = c.data.resolution // c.model.patch_size
-  if grid > c.model.pos_embed_max_size:
+  resolution = model_resolution(c)
+  if resolution % c.model.patch_size:
+    raise ValueError(f"the model's input size {resolution} (data.resolution, or its latent size) is not "
+                     f"divisible by model.patch_size={c.model.patch_size}")
+  grid = resolution // c.model.patch_size
+  if grid > c.model.pos_embed_max_size and c.model.name != "flux":
     raise ValueError(f"the patch grid ({grid}) exceeds config.model.pos_embed_max_size="
                      f"{c.model.pos_embed_max_size}")
   if c.sample.cfg_scale < 0 or c.eval.cfg_scale < 0:
@@ -195,6 +249,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.text.max_len % c.text.downsample:
     raise ValueError(f"config.text.max_len={c.text.max_len} is not divisible by text.downsample="
                      f"{c.text.downsample}")
+  if c.data.source == "cache":
+    meta = cache.read_meta(c.data.cache_dir)
+    if c.text.encoder != "sd3" or not c.autoencoder.path:
+      raise ValueError("data.source='cache' holds SD3 text embeddings and VAE latents: set text.encoder='sd3' "
+                       "and autoencoder.path")
+    if c.model.in_channels != meta["latent_shape"][-1]:
+      raise ValueError(f"config.model.in_channels={c.model.in_channels} but the cache holds "
+                       f"{meta['latent_shape'][-1]}-channel latents")
+    if meta["resolution"] != c.data.resolution:
+      raise ValueError(f"config.data.resolution={c.data.resolution} but the cache in {c.data.cache_dir} was "
+                       f"written at {meta['resolution']}")
+  elif c.text.encoder == "sd3" or c.autoencoder.path:
+    raise ValueError("text.encoder='sd3' and autoencoder.path train on precomputed embeddings and latents: "
+                     "write them with `python -m jdiff.cache` and set data.source='cache', data.cache_dir")
   model = models.build(dict(c.model))  # resolves the variant's size table (no weights)
   patch_dim = model.patch_size**2 * c.model.in_channels
   if patch_dim > model.width:

@@ -29,12 +29,58 @@ from jdiff.train import state as state_lib
 
 @dataclasses.dataclass
 class Model:
-  """Networks plus the weights to sample with (usually EMA) and the config they came from."""
+  """Networks plus the weights to sample with (usually EMA) and the config they came from.
+
+  Latent models with frozen SD3 text encoders also use the VAE decoder of
+  config.autoencoder.path and, for prompts the cache does not hold, the text encoders of
+  config.text.pipeline; both are loaded on first use.
+  """
 
   networks: state_lib.Networks
   params: Any
   config: ml_collections.ConfigDict
   step: int | None = None
+  text_encoder: Any = None
+  vae: Any = None
+
+  def _encoder(self):
+    if self.text_encoder is None:
+      from jdiff.interop import sd3_pipeline  # pylint: disable=g-import-not-at-top
+
+      if not self.config.text.pipeline:
+        raise ValueError("these prompts are not in the cache and config.text.pipeline is not set")
+      self.text_encoder = sd3_pipeline.SD3TextEncoder.load(self.config.text.pipeline, self.config.text.t5_len,
+                                                           self.config.text.dtype)
+    return self.text_encoder
+
+  def inputs(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+    """The conditioning inputs of `prompts`, batched: {'tokens'} or {'context', 'pooled'}."""
+    if self.networks.text is not None:
+      return dict(tokens=text_lib.tokenize(list(prompts), self.networks.max_len))
+    cached = self.networks.cached
+    if cached is not None and all(p in cached["prompts"] for p in prompts):
+      idx = [cached["prompts"].index(p) for p in prompts]
+      return dict(context=cached["prompt_context"][idx], pooled=cached["prompt_pooled"][idx])
+    return self._encoder().encode(list(prompts))
+
+  def null_inputs(self) -> dict[str, np.ndarray]:
+    """The empty caption's inputs (no batch axis)."""
+    if self.networks.text is None and self.networks.cached is None:
+      return {k: v[0] for k, v in self._encoder().encode([""]).items()}
+    return self.networks.null_inputs()
+
+  def decode(self, x: jax.Array) -> np.ndarray:
+    """Model-space samples -> images in [-1, 1] (the VAE decoder for latent models)."""
+    if not self.networks.latent:
+      return np.asarray(x)
+    if self.vae is None:
+      from jdiff.interop import sd3_pipeline  # pylint: disable=g-import-not-at-top
+
+      module, params = sd3_pipeline.load_vae(self.config.autoencoder.path, self.config.autoencoder.dtype)
+      self.vae = (jax.jit(lambda p, z: module.apply(p, z, method=module.decode)), params)
+    decode, params = self.vae
+    n = self.networks
+    return np.asarray(decode(params, x / n.latent_scale + n.latent_shift))
 
 
 def load(workdir: str, step: int | None = None) -> Model:
@@ -51,14 +97,14 @@ def load(workdir: str, step: int | None = None) -> Model:
 @functools.lru_cache(maxsize=8)
 def _sampler(networks: state_lib.Networks, num_steps: int, method: str, cfg_scale: float,
              prediction: str, shift_cfg: tuple, resolution: int):
-  """A jitted (params, tokens [B, T], null [B, T], keys [B]) -> images [B, H, W, C] in [-1, 1]."""
+  """A jitted (params, inputs, null inputs, keys [B]) -> model-space samples [B, H, W, C]."""
   times = diffusion.inference_times(num_steps, networks.seq_len(resolution, resolution), dict(shift_cfg))
   shape = (resolution, resolution, networks.channels)
 
   @jax.jit
-  def run(params, tokens, null_tokens, keys):
-    cond = networks.encode(params["text"], tokens)
-    uncond = networks.encode(params["text"], null_tokens) if cfg_scale != 1.0 else None
+  def run(params, inputs, null_inputs, keys):
+    cond = networks.conditioning(params, inputs)
+    uncond = networks.conditioning(params, null_inputs) if cfg_scale != 1.0 else None
     model_fn = lambda x, t, c: networks.predict(params["denoiser"], x, t, c)
     noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
     velocity = diffusion.guided_velocity(model_fn, cond, uncond, cfg_scale, prediction)
@@ -78,8 +124,8 @@ def generate(model: Model, prompts: Sequence[str], *, num_steps: int | None = No
   """Images for `prompts`: uint8 [N, H, W, C].
 
   Sampler settings default to config.sample; the schedule is shifted for `resolution`
-  (default: the training resolution) exactly as in training. Image i's noise comes from
-  fold_in(key(seed), i), so an image does not depend on the batch it is drawn in.
+  (the model-space size; default: the training one) exactly as in training. Image i's
+  noise comes from fold_in(key(seed), i), so an image does not depend on its batch.
   """
   s = model.config.sample
   num_steps = num_steps or s.num_steps
@@ -90,8 +136,8 @@ def generate(model: Model, prompts: Sequence[str], *, num_steps: int | None = No
   shift_cfg = tuple(sorted(dict(model.config.diffusion.shift).items()))
   run = _sampler(model.networks, num_steps, method, float(cfg_scale), model.config.diffusion.prediction,
                  shift_cfg, resolution)
-  tokens = text_lib.tokenize(list(prompts), model.networks.max_len)
-  null = np.broadcast_to(model.networks.null_tokens(), tokens.shape)
+  inputs = model.inputs(prompts)
+  null = model.null_inputs()
   base = jax.random.key(seed)
   out = []
   for start in range(0, len(prompts), batch_size):
@@ -99,8 +145,10 @@ def generate(model: Model, prompts: Sequence[str], *, num_steps: int | None = No
     # Pad the last batch to a full one so the sampler compiles once.
     idx = np.arange(start, start + batch_size).clip(max=stop - 1)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(idx))
-    images = run(model.params, jnp.asarray(tokens[idx]), jnp.asarray(null[idx]), keys)
-    out.append(to_uint8(images)[: stop - start])
+    batch = {k: jnp.asarray(v[idx]) for k, v in inputs.items()}
+    nulls = {k: jnp.asarray(np.broadcast_to(v, (batch_size,) + v.shape)) for k, v in null.items()}
+    samples = run(model.params, batch, nulls, keys)
+    out.append(to_uint8(model.decode(samples))[: stop - start])
   return np.concatenate(out)
 
 

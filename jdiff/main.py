@@ -25,12 +25,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config_lib.validate(_CONFIG.value)  # before JAX starts any work
+  config = config_lib.resolve(_CONFIG.value)
+  config_lib.validate(config)  # before JAX starts any work
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and friends log every file at INFO
   logging.getLogger("jdiff").setLevel(logging.INFO)
   from jdiff.train import trainer  # pylint: disable=g-import-not-at-top
 
-  summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  summary = trainer.train_and_evaluate(config, _WORKDIR.value)
   print(json.dumps({"step": summary["step"], "stopped_by": summary["stopped_by"],
                     "loss": summary["last_metrics"].get("loss"), "samples": summary["samples"][-1:],
                     "adherence": summary["eval"]}))

@@ -1,5 +1,9 @@
 """Small models and inputs shared by the tests."""
 
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -62,3 +66,16 @@ def to_unrolled(params, groups):
   for name, _ in groups:
     params = layers.unstack_scanned(params, name)
   return params
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args, check=True, timeout=600):
+  """Runs `python -m <args>` from the repository root on one CPU device; returns the process."""
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(proc.stderr[-3000:])
+  return proc

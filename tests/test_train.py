@@ -22,6 +22,8 @@ from jdiff.train import sharding as shard_lib
 from jdiff.train import state as state_lib
 from jdiff.train import step as step_lib
 
+import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -218,13 +220,7 @@ def test_sigterm_saves_and_stops_cleanly_then_resumes(tmp_path, monkeypatch):
   chex.assert_trees_all_equal(a.params, b.params)
 
 
-def _cli(*args, check=True):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
-  if check and proc.returncode != 0:
-    raise AssertionError(proc.stderr[-3000:])
-  return proc
+_cli = helpers.cli
 
 
 def test_cli_train_sample_evaluate(tmp_path):

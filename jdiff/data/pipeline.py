@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from jdiff.data import sources
+from jdiff.data import cache, sources
 from jdiff.models import text
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,25 @@ class Preprocess(grain.transforms.MapWithIndex):
       return Corrupt(int(index), f"decode: {e!r}")
 
 
+class CheckCached(grain.transforms.MapWithIndex):
+  """A cache record, checked against the cache's shapes (a damaged record becomes Corrupt)."""
+
+  def __init__(self, meta: Mapping[str, Any]):
+    self.shapes = dict(latent_mean=tuple(meta["latent_shape"]), latent_logvar=tuple(meta["latent_shape"]),
+                       context=tuple(meta["context_shape"]), pooled=(meta["pooled_dim"],))
+
+  def map_with_index(self, index: int, record):
+    if isinstance(record, Corrupt):
+      return record
+    try:
+      for key, shape in self.shapes.items():
+        if record[key].shape != shape:
+          raise ValueError(f"{key} has shape {record[key].shape}, expected {shape}")
+      return {k: record[k] for k in self.shapes}
+    except Exception as e:
+      return Corrupt(int(index), f"cache: {e!r}")
+
+
 class SkipCorrupt(grain.transforms.Filter):
   """Drops Corrupt markers, counting and logging them (runs in the main process)."""
 
@@ -148,7 +167,10 @@ def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: in
   if len(source) < pc:
     raise ValueError(f"{source!r} has {len(source)} records, fewer than {pc} processes")
   ds = grain.MapDataset.source(_Guarded(source)).seed(seed).shuffle().repeat(None)
-  ds = ds[pi::pc].map_with_index(Preprocess(data_cfg["resolution"], max_len))
+  if data_cfg["source"] == "cache":
+    ds = ds[pi::pc].map_with_index(CheckCached(source.meta))
+  else:
+    ds = ds[pi::pc].map_with_index(Preprocess(data_cfg["resolution"], max_len))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg["read_threads"],
                                             prefetch_buffer_size=data_cfg["prefetch"]))
   if data_cfg["num_workers"] > 0:

@@ -15,7 +15,7 @@ import grain
 
 from jdiff.data import shapes
 
-SOURCES = ("shapes", "tfds", "arrayrecord")
+SOURCES = ("shapes", "tfds", "arrayrecord", "cache")
 
 
 class ArrayRecordExamples:
@@ -88,6 +88,12 @@ def make_source(data_cfg: Mapping[str, Any], split: str = "train"):
       raise ValueError("data.source='tfds' needs data.tfds_name")
     return TfdsExamples(data_cfg["tfds_name"], data_cfg["tfds_split"] if split == "train" else split,
                         data_cfg["tfds_data_dir"], data_cfg["image_key"], data_cfg["caption_key"])
+  if kind == "cache":
+    from jdiff.data import cache  # pylint: disable=g-import-not-at-top
+
+    if not data_cfg["cache_dir"]:
+      raise ValueError("data.source='cache' needs data.cache_dir")
+    return cache.CacheSource(data_cfg["cache_dir"])
   if kind == "arrayrecord":
     return ArrayRecordExamples(data_cfg["arrayrecord_pattern"], data_cfg["image_key"], data_cfg["caption_key"])
   raise ValueError(f"unknown data.source {kind!r}; expected one of {SOURCES}")

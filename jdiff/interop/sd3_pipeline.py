@@ -55,6 +55,14 @@ def load_transformer(path: str) -> tuple[dict[str, Any], dict[str, Any], dict]:
   return config, sd3_io.model_kwargs(config), params
 
 
+def vae_geometry(path: str) -> dict[str, Any]:
+  """{'factor': pixels per latent, 'channels', 'scaling_factor', 'shift_factor'} of a VAE directory."""
+  config = M.read_config(component_dir(path, "vae"))
+  kwargs = vae_io.model_kwargs(config)
+  return dict(factor=2 ** (len(kwargs["channels"]) - 1), channels=kwargs["latent_channels"],
+              scaling_factor=kwargs["scaling_factor"], shift_factor=kwargs["shift_factor"])
+
+
 def load_vae(path: str, dtype: str = "float32") -> tuple[vae.AutoencoderKL, dict]:
   config, params = _load(path, "vae", vae_io, "vae")
   kwargs = vae_io.model_kwargs(config)

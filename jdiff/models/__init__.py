@@ -14,7 +14,8 @@ MODELS = {"dit": dit.make, "mmdit": mmdit.make, "flux": flux.make}
 
 def build(model_cfg: Mapping[str, Any]) -> nn.Module:
   """config.model -> Flax module. `name` picks the model; every other field is its argument."""
-  kwargs = dict(model_cfg)
+  # Unset optional fields (None) leave the model's own defaults.
+  kwargs = {k: v for k, v in dict(model_cfg).items() if v is not None}
   name = kwargs.pop("name")
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; expected one of {tuple(MODELS)}")

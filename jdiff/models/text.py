@@ -201,6 +201,8 @@ def build(text_cfg) -> nn.Module:
   """config.text -> text encoder module (`encoder` picks it; other fields are its arguments)."""
   kwargs = dict(text_cfg)
   name = kwargs.pop("encoder")
+  for key in ("pipeline", "t5_len"):  # fields of the frozen 'sd3' encoders
+    kwargs.pop(key, None)
   if name not in TEXT_ENCODERS:
     raise ValueError(f"unknown text encoder {name!r}; expected one of {tuple(TEXT_ENCODERS)}")
   for key in ("dtype", "param_dtype"):

@@ -75,6 +75,20 @@ class Checkpoints:
     self.manager.close()
 
 
+def save_weights(workdir: str, params: Any, config: ml_collections.ConfigDict, lineage: list[dict[str, Any]],
+                 step: int = 0) -> None:
+  """A weights-only checkpoint (params = EMA params, no optimizer or data state) that later
+  runs start from with config.init_from; written by `python -m jdiff.convert import`."""
+  write_config(workdir, config)
+  ckpt = Checkpoints(workdir, async_save=False)
+  ckpt.manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"step": step, "params": params, "ema_params": params}),
+      config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+      lineage=ocp.args.JsonSave({"stages": lineage}),
+  ))
+  ckpt.close()
+
+
 def _restore_subtree(workdir: str, subtree: dict[str, Any], step: int | None = None):
   """Restores only the named parts of a state checkpoint (e.g. EMA params), onto the
   shardings of `subtree`'s ShapeDtypeStructs. Returns (restored subtree, lineage, step)."""
@@ -95,6 +109,17 @@ def restore_ema(workdir: str, abstract_params: Any, step: int | None = None):
   """The EMA params of `workdir`'s latest (or given) checkpoint: (ema, lineage, step)."""
   tree, lineage, step = _restore_subtree(workdir, {"ema_params": abstract_params}, step)
   return tree["ema_params"], lineage, step
+
+
+def read_lineage(workdir: str, step: int | None = None) -> list[dict[str, Any]]:
+  """The stage lineage stored with `workdir`'s latest (or given) checkpoint."""
+  ckpt = Checkpoints(workdir, read_only=True)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint found in {checkpoint_dir(workdir)}")
+  lineage = ckpt.manager.restore(step, args=ocp.args.Composite(lineage=ocp.args.JsonRestore())).lineage
+  ckpt.close()
+  return lineage["stages"]
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

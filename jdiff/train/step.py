@@ -26,20 +26,40 @@ def images_to_model_space(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32) / 127.5 - 1.0
 
 
+def model_input(batch: Mapping[str, jax.Array], keys: jax.Array, networks: Networks) -> jax.Array:
+  """The clean sample x0 in model space [B, H, W, C]: pixels in [-1, 1], or scaled VAE latents
+  z ~ N(mean, exp(logvar)) drawn with each sample's own key."""
+  if not networks.latent:
+    return images_to_model_space(batch["image"])
+  mean, logvar = (batch[k].astype(jnp.float32) for k in ("latent_mean", "latent_logvar"))
+  noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys)
+  return (mean + jnp.exp(0.5 * logvar) * noise - networks.latent_shift) * networks.latent_scale
+
+
+def drop_captions(batch: Mapping[str, jax.Array], drop: jax.Array, networks: Networks) -> dict[str, jax.Array]:
+  """The conditioning inputs with the captions of samples where drop [B] is true replaced by the
+  empty caption (its tokens, or its cached embeddings)."""
+  out = {}
+  for key, null in networks.null_inputs().items():
+    mask = drop.reshape((-1,) + (1,) * (batch[key].ndim - 1))
+    out[key] = jnp.where(mask, jnp.asarray(null, batch[key].dtype)[None], batch[key])
+  return out
+
+
 def loss_fn(params: Any, batch: Mapping[str, jax.Array], keys: jax.Array, *, networks: Networks, config):
   """Mean flow-matching loss and per-sample (loss [B], t [B]).
 
-  batch: {'image': uint8 (or float) [B, H, W, C] in [0, 255], 'tokens': int32 [B, T]}.
+  batch: pixel space {'image': uint8 [B, H, W, C], 'tokens': int32 [B, T]}, or from a cache
+  {'latent_mean', 'latent_logvar': [B, h, w, c], 'context': [B, L, D], 'pooled': [B, P]}.
   keys: [B] per-sample PRNG keys: each sample's caption dropout (the caption becomes the
-  empty one with probability config.data.caption_dropout), t and noise come from its own
-  key, so a sample is treated the same whatever micro-batch or shard it lands in.
+  empty one with probability config.data.caption_dropout), t, noise and latent sample come
+  from its own key, so a sample is treated the same whatever micro-batch or shard it lands in.
   """
-  x0 = images_to_model_space(batch["image"])
+  k_drop, k_t, k_eps, k_z = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(4))
+  x0 = model_input(batch, k_z, networks)
   _, h, w, _ = x0.shape
-  k_drop, k_t, k_eps = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(3))
   drop = jax.vmap(lambda k: jax.random.bernoulli(k, config.data.caption_dropout))(k_drop)
-  tokens = jnp.where(drop[:, None], jnp.asarray(networks.null_tokens())[None], batch["tokens"])
-  cond = networks.encode(params["text"], tokens)
+  cond = networks.conditioning(params, drop_captions(batch, drop, networks))
   d = config.diffusion
   t = diffusion.training_timesteps(k_t, networks.seq_len(h, w), d.timesteps, d.shift)
   eps = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(k_eps)
@@ -82,7 +102,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   and per-t-bin loss sums and counts (NUM_T_BINS equal bins of t in [0, 1]).
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(rng), state.step)
-  keys = jax.random.split(key, batch["image"].shape[0])
+  keys = jax.random.split(key, jax.tree.leaves(batch)[0].shape[0])
   loss, per_sample, t, grads = _grads(state.params, batch, keys, networks, config)
   grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -121,16 +121,24 @@ def _lineage_entry(config, workdir: str, from_step: int | None) -> dict[str, Any
               from_step=from_step)
 
 
+def batch_spec(config, networks) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """name -> (global shape, dtype) of a training batch."""
+  b = config.train.batch_size
+  if networks.text is None:
+    meta = pipeline_lib.cache.read_meta(config.data.cache_dir)
+    store = np.dtype(meta["dtype"])
+    latent = (b, *meta["latent_shape"])
+    return dict(latent_mean=(latent, store), latent_logvar=(latent, store),
+                context=((b, *meta["context_shape"]), store), pooled=((b, meta["pooled_dim"]), np.float32))
+  res = config.data.resolution
+  return dict(image=((b, res, res, config.model.in_channels), np.uint8), tokens=((b, config.text.max_len), np.int32))
+
+
 def compile_step(networks, tx, config, mesh, rules, state_shardings, abstract_state):
   """The jitted, donated train step, lowered and compiled ahead of step 1."""
   batch_sharding = shard_lib.logical_sharding(mesh, rules, "activation_batch")
-  res = config.data.resolution
-  abstract_batch = dict(
-      image=jax.ShapeDtypeStruct((config.train.batch_size, res, res, config.model.in_channels), jnp.uint8,
-                                 sharding=batch_sharding),
-      tokens=jax.ShapeDtypeStruct((config.train.batch_size, config.text.max_len), jnp.int32,
-                                  sharding=batch_sharding),
-  )
+  abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+                    for k, (shape, dtype) in batch_spec(config, networks).items()}
   replicated = shard_lib.replicated(mesh)
   step_fn = jax.jit(
       functools.partial(step_lib.train_step, networks=networks, tx=tx, config=config),
@@ -213,6 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns a summary: {'step', 'stopped_by', 'last_metrics', 'samples', 'eval'}.
   """
+  config = config_lib.resolve(config)
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -226,7 +235,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = ckpt_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
   state, shardings, abstract, lineage = initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline)
   log.info("mesh %s; %s denoiser params, %s text params", dict(mesh.shape),
-           f"{state_lib.param_count(state.params['denoiser']):,}", f"{state_lib.param_count(state.params['text']):,}")
+           f"{state_lib.param_count(state.params['denoiser']):,}",
+           f"{state_lib.param_count(state.params.get('text', {})):,}")
   compiled, batch_sharding = compile_step(networks, tx, config, mesh, rules, shardings, abstract)
 
   writer = MetricWriter(workdir)
@@ -234,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = int(jax.device_get(state.step))
   run_rng = jnp.copy(state.rng)
   history, last_metrics, stopped_by, samples, evals = [], {}, "num_steps", [], []
-  benchmark_on = config.data.source == "shapes"
+  benchmark_on = config.data.source == "shapes" and config.text.encoder == "bytes"
   last_saved = start if ckpt.latest_step() == start else None
   bar = tqdm.tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0)

@@ -1,0 +1,152 @@
+"""Weights between diffusers directories and jdiff workdirs.
+
+  # A diffusers SD3 / SD3.5 pipeline (or its transformer/ directory) -> a jdiff workdir that
+  # later stages start from (config.init_from), holding the EMA=params weights at step 0:
+  python -m jdiff.convert import --src=/models/sd3.5-medium --workdir=runs/sd35_base
+
+  # A jdiff workdir's EMA weights -> a diffusers directory. With a pipeline to copy the other
+  # components from (default: the run's config.text.pipeline), the result is a whole
+  # pipeline that StableDiffusion3Pipeline.from_pretrained loads; else transformer/ only.
+  python -m jdiff.convert export --workdir=runs/sd35_tuned --out=/models/sd35_tuned [--pipeline=SRC]
+
+Flux transformers (FluxTransformer2DModel) convert both ways as weights (transformer/ only).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+from absl import app, flags
+
+log = logging.getLogger(__name__)
+
+_SRC = flags.DEFINE_string("src", None, "import: a diffusers pipeline or transformer directory.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The jdiff workdir (written by import, read by export).")
+_OUT = flags.DEFINE_string("out", None, "export: the diffusers directory to write.")
+_PIPELINE = flags.DEFINE_string("pipeline", None, "export: pipeline to copy the other components from "
+                                "(default: config.text.pipeline; '' for transformer/ only).")
+_STEP = flags.DEFINE_integer("step", None, "export: checkpoint step (default: latest).")
+_SCAN = flags.DEFINE_boolean("scan", True, "import: store blocks for model.scan=True (else unrolled).")
+
+FAMILIES = {"SD3Transformer2DModel": "mmdit", "FluxTransformer2DModel": "flux"}
+# jdiff model fields that describe an imported architecture (written into its config).
+MODEL_FIELDS = ("depth", "width", "num_heads", "patch_size", "in_channels", "out_channels", "pos_embed_max_size",
+                "pos_embed_base_size", "qk_norm", "dual_attention_depth", "context_dim", "pooled_dim")
+
+
+def _io(family: str):
+  from jdiff.interop import flux, sd3  # pylint: disable=g-import-not-at-top
+
+  return {"mmdit": sd3, "flux": flux}[family]
+
+
+def import_dir(src: str, workdir: str, scan: bool = True):
+  """Converts `src` and writes `workdir` (config.json + a step-0 weights checkpoint). Returns the config."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from jdiff import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jdiff.interop import mapping, sd3_pipeline  # pylint: disable=g-import-not-at-top
+  from jdiff.train import checkpoint  # pylint: disable=g-import-not-at-top
+
+  tdir = sd3_pipeline.component_dir(src, "transformer")
+  tconfig = mapping.read_config(tdir)
+  family = FAMILIES.get(tconfig.get("_class_name"))
+  if family is None:
+    raise ValueError(f"{tdir}: unsupported transformer class {tconfig.get('_class_name')!r}; "
+                     f"expected one of {tuple(FAMILIES)}")
+  io = _io(family)
+  kwargs = io.model_kwargs(tconfig)
+  params = jax.tree.map(jnp.asarray, io.to_jdiff(tconfig, mapping.load_safetensors(tdir)))
+  params = io.scan_layout(params, kwargs, scan)
+
+  c = config_lib.base()
+  c.stage = "pretrain"
+  c.model.update(name=family, scan=scan, **{k: v for k, v in kwargs.items() if k in MODEL_FIELDS})
+  c.model.variant = "schnell" if family == "flux" else f"d{kwargs['depth']}"
+  if family == "flux":
+    with c.unlocked():
+      c.model.update(single_depth=kwargs["single_depth"], guidance_embed=kwargs["guidance_embed"],
+                     axes_dims=list(kwargs["axes_dims"]), pos_embed_max_size=0)
+  pipeline = os.path.exists(os.path.join(src, "model_index.json"))
+  if family == "mmdit" and pipeline:
+    c.text.update(encoder="sd3", pipeline=os.path.abspath(src))
+    c.autoencoder.path = os.path.abspath(src)
+    geometry = sd3_pipeline.vae_geometry(src)
+    c.data.resolution = tconfig["sample_size"] * geometry["factor"]
+    scheduler = os.path.join(src, "scheduler", "scheduler_config.json")
+    if os.path.exists(scheduler):
+      with open(scheduler) as f:
+        shift = json.load(f).get("shift", 1.0)
+      c.diffusion.shift.update(kind="fixed", shift=float(shift))
+  lineage = [dict(stage="import", workdir=os.path.abspath(workdir), init_from=os.path.abspath(src), from_step=None)]
+  checkpoint.save_weights(workdir, {"denoiser": params}, c, lineage)
+  log.info("imported %s (%s) into %s", tdir, tconfig["_class_name"], workdir)
+  return c
+
+
+def export_dir(workdir: str, out: str, pipeline: str | None = None, step: int | None = None) -> dict[str, Any]:
+  """Writes `workdir`'s EMA denoiser as a diffusers transformer (and, given a pipeline, the
+  rest of the pipeline beside it). Returns {'transformer': dir, 'pipeline': dir or None, 'step'}."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from jdiff import inference  # pylint: disable=g-import-not-at-top
+  from jdiff.interop import mapping  # pylint: disable=g-import-not-at-top
+
+  model = inference.load(workdir, step)
+  family = model.config.model.name
+  if family not in ("mmdit", "flux"):
+    raise ValueError(f"model {family!r} has no diffusers counterpart (mmdit -> SD3, flux -> Flux)")
+  io = _io(family)
+  denoiser = model.networks.denoiser
+  fields = MODEL_FIELDS + (("single_depth", "guidance_embed", "axes_dims", "time_scale") if family == "flux"
+                           else ("time_scale",))
+  kwargs = {f: getattr(denoiser, f) for f in fields if hasattr(denoiser, f)}
+  dconfig = io.diffusers_config(kwargs)
+  params = jax.tree.map(np.asarray, jax.device_get(model.params["denoiser"]))
+  tensors = io.to_diffusers(dconfig, io.unrolled_layout(params))
+  if pipeline is None:
+    pipeline = model.config.text.pipeline if family == "mmdit" else ""
+  if pipeline:
+    if not os.path.exists(os.path.join(pipeline, "model_index.json")):
+      raise FileNotFoundError(f"{pipeline!r} is not a diffusers pipeline directory (no model_index.json)")
+    os.makedirs(out, exist_ok=True)
+    for name in sorted(os.listdir(pipeline)):
+      src = os.path.join(pipeline, name)
+      if name == "transformer":
+        continue
+      dst = os.path.join(out, name)
+      if os.path.isdir(src):
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+      else:
+        shutil.copy2(src, dst)
+  tdir = os.path.join(out, "transformer") if pipeline else out
+  mapping.save_safetensors(tensors, tdir, dconfig)
+  log.info("exported %s (step %s) to %s", workdir, model.step, tdir)
+  return dict(transformer=tdir, pipeline=out if pipeline else None, step=model.step)
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in ("import", "export"):
+    raise app.UsageError("usage: python -m jdiff.convert import --src=DIR --workdir=W | "
+                         "export --workdir=W --out=DIR [--pipeline=SRC]")
+  logging.getLogger("jdiff").setLevel(logging.INFO)
+  if argv[1] == "import":
+    if not _SRC.value or not _WORKDIR.value:
+      raise app.UsageError("import needs --src and --workdir")
+    config = import_dir(_SRC.value, _WORKDIR.value, _SCAN.value)
+    print(json.dumps({"workdir": _WORKDIR.value, "model": config.model.name, "depth": config.model.depth,
+                      "width": config.model.width}))
+  else:
+    if not _WORKDIR.value or not _OUT.value:
+      raise app.UsageError("export needs --workdir and --out")
+    print(json.dumps(export_dir(_WORKDIR.value, _OUT.value, _PIPELINE.value, _STEP.value)))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,174 @@
+"""Latent and text-embedding cache: frozen encoders run once over a dataset, training reads
+their outputs back.
+
+    python -m jdiff.cache --config=configs/sd3_tune.py --out=DIR [--num_records=N]
+
+reads config.data (shapes / tfds / arrayrecord) at config.data.resolution, encodes each
+image with the VAE at config.autoencoder.path (posterior mean and log-variance; training
+draws its own sample) and each caption with the SD3 text encoders of config.text.pipeline,
+and writes
+
+    DIR/meta.json                 shapes, dtypes, latent scaling, where it came from
+    DIR/records-*.array_record    one record per image (npz bytes)
+    DIR/conditioning.npz          the empty caption (caption dropout, CFG) and the
+                                  config.sample.prompts (sample grids), encoded
+
+Training with data.source='cache' and data.cache_dir=DIR reads these records through the
+same grain pipeline (shuffle, shard, batch) as images.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import tqdm
+
+log = logging.getLogger(__name__)
+
+META = "meta.json"
+CONDITIONING = "conditioning.npz"
+RECORD_KEYS = ("latent_mean", "latent_logvar", "context", "pooled")
+
+
+def _to_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  return buf.getvalue()
+
+
+def _from_bytes(data: bytes) -> dict[str, np.ndarray]:
+  with np.load(io.BytesIO(data), allow_pickle=False) as f:
+    return {k: f[k] for k in f.files}
+
+
+def read_meta(cache_dir: str) -> dict[str, Any]:
+  path = os.path.join(cache_dir, META)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: data.cache_dir must be a directory written by "
+                            "`python -m jdiff.cache`")
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_conditioning(cache_dir: str) -> dict[str, Any]:
+  """{'null': {'context' [L, D], 'pooled' [P]}, 'prompts': [...], 'prompt_context' [N, L, D],
+  'prompt_pooled' [N, P]} as float32."""
+  with np.load(os.path.join(cache_dir, CONDITIONING), allow_pickle=False) as f:
+    return dict(null=dict(context=f["null_context"].astype(np.float32), pooled=f["null_pooled"].astype(np.float32)),
+                prompts=[str(p) for p in f["prompts"]], prompt_context=f["prompt_context"].astype(np.float32),
+                prompt_pooled=f["prompt_pooled"].astype(np.float32))
+
+
+class CacheSource:
+  """Random access to a cache's records: {'latent_mean', 'latent_logvar' [h, w, c],
+  'context' [L, D], 'pooled' [P]} in the cache's storage dtype."""
+
+  def __init__(self, cache_dir: str):
+    import grain  # pylint: disable=g-import-not-at-top
+
+    self.meta = read_meta(cache_dir)
+    paths = [os.path.join(cache_dir, p) for p in self.meta["files"]]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+      raise FileNotFoundError(f"cache {cache_dir!r} is incomplete: missing {missing[:3]}")
+    self._records = grain.sources.ArrayRecordDataSource(paths)
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    record = _from_bytes(self._records[index])
+    return {k: record[k] for k in RECORD_KEYS}
+
+  def __repr__(self) -> str:
+    return f"CacheSource({self._records!r})"
+
+
+def _batches(source, indices: Sequence[int], batch_size: int, resolution: int):
+  """Yields (indices, images uint8 [b, R, R, 3], captions) of decodable records; logs the rest."""
+  from jdiff.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  keep, images, captions = [], [], []
+  for i in indices:
+    try:
+      record = source[int(i)]
+      caption = record["caption"]
+      caption = bytes(caption).decode("utf-8") if isinstance(caption, (bytes, np.bytes_)) else str(caption)
+      images.append(pipeline.to_rgb(record["image"], resolution))
+      captions.append(caption)
+      keep.append(int(i))
+    except Exception as e:  # a broken record is skipped, as in training
+      log.warning("skipping record %d: %r", i, e)
+    if len(keep) == batch_size:
+      yield keep, np.stack(images), captions
+      keep, images, captions = [], [], []
+  if keep:
+    yield keep, np.stack(images), captions
+
+
+def write(config, out_dir: str, *, split: str = "train", num_records: int | None = None, batch_size: int = 8,
+          records_per_file: int = 4096, dtype: str = "float16") -> dict[str, Any]:
+  """Encodes config.data's first `num_records` records (default: all) into `out_dir`."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+
+  from jdiff.data import sources  # pylint: disable=g-import-not-at-top
+  from jdiff.interop import sd3_pipeline  # pylint: disable=g-import-not-at-top
+
+  if not config.autoencoder.path or config.text.encoder != "sd3":
+    raise ValueError("the cache needs config.autoencoder.path (a VAE) and text.encoder='sd3' with "
+                     "text.pipeline (the SD3 text encoders)")
+  source = sources.make_source(config.data, split)
+  n = len(source) if num_records is None else min(num_records, len(source))
+  vae_model, vae_params = sd3_pipeline.load_vae(config.autoencoder.path, config.autoencoder.dtype)
+  text = sd3_pipeline.SD3TextEncoder.load(config.text.pipeline, t5_len=config.text.t5_len, dtype=config.text.dtype)
+  encode_images = jax.jit(lambda p, x: vae_model.apply(p, x.astype("float32") / 127.5 - 1.0,
+                                                       method=vae_model.encode))
+  os.makedirs(out_dir, exist_ok=True)
+  store = np.dtype(dtype)
+  files, writer, written = [], None, 0
+  bar = tqdm.tqdm(total=n, desc="cache", unit="img", dynamic_ncols=True)
+  try:
+    for idx, images, captions in _batches(source, range(n), batch_size, config.data.resolution):
+      mean, logvar = jax.device_get(encode_images(vae_params, images))
+      cond = text.encode(captions)
+      for j in range(len(idx)):
+        if writer is None or written % records_per_file == 0:
+          if writer is not None:
+            writer.close()
+          files.append(f"records-{len(files):05d}.array_record")
+          writer = array_record_module.ArrayRecordWriter(os.path.join(out_dir, files[-1]), "group_size:1")
+        writer.write(_to_bytes(dict(latent_mean=mean[j].astype(store), latent_logvar=logvar[j].astype(store),
+                                    context=cond["context"][j].astype(store), pooled=cond["pooled"][j],
+                                    caption=np.str_(captions[j]), index=np.int64(idx[j]))))
+        written += 1
+      bar.update(idx[-1] + 1 - bar.n)
+  finally:
+    bar.close()
+    if writer is not None:
+      writer.close()
+  if written == 0:
+    raise ValueError(f"no record of {n} could be decoded")
+  null = text.encode([""])
+  prompts = list(config.sample.prompts)
+  pc = text.encode(prompts) if prompts else dict(context=np.zeros((0,) + null["context"].shape[1:]),
+                                                 pooled=np.zeros((0,) + null["pooled"].shape[1:]))
+  np.savez(os.path.join(out_dir, CONDITIONING), null_context=null["context"][0], null_pooled=null["pooled"][0],
+           prompts=np.array(prompts, dtype=np.str_), prompt_context=pc["context"], prompt_pooled=pc["pooled"])
+  meta = dict(
+      num_records=written, skipped=n - written, files=files, resolution=config.data.resolution,
+      latent_shape=list(mean.shape[1:]), context_shape=list(cond["context"].shape[1:]),
+      pooled_dim=int(cond["pooled"].shape[-1]), dtype=store.name,
+      scaling_factor=float(vae_model.scaling_factor), shift_factor=float(vae_model.shift_factor),
+      autoencoder=os.path.abspath(config.autoencoder.path), text_pipeline=os.path.abspath(config.text.pipeline),
+      t5_len=config.text.t5_len, data=json.loads(config.data.to_json_best_effort()), split=split,
+  )
+  with open(os.path.join(out_dir, META), "w") as f:
+    json.dump(meta, f, indent=2)
+  log.info("cached %d records (%d skipped) in %s", written, n - written, out_dir)
+  return meta

@@ -1,0 +1,100 @@
+"""The fine-tune path end to end, as a user runs it, on a tiny random SD3 pipeline:
+import -> cache -> tune a few steps -> export -> diffusers loads the export and its
+transformer gives jdiff's outputs."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jdiff import inference
+from jdiff.interop import mapping, sd3, sd3_pipeline
+from jdiff.models import mmdit
+from jdiff.train import checkpoint as ckpt_lib
+
+import helpers
+import sd3_fixture
+
+
+def last_json(proc):
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("sd3_pipeline"))
+  sd3_fixture.make_pipeline(path, seed=7)
+  return path
+
+
+def test_import_matches_the_source_weights(pipeline_dir, tmp_path):
+  work = str(tmp_path / "base")
+  helpers.cli("jdiff.convert", "import", f"--src={pipeline_dir}", f"--workdir={work}")
+  config = ckpt_lib.load_config(work)
+  assert config.model.name == "mmdit" and config.model.dual_attention_depth == 1
+  assert config.text.encoder == "sd3" and config.diffusion.shift.kind == "fixed"
+  assert config.diffusion.shift.shift == 3.0
+  _, kwargs, params = sd3_pipeline.load_transformer(pipeline_dir)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(
+      jax.devices()[0])), sd3.scan_layout(params, kwargs, True))
+  restored, lineage, step = ckpt_lib.restore_ema(work, {"denoiser": abstract})
+  assert step == 0 and lineage[0]["stage"] == "import"
+  jax.tree.map(np.testing.assert_array_equal, sd3.unrolled_layout(restored["denoiser"]), params)
+
+
+def test_tune_from_converted_weights_and_export_to_diffusers(pipeline_dir, tmp_path):
+  from diffusers import StableDiffusion3Pipeline
+
+  base, cache, tuned, out = (str(tmp_path / n) for n in ("base", "cache", "tuned", "export"))
+  helpers.cli("jdiff.convert", "import", f"--src={pipeline_dir}", f"--workdir={base}")
+  cfg = ["--config=configs/sd3_tune.py:test", f"--config.init_from={base}"]
+  meta = last_json(helpers.cli("jdiff.cache", *cfg, "--config.data.source=shapes", f"--out={cache}",
+                               "--num_records=12", "--batch_size=5"))
+  assert meta["num_records"] == 12 and meta["latent_shape"] == [8, 8, 16]
+  assert meta["context_shape"] == [sd3_fixture.CLIP_MAX_LEN + 256, 32] and meta["pooled_dim"] == 20
+  summary = last_json(helpers.cli("jdiff.main", *cfg, f"--config.data.cache_dir={cache}", f"--workdir={tuned}",
+                                  "--config.model.dtype=float32"))
+  assert summary["step"] == 3 and np.isfinite(summary["loss"])
+  assert os.path.exists(os.path.join(tuned, "samples", "step_0000003.png"))
+  lineage = ckpt_lib.read_lineage(tuned)
+  assert [e["stage"] for e in lineage] == ["import", "tune"]
+  assert lineage[0]["init_from"] == os.path.abspath(pipeline_dir) and lineage[1]["init_from"] == base
+  # Sampling a prompt the cache does not hold encodes it with the pipeline's text encoders and
+  # decodes the latents with its VAE.
+  result = last_json(helpers.cli("jdiff.sample", f"--workdir={tuned}", "--prompt=a green triangle on the left",
+                                 "--num_steps=2", f"--out={tmp_path / 'gen'}"))
+  from PIL import Image
+  assert np.asarray(Image.open(result["images"][0])).shape == (16, 16, 3)
+  exported = last_json(helpers.cli("jdiff.convert", "export", f"--workdir={tuned}", f"--out={out}"))
+  assert exported["step"] == 3 and exported["pipeline"] == out
+
+  # diffusers' own pipeline loads the export; its transformer equals jdiff's tuned EMA weights.
+  pipe = StableDiffusion3Pipeline.from_pretrained(out)
+  model = inference.load(tuned)
+  kwargs = sd3.model_kwargs(dict(pipe.transformer.config))
+  ours_model = mmdit.MMDiT(**kwargs, attention="xla")
+  params = sd3.unrolled_layout(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), model.params["denoiser"]))
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 8, 8, 16), np.float32)
+  t = np.array([0.3, 0.8], np.float32)
+  context = rng.standard_normal((2, 7, 32), np.float32)
+  pooled = rng.standard_normal((2, 20), np.float32)
+  ours = np.asarray(ours_model.apply({"params": params}, x, t, context=context, pooled=pooled))
+  with torch.no_grad():
+    theirs = pipe.transformer(hidden_states=torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+                              encoder_hidden_states=torch.from_numpy(context),
+                              pooled_projections=torch.from_numpy(pooled), timestep=torch.from_numpy(t * 1000),
+                              return_dict=False)[0].numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_array_less(np.abs(ours - theirs).max(), 1e-4 * np.abs(theirs).max())
+  # Training moved the weights away from the imported ones.
+  original = mapping.load_safetensors(os.path.join(pipeline_dir, "transformer"))
+  new = mapping.load_safetensors(os.path.join(out, "transformer"))
+  assert set(new) == set(original)
+  assert any(not np.array_equal(new[k], original[k]) for k in original)
+  # The tuned run records where it came from, and ran with its own runtime settings.
+  assert model.config.stage == "tune" and model.config.model.dtype == "float32"
+  assert model.config.model.dual_attention_depth == 1  # the architecture came from the import
