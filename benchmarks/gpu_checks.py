@@ -1,7 +1,7 @@
 """Device checks for the lent GPU: bf16 vs fp32 loss on one batch, and train-step
 throughput of the default MMDiT config for a few (attention, remat, batch) settings.
 
-  python benchmarks/gpu_checks.py [VARIANT]   # table; VARIANT of configs/mmdit_256.py ('test' on CPU)
+  python benchmarks/gpu_checks.py [VARIANT] [--bf16_only]   # VARIANT of configs/mmdit_256.py ('test' on CPU)
 """
 
 import functools
@@ -22,7 +22,9 @@ from jdiff.train import state as state_lib
 from jdiff.train import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANT = sys.argv[1] if len(sys.argv) > 1 else None
+ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]
+VARIANT = ARGS[0] if ARGS else None
+BF16_ONLY = "--bf16_only" in sys.argv
 
 
 def config(**overrides):
@@ -104,6 +106,8 @@ def throughput(batch_size, attention="default", remat="dots_no_batch", steps=10)
 if __name__ == "__main__":
   print(jax.devices())
   bf16_vs_fp32()
+  if BF16_ONLY:
+    sys.exit(0)
   print("| batch | attention | remat          | compile s | step ms | images/s | temp GiB |")
   for args in [(64, "default", "dots_no_batch"), (64, "cudnn", "dots_no_batch"), (128, "cudnn", "dots_no_batch")]:
     try:

@@ -2,6 +2,10 @@
 
   python -m jdiff.main --config=configs/mmdit_256.py[:variant] --workdir=DIR [--config.x=y ...]
 
+Several processes (hosts): the same command on each; TPU pods, SLURM and Open MPI are
+detected, elsewhere add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+(jdiff/distributed.py, launch/).
+
 The config is locked: an unknown --config key fails at once, naming it; bad values fail
 in validation before any compute. Everything here is importable:
 jdiff.train.trainer.train_and_evaluate(config, workdir).
@@ -19,6 +23,10 @@ from jdiff import config as config_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mmdit_256.py:cpu.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 "
+                                   "(TPU pods, SLURM and Open MPI are detected without it).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,6 +37,9 @@ def main(argv):
   config_lib.validate(config)  # before JAX starts any work
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and friends log every file at INFO
   logging.getLogger("jdiff").setLevel(logging.INFO)
+  from jdiff import distributed  # pylint: disable=g-import-not-at-top
+
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from jdiff.train import trainer  # pylint: disable=g-import-not-at-top
 
   summary = trainer.train_and_evaluate(config, _WORKDIR.value)

@@ -136,6 +136,16 @@ def test_processes_read_disjoint_shards_covering_an_epoch():
   assert not seen[0] & seen[1]  # and none across processes: together they cover all 24
 
 
+def test_global_batches_do_not_depend_on_the_number_of_processes():
+  cfg = dict(DATA, shapes_size=40, resolution=8)
+  one = _take(pipeline.make_pipeline(cfg, global_batch=8, max_len=64, seed=3, process_index=0, process_count=1), 3)
+  parts = [_take(pipeline.make_pipeline(cfg, global_batch=8, max_len=64, seed=3, process_index=pi,
+                                        process_count=4), 3) for pi in range(4)]
+  for b in range(3):
+    for key in ("image", "tokens"):
+      np.testing.assert_array_equal(np.concatenate([parts[pi][b][key] for pi in range(4)]), one[b][key])
+
+
 def _png(array):
   buf = io.BytesIO()
   Image.fromarray(array).save(buf, format="PNG")

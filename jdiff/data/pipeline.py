@@ -1,8 +1,9 @@
-"""The grain input pipeline: seeded shuffle -> per-process shard -> decode, resize, tokenise
+"""The grain input pipeline: seeded shuffle -> this process's rows -> decode, resize, tokenise
 -> skip corrupt records -> batch -> global jax.Arrays on the mesh.
 
-Each process reads only its own slice of the globally shuffled index order; together the
-processes cover every record once per epoch. The iterator's state (a position in that
+Each process reads only its own rows of each global batch of the globally shuffled index
+order (ProcessRows); together the processes cover every record once per epoch, and the
+global batches do not depend on the number of processes. The iterator's state (a position in that
 order) is saved in every checkpoint, so a resumed run continues with the same batches.
 """
 
@@ -127,6 +128,36 @@ class SkipCorrupt(grain.transforms.Filter):
     return True
 
 
+class ProcessRows(grain.MapDataset):
+  """This process's rows of every global batch: element k is global element
+  (k // L) * G + p * L + k % L of `parent` (L = G / P rows per process, p = this process).
+
+  Global batch b is then elements [b*G, (b+1)*G) of the shuffled order, laid out by
+  process, whatever the number of processes: the same run on 1 or N hosts sees the same
+  batches in the same order.
+  """
+
+  def __init__(self, parent: grain.MapDataset, process_index: int, process_count: int, local_batch: int):
+    super().__init__(parent)
+    self._p, self._n, self._local = process_index, process_count, local_batch
+    self._length = len(parent) // process_count
+
+  def __len__(self) -> int:
+    return self._length
+
+  def parent_index(self, index: int) -> int:
+    batch, row = divmod(index, self._local)
+    return batch * self._local * self._n + self._p * self._local + row
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self.parent_index(index)]
+
+  def __str__(self) -> str:
+    return f"ProcessRows(process={self._p}/{self._n}, rows={self._local})"
+
+
 @dataclasses.dataclass
 class Pipeline:
   """A per-process iterator of host batches plus its skip counter."""
@@ -167,10 +198,11 @@ def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: in
   if len(source) < pc:
     raise ValueError(f"{source!r} has {len(source)} records, fewer than {pc} processes")
   ds = grain.MapDataset.source(_Guarded(source)).seed(seed).shuffle().repeat(None)
+  ds = ProcessRows(ds, pi, pc, global_batch // pc)
   if data_cfg["source"] == "cache":
-    ds = ds[pi::pc].map_with_index(CheckCached(source.meta))
+    ds = ds.map_with_index(CheckCached(source.meta))
   else:
-    ds = ds[pi::pc].map_with_index(Preprocess(data_cfg["resolution"], max_len))
+    ds = ds.map_with_index(Preprocess(data_cfg["resolution"], max_len))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg["read_threads"],
                                             prefetch_buffer_size=data_cfg["prefetch"]))
   if data_cfg["num_workers"] > 0:

@@ -1,0 +1,210 @@
+"""Training-step benchmark: one JSON line with step time, throughput, FLOPs and MFU.
+
+  python -m jdiff.bench --config=configs/mmdit_256.py[:variant] [--steps=20 --warmup=3] [--config.x=y ...]
+
+Runs the real jitted, sharded, donated train step of the config on synthetic batches of
+the config's shapes (no input pipeline: its throughput is measured by benchmarks/loader.py).
+
+Output fields:
+  step_time_s         median over `steps` timed steps after `warmup` untimed ones
+  images_per_s        global batch / step_time_s
+  tokens_per_s        image tokens (patches) per second
+  flops_per_step      analytic matmul + attention FLOPs of forward and backward (see
+                      `model_flops`), the convention of MFU: rematerialisation not counted
+  xla_flops_per_step  XLA's cost analysis of the compiled step (counts recomputation and
+                      elementwise work; unavailable on some backends)
+  mfu                 flops_per_step / step_time_s / (peak FLOP/s per device x devices),
+                      when the device's peak is in PEAK_FLOPS
+  compile_s           lowering + compilation of the step
+  peak_memory_bytes   per device, from the compiled step's memory analysis
+                      (arguments + outputs + temporaries - donated aliases)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from jdiff import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mmdit_256.py:cpu.",
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+
+# Peak dense FLOP/s per device by (device-kind substring, compute dtype). bf16: tensor-core /
+# MXU peak without sparsity; float32 on GPUs: the non-tensor-core FP32 rate.
+PEAK_FLOPS = {
+    ("H200", "bfloat16"): 989e12, ("H100", "bfloat16"): 989e12, ("A100", "bfloat16"): 312e12,
+    ("H200", "float32"): 67e12, ("H100", "float32"): 67e12, ("A100", "float32"): 19.5e12,
+    ("TPU v6", "bfloat16"): 918e12, ("TPU v5p", "bfloat16"): 459e12, ("TPU v5 lite", "bfloat16"): 197e12,
+    ("TPU v5e", "bfloat16"): 197e12, ("TPU v4", "bfloat16"): 275e12,
+}
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+  for (kind, dt), value in PEAK_FLOPS.items():
+    if kind.lower() in device_kind.lower() and dt == dtype:
+      return value
+  return None
+
+
+def _dense(tokens: float, d_in: float, d_out: float) -> float:
+  return 2.0 * tokens * d_in * d_out
+
+
+def _attention(batch: float, q_len: float, kv_len: float, width: float) -> float:
+  # Q K^T and (softmax) V: two [q, head_dim] x [head_dim, kv] products per head.
+  return 4.0 * batch * q_len * kv_len * width
+
+
+def model_flops(networks, batch: int, image_tokens: int) -> dict[str, float]:
+  """Forward FLOPs of the denoiser (and the trainable text encoder), by formula.
+
+  With D the width, r the MLP ratio, N image tokens and M text tokens per sample:
+    joint/double block  2(N+M)(4D^2 + 2rD^2)  [QKV + out, MLP; both streams]
+                        + 4(N+M)^2 D          [attention over the joint sequence]
+    MMDiT last block    2N(4D^2 + 2rD^2) + 2M(3D^2) + 4N(N+M)D   [text only gives K, V]
+    Flux single block   2(N+M)((3 + r)D^2 + (1 + r)D^2) + 4(N+M)^2 D
+                        [QKV and MLP-in from one input; one output projection of both]
+    DiT block           2N(4D^2 + 2rD^2) + 4N^2 D
+    stems               patch embed 2N p^2C D, output 2N D p^2C, context embed 2M C_ctx D;
+                        per-sample adaLN and embedding MLPs are counted too.
+  Training = 3 x forward (backward = 2 x forward).
+  """
+  m = networks.denoiser
+  d, r = float(m.width), float(m.mlp_ratio)
+  n = float(image_tokens)
+  kind = type(m).__name__
+  p2c = m.patch_size**2 * m.in_channels
+  per_sample = _dense(1, 256, d) + _dense(1, d, d)  # timestep MLP
+  if getattr(m, "pooled_dim", 0):
+    per_sample += _dense(1, m.pooled_dim, d) + _dense(1, d, d)
+  tok_block = lambda t: _dense(t, d, 4 * d) + 2 * _dense(t, d, r * d)  # QKV + out (4D^2) + MLP
+  fwd = _dense(n, p2c, d) + _dense(n, d, p2c) + _dense(1, d, 2 * d)  # stems + final adaLN
+  if kind == "DiT":
+    fwd += m.depth * (tok_block(n) + _attention(1, n, n, d) + _dense(1, d, 6 * d))
+    text_tokens = 0.0
+  else:
+    text_tokens = float(_text_len(networks))
+    mt = text_tokens
+    fwd += _dense(mt, m.context_dim, d)
+    joint = tok_block(n + mt) + _attention(1, n + mt, n + mt, d) + 2 * _dense(1, d, 6 * d)
+    if kind == "MMDiT":
+      dual = min(getattr(m, "dual_attention_depth", 0), m.depth)
+      last = tok_block(n) + _dense(mt, d, 3 * d) + _attention(1, n, n + mt, d) + _dense(1, d, 8 * d)
+      fwd += (m.depth - 1) * joint + last + dual * (_dense(n, d, 4 * d) + _attention(1, n, n, d))
+    else:  # Flux
+      single = _dense(n + mt, d, 3 * d + r * d) + _dense(n + mt, d + r * d, d) + _attention(1, n + mt, n + mt, d)
+      fwd += m.depth * joint + m.single_depth * (single + _dense(1, d, 3 * d))
+      if m.guidance_embed:
+        per_sample += _dense(1, 256, d) + _dense(1, d, d)
+  fwd += per_sample
+  text = _text_flops(networks)
+  return dict(denoiser_forward=batch * fwd, text_forward=batch * text,
+              train_step=3.0 * batch * (fwd + text), text_tokens=text_tokens)
+
+
+def _text_len(networks) -> int:
+  t = networks.text
+  if t is None:
+    meta = networks.cached
+    return int(meta["null"]["context"].shape[0]) if meta is not None else 0
+  return t.max_words if getattr(t, "max_words", 0) else t.max_len // max(1, getattr(t, "downsample", 1))
+
+
+def _text_flops(networks) -> float:
+  """The trainable byte encoder: blocks on its output tokens plus the byte-level stem."""
+  t = networks.text
+  if t is None:
+    return 0.0
+  d, length = float(t.width), float(_text_len(networks))
+  block = _dense(length, d, 4 * d) + 2 * _dense(length, d, 4 * d) + _attention(1, length, length, d)
+  stem = _dense(t.max_len, d * max(1, getattr(t, "conv_kernel", 0)), d)
+  return t.depth * block + stem
+
+
+def run(config, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from jdiff.train import optim, trainer  # pylint: disable=g-import-not-at-top
+  from jdiff.train import sharding as shard_lib  # pylint: disable=g-import-not-at-top
+  from jdiff.train import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  rules = shard_lib.rules_tuple(config.sharding.logical_rules)
+  mesh = shard_lib.make_mesh(config.mesh)
+  networks = state_lib.build_networks(config)
+  tx = optim.make_optimizer(config.optim, config.train.num_steps)
+  state, shardings = state_lib.create_state(networks, tx, mesh, rules, config.seed)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  t0 = time.perf_counter()
+  compiled, batch_sharding = trainer.compile_step(networks, tx, config, mesh, rules, shardings, abstract)
+  compile_s = time.perf_counter() - t0
+
+  rng = np.random.default_rng(0)
+  host = {}
+  for key, (shape, dtype) in trainer.batch_spec(config, networks).items():
+    if np.dtype(dtype) == np.uint8:
+      host[key] = rng.integers(0, 256, shape, dtype=np.uint8)
+    elif np.issubdtype(dtype, np.integer):
+      host[key] = rng.integers(2, 200, shape).astype(dtype)
+    else:
+      host[key] = rng.standard_normal(shape).astype(dtype)
+  batch = {k: jax.device_put(v, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      batch_sharding.spec[0], *([None] * (v.ndim - 1))))) for k, v in host.items()}
+  run_rng = jax.device_put(np.zeros(2, np.uint32), shard_lib.replicated(mesh))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    for _ in range(warmup):
+      state, metrics = compiled(state, batch, run_rng)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      state, metrics = compiled(state, batch, run_rng)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t0)
+  step_time = float(np.median(times))
+
+  b = config.train.batch_size
+  image_tokens = networks.seq_len()
+  flops = model_flops(networks, b, image_tokens)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost["flops"]) * len(jax.devices()) if cost and "flops" in cost else None
+  mem = compiled.memory_analysis()
+  peak_mem = None
+  if mem is not None:
+    peak_mem = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                   - mem.alias_size_in_bytes)
+  device = jax.devices()[0]
+  peak = peak_flops(device.device_kind, config.model.dtype)
+  return dict(
+      step_time_s=step_time, images_per_s=b / step_time, tokens_per_s=b * image_tokens / step_time,
+      flops_per_step=flops["train_step"], xla_flops_per_step=xla_flops,
+      mfu=flops["train_step"] / step_time / (peak * len(jax.devices())) if peak else None,
+      compile_s=compile_s, peak_memory_bytes=peak_mem, device=device.device_kind, num_devices=len(jax.devices()),
+      batch=b, image_tokens=image_tokens, text_tokens=flops["text_tokens"],
+      model=f"{config.model.name} depth={networks.denoiser.depth} width={networks.denoiser.width}",
+      dtype=config.model.dtype, scan=bool(config.model.scan), remat=config.model.remat,
+      step_time_min_s=float(np.min(times)), steps=steps,
+  )
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = config_lib.resolve(_CONFIG.value)
+  config_lib.validate(config)
+  logging.getLogger("jdiff").setLevel(logging.WARNING)
+  print(json.dumps(run(config, _STEPS.value, _WARMUP.value)))
+
+
+if __name__ == "__main__":
+  app.run(main)
