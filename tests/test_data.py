@@ -1,5 +1,6 @@
 """The embedded shapes data, the analyser, real-data sources and the grain pipeline."""
 
+import dataclasses
 import io
 
 import numpy as np
@@ -219,3 +220,29 @@ def test_tfds_source_on_a_dataset_the_test_writes(tmp_path):
   assert values == [0, 40, 80, 120, 160, 200]
   by_value = {int(img[0, 0, 0]): text.detokenize(t) for img, t in zip(batch["image"], batch["tokens"])}
   assert by_value[80] == "image 2"
+
+
+def _full_grid_coverage(shape, center, h, height, width, ss=4):
+  """The definition: the fraction of an ss x ss grid of sample points per pixel inside the shape."""
+  ys = (np.arange(height * ss, dtype=np.float32) + 0.5) / (height * ss)
+  xs = (np.arange(width * ss, dtype=np.float32) + 0.5) / (width * ss)
+  dx, dy = xs[None, :] - center[0], ys[:, None] - center[1]
+  inside = {"circle": dx**2 + dy**2 <= h**2, "square": (np.abs(dx) <= h) & (np.abs(dy) <= h),
+            "triangle": (dy >= -h) & (dy <= h) & (np.abs(dx) <= (dy + h) / 2)}[shape]
+  return inside.reshape(height, ss, width, ss).mean(axis=(1, 3), dtype=np.float32)
+
+
+def test_rendering_only_the_bounding_box_equals_the_full_supersampled_grid():
+  rng = np.random.default_rng(0)
+  for i in range(200):
+    scene, _ = shapes.scene_for(0, "train" if i % 2 else "held_out", i)
+    shape, center, h = scene.shape, scene.center, scene.half_extent
+    if i % 10 == 0:  # partly or wholly out of the frame
+      center = tuple(rng.uniform(-0.5, 1.5, size=2))
+    for hw in [(16, 16), (24, 40), (64, 64)]:
+      expected = _full_grid_coverage(shape, center, h, *hw)
+      np.testing.assert_array_equal(shapes.coverage(shape, center, h, *hw), expected)
+      image = shapes.render(dataclasses.replace(scene, center=center), hw)
+      bg = np.asarray(shapes.BACKGROUNDS[scene.background], np.float32)
+      fg = np.asarray(shapes.COLORS[scene.color], np.float32)
+      np.testing.assert_array_equal(image, np.round(bg + expected[..., None] * (fg - bg)).astype(np.uint8))

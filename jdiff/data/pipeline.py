@@ -206,6 +206,10 @@ def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: in
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg["read_threads"],
                                             prefetch_buffer_size=data_cfg["prefetch"]))
   if data_cfg["num_workers"] > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside app.run (notebooks) use defaults
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg["num_workers"]))
   skip = SkipCorrupt()
   it = it.filter(skip).batch(global_batch // pc, drop_remainder=True)

@@ -89,12 +89,27 @@ def coverage(shape: str, center: tuple[float, float], half_extent: float,
   The shape's bounding box is centred on `center`; the triangle points up with base
   and height 2*half_extent.
   """
+  out = np.zeros((height, width), np.float32)
+  (r0, r1, c0, c1), alpha = _coverage_box(shape, center, half_extent, height, width)
+  out[r0:r1, c0:c1] = alpha
+  return out
+
+
+def _coverage_box(shape: str, center: tuple[float, float], half_extent: float, height: int, width: int):
+  """((r0, r1, c0, c1), coverage [r1-r0, c1-c0]) over the pixels that can be covered."""
   ss = _SUPERSAMPLE
   ys = (np.arange(height * ss, dtype=np.float32) + 0.5) / (height * ss)
   xs = (np.arange(width * ss, dtype=np.float32) + 0.5) / (width * ss)
-  dx = xs[None, :] - center[0]
-  dy = ys[:, None] - center[1]
   h = half_extent
+  # Only pixels that meet the shape's bounding box (plus a one-pixel margin) can be covered:
+  # supersample those alone (the same sample points, so the same values as the full grid).
+  r0, r1 = (int(np.clip(np.floor((center[1] + s * h) * height) + s, 0, height)) for s in (-1, 1))
+  c0, c1 = (int(np.clip(np.floor((center[0] + s * h) * width) + s, 0, width)) for s in (-1, 1))
+  r1, c1 = min(height, r1 + 1), min(width, c1 + 1)
+  if r0 >= r1 or c0 >= c1:
+    return (0, 0, 0, 0), np.zeros((0, 0), np.float32)
+  dx = xs[None, c0 * ss:c1 * ss] - center[0]
+  dy = ys[r0 * ss:r1 * ss, None] - center[1]
   if shape == "circle":
     inside = dx**2 + dy**2 <= h**2
   elif shape == "square":
@@ -103,16 +118,19 @@ def coverage(shape: str, center: tuple[float, float], half_extent: float,
     inside = (dy >= -h) & (dy <= h) & (np.abs(dx) <= (dy + h) / 2)
   else:
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-  return inside.reshape(height, ss, width, ss).mean(axis=(1, 3), dtype=np.float32)
+  return (r0, r1, c0, c1), inside.reshape(r1 - r0, ss, c1 - c0, ss).mean(axis=(1, 3), dtype=np.float32)
 
 
 def render(scene: Scene, resolution: int | tuple[int, int]) -> np.ndarray:
   """Draws a scene: uint8 [H, W, 3]."""
   height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
-  alpha = coverage(scene.shape, scene.center, scene.half_extent, height, width)[..., None]
   bg = np.asarray(BACKGROUNDS[scene.background], np.float32)
   fg = np.asarray(COLORS[scene.color], np.float32)
-  return np.round(bg + alpha * (fg - bg)).astype(np.uint8)
+  image = np.empty((height, width, 3), np.uint8)
+  image[:] = bg.astype(np.uint8)  # uncovered pixels: the background exactly
+  (r0, r1, c0, c1), alpha = _coverage_box(scene.shape, scene.center, scene.half_extent, height, width)
+  image[r0:r1, c0:c1] = np.round(bg + alpha[..., None] * (fg - bg)).astype(np.uint8)
+  return image
 
 
 def _layout(rng: np.random.Generator, position: str, size: str) -> dict[str, Any]:

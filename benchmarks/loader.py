@@ -1,0 +1,60 @@
+"""Input-pipeline throughput against what the train step consumes.
+
+  python benchmarks/loader.py [--seconds=20]
+
+For the CPU demo config (24 px) and the GPU default (256 px, shapes), builds the real grain
+pipeline (make_pipeline: shuffle, per-process rows, render/decode, resize, tokenise, batch)
+and counts images per second after a warm-up batch, with the config's read threads and
+with worker processes. Step demand comes from `--demand_cpu` (measured with
+`python -m jdiff.bench --config=configs/mmdit_256.py:cpu`) and `--demand_gpu` (images/s of
+the H100 run in BENCHMARKS.md); the loader must supply at least 5x.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(variant):
+  spec = importlib.util.spec_from_file_location("c", os.path.join(ROOT, "configs", "mmdit_256.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def rate(c, seconds, **data_overrides):
+  from jdiff.data import pipeline
+
+  data = dict(c.data, **data_overrides)
+  p = pipeline.make_pipeline(data, global_batch=c.train.batch_size, max_len=c.text.max_len, seed=0,
+                             process_index=0, process_count=1)
+  next(p)  # warm-up (workers start, first records render)
+  n, t0 = 0, time.perf_counter()
+  while time.perf_counter() - t0 < seconds:
+    n += len(next(p)["image"])
+  return n / (time.perf_counter() - t0)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--seconds", type=float, default=20)
+  ap.add_argument("--demand_cpu", type=float, default=345.0, help="images/s the CPU demo step consumes")
+  ap.add_argument("--demand_gpu", type=float, default=389.4, help="images/s of the GPU default step (H100)")
+  args = ap.parse_args()
+  out = []
+  for variant, demand in (("cpu", args.demand_cpu), ("gpu", args.demand_gpu)):
+    c = config(variant)
+    for label, overrides in (("threads", {}), ("2 workers", dict(num_workers=2))):
+      r = rate(c, args.seconds, **overrides)
+      out.append(dict(config=variant, resolution=c.data.resolution, batch=c.train.batch_size, mode=label,
+                      read_threads=c.data.read_threads, images_per_s=round(r, 1), step_demand=demand,
+                      headroom=round(r / demand, 2)))
+      print(json.dumps(out[-1]), flush=True)
+
+
+if __name__ == "__main__":
+  main()
