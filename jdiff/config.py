@@ -61,7 +61,7 @@ def base() -> ml_collections.ConfigDict:
       pos_embed_max_size=64,  # largest patch grid side the position table covers
       dtype="bfloat16",  # compute dtype
       param_dtype="float32",  # storage dtype of params and optimizer state
-      attention="default",  # default | xla | cudnn
+      attention="default",  # default | xla | cudnn | splash[:block] (TPU Pallas kernel, block 512)
       scan=True,  # nn.scan over blocks: compile time flat in depth
       remat="dots_no_batch",  # none | full | dots | dots_no_batch
       qk_norm=True,  # RMSNorm on queries and keys
@@ -207,7 +207,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.model.name == "inherit":
     raise ValueError("config.model.name='inherit' must be resolved first (jdiff.config.resolve)")
   _one_of("model.name", c.model.name, models.MODELS)
-  _one_of("model.attention", c.model.attention, layers.ATTENTION_IMPLS)
+  if not c.model.attention.startswith("splash"):
+    _one_of("model.attention", c.model.attention, layers.ATTENTION_IMPLS)
+  elif c.model.attention != "splash" and not (c.model.attention[7:].isdigit() and int(c.model.attention[7:]) % 128 == 0
+                                              and c.model.attention[6] == ":"):
+    raise ValueError(f"config.model.attention={c.model.attention!r}: expected 'splash' or 'splash:<block>' with a "
+                     "block that is a multiple of 128")
   _one_of("model.remat", c.model.remat, layers.REMAT_POLICIES)
   _one_of("text.encoder", c.text.encoder, tuple(text.TEXT_ENCODERS) + ("sd3",))
   _one_of("data.source", c.data.source, sources.SOURCES)

@@ -68,3 +68,18 @@ def test_mesh_shapes_and_errors():
     S.mesh_shape(dict(data=2, fsdp=2, tensor=1), 8)
   with pytest.raises(ValueError, match="at most one -1"):
     S.mesh_shape(dict(data=-1, fsdp=-1, tensor=1), 8)
+
+
+def test_sharded_splash_attention_equals_single_device():
+  """The Pallas kernel runs per shard (shard_map over batch and heads) under the mesh."""
+  cfg = dict(TINY_MMDIT, attention="splash")
+  model = models.build(cfg)
+  x, t, cond = inputs(cfg, batch=4)
+  mesh = S.make_mesh(dict(zip(S.MESH_AXES, (2, 2, 2))))
+  params, shardings = S.init_sharded(lambda k: model.init(k, x, t, **cond), mesh, RULES, jax.random.key(0))
+  params = jax.device_put(perturb(jax.device_get(params)), shardings)
+  ref = models.build(dict(TINY_MMDIT, attention="xla")).apply(jax.device_get(params), x, t, **cond)
+  x_s, t_s, cond_s = jax.device_put((x, t, cond), S.logical_sharding(mesh, RULES, "activation_batch"))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    out = jax.jit(lambda p, x, t, c: model.apply(p, x, t, **c))(params, x_s, t_s, cond_s)
+  chex.assert_trees_all_close(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)

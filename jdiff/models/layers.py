@@ -188,14 +188,66 @@ def dot_product_attention(q, k, v, implementation: str = "default") -> jax.Array
 
   'default' takes cuDNN's fused kernel on GPU for 16-bit inputs (2.1x faster than XLA's
   attention for the default config on an H100, BENCHMARKS.md) and XLA elsewhere.
+  'splash' or 'splash:<block>' runs the Pallas splash-attention kernel (TPU; interpreted
+  elsewhere, for tests) with query/key blocks of <block> tokens (default 512).
   """
+  name, _, arg = implementation.partition(":")
+  if name == "splash":
+    return splash_attention(q, k, v, int(arg) if arg else 512)
   if implementation not in ATTENTION_IMPLS:
     raise ValueError(f"unknown attention implementation {implementation!r}; "
-                     f"expected one of {tuple(ATTENTION_IMPLS)}")
+                     f"expected one of {tuple(ATTENTION_IMPLS) + ('splash', 'splash:<block>')}")
   impl = ATTENTION_IMPLS[implementation]
   if implementation == "default" and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
     impl = "cudnn"
   return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(padded: int, length: int, heads: int, block: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+  keep = np.zeros((padded, padded), bool)
+  keep[:, :length] = True  # padded keys are masked; padded query rows are cut off afterwards
+  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  with jax.ensure_compile_time_eval():  # the mask tables are constants, also when built under jit
+    return sk.make_splash_mha(sm.MultiHeadMask([sm.NumpyMask(keep)] * heads), head_shards=1, q_seq_shards=1,
+                              block_sizes=sizes, interpret=interpret)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = 512) -> jax.Array:
+  """Self-attention [B, S, N, H] through Pallas splash attention.
+
+  The sequence is padded to a multiple of the block (itself at least 128 and at most the
+  padded length) with the padded keys masked out. Under a mesh with logical rules, runs
+  per shard (shard_map over the batch and head axes) since the kernel is not partitioned
+  by XLA. Off TPU the kernel runs in Pallas interpret mode.
+  """
+  if block % 128:
+    raise ValueError(f"splash attention blocks must be multiples of 128, got {block}")
+  length, head_dim = q.shape[1], q.shape[-1]
+  block = min(block, _round_up(length, 128))
+  padded = _round_up(length, block)
+  interpret = jax.default_backend() != "tpu"
+
+  def local(q, k, v):
+    kernel = _splash_kernel(padded, length, q.shape[2], block, interpret)
+    prep = lambda x: jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    out = jax.vmap(kernel)(prep(q * jnp.asarray(head_dim**-0.5, q.dtype)), prep(k), prep(v))
+    return out.transpose(0, 2, 1, 3)[:, :length]
+
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = nn.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return local(q, k, v)
+  spec = nn.logical_to_mesh_axes(("activation_batch", None, "activation_heads", None), _compute_rules(tuple(rules)))
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 
 
 class QKV(nn.Module):
@@ -463,7 +515,7 @@ def check_divisible(width: int, num_heads: int) -> int:
 
 __all__: Sequence[str] = [
     "ATTENTION_IMPLS", "REMAT_POLICIES", "STORAGE_ONLY_AXES", "constrain", "gathered", "Dense", "dense", "layer_norm", "affine_layer_norm", "rms_norm", "modulate",
-    "Modulation", "MLP", "dot_product_attention", "QKV", "attention_out", "patchify", "unpatchify",
+    "Modulation", "MLP", "dot_product_attention", "splash_attention", "QKV", "attention_out", "patchify", "unpatchify",
     "sincos_1d", "cropped_sincos_2d", "PatchEmbed", "rope_tables", "apply_rope", "timestep_features", "CondMLP", "TimestepEmbed",
     "run_blocks", "as_dtype", "stack_unrolled", "unstack_scanned", "check_divisible",
 ]
