@@ -73,6 +73,9 @@ def base() -> ml_collections.ConfigDict:
       context_dim=config_dict.placeholder(int),
       pooled_dim=config_dict.placeholder(int),
   ))
+  # Low-rank adapters on the denoiser's attention and MLP layers (rank 0: none). Train only
+  # them with optim.trainable='.*lora_.*'; `python -m jdiff.convert export` merges them.
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=1.0, targets=r"(.*_)?blocks?(_\d+)?/.*(qkv2?/[qkv]|attn2?_out|mlp/fc[12]|mlp_in|out)"))
   # Pixel space (path '') or latent space: a diffusers AutoencoderKL directory (or a pipeline
   # directory with vae/). Latent-space runs train on a cache (`python -m jdiff.cache`).
   c.autoencoder = ml_collections.ConfigDict(dict(path="", dtype="float32"))
@@ -120,6 +123,9 @@ def base() -> ml_collections.ConfigDict:
       lr=1e-4, schedule="constant", warmup_steps=1000, end_lr_factor=0.0,  # end factor: cosine only
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
       ema_decay=0.9999, ema_warmup=True,
+      # Regex over parameter paths ('denoiser/blocks_0/x_qkv/q/kernel', 'text/...'): only
+      # matching parameters train; the rest stay bit-identical ('' = all). E.g. 'denoiser/.*'.
+      trainable="",
   ))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=256,  # global batch
@@ -232,6 +238,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
                "text.max_len", "optim.grad_clip", "model.patch_size", "sample.batch_size"):
     section, key = name.split(".")
     _positive(name, c[section][key])
+  if c.lora.rank < 0:
+    raise ValueError(f"config.lora.rank={c.lora.rank} must be >= 0")
   if c.optim.lr < 0:
     raise ValueError(f"config.optim.lr={c.optim.lr} must be >= 0")
   if not 0.0 <= c.data.caption_dropout < 1.0:

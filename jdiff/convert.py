@@ -108,7 +108,12 @@ def export_dir(workdir: str, out: str, pipeline: str | None = None, step: int | 
                            else ("time_scale",))
   kwargs = {f: getattr(denoiser, f) for f in fields if hasattr(denoiser, f)}
   dconfig = io.diffusers_config(kwargs)
-  params = jax.tree.map(np.asarray, jax.device_get(model.params["denoiser"]))
+  params = jax.device_get(model.params["denoiser"])
+  if model.networks.lora is not None:  # fold the adapters into the weights
+    from jdiff.models import layers  # pylint: disable=g-import-not-at-top
+
+    params = layers.merge_lora(params, model.networks.lora)
+  params = jax.tree.map(np.asarray, params)
   tensors = io.to_diffusers(dconfig, io.unrolled_layout(params))
   if pipeline is None:
     pipeline = model.config.text.pipeline if family == "mmdit" else ""

@@ -168,3 +168,21 @@ def test_eps_weighting_equals_eps_mse():
   eps_hat = D.convert(v_hat, "v", "eps", x_t, t)
   np.testing.assert_allclose(D.flow_loss(v_hat, x0, eps, t, weighting="eps"),
                              jnp.mean((eps_hat - eps) ** 2, axis=1), rtol=1e-4)
+
+
+def test_dpo_loss_by_hand():
+  """Two pairs: errors chosen so the margins are -0.3 and +0.2; beta = 2."""
+  err_w, err_ref_w = jnp.array([0.5, 0.4]), jnp.array([0.6, 0.3])
+  err_l, err_ref_l = jnp.array([0.9, 0.2]), jnp.array([0.7, 0.3])
+  loss, m = D.dpo_loss(err_w, err_ref_w, err_l, err_ref_l, beta=2.0)
+  # margins: (0.5-0.6)-(0.9-0.7) = -0.3; (0.4-0.3)-(0.2-0.3) = 0.2
+  np.testing.assert_allclose(m["margin"], [-0.3, 0.2], rtol=1e-6)
+  # -log sigmoid(-2 * margin) = log(1 + exp(2 * margin))
+  np.testing.assert_allclose(loss, [np.log1p(np.exp(-0.6)), np.log1p(np.exp(0.4))], rtol=1e-6)
+  np.testing.assert_array_equal(m["implicit_accuracy"], [1.0, 0.0])
+  # Policy == reference: margin 0, loss log 2, and the gradient pushes err_w down, err_l up.
+  same = jnp.array([0.7])
+  loss0, _ = D.dpo_loss(same, same, same, same, beta=5.0)
+  np.testing.assert_allclose(loss0, [np.log(2.0)], rtol=1e-6)
+  g_w, g_l = jax.grad(lambda w, l: D.dpo_loss(w, same, l, same, 5.0)[0].sum(), argnums=(0, 1))(same, same)
+  assert float(g_w[0]) > 0 and float(g_l[0]) < 0

@@ -229,3 +229,33 @@ def test_mmdit_with_splash_attention_equals_xla():
   ref = model.apply(params, x, t, **cond)
   out = models.build(dict(cfg, attention="splash")).apply(params, x, t, **cond)
   chex.assert_trees_all_close(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_lora_merge_equals_the_adapted_forward(scan):
+  cfg = dict(TINY_MMDIT, scan=scan)
+  x, t, cond = inputs(cfg, batch=2)
+  model = models.build(cfg)
+  spec = layers.LoRA(rank=3, alpha=6.0)
+  with layers.use_lora(spec):
+    params = nn.unbox(model.init(jax.random.key(0), x, t, **cond))["params"]
+  names = {"/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+  lora = sorted(n for n in names if "lora_" in n)
+  assert any("x_qkv/q/lora_a" in n for n in lora) and any("x_mlp/fc2/lora_b" in n for n in lora)
+  assert not any("adaLN" in n or "patch_embed" in n for n in lora)  # only the targeted layers
+  # At init (B = 0) the adapted model is its base: same output as without adapters.
+  with_b0 = jax.tree_util.tree_map_with_path(
+      lambda p, v: v if "lora_b" in str(p[-1]) else v + 0.05, params)
+  with layers.use_lora(spec):
+    adapted0 = model.apply({"params": with_b0}, x, t, **cond)
+  chex.assert_trees_all_close(adapted0, model.apply({"params": with_b0}, x, t, **cond), atol=1e-6)
+  params = perturb(params, scale=0.1)
+  with layers.use_lora(spec):
+    adapted = model.apply({"params": params}, x, t, **cond)
+  merged = layers.merge_lora(params, spec)
+  assert not any("lora_" in "/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(merged))
+  plain = model.apply({"params": merged}, x, t, **cond)
+  chex.assert_trees_all_close(plain, adapted, atol=1e-5, rtol=1e-5)
+  # The adapters matter: dropping them changes the output.
+  without = model.apply({"params": {k: v for k, v in params.items()}}, x, t, **cond)
+  assert float(jnp.abs(without - adapted).max()) > 1e-3

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jdiff.data import pipeline as pipeline_lib
@@ -275,3 +276,57 @@ def test_dit_config_trains():
   one = shard_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   state, metrics = _step_on(one, config)
   assert np.isfinite(metrics["loss"]) and int(state.step) == 1
+
+
+def test_frozen_parameters_stay_bit_identical(tmp_path):
+  """optim.trainable: only the matching parameters (here one block and the text encoder's
+  final layers) move; every other parameter and its EMA is bit-identical after training."""
+  pattern = r"denoiser/blocks_0/.*|text/.*norm.*"
+  config = get_config(optim__trainable=pattern, train__num_steps=3, train__sample_every=0, eval__at_end=False)
+  init = get_config(train__num_steps=1, train__sample_every=0, eval__at_end=False)
+  run(init, tmp_path / "base")  # non-zero starting weights
+  config.init_from = str(tmp_path / "base")
+  run(config, tmp_path / "tuned")
+  before, _, _ = restored(tmp_path / "base", init)
+  after, _, lineage = restored(tmp_path / "tuned", config)
+  mask = optim.trainable_mask(after.params, pattern)
+  moved, frozen = 0, 0
+  for path_mask, b, a, ea in zip(jax.tree.leaves(mask), jax.tree.leaves(before.ema_params),
+                                 jax.tree.leaves(after.params), jax.tree.leaves(after.ema_params)):
+    if path_mask:
+      moved += int(not np.array_equal(a, b))
+    else:
+      frozen += 1
+      np.testing.assert_array_equal(a, b)
+      np.testing.assert_array_equal(ea, b)
+  assert moved > 5 and frozen > 20
+  # The optimizer holds state only for what trains.
+  adam = [s for s in jax.tree.leaves(after.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+          if isinstance(s, optax.ScaleByAdamState)][0]
+  assert sum(x.size for x in jax.tree.leaves(adam.mu)) == sum(
+      x.size for x, m in zip(jax.tree.leaves(after.params), jax.tree.leaves(mask)) if m)
+  with pytest.raises(ValueError, match="matches no parameter"):
+    run(get_config(optim__trainable="nothing/.*", train__num_steps=1), tmp_path / "none")
+
+
+def test_lora_tune_stage_trains_only_the_adapters(tmp_path):
+  # Three steps, so the adaLN gates have left zero and every block (and adapter) gets gradients.
+  base_cfg = get_config(train__num_steps=3, train__sample_every=0, eval__at_end=False)
+  run(base_cfg, tmp_path / "base")
+  config = get_config(train__num_steps=6, train__sample_every=0, eval__at_end=False, optim__trainable=".*lora_.*",
+                      lora__rank=2, lora__alpha=2.0)
+  config.stage, config.init_from = "tune", str(tmp_path / "base")
+  run(config, tmp_path / "lora")
+  before, _, _ = restored(tmp_path / "base", base_cfg)
+  after, _, lineage = restored(tmp_path / "lora", config)
+  assert [e["stage"] for e in lineage] == ["pretrain", "tune"]
+  flat_after = {optim.param_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(after.params)}
+  flat_before = {optim.param_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(before.ema_params)}
+  lora = [k for k in flat_after if "lora_" in k]
+  assert lora and set(flat_after) - set(lora) == set(flat_before)
+  for k, v in flat_before.items():
+    np.testing.assert_array_equal(flat_after[k], v, err_msg=k)  # the base is frozen
+  # Every B has left zero, except on the last block's text queries, whose outputs nothing reads.
+  still_zero = [k for k in lora if k.endswith("lora_b") and not np.abs(flat_after[k]).max() > 0]
+  assert still_zero == ["denoiser/last_block/ctx_qkv/q/lora_b"], still_zero
+  assert not any("t_embed" in k or "adaLN" in k for k in lora)  # adapters sit in the blocks only

@@ -14,9 +14,13 @@ Activation axes:  activation_batch, activation_length, activation_embed,
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import math
-from typing import Any, Callable, Sequence
+import re
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -70,11 +74,56 @@ def gathered(w: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
   return nn.with_logical_constraint(w, axes, rules=_compute_rules(tuple(rules)))
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+  """Low-rank adapters (Hu et al., 2021) on the Dense layers whose module path matches
+  `targets` (a regex over paths like 'blocks_0/x_qkv/q' or 'blocks/x_mlp/fc1'; by default
+  the attention and MLP projections inside the transformer blocks):
+  y = x W + (alpha / rank) (x A) B, A [in, rank] (Kaiming-uniform), B [rank, out] (zeros),
+  so an adapted model starts as its base."""
+
+  rank: int
+  alpha: float = 1.0
+  targets: str = r"(.*_)?blocks?(_\d+)?/.*(qkv2?/[qkv]|attn2?_out|mlp/fc[12]|mlp_in|out)"
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+_LORA: contextvars.ContextVar = contextvars.ContextVar("jdiff_lora", default=None)
+
+
+@contextlib.contextmanager
+def use_lora(spec: LoRA | None) -> Iterator[None]:
+  """Within this context (at init and apply alike), Dense layers matching spec.targets carry
+  LoRA parameters 'lora_a' and 'lora_b'. None: no adapters."""
+  token = _LORA.set(spec)
+  try:
+    yield
+  finally:
+    _LORA.reset(token)
+
+
+def merge_lora(params: Any, spec: LoRA) -> Any:
+  """Folds every adapter into its kernel (W + scale A B) and drops the adapter parameters:
+  the plain model's params, giving the adapted model's outputs."""
+  if isinstance(params, dict) or hasattr(params, "items"):
+    params = dict(params)
+    if "lora_a" in params and "lora_b" in params:
+      a, b = params.pop("lora_a"), params.pop("lora_b")
+      delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32)) * spec.scale
+      params["kernel"] = (params["kernel"].astype(jnp.float32) + delta).astype(params["kernel"].dtype)
+    return {k: merge_lora(v, spec) for k, v in params.items()}
+  return params
+
+
 class Dense(nn.Module):
   """y = x @ kernel + bias, kernel [in, out] with logical `axes`, bias [out] with axes[1].
 
   Parameters are stored in param_dtype, cast to dtype and gathered (see `gathered`)
-  before use; names match nn.Dense ('kernel', 'bias').
+  before use; names match nn.Dense ('kernel', 'bias'). Inside `use_lora`, matching layers
+  add a low-rank adapter (see `LoRA`).
   """
 
   features: int
@@ -92,7 +141,16 @@ class Dense(nn.Module):
     # the backward's residual gradient for each weight gradient inside huge loop fusions
     # (1.7x slower training step on CPU; BENCHMARKS.md). A bitcast on every backend.
     x2 = x.astype(self.dtype).reshape(-1, x.shape[-1])
-    y = jnp.dot(x2, gathered(kernel.astype(self.dtype), self.axes)).reshape(x.shape[:-1] + (self.features,))
+    y = jnp.dot(x2, gathered(kernel.astype(self.dtype), self.axes))
+    spec = _LORA.get()
+    if spec is not None and spec.rank > 0 and re.fullmatch(spec.targets, "/".join(self.path)):
+      a = self.param("lora_a", nn.with_logical_partitioning(
+          nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"), (self.axes[0], None)),
+                     (x.shape[-1], spec.rank), self.param_dtype)
+      b = self.param("lora_b", nn.with_logical_partitioning(zeros, (None, self.axes[1])),
+                     (spec.rank, self.features), self.param_dtype)
+      y = y + jnp.dot(jnp.dot(x2, a.astype(self.dtype)), b.astype(self.dtype)) * jnp.asarray(spec.scale, self.dtype)
+    y = y.reshape(x.shape[:-1] + (self.features,))
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(zeros, (self.axes[1],)),
                         (self.features,), self.param_dtype)
@@ -514,7 +572,8 @@ def check_divisible(width: int, num_heads: int) -> int:
 
 
 __all__: Sequence[str] = [
-    "ATTENTION_IMPLS", "REMAT_POLICIES", "STORAGE_ONLY_AXES", "constrain", "gathered", "Dense", "dense", "layer_norm", "affine_layer_norm", "rms_norm", "modulate",
+    "ATTENTION_IMPLS", "REMAT_POLICIES", "STORAGE_ONLY_AXES", "constrain", "gathered", "LoRA", "use_lora",
+    "merge_lora", "Dense", "dense", "layer_norm", "affine_layer_norm", "rms_norm", "modulate",
     "Modulation", "MLP", "dot_product_attention", "splash_attention", "QKV", "attention_out", "patchify", "unpatchify",
     "sincos_1d", "cropped_sincos_2d", "PatchEmbed", "rope_tables", "apply_rope", "timestep_features", "CondMLP", "TimestepEmbed",
     "run_blocks", "as_dtype", "stack_unrolled", "unstack_scanned", "check_divisible",

@@ -3,6 +3,7 @@ clipping by global norm, weight decay on kernels only."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 import jax
@@ -48,13 +49,38 @@ def decay_mask(params: Any) -> Any:
       lambda path, _: any(getattr(k, "key", None) == "kernel" for k in path), params)
 
 
+def param_path(path) -> str:
+  """A tree path as 'denoiser/blocks_0/x_qkv/q/kernel' (the names `optim.trainable` matches)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def trainable_mask(params: Any, pattern: str) -> Any:
+  """True for the leaves whose path (see `param_path`) fully matches the regex `pattern`
+  ('' or '.*': everything). Boxed and plain trees alike."""
+  if pattern in ("", ".*"):
+    return jax.tree.map(lambda _: True, params, is_leaf=_is_box)
+  regex = re.compile(pattern)
+  return jax.tree_util.tree_map_with_path(lambda path, _: bool(regex.fullmatch(param_path(path))), params,
+                                          is_leaf=_is_box)
+
+
+def _is_box(x) -> bool:
+  return hasattr(x, "unbox") and hasattr(x, "names")
+
+
 def make_optimizer(optim_cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTransformation:
-  """config.optim -> clip_by_global_norm + AdamW (weight decay on kernels)."""
-  return optax.chain(
+  """config.optim -> clip_by_global_norm + AdamW (weight decay on kernels), applied to the
+  parameters matching optim.trainable; the others get zero updates and no optimizer state."""
+  tx = optax.chain(
       optax.clip_by_global_norm(optim_cfg["grad_clip"]),
       optax.adamw(learning_rate(optim_cfg, num_steps), b1=optim_cfg["b1"], b2=optim_cfg["b2"],
                   eps=optim_cfg["eps"], weight_decay=optim_cfg["weight_decay"], mask=decay_mask),
   )
+  pattern = optim_cfg.get("trainable", "")
+  if pattern in ("", ".*"):
+    return tx
+  labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params, pattern))
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def ema_decay(optim_cfg: Mapping[str, Any], step: jax.Array) -> jax.Array:

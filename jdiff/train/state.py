@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from jdiff import models
+from jdiff.models import layers as L
 from jdiff.models import text as text_lib
 from jdiff.train import sharding as shard_lib
 
@@ -54,6 +55,7 @@ class Networks:
   latent: bool = False
   latent_scale: float = 1.0
   latent_shift: float = 0.0
+  lora: L.LoRA | None = None
   cached: Any = dataclasses.field(default=None, compare=False, hash=False)
 
   @property
@@ -83,7 +85,8 @@ class Networks:
 
   def predict(self, denoiser_params: Any, x: jax.Array, t: jax.Array, cond: Mapping[str, jax.Array]):
     """x [B, H, W, C], t [B] -> prediction [B, H, W, C]."""
-    return self.denoiser.apply({"params": denoiser_params}, x, t, **cond)
+    with L.use_lora(self.lora):
+      return self.denoiser.apply({"params": denoiser_params}, x, t, **cond)
 
   def seq_len(self, height: int | None = None, width: int | None = None) -> int:
     """Image tokens for an H x W input (default: the training resolution)."""
@@ -102,12 +105,19 @@ class Networks:
       cond = jax.eval_shape(lambda: self.text.apply({"params": nn.unbox(out["text"])}, tokens))
       cond = {k: jnp.zeros(v.shape, v.dtype) for k, v in cond.items()}
     x = jnp.zeros((1, self.resolution, self.resolution, self.channels), jnp.float32)
-    out["denoiser"] = self.denoiser.init(k_model, x, jnp.zeros((1,)), **cond)["params"]
+    with L.use_lora(self.lora):
+      out["denoiser"] = self.denoiser.init(k_model, x, jnp.zeros((1,)), **cond)["params"]
     return out
 
 
 def build_networks(config) -> Networks:
   """config -> Networks; the denoiser's conditioning widths follow the text encoder (or the cache)."""
+  lora_cfg = config.get("lora")
+  lora = L.LoRA(lora_cfg.rank, float(lora_cfg.alpha), lora_cfg.targets) if lora_cfg and lora_cfg.rank > 0 else None
+  return dataclasses.replace(_build_networks(config), lora=lora)
+
+
+def _build_networks(config) -> Networks:
   if config.text.encoder == "sd3":
     # Frozen SD3 encoders: conditioning comes precomputed (data/cache.py), inputs are VAE latents.
     from jdiff.data import cache  # pylint: disable=g-import-not-at-top

@@ -104,13 +104,16 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   key = jax.random.fold_in(jax.random.wrap_key_data(rng), state.step)
   keys = jax.random.split(key, jax.tree.leaves(batch)[0].shape[0])
   loss, per_sample, t, grads = _grads(state.params, batch, keys, networks, config)
+  train_mask = optim.trainable_mask(grads, config.optim.get("trainable", ""))
+  grads = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, train_mask)  # frozen: no gradient
   grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = optim.ema_decay(config.optim, state.step)
-  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  ema = jax.tree.map(lambda e, p, m: decay * e + (1.0 - decay) * p if m else e, state.ema_params, params,
+                     train_mask)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
   new_state = state.replace(

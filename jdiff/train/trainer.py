@@ -176,13 +176,28 @@ def initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline):
     return state, shardings, abstract, lineage
   state, _ = state_lib.create_state(networks, tx, mesh, rules, config.seed)
   if config.init_from:
-    target = state_lib.abstract_with_shardings(abstract.ema_params, shardings.ema_params)
+    # New LoRA adapters are not in the earlier stage's checkpoint: they keep their fresh init.
+    target = _without_lora(state_lib.abstract_with_shardings(abstract.ema_params, shardings.ema_params))
     ema, parent_lineage, from_step = ckpt_lib.restore_ema(config.init_from, target)
     log.info("starting from the EMA params of %s (step %d) with a fresh optimizer", config.init_from, from_step)
-    state = state.replace(params=ema, ema_params=jax.tree.map(jnp.copy, ema))
+    params = _overlay(state.params, ema)
+    state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
     return state, shardings, abstract, parent_lineage + [_lineage_entry(config, workdir, from_step)]
   log.info("starting from scratch")
   return state, shardings, abstract, [_lineage_entry(config, workdir, None)]
+
+
+def _without_lora(tree):
+  if isinstance(tree, dict):
+    return {k: _without_lora(v) for k, v in tree.items() if k not in ("lora_a", "lora_b")}
+  return tree
+
+
+def _overlay(base, new):
+  """`base` with every leaf that `new` has replaced by new's."""
+  if isinstance(base, dict):
+    return {k: _overlay(v, new[k]) if k in new else v for k, v in base.items()}
+  return new
 
 
 def write_samples(config, networks, params, workdir: str, step: int, writer: MetricWriter) -> str:
@@ -237,6 +252,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   log.info("mesh %s; %s denoiser params, %s text params", dict(mesh.shape),
            f"{state_lib.param_count(state.params['denoiser']):,}",
            f"{state_lib.param_count(state.params.get('text', {})):,}")
+  mask = optim.trainable_mask(state.params, config.optim.trainable)
+  n_train = sum(int(np.prod(x.shape)) for x, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(mask)) if m)
+  if n_train == 0:
+    raise ValueError(f"config.optim.trainable={config.optim.trainable!r} matches no parameter path "
+                     "(paths look like 'denoiser/blocks_0/x_qkv/q/kernel')")
+  log.info("%s of %s parameters train (optim.trainable=%r)", f"{n_train:,}",
+           f"{state_lib.param_count(state.params):,}", config.optim.trainable)
   compiled, batch_sharding = compile_step(networks, tx, config, mesh, rules, shardings, abstract)
 
   writer = MetricWriter(workdir)
