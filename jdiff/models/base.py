@@ -28,6 +28,7 @@ class PatchTransformer(nn.Module):
   pos_embed_max_size: int = 64
   pos_embed_base_size: int | None = None
   time_scale: float = 1000.0
+  guidance_embed: bool = False  # embed a guidance scale like t (guidance-distilled models)
   attention: str = "default"
   scan: bool = False
   remat: str = "none"
@@ -47,6 +48,17 @@ class PatchTransformer(nn.Module):
                      name="patch_embed", **self._kw)(x.astype(self.dtype))
     c = L.TimestepEmbed(self.width, self.time_scale, name="t_embed", **self._kw)(t)
     return h, c, grid
+
+  def embed_guidance(self, c: jax.Array, guidance: jax.Array | None) -> jax.Array:
+    """c + embed(guidance [B]) for guidance-embedding models (the scale w goes through the
+    timestep embedding's sinusoid at time_scale, as in FLUX.1-dev); c unchanged otherwise."""
+    if not self.guidance_embed:
+      if guidance is not None:
+        raise ValueError("guidance was passed to a model without guidance_embed")
+      return c
+    if guidance is None:
+      raise ValueError("this model embeds the guidance scale: pass guidance [B]")
+    return c + L.TimestepEmbed(self.width, self.time_scale, name="guidance_embed", **self._kw)(guidance)
 
   def pooled_embed(self, pooled: jax.Array) -> jax.Array:
     """Pooled text [B, pooled_dim] -> [B, D], added to the conditioning."""

@@ -67,7 +67,6 @@ class Flux(base.PatchTransformer):
   in_channels: int = 16
   context_dim: int = 4096
   pooled_dim: int = 768
-  guidance_embed: bool = False
   axes_dims: Sequence[int] = (16, 56, 56)
   rope_theta: float = 10000.0
   pos_embed_max_size: int = 0  # rotary positions only
@@ -92,11 +91,7 @@ class Flux(base.PatchTransformer):
       raise ValueError(f"expected context [..., {self.context_dim}] and pooled [..., {self.pooled_dim}], "
                        f"got {context.shape} and {pooled.shape}")
     h, c, grid = self.embed_inputs(x, t)
-    if self.guidance_embed:
-      if guidance is None:
-        raise ValueError("this Flux model embeds the guidance scale: pass guidance [B]")
-      c = c + L.TimestepEmbed(self.width, self.time_scale, name="guidance_embed", **self._kw)(guidance)
-    c = c + self.pooled_embed(pooled)
+    c = self.embed_guidance(c, guidance) + self.pooled_embed(pooled)
     ctx = L.dense(self.width, ("cond", "embed"), name="context_embed", **self._kw)(context.astype(self.dtype))
     ctx = L.constrain(ctx, "activation_batch", "activation_length", "activation_embed")
     cond = (c, self.rope(grid, ctx.shape[1]))

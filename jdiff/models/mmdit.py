@@ -103,7 +103,8 @@ class MMDiT(base.PatchTransformer):
   """SD3-style multimodal diffusion transformer.
 
   Call: x [B, H, W, C], t [B] in [0, 1], context [B, M, context_dim] text tokens,
-  pooled [B, pooled_dim] pooled text -> prediction [B, H, W, out_channels].
+  pooled [B, pooled_dim] pooled text, guidance [B] (guidance_embed only: a distilled
+  student's guidance scale) -> prediction [B, H, W, out_channels].
   """
 
   in_channels: int = 16
@@ -114,13 +115,13 @@ class MMDiT(base.PatchTransformer):
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, *, context: jax.Array, pooled: jax.Array,
-               labels: jax.Array | None = None) -> jax.Array:
+               guidance: jax.Array | None = None, labels: jax.Array | None = None) -> jax.Array:
     del labels  # one call signature for every model
     if context.shape[-1] != self.context_dim or pooled.shape[-1] != self.pooled_dim:
       raise ValueError(f"expected context [..., {self.context_dim}] and pooled [..., {self.pooled_dim}], "
                        f"got {context.shape} and {pooled.shape}")
     h, c, grid = self.embed_inputs(x, t)
-    c = c + self.pooled_embed(pooled)
+    c = self.embed_guidance(c, guidance) + self.pooled_embed(pooled)
     ctx = L.dense(self.width, ("cond", "embed"), name="context_embed", **self._kw)(context.astype(self.dtype))
     ctx = L.constrain(ctx, "activation_batch", "activation_length", "activation_embed")
 
