@@ -246,3 +246,28 @@ def test_rendering_only_the_bounding_box_equals_the_full_supersampled_grid():
       bg = np.asarray(shapes.BACKGROUNDS[scene.background], np.float32)
       fg = np.asarray(shapes.COLORS[scene.color], np.float32)
       np.testing.assert_array_equal(image, np.round(bg + expected[..., None] * (fg - bg)).astype(np.uint8))
+
+
+def test_preference_pairs_differ_in_exactly_the_named_attribute():
+  """Read back with the adherence analyser: the preferred render matches the caption's
+  scene, the rejected one differs from it in the named attribute only."""
+  src = shapes.PreferencePairsSource(resolution=32, size=10_000)
+  changed, agree = [], 0
+  n = 120
+  for i in range(n):
+    r = src[i]
+    preferred, rejected, text, attribute = shapes.preference_pair(0, "train", i)
+    assert r["caption"] == text and r["changed"] == attribute
+    assert getattr(preferred, attribute) != getattr(rejected, attribute)
+    for a in shapes.ATTRIBUTES:
+      if a != attribute:
+        assert getattr(preferred, a) == getattr(rejected, a)
+    seen_w, seen_l = adherence.analyse(r["image_w"]), adherence.analyse(r["image_l"])
+    agree += all(seen_w[a] == getattr(preferred, a) for a in shapes.ATTRIBUTES) and \
+        all(seen_l[a] == getattr(rejected, a) for a in shapes.ATTRIBUTES)
+    changed.append(attribute)
+  assert agree >= 0.99 * n
+  assert set(changed) == set(shapes.ATTRIBUTES)  # every attribute gets corrupted somewhere
+  # Held-out pairs stay held out in the preferred image.
+  preferred, _, _, _ = shapes.preference_pair(0, "held_out", 3)
+  assert (preferred.color, preferred.shape) in shapes.HELD_OUT

@@ -179,6 +179,49 @@ class ShapesSource:
     return f"ShapesSource(resolution={self.resolution}, split={self.split!r}, size={self.size}, seed={self.seed})"
 
 
+def preference_pair(seed: int, split: str, index: int) -> tuple[Scene, Scene, str, str]:
+  """(preferred scene, rejected scene, caption, changed attribute) for preference data.
+
+  The preferred scene matches its caption; the rejected one is the same scene with one
+  attribute (colour, shape, size or position, chosen from the index) set to another
+  value, laid out afresh where size or position changed. The caption describes the
+  preferred scene.
+  """
+  scene, text = scene_for(seed, split, index)
+  rng = np.random.default_rng([seed, SPLITS.index(split), index, 1])
+  attribute = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
+  choices = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES), "position": list(POSITIONS)}
+  value = str(rng.choice([v for v in choices[attribute] if v != getattr(scene, attribute)]))
+  rejected = dataclasses.replace(scene, **{attribute: value})
+  if attribute in ("size", "position"):
+    rejected = dataclasses.replace(rejected, **_layout(rng, rejected.position, rejected.size))
+  return scene, rejected, text, attribute
+
+
+class PreferencePairsSource:
+  """grain random-access source of preference pairs: record i -> {'image_w': preferred uint8
+  [H, W, 3], 'image_l': rejected, 'caption': str, 'changed': the attribute that differs}."""
+
+  def __init__(self, resolution: int = 64, split: str = "train", size: int = 1_000_000, seed: int = 0):
+    if split not in SPLITS:
+      raise ValueError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
+    self.resolution, self.split, self.size, self.seed = resolution, split, size, seed
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if not 0 <= index < self.size:
+      raise IndexError(f"index {index} out of range for {self.size} examples")
+    preferred, rejected, text, changed = preference_pair(self.seed, self.split, int(index))
+    return dict(image_w=render(preferred, self.resolution), image_l=render(rejected, self.resolution),
+                caption=text, changed=changed)
+
+  def __repr__(self) -> str:
+    return (f"PreferencePairsSource(resolution={self.resolution}, split={self.split!r}, size={self.size}, "
+            f"seed={self.seed})")
+
+
 def benchmark(split: str, num: int, seed: int = 1234) -> list[tuple[str, dict[str, str]]]:
   """Evaluation prompts: (caption, attributes) with the canonical template, balanced over
   positions and sizes; 'held_out' uses only HELD_OUT colour-shape pairs."""
