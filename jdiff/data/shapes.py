@@ -198,17 +198,9 @@ def preference_pair(seed: int, split: str, index: int) -> tuple[Scene, Scene, st
   return scene, rejected, text, attribute
 
 
-class PreferencePairsSource:
+class PreferencePairsSource(ShapesSource):
   """grain random-access source of preference pairs: record i -> {'image_w': preferred uint8
   [H, W, 3], 'image_l': rejected, 'caption': str, 'changed': the attribute that differs}."""
-
-  def __init__(self, resolution: int = 64, split: str = "train", size: int = 1_000_000, seed: int = 0):
-    if split not in SPLITS:
-      raise ValueError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
-    self.resolution, self.split, self.size, self.seed = resolution, split, size, seed
-
-  def __len__(self) -> int:
-    return self.size
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     if not 0 <= index < self.size:
@@ -218,8 +210,7 @@ class PreferencePairsSource:
                 caption=text, changed=changed)
 
   def __repr__(self) -> str:
-    return (f"PreferencePairsSource(resolution={self.resolution}, split={self.split!r}, size={self.size}, "
-            f"seed={self.seed})")
+    return "PreferencePairs" + super().__repr__()
 
 
 def benchmark(split: str, num: int, seed: int = 1234) -> list[tuple[str, dict[str, str]]]:
