@@ -7,12 +7,7 @@
 # CPU dry run of the same script (tiny sizes):
 #   SIZES="d2:4" STEPS=2 CHECK_VARIANT=test JAX_PLATFORMS=cpu bash benchmarks/gpu_mfu.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/jdiff_gpu}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl
-  export PYTHONPATH=$PWD/.site:$PWD
-fi
-export PYTHONUNBUFFERED=1
+source benchmarks/device_env.sh
 SIZES=${SIZES:-"d12:64 d12:128 d24:64 d24:128"}
 STEPS=${STEPS:-10}
 CHECK_VARIANT=${CHECK_VARIANT:-}  # 'test' for the CPU dry run

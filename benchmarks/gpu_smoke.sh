@@ -4,12 +4,7 @@
 # Run from the repo root with the wheels from ../shared/device/wheels.sh carried in .whl:
 #   bash benchmarks/gpu_smoke.sh     (writes $OUT/gpu_smoke.log when $OUT is set)
 set -uo pipefail
-OUT=${OUT:-/tmp/jdiff_gpu}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl
-  export PYTHONPATH=$PWD/.site:$PWD
-fi
-export PYTHONUNBUFFERED=1
+source benchmarks/device_env.sh
 log="$OUT/gpu_smoke.log"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

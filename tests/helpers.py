@@ -6,7 +6,6 @@ import sys
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jdiff import models
 from jdiff.models import layers
@@ -57,15 +56,11 @@ def block_groups(cfg, model):
 
 
 def to_scanned(params, groups):
-  for name, depth in groups:
-    params = layers.stack_unrolled(params, name, depth)
-  return params
+  return layers.stack_groups(params, groups)
 
 
 def to_unrolled(params, groups):
-  for name, _ in groups:
-    params = layers.unstack_scanned(params, name)
-  return params
+  return layers.unstack_groups(params, [name for name, _ in groups])
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,3 +74,29 @@ def cli(*args, check=True, timeout=600):
   if check and proc.returncode != 0:
     raise AssertionError(proc.stderr[-3000:])
   return proc
+
+
+def randomize_norms(model):
+  """Random norm parameters in a PyTorch reference model (scales around 1, biases around 0),
+  so parity tests exercise them; its linear layers keep PyTorch's (non-zero) init."""
+  import torch
+
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name and p.ndim == 1:
+        p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.3 * torch.randn_like(p))
+  return model
+
+
+def torch_state_dict(model):
+  """A PyTorch module's state dict as numpy arrays."""
+  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def assert_parity(ours, ref):
+  """The parity requirement: same shape, max |ours - ref| <= 1e-4 x max |ref|."""
+  import numpy as np
+
+  ours, ref = np.asarray(ours), np.asarray(ref)
+  assert ours.shape == ref.shape, (ours.shape, ref.shape)
+  np.testing.assert_array_less(np.abs(ours - ref).max(), 1e-4 * np.abs(ref).max())

@@ -11,6 +11,8 @@ import string
 
 import torch
 
+import helpers
+
 CLIP_MAX_LEN = 16
 T5_MAX_LEN = 12
 WORDS = ("a small large red blue green yellow purple orange circle square triangle in the top bottom left right "
@@ -50,11 +52,6 @@ def t5_tokenizer():
                          extra_ids=0), len(pieces)
 
 
-def randomize_norms(model):
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name and p.ndim == 1:
-        p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.3 * torch.randn_like(p))
 
 
 def make_pipeline(path: str, seed: int = 0, with_t5: bool = True):
@@ -80,7 +77,7 @@ def make_pipeline(path: str, seed: int = 0, with_t5: bool = True):
                                       projection_dim=proj, hidden_act="gelu", bos_token_id=vocab - 2,
                                       eos_token_id=vocab - 1, pad_token_id=vocab - 1)
     m = transformers.CLIPTextModelWithProjection(cfg).eval()
-    randomize_norms(m)
+    helpers.randomize_norms(m)
     return m
 
   t5_cfg = transformers.T5Config(vocab_size=v3, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
@@ -88,12 +85,12 @@ def make_pipeline(path: str, seed: int = 0, with_t5: bool = True):
                                  relative_attention_max_distance=20, is_encoder_decoder=False, use_cache=False)
   t5 = transformers.T5EncoderModel(t5_cfg).eval() if with_t5 else None
   if t5 is not None:
-    randomize_norms(t5)
+    helpers.randomize_norms(t5)
   transformer = SD3Transformer2DModel(
       sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
       num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=20,
       pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,)).eval()
-  randomize_norms(transformer)
+  helpers.randomize_norms(transformer)
   vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
                       layers_per_block=1, norm_num_groups=4, sample_size=16,
                       down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,

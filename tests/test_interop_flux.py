@@ -11,6 +11,8 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from jdiff.interop import flux, mapping
 from jdiff.models import flux as flux_model
 
+import helpers
+
 TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=20,
             axes_dims_rope=(4, 6, 6))
@@ -20,15 +22,10 @@ def reference(guidance, seed=0):
   """A tiny diffusers Flux with PyTorch's default init and random norm scales."""
   torch.manual_seed(seed)
   model = FluxTransformer2DModel(**TINY, guidance_embeds=guidance).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name and p.ndim == 1:
-        p.copy_(1.0 + 0.3 * torch.randn_like(p))
-  return model
+  return helpers.randomize_norms(model)
 
 
-def state_dict(model):
-  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+state_dict = helpers.torch_state_dict
 
 
 def inputs(size, batch=2, text_len=5, seed=0):
@@ -63,8 +60,7 @@ def jdiff_forward(config, params, a, scan=False):
                                 guidance=guidance))
 
 
-def assert_parity(ours, ref):
-  np.testing.assert_array_less(np.abs(ours - ref).max(), 1e-4 * np.abs(ref).max())
+assert_parity = helpers.assert_parity
 
 
 @pytest.mark.parametrize("guidance", [False, True], ids=["schnell-like", "dev-like"])

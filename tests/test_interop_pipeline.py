@@ -1,13 +1,14 @@
 """A whole (tiny) SD3 pipeline directory: jdiff's text conditioning and VAE against diffusers'
 StableDiffusion3Pipeline on the same prompts and images."""
 
-import numpy as np
 import pytest
 import torch
 
 from jdiff.interop import sd3_pipeline
 
 import sd3_fixture
+
+import helpers
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +20,7 @@ def pipeline_dir(tmp_path_factory):
 PROMPTS = ["a large red circle in the top left", "", "a small blue zebra square at the bottom right of it all"]
 
 
-def assert_parity(ours, ref):
-  ours, ref = np.asarray(ours), np.asarray(ref)
-  assert ours.shape == ref.shape, (ours.shape, ref.shape)
-  np.testing.assert_array_less(np.abs(ours - ref).max(), 1e-4 * np.abs(ref).max())
+assert_parity = helpers.assert_parity
 
 
 @pytest.mark.parametrize("with_t5", [True, False])

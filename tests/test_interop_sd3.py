@@ -11,6 +11,8 @@ from diffusers import SD3Transformer2DModel
 from jdiff.interop import mapping, sd3
 from jdiff.models import mmdit
 
+import helpers
+
 TINY = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3,
             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
             caption_projection_dim=32, pooled_projection_dim=20, pos_embed_max_size=12)
@@ -27,15 +29,10 @@ def reference(variant, seed=0):
   the linear layers (nothing zero, unlike jdiff's adaLN-Zero init) and random norm scales."""
   torch.manual_seed(seed)
   model = SD3Transformer2DModel(**TINY, **VARIANTS[variant]).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name and p.ndim == 1:
-        p.copy_(1.0 + 0.3 * torch.randn_like(p))
-  return model
+  return helpers.randomize_norms(model)
 
 
-def state_dict(model):
-  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+state_dict = helpers.torch_state_dict
 
 
 def torch_forward(model, x, t, context, pooled):
@@ -61,9 +58,7 @@ def jdiff_forward(config, params, x, t, context, pooled, scan=False):
   return np.asarray(model.apply({"params": params}, x, t, context=context, pooled=pooled))
 
 
-def assert_parity(ours, ref):
-  scale = np.abs(ref).max()
-  np.testing.assert_array_less(np.abs(ours - ref).max(), 1e-4 * scale)
+assert_parity = helpers.assert_parity
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -13,22 +13,15 @@ from jdiff.interop import mapping
 from jdiff.interop import t5 as t5_io
 from jdiff.models import clip, t5
 
-
-def randomize_norms(model):
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if ("norm" in name) and p.ndim == 1:
-        p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.3 * torch.randn_like(p))
+import helpers
 
 
-def assert_parity(ours, ref):
-  ours, ref = np.asarray(ours), np.asarray(ref)
-  assert ours.shape == ref.shape
-  np.testing.assert_array_less(np.abs(ours - ref).max(), 1e-4 * np.abs(ref).max())
 
 
-def state_dict(model):
-  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+assert_parity = helpers.assert_parity
+
+
+state_dict = helpers.torch_state_dict
 
 
 def round_trip(sd, back):
@@ -53,7 +46,7 @@ def clip_reference(case, seed=0):
                                        projection_dim=24, eos_token_id=98, pad_token_id=98, bos_token_id=97)
   cls = transformers.CLIPTextModelWithProjection if c["projection"] else transformers.CLIPTextModel
   model = cls(config).eval()
-  randomize_norms(model)
+  helpers.randomize_norms(model)
   return model
 
 
@@ -129,7 +122,7 @@ def t5_reference(case, seed=0):
                                  feed_forward_proj=T5_CASES[case], relative_attention_num_buckets=8,
                                  relative_attention_max_distance=20)
   model = transformers.T5EncoderModel(config).eval()
-  randomize_norms(model)
+  helpers.randomize_norms(model)
   return model
 
 

@@ -12,6 +12,8 @@ from jdiff.interop import mapping
 from jdiff.interop import vae as vae_io
 from jdiff.models import vae
 
+import helpers
+
 CASES = {
     "sd": dict(latent_channels=4, block_out_channels=(8, 16), scaling_factor=0.18215),
     "sd3": dict(latent_channels=16, block_out_channels=(8, 16, 16), use_quant_conv=False, use_post_quant_conv=False,
@@ -25,21 +27,13 @@ def reference(case, seed=0):
   model = AutoencoderKL(in_channels=3, out_channels=3, layers_per_block=1, norm_num_groups=4, sample_size=16,
                         down_block_types=("DownEncoderBlock2D",) * len(c["block_out_channels"]),
                         up_block_types=("UpDecoderBlock2D",) * len(c["block_out_channels"]), **c).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name and p.ndim == 1:
-        p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.3 * torch.randn_like(p))
-  return model
+  return helpers.randomize_norms(model)
 
 
-def state_dict(model):
-  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+state_dict = helpers.torch_state_dict
 
 
-def assert_parity(ours, ref):
-  ours, ref = np.asarray(ours), np.asarray(ref)
-  assert ours.shape == ref.shape, (ours.shape, ref.shape)
-  np.testing.assert_array_less(np.abs(ours - ref).max(), 1e-4 * np.abs(ref).max())
+assert_parity = helpers.assert_parity
 
 
 nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))

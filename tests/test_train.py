@@ -5,11 +5,8 @@ import importlib.util
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from jdiff.data import cache, sources
+from jdiff.data import sources
 from jdiff.models import text
 
 log = logging.getLogger(__name__)

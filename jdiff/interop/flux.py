@@ -107,15 +107,9 @@ def scan_layout(params: dict, kwargs: Mapping[str, Any], scan: bool) -> dict:
   """Unrolled params -> the layout of Flux(scan=scan, **kwargs)."""
   if not scan:
     return params
-  for name, n in (("double_blocks", kwargs["depth"]), ("single_blocks", kwargs["single_depth"])):
-    if n:
-      params = L.stack_unrolled(params, name, n)
-  return params
+  return L.stack_groups(params, [("double_blocks", kwargs["depth"]), ("single_blocks", kwargs["single_depth"])])
 
 
 def unrolled_layout(params: dict) -> dict:
   """Inverse of `scan_layout`."""
-  for name in ("double_blocks", "single_blocks"):
-    if name in params:
-      params = L.unstack_scanned(params, name)
-  return params
+  return L.unstack_groups(params, ("double_blocks", "single_blocks"))

@@ -141,15 +141,9 @@ def scan_layout(params: dict, kwargs: Mapping[str, Any], scan: bool) -> dict:
   if not scan:
     return params
   depth, dual = kwargs["depth"], min(kwargs.get("dual_attention_depth", 0), kwargs["depth"] - 1)
-  for name, n in (("dual_blocks", dual), ("blocks", depth - 1 - dual)):
-    if n:
-      params = L.stack_unrolled(params, name, n)
-  return params
+  return L.stack_groups(params, [("dual_blocks", dual), ("blocks", depth - 1 - dual)])
 
 
 def unrolled_layout(params: dict) -> dict:
   """Inverse of `scan_layout`: stacked block groups -> name_0 ... name_{n-1}."""
-  for name in ("dual_blocks", "blocks"):
-    if name in params:
-      params = L.unstack_scanned(params, name)
-  return params
+  return L.unstack_groups(params, ("dual_blocks", "blocks"))

@@ -43,7 +43,7 @@ def component_dir(path: str, name: str) -> str:
   raise FileNotFoundError(f"no {name}/config.json under {path!r}: expected a local diffusers pipeline directory")
 
 
-def _load(path: str, name: str, io, what: str):
+def _load(path: str, name: str, io):
   d = component_dir(path, name)
   config = M.read_config(d)
   return config, jax.tree.map(jnp.asarray, io.to_jdiff(config, M.load_safetensors(d)))
@@ -51,7 +51,7 @@ def _load(path: str, name: str, io, what: str):
 
 def load_transformer(path: str) -> tuple[dict[str, Any], dict[str, Any], dict]:
   """(diffusers config, jdiff MMDiT kwargs, params in the unrolled layout)."""
-  config, params = _load(path, "transformer", sd3_io, "transformer")
+  config, params = _load(path, "transformer", sd3_io)
   return config, sd3_io.model_kwargs(config), params
 
 
@@ -64,7 +64,7 @@ def vae_geometry(path: str) -> dict[str, Any]:
 
 
 def load_vae(path: str, dtype: str = "float32") -> tuple[vae.AutoencoderKL, dict]:
-  config, params = _load(path, "vae", vae_io, "vae")
+  config, params = _load(path, "vae", vae_io)
   kwargs = vae_io.model_kwargs(config)
   return vae.AutoencoderKL(**kwargs, dtype=L.as_dtype(dtype)), {"params": params}
 
@@ -101,13 +101,13 @@ class SD3TextEncoder:
     """From a pipeline directory; `t5_len` is the T5 token count (diffusers' max_sequence_length)."""
     toks, mods, params = [], [], {}
     for i, suffix in enumerate(("", "_2")):
-      config, p = _load(path, f"text_encoder{suffix}", clip_io, "CLIP")
+      config, p = _load(path, f"text_encoder{suffix}", clip_io)
       kwargs = clip_io.model_kwargs(dict(config, architectures=["CLIPTextModelWithProjection"]))
       mods.append(clip.CLIPText(**kwargs, dtype=L.as_dtype(dtype)))
       params[f"clip_{i}"] = p
       toks.append(_tokenizer(os.path.join(path, f"tokenizer{suffix}")))
     try:
-      config, p = _load(path, "text_encoder_3", t5_io, "T5")
+      config, p = _load(path, "text_encoder_3", t5_io)
     except FileNotFoundError:
       mods.append(None)  # SD3 without T5: zeros in its place, as diffusers does
       toks.append(None)

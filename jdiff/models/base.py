@@ -60,6 +60,19 @@ class PatchTransformer(nn.Module):
       raise ValueError("this model embeds the guidance scale: pass guidance [B]")
     return c + L.TimestepEmbed(self.width, self.time_scale, name="guidance_embed", **self._kw)(guidance)
 
+  def embed_text_conditioned(self, x: jax.Array, t: jax.Array, context: jax.Array, pooled: jax.Array,
+                             guidance: jax.Array | None):
+    """The stems of the text-stream models (MMDiT, Flux): image tokens, c = embed(t) [+ embed(w)]
+    + embed(pooled), and text tokens projected to the width.
+    Returns (tokens [B, N, D], c [B, D], text tokens [B, M, D], patch grid (h, w))."""
+    if context.shape[-1] != self.context_dim or pooled.shape[-1] != self.pooled_dim:
+      raise ValueError(f"expected context [..., {self.context_dim}] and pooled [..., {self.pooled_dim}], "
+                       f"got {context.shape} and {pooled.shape}")
+    h, c, grid = self.embed_inputs(x, t)
+    c = self.embed_guidance(c, guidance) + self.pooled_embed(pooled)
+    ctx = L.dense(self.width, ("cond", "embed"), name="context_embed", **self._kw)(context.astype(self.dtype))
+    return h, c, L.constrain(ctx, "activation_batch", "activation_length", "activation_embed"), grid
+
   def pooled_embed(self, pooled: jax.Array) -> jax.Array:
     """Pooled text [B, pooled_dim] -> [B, D], added to the conditioning."""
     return L.CondMLP(self.width, name="pooled_embed", **self._kw)(pooled.astype(self.dtype))

@@ -87,13 +87,7 @@ class Flux(base.PatchTransformer):
     head_dim = L.check_divisible(self.width, self.num_heads)
     if sum(self.axes_dims) != head_dim:
       raise ValueError(f"axes_dims {tuple(self.axes_dims)} must sum to the head dim {head_dim}")
-    if context.shape[-1] != self.context_dim or pooled.shape[-1] != self.pooled_dim:
-      raise ValueError(f"expected context [..., {self.context_dim}] and pooled [..., {self.pooled_dim}], "
-                       f"got {context.shape} and {pooled.shape}")
-    h, c, grid = self.embed_inputs(x, t)
-    c = self.embed_guidance(c, guidance) + self.pooled_embed(pooled)
-    ctx = L.dense(self.width, ("cond", "embed"), name="context_embed", **self._kw)(context.astype(self.dtype))
-    ctx = L.constrain(ctx, "activation_batch", "activation_length", "activation_embed")
+    h, c, ctx, grid = self.embed_text_conditioned(x, t, context, pooled, guidance)
     cond = (c, self.rope(grid, ctx.shape[1]))
 
     block = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm,

@@ -564,6 +564,22 @@ def unstack_scanned(params: dict, name: str) -> dict:
   return params
 
 
+def stack_groups(params: dict, groups: Sequence[tuple[str, int]]) -> dict:
+  """`stack_unrolled` for several block stacks [(name, depth), ...]; empty stacks are skipped."""
+  for name, depth in groups:
+    if depth:
+      params = stack_unrolled(params, name, depth)
+  return params
+
+
+def unstack_groups(params: dict, names: Sequence[str]) -> dict:
+  """`unstack_scanned` for every stack in `names` that `params` holds."""
+  for name in names:
+    if name in params:
+      params = unstack_scanned(params, name)
+  return params
+
+
 def check_divisible(width: int, num_heads: int) -> int:
   """head_dim for a width split into num_heads heads, with a clear error if it does not divide."""
   if width % num_heads:
@@ -576,5 +592,5 @@ __all__: Sequence[str] = [
     "merge_lora", "Dense", "dense", "layer_norm", "affine_layer_norm", "rms_norm", "modulate",
     "Modulation", "MLP", "dot_product_attention", "splash_attention", "QKV", "attention_out", "patchify", "unpatchify",
     "sincos_1d", "cropped_sincos_2d", "PatchEmbed", "rope_tables", "apply_rope", "timestep_features", "CondMLP", "TimestepEmbed",
-    "run_blocks", "as_dtype", "stack_unrolled", "unstack_scanned", "check_divisible",
+    "run_blocks", "as_dtype", "stack_unrolled", "unstack_scanned", "stack_groups", "unstack_groups", "check_divisible",
 ]

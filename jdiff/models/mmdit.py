@@ -117,13 +117,7 @@ class MMDiT(base.PatchTransformer):
   def __call__(self, x: jax.Array, t: jax.Array, *, context: jax.Array, pooled: jax.Array,
                guidance: jax.Array | None = None, labels: jax.Array | None = None) -> jax.Array:
     del labels  # one call signature for every model
-    if context.shape[-1] != self.context_dim or pooled.shape[-1] != self.pooled_dim:
-      raise ValueError(f"expected context [..., {self.context_dim}] and pooled [..., {self.pooled_dim}], "
-                       f"got {context.shape} and {pooled.shape}")
-    h, c, grid = self.embed_inputs(x, t)
-    c = self.embed_guidance(c, guidance) + self.pooled_embed(pooled)
-    ctx = L.dense(self.width, ("cond", "embed"), name="context_embed", **self._kw)(context.astype(self.dtype))
-    ctx = L.constrain(ctx, "activation_batch", "activation_length", "activation_embed")
+    h, c, ctx, grid = self.embed_text_conditioned(x, t, context, pooled, guidance)
 
     if not 0 <= self.dual_attention_depth <= self.depth:
       raise ValueError(f"dual_attention_depth={self.dual_attention_depth} must be in [0, depth={self.depth}]")

@@ -29,6 +29,7 @@ import tqdm
 
 from jdiff import config as config_lib
 from jdiff import inference
+from jdiff.data import cache as cache_lib
 from jdiff.data import pipeline as pipeline_lib
 from jdiff.train import checkpoint as ckpt_lib
 from jdiff.train import optim
@@ -125,7 +126,7 @@ def batch_spec(config, networks) -> dict[str, tuple[tuple[int, ...], Any]]:
   """name -> (global shape, dtype) of a training batch."""
   b = config.train.batch_size
   if networks.text is None:
-    meta = pipeline_lib.cache.read_meta(config.data.cache_dir)
+    meta = cache_lib.read_meta(config.data.cache_dir)
     store = np.dtype(meta["dtype"])
     latent = (b, *meta["latent_shape"])
     return dict(latent_mean=(latent, store), latent_logvar=(latent, store),
