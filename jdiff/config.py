@@ -19,6 +19,11 @@ from jdiff.models import layers, text
 from jdiff.train import optim
 
 STAGES = ("pretrain", "posttrain", "tune", "distill")
+# What each stage may optimise (config.objective); see jdiff/train/step.py.
+STAGE_OBJECTIVES = {"pretrain": ("flow",), "posttrain": ("flow", "dpo"), "tune": ("flow",),
+                    "distill": ("guidance", "fewstep")}
+# Objectives that compare against a frozen copy of the init_from model (reference / teacher).
+FROZEN_OBJECTIVES = ("dpo", "guidance", "fewstep")
 
 # Logical axis -> mesh axes. Parameters are stored sharded over fsdp and gathered for use
 # (models/layers.py); heads and MLP hidden units split over tensor; batch over data x fsdp.
@@ -49,6 +54,19 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0  # init, shuffle and noise all derive from it
   c.stage = "pretrain"  # one of STAGES; recorded in the checkpoint lineage
   c.init_from = ""  # workdir of an earlier stage: start from its EMA params, fresh optimizer
+  # flow: flow matching (pretrain, SFT, tuning); dpo: Diffusion-DPO on preference pairs
+  # (posttrain); guidance / fewstep: distillation (distill). dpo, guidance and fewstep keep
+  # a frozen copy of the init_from model as the reference / teacher.
+  c.objective = "flow"
+  # Diffusion-DPO: beta scales the error margin (it absorbs the paper's beta*T); sft_weight
+  # adds that multiple of the preferred sample's flow loss, anchoring the policy to the data.
+  c.dpo = ml_collections.ConfigDict(dict(beta=1000.0, sft_weight=0.0))
+  c.distill = ml_collections.ConfigDict(dict(
+      guidance_min=1.0, guidance_max=6.0,  # guidance: student's w ~ U[min, max]
+      cfg_scale=3.0,  # fewstep: the teacher's guidance scale (CFG, or its embedded guidance)
+      student_steps=4,  # fewstep: Euler steps the student samples with
+      teacher_substeps=12,  # fewstep: teacher Euler steps per student step
+  ))
 
   c.model = ml_collections.ConfigDict(dict(
       name="mmdit",  # key of jdiff.models.MODELS
@@ -65,6 +83,7 @@ def base() -> ml_collections.ConfigDict:
       scan=True,  # nn.scan over blocks: compile time flat in depth
       remat="dots_no_batch",  # none | full | dots | dots_no_batch
       qk_norm=True,  # RMSNorm on queries and keys
+      guidance_embed=config_dict.placeholder(bool),  # embed a guidance scale (guidance-distilled students)
       # Set by `python -m jdiff.convert` for imported SD3 models (None: the model's default):
       out_channels=config_dict.placeholder(int),
       pos_embed_base_size=config_dict.placeholder(int),  # SD3: sample_size // patch_size
@@ -95,12 +114,13 @@ def base() -> ml_collections.ConfigDict:
       param_dtype="float32",
   ))
   c.data = ml_collections.ConfigDict(dict(
-      source="shapes",  # shapes | tfds | arrayrecord | cache
+      source="shapes",  # shapes | preference (embedded pairs, objective dpo) | tfds | arrayrecord | cache
       cache_dir="",  # source 'cache': a directory written by `python -m jdiff.cache`
       resolution=256,  # square training resolution (resize short side, centre-crop)
       caption_dropout=0.1,  # P(caption -> empty) for classifier-free guidance
       shapes_size=1_000_000,  # records in the embedded dataset (procedural)
       shapes_seed=0,
+      shapes_split="train",  # shapes/preference training split: train | new_color (adds 'pink')
       tfds_name="",  # e.g. 'my_captions', prepared with file_format='array_record'
       tfds_split="train",
       tfds_data_dir="",
@@ -222,6 +242,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of("model.remat", c.model.remat, layers.REMAT_POLICIES)
   _one_of("text.encoder", c.text.encoder, tuple(text.TEXT_ENCODERS) + ("sd3",))
   _one_of("data.source", c.data.source, sources.SOURCES)
+  _one_of("objective", c.objective, STAGE_OBJECTIVES[c.stage])
+  _one_of("data.shapes_split", c.data.shapes_split, ("train", "new_color"))
+  if c.objective in FROZEN_OBJECTIVES and not c.init_from:
+    raise ValueError(f"config.objective={c.objective!r} compares against a frozen reference/teacher: set "
+                     "config.init_from to the workdir of the model it starts from")
+  if (c.objective == "dpo") != (c.data.source == "preference"):
+    raise ValueError("config.objective='dpo' trains on preference pairs and only on them: set both "
+                     f"objective='dpo' and data.source='preference' (got {c.objective!r}, {c.data.source!r})")
+  if c.objective == "dpo" and c.dpo.beta <= 0:
+    raise ValueError(f"config.dpo.beta={c.dpo.beta} must be > 0")
+  if c.objective == "guidance" and not c.model.get("guidance_embed"):
+    raise ValueError("config.objective='guidance' trains a student that embeds the guidance scale: set "
+                     "config.model.guidance_embed=True")
+  if not 0 <= c.distill.guidance_min <= c.distill.guidance_max:
+    raise ValueError(f"config.distill.guidance_min={c.distill.guidance_min} and guidance_max="
+                     f"{c.distill.guidance_max} must satisfy 0 <= min <= max")
   _one_of("diffusion.prediction", c.diffusion.prediction, diffusion.PREDICTIONS)
   _one_of("diffusion.weighting", c.diffusion.weighting, diffusion.WEIGHTINGS)
   _one_of("diffusion.timesteps.kind", c.diffusion.timesteps.kind, diffusion.TIMESTEP_KINDS)
@@ -235,7 +271,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name in ("data.resolution", "train.batch_size", "train.num_steps", "train.grad_accum",
                "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                "train.max_nonfinite", "sample.num_steps", "eval.num_steps", "eval.num_samples",
-               "text.max_len", "optim.grad_clip", "model.patch_size", "sample.batch_size"):
+               "text.max_len", "optim.grad_clip", "model.patch_size", "sample.batch_size",
+               "distill.student_steps", "distill.teacher_substeps"):
     section, key = name.split(".")
     _positive(name, c[section][key])
   if c.lora.rank < 0:
@@ -273,6 +310,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if meta["resolution"] != c.data.resolution:
       raise ValueError(f"config.data.resolution={c.data.resolution} but the cache in {c.data.cache_dir} was "
                        f"written at {meta['resolution']}")
+    if c.objective == "dpo":
+      raise ValueError("objective='dpo' reads embedded pixel-space pairs (data.source='preference'), not a cache")
   elif c.text.encoder == "sd3" or c.autoencoder.path:
     raise ValueError("text.encoder='sd3' and autoencoder.path train on precomputed embeddings and latents: "
                      "write them with `python -m jdiff.cache` and set data.source='cache', data.cache_dir")

@@ -9,6 +9,10 @@
   # pipeline that StableDiffusion3Pipeline.from_pretrained loads; else transformer/ only.
   python -m jdiff.convert export --workdir=runs/sd35_tuned --out=/models/sd35_tuned [--pipeline=SRC]
 
+  # A LoRA run's adapters alone, in diffusers/PEFT naming (out/pytorch_lora_weights.safetensors;
+  # load with pipe.load_lora_weights(out)):
+  python -m jdiff.convert export_lora --workdir=runs/sd35_lora --out=/models/sd35_lora
+
 Flux transformers (FluxTransformer2DModel) convert both ways as weights (transformer/ only).
 """
 
@@ -89,6 +93,17 @@ def import_dir(src: str, workdir: str, scan: bool = True):
   return c
 
 
+def _denoiser_kwargs(model) -> tuple[Any, dict[str, Any]]:
+  """(interop module, the jdiff model arguments its rules take) of a loaded jdiff model."""
+  family = model.config.model.name
+  if family not in ("mmdit", "flux"):
+    raise ValueError(f"model {family!r} has no diffusers counterpart (mmdit -> SD3, flux -> Flux)")
+  denoiser = model.networks.denoiser
+  fields = MODEL_FIELDS + (("single_depth", "guidance_embed", "axes_dims", "time_scale") if family == "flux"
+                           else ("time_scale",))
+  return _io(family), {f: getattr(denoiser, f) for f in fields if hasattr(denoiser, f)}
+
+
 def export_dir(workdir: str, out: str, pipeline: str | None = None, step: int | None = None) -> dict[str, Any]:
   """Writes `workdir`'s EMA denoiser as a diffusers transformer (and, given a pipeline, the
   rest of the pipeline beside it). Returns {'transformer': dir, 'pipeline': dir or None, 'step'}."""
@@ -100,13 +115,7 @@ def export_dir(workdir: str, out: str, pipeline: str | None = None, step: int | 
 
   model = inference.load(workdir, step)
   family = model.config.model.name
-  if family not in ("mmdit", "flux"):
-    raise ValueError(f"model {family!r} has no diffusers counterpart (mmdit -> SD3, flux -> Flux)")
-  io = _io(family)
-  denoiser = model.networks.denoiser
-  fields = MODEL_FIELDS + (("single_depth", "guidance_embed", "axes_dims", "time_scale") if family == "flux"
-                           else ("time_scale",))
-  kwargs = {f: getattr(denoiser, f) for f in fields if hasattr(denoiser, f)}
+  io, kwargs = _denoiser_kwargs(model)
   dconfig = io.diffusers_config(kwargs)
   params = jax.device_get(model.params["denoiser"])
   if model.networks.lora is not None:  # fold the adapters into the weights
@@ -136,10 +145,39 @@ def export_dir(workdir: str, out: str, pipeline: str | None = None, step: int | 
   return dict(transformer=tdir, pipeline=out if pipeline else None, step=model.step)
 
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
+
+
+def export_lora_dir(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
+  """Writes the EMA LoRA adapters of `workdir` to out/pytorch_lora_weights.safetensors in
+  diffusers/PEFT naming (mapping.export_lora). Returns {'file', 'step', 'num_tensors', 'rank'}."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  from jdiff import inference  # pylint: disable=g-import-not-at-top
+  from jdiff.interop import mapping  # pylint: disable=g-import-not-at-top
+
+  model = inference.load(workdir, step)
+  lora = model.networks.lora
+  if lora is None:
+    raise ValueError(f"{workdir} was not trained with LoRA adapters (config.lora.rank = 0)")
+  io, kwargs = _denoiser_kwargs(model)
+  params = jax.tree.map(np.asarray, jax.device_get(model.params["denoiser"]))
+  tensors = mapping.export_lora(io.rules(kwargs), io.unrolled_layout(params), lora.scale)
+  if any(np.asarray(v).dtype != np.float32 for v in tensors.values()):
+    tensors = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, LORA_FILE)
+  save_file(tensors, path, metadata={"format": "pt"})
+  log.info("exported %d LoRA tensors of %s (step %s) to %s", len(tensors), workdir, model.step, path)
+  return dict(file=path, step=model.step, num_tensors=len(tensors), rank=lora.rank)
+
+
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ("import", "export"):
+  if len(argv) != 2 or argv[1] not in ("import", "export", "export_lora"):
     raise app.UsageError("usage: python -m jdiff.convert import --src=DIR --workdir=W | "
-                         "export --workdir=W --out=DIR [--pipeline=SRC]")
+                         "export --workdir=W --out=DIR [--pipeline=SRC] | export_lora --workdir=W --out=DIR")
   logging.getLogger("jdiff").setLevel(logging.INFO)
   if argv[1] == "import":
     if not _SRC.value or not _WORKDIR.value:
@@ -149,8 +187,11 @@ def main(argv):
                       "width": config.model.width}))
   else:
     if not _WORKDIR.value or not _OUT.value:
-      raise app.UsageError("export needs --workdir and --out")
-    print(json.dumps(export_dir(_WORKDIR.value, _OUT.value, _PIPELINE.value, _STEP.value)))
+      raise app.UsageError(f"{argv[1]} needs --workdir and --out")
+    if argv[1] == "export_lora":
+      print(json.dumps(export_lora_dir(_WORKDIR.value, _OUT.value, _STEP.value)))
+    else:
+      print(json.dumps(export_dir(_WORKDIR.value, _OUT.value, _PIPELINE.value, _STEP.value)))
 
 
 if __name__ == "__main__":

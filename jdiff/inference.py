@@ -104,13 +104,23 @@ def _sampler(networks: state_lib.Networks, num_steps: int, method: str, cfg_scal
   @jax.jit
   def run(params, inputs, null_inputs, keys):
     cond = networks.conditioning(params, inputs)
-    uncond = networks.conditioning(params, null_inputs) if cfg_scale != 1.0 else None
     model_fn = lambda x, t, c: networks.predict(params["denoiser"], x, t, c)
     noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
-    velocity = diffusion.guided_velocity(model_fn, cond, uncond, cfg_scale, prediction)
+    if networks.denoiser.guidance_embed:  # guidance-distilled: w is an input, one forward per step
+      velocity = diffusion.embedded_guidance_velocity(model_fn, cond, cfg_scale, prediction)
+    else:
+      uncond = networks.conditioning(params, null_inputs) if cfg_scale != 1.0 else None
+      velocity = diffusion.guided_velocity(model_fn, cond, uncond, cfg_scale, prediction)
     return diffusion.solve(velocity, noise, times, method)
 
   return run
+
+
+def forwards_per_image(networks: state_lib.Networks, num_steps: int, cfg_scale: float, method: str) -> int:
+  """Network evaluations per image: steps x (2 with classifier-free guidance, else 1) x
+  (2 for Heun)."""
+  branches = 2 if cfg_scale != 1.0 and not networks.denoiser.guidance_embed else 1
+  return num_steps * branches * (2 if method == "heun" else 1)
 
 
 def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
@@ -124,7 +134,8 @@ def generate(model: Model, prompts: Sequence[str], *, num_steps: int | None = No
   """Images for `prompts`: uint8 [N, H, W, C].
 
   Sampler settings default to config.sample; the schedule is shifted for `resolution`
-  (the model-space size; default: the training one) exactly as in training. Image i's
+  (the model-space size; default: the training one) exactly as in training. For a
+  guidance-distilled model (model.guidance_embed) cfg_scale is its guidance input. Image i's
   noise comes from fold_in(key(seed), i), so an image does not depend on its batch.
   """
   s = model.config.sample

@@ -50,6 +50,16 @@ def test_held_out_pairs_never_appear_in_training():
     assert (held[i]["color"], held[i]["shape"]) in shapes.HELD_OUT
 
 
+def test_new_color_split_mixes_the_new_colour_with_training_scenes():
+  new = shapes.ShapesSource(16, "new_color")
+  colors = [new[i]["color"] for i in range(1000)]
+  pink = sum(c in shapes.NEW_COLORS for c in colors)
+  assert 430 <= pink <= 570  # half, binomial(1000, 0.5) +- 4.4 sigma
+  assert set(colors) - set(shapes.NEW_COLORS) == set(shapes.COLORS)
+  assert not set(shapes.NEW_COLORS) & set(shapes.COLORS)
+  assert all(a["color"] in shapes.NEW_COLORS for _, a in shapes.benchmark("new_color", 30))
+
+
 def test_captions_name_every_attribute_in_varied_templates():
   src = shapes.ShapesSource(16)
   phrases = {"top left": "top left", "middle center": "center", "bottom center": "bottom"}
@@ -66,7 +76,7 @@ def test_captions_name_every_attribute_in_varied_templates():
 
 
 @pytest.mark.parametrize("resolution", [32, 64])
-@pytest.mark.parametrize("split", ["train", "held_out"])
+@pytest.mark.parametrize("split", ["train", "held_out", "new_color"])
 def test_analyser_reads_renders(resolution, split):
   src = shapes.ShapesSource(resolution, split, seed=3)
   examples = [src[i] for i in range(500)]

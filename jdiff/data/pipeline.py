@@ -75,8 +75,12 @@ def to_rgb(image: Any, resolution: int) -> np.ndarray:
   return np.asarray(pil.crop((left, top, left + resolution, top + resolution)), np.uint8)
 
 
+IMAGE_KEYS = ("image", "image_w", "image_l")  # a captioned image, or a preference pair
+
+
 class Preprocess(grain.transforms.MapWithIndex):
-  """record -> {'image': uint8 [R, R, 3], 'tokens': int32 [max_len]} or Corrupt."""
+  """record -> {'image': uint8 [R, R, 3], 'tokens': int32 [max_len]} or Corrupt (preference
+  pairs: 'image_w' and 'image_l' instead of 'image')."""
 
   def __init__(self, resolution: int, max_len: int):
     self.resolution, self.max_len = resolution, max_len
@@ -88,8 +92,10 @@ class Preprocess(grain.transforms.MapWithIndex):
       caption = record["caption"]
       if isinstance(caption, (bytes, np.bytes_)):
         caption = bytes(caption).decode("utf-8")
-      return dict(image=to_rgb(record["image"], self.resolution),
-                  tokens=text.tokenize(str(caption), self.max_len))
+      images = {k: to_rgb(record[k], self.resolution) for k in IMAGE_KEYS if k in record}
+      if not images:
+        raise KeyError(f"no image field among {IMAGE_KEYS}")
+      return dict(images, tokens=text.tokenize(str(caption), self.max_len))
     except Exception as e:  # undecodable image, missing field, bad text
       return Corrupt(int(index), f"decode: {e!r}")
 

@@ -9,6 +9,10 @@ Compositional test split: the (colour, shape) pairs in HELD_OUT never appear in
 'train'; 'held_out' contains only them. Every colour and every shape is still seen in
 training, so the held-out split measures generalisation to new combinations.
 
+New attribute: the colour in NEW_COLORS ('pink') never appears in 'train' or 'held_out'.
+The 'new_color' split, for teaching it to a trained model (a LoRA tune stage), draws half
+its examples in the new colour and half from the 'train' distribution.
+
 Everything is a pure function of (seed, split, index): every process, worker and
 restart sees the same example for the same index.
 """
@@ -28,6 +32,8 @@ COLORS = {
     "purple": (150, 60, 200),
     "orange": (240, 130, 30),
 }
+NEW_COLORS = {"pink": (250, 120, 200)}  # absent from pre-training: see the 'new_color' split
+ALL_COLORS = {**COLORS, **NEW_COLORS}
 BACKGROUNDS = {"black": (20, 20, 20), "gray": (128, 128, 128), "white": (240, 240, 240)}
 SHAPES = ("circle", "square", "triangle")
 # Half-extent of the shape as a fraction of the image side.
@@ -36,7 +42,7 @@ ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
 POSITIONS = tuple(f"{r} {c}" for r in ROWS for c in COLS)
 HELD_OUT = frozenset({("blue", "triangle"), ("yellow", "circle"), ("purple", "square")})
-SPLITS = ("train", "held_out")
+SPLITS = ("train", "held_out", "new_color")
 ATTRIBUTES = ("color", "shape", "size", "position")
 
 # Jitter keeps the data from being 1458 fixed images while every attribute stays readable.
@@ -125,7 +131,7 @@ def render(scene: Scene, resolution: int | tuple[int, int]) -> np.ndarray:
   """Draws a scene: uint8 [H, W, 3]."""
   height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
   bg = np.asarray(BACKGROUNDS[scene.background], np.float32)
-  fg = np.asarray(COLORS[scene.color], np.float32)
+  fg = np.asarray(ALL_COLORS[scene.color], np.float32)
   image = np.empty((height, width, 3), np.uint8)
   image[:] = bg.astype(np.uint8)  # uncovered pixels: the background exactly
   (r0, r1, c0, c1), alpha = _coverage_box(scene.shape, scene.center, scene.half_extent, height, width)
@@ -146,11 +152,14 @@ def scene_for(seed: int, split: str, index: int) -> tuple[Scene, str]:
   if split not in SPLITS:
     raise ValueError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
   rng = np.random.default_rng([seed, SPLITS.index(split), index])
-  while True:
-    color = str(rng.choice(list(COLORS)))
-    shape = str(rng.choice(SHAPES))
-    if ((color, shape) in HELD_OUT) == (split == "held_out"):
-      break
+  if split == "new_color" and rng.random() < 0.5:
+    color, shape = str(rng.choice(list(NEW_COLORS))), str(rng.choice(SHAPES))
+  else:
+    while True:
+      color = str(rng.choice(list(COLORS)))
+      shape = str(rng.choice(SHAPES))
+      if ((color, shape) in HELD_OUT) == (split == "held_out"):
+        break
   size = str(rng.choice(list(SIZES)))
   position = str(rng.choice(POSITIONS))
   background = str(rng.choice(list(BACKGROUNDS)))
@@ -215,9 +224,13 @@ class PreferencePairsSource(ShapesSource):
 
 def benchmark(split: str, num: int, seed: int = 1234) -> list[tuple[str, dict[str, str]]]:
   """Evaluation prompts: (caption, attributes) with the canonical template, balanced over
-  positions and sizes; 'held_out' uses only HELD_OUT colour-shape pairs."""
+  positions and sizes; 'held_out' uses only HELD_OUT colour-shape pairs, 'new_color' only
+  the NEW_COLORS."""
   rng = np.random.default_rng([seed, SPLITS.index(split)])
-  pairs = [(c, s) for c in COLORS for s in SHAPES if ((c, s) in HELD_OUT) == (split == "held_out")]
+  if split == "new_color":
+    pairs = [(c, s) for c in NEW_COLORS for s in SHAPES]
+  else:
+    pairs = [(c, s) for c in COLORS for s in SHAPES if ((c, s) in HELD_OUT) == (split == "held_out")]
   out = []
   for i in range(num):
     color, shape = pairs[rng.integers(len(pairs))]

@@ -1,7 +1,7 @@
 """Random-access sources of captioned images: the embedded shapes, TFDS and ArrayRecord.
 
 Every source returns records {'image': uint8 [H, W, 3] or encoded bytes, 'caption':
-str or bytes}; `pipeline.py` decodes, resizes and tokenises them. Sources are checked
+str or bytes} (preference pairs: 'image_w' and 'image_l' instead of 'image'); `pipeline.py` decodes, resizes and tokenises them. Sources are checked
 when they are built, so a missing dataset fails before any compute.
 """
 
@@ -15,7 +15,7 @@ import grain
 
 from jdiff.data import shapes
 
-SOURCES = ("shapes", "tfds", "arrayrecord", "cache")
+SOURCES = ("shapes", "preference", "tfds", "arrayrecord", "cache")
 
 
 class ArrayRecordExamples:
@@ -80,9 +80,10 @@ class TfdsExamples:
 def make_source(data_cfg: Mapping[str, Any], split: str = "train"):
   """config.data -> a random-access source (len and getitem)."""
   kind = data_cfg["source"]
-  if kind == "shapes":
-    return shapes.ShapesSource(data_cfg["resolution"], split, size=data_cfg["shapes_size"],
-                               seed=data_cfg["shapes_seed"])
+  if kind in ("shapes", "preference"):
+    cls = shapes.ShapesSource if kind == "shapes" else shapes.PreferencePairsSource
+    split = data_cfg.get("shapes_split", "train") if split == "train" else split
+    return cls(data_cfg["resolution"], split, size=data_cfg["shapes_size"], seed=data_cfg["shapes_seed"])
   if kind == "tfds":
     if not data_cfg["tfds_name"]:
       raise ValueError("data.source='tfds' needs data.tfds_name")

@@ -16,7 +16,8 @@ from jdiff.diffusion.flow import (
     velocity_target,
 )
 from jdiff.diffusion.preference import dpo_loss
-from jdiff.diffusion.distill import cfg_target, guidance_distillation_loss
+from jdiff.diffusion.distill import (cfg_target, few_step_grid, few_step_target, guidance_distillation_loss,
+                                    velocity_error)
 from jdiff.diffusion.sampling import METHODS, embedded_guidance_velocity, guided_velocity, sample, solve
 from jdiff.diffusion.timesteps import (
     SHIFT_KINDS,
@@ -32,7 +33,8 @@ from jdiff.diffusion.timesteps import (
 __all__ = [
     "PREDICTIONS", "VIEWS", "WEIGHTINGS", "METHODS", "SHIFT_KINDS", "TIMESTEP_KINDS",
     "convert", "flow_loss", "from_x0_eps", "interpolate", "loss_weight", "to_x0_eps",
-    "velocity_target", "dpo_loss", "cfg_target", "guidance_distillation_loss", "embedded_guidance_velocity",
+    "velocity_target", "dpo_loss", "cfg_target", "guidance_distillation_loss", "few_step_grid",
+    "few_step_target", "velocity_error", "embedded_guidance_velocity",
     "guided_velocity", "sample", "solve", "inference_times",
     "resolution_shift", "sample_timesteps", "sampling_times", "time_shift", "training_timesteps",
 ]

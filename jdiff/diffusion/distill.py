@@ -1,9 +1,23 @@
-"""Guidance distillation (Meng et al., 2023; the recipe behind FLUX.1-dev): a student that
+"""Distillation targets: guidance distillation and few-step trajectory distillation.
+
+Guidance distillation (Meng et al., 2023; the recipe behind FLUX.1-dev): a student that
 embeds the guidance scale w learns the teacher's classifier-free-guided velocity, so
 sampling needs one forward per step instead of two.
 
     target(x_t, t, c, w) = v_u + w (v_c - v_u)     (teacher, frozen, 2B batched forward)
     loss = mean((v_student(x_t, t, c, w) - target)^2)   per sample
+
+Few-step distillation (trajectory distillation in one phase, in the spirit of progressive
+distillation / TRACT): the student samples with K Euler steps on the grid
+t_0 = 1 > t_1 > ... > t_K = 0 (the shifted inference schedule). On interval k the teacher
+integrates its guided ODE from x_{t_k} to t_{k+1} with M Euler sub-steps (the K*M-step
+schedule, whose every M-th point is t_k: the shift is monotone and applied to an even grid),
+and the student learns the average velocity of that jump,
+
+    target = (x_teacher(t_{k+1}) - x_{t_k}) / (t_{k+1} - t_k),
+
+so one student step lands where M teacher steps land. x_{t_k} is the forward-noised data
+(pure noise at k = 0, exactly where sampling starts).
 """
 
 from __future__ import annotations
@@ -13,8 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jdiff.diffusion import flow
-from jdiff.diffusion.sampling import ModelFn
+from jdiff.diffusion import flow, sampling, timesteps
+from jdiff.diffusion.sampling import ModelFn, VelocityFn
 
 
 def cfg_target(teacher_fn: ModelFn, x_t: jax.Array, t: jax.Array, cond: Any, uncond: Any, w: jax.Array,
@@ -27,10 +41,44 @@ def cfg_target(teacher_fn: ModelFn, x_t: jax.Array, t: jax.Array, cond: Any, unc
   return jax.lax.stop_gradient(v_u + w * (v_c - v_u))
 
 
+def velocity_error(v: jax.Array, target: jax.Array) -> jax.Array:
+  """Per-sample [B] mean squared error in float32."""
+  return jnp.mean(jnp.square(v.astype(jnp.float32) - target.astype(jnp.float32)), axis=tuple(range(1, v.ndim)))
+
+
 def guidance_distillation_loss(student_fn: ModelFn, teacher_fn: ModelFn, x_t: jax.Array, t: jax.Array,
-                               cond: Any, uncond: Any, w: jax.Array, prediction: str = "v") -> jax.Array:
+                               cond: Any, uncond: Any, w: jax.Array, prediction: str = "v",
+                               student_cond: Any = None) -> jax.Array:
   """Per-sample [B] squared error between the student's velocity given guidance=w and the
-  teacher's guided velocity."""
+  teacher's guided velocity. cond/uncond are the teacher's conditioning; the student gets
+  student_cond (default: cond) plus guidance=w."""
   target = cfg_target(teacher_fn, x_t, t, cond, uncond, w, prediction)
-  v = flow.convert(student_fn(x_t, t, dict(cond, guidance=w)), prediction, "v", x_t, t)
-  return jnp.mean(jnp.square(v.astype(jnp.float32) - target), axis=tuple(range(1, x_t.ndim)))
+  student_cond = cond if student_cond is None else student_cond
+  v = flow.convert(student_fn(x_t, t, dict(student_cond, guidance=w)), prediction, "v", x_t, t)
+  return velocity_error(v, target)
+
+
+def few_step_grid(student_steps: int, teacher_substeps: int, seq_len: int, shift_cfg: Any
+                  ) -> tuple[jax.Array, jax.Array]:
+  """(coarse [K+1], fine [K*M+1]): the student's sampling schedule and the teacher's, with
+  fine[k*M] == coarse[k]."""
+  coarse = timesteps.inference_times(student_steps, seq_len, shift_cfg)
+  fine = timesteps.inference_times(student_steps * teacher_substeps, seq_len, shift_cfg)
+  return coarse, fine
+
+
+def few_step_target(teacher_velocity: VelocityFn, x0: jax.Array, eps: jax.Array, k: jax.Array,
+                    coarse: jax.Array, fine: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The student's training input and target for interval k [B] of the coarse grid.
+
+  Returns (x_tk [B, ...], t_k [B], target velocity [B, ...]): x_tk is the data noised to
+  t_k = coarse[k], the target is the teacher's M-sub-step jump to coarse[k+1] divided by
+  its length (no gradient).
+  """
+  substeps = (fine.shape[0] - 1) // (coarse.shape[0] - 1)
+  t_k, t_next = coarse[k], coarse[k + 1]
+  x_tk = flow.interpolate(x0, eps, t_k)
+  per_sample = fine[k[None, :] * substeps + jnp.arange(substeps + 1)[:, None]]  # [M+1, B]
+  x_next = sampling.solve(teacher_velocity, x_tk, per_sample, "euler")
+  dt = (t_next - t_k).reshape((-1,) + (1,) * (x0.ndim - 1))
+  return x_tk, t_k, jax.lax.stop_gradient((x_next - x_tk) / dt)

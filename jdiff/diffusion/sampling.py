@@ -74,7 +74,7 @@ def solve(velocity: VelocityFn, x1: jax.Array, times: jax.Array, method: str = "
   Args:
     velocity: v(x [B, ...], t [B]) -> [B, ...].
     x1: [B, ...] the state at times[0] (noise when times[0] = 1).
-    times: [N+1] decreasing times, e.g. `sampling_times`.
+    times: [N+1] decreasing times, e.g. `sampling_times`, or [N+1, B]: a grid per sample.
     method: 'euler' (N evaluations) or 'heun' (2N evaluations, second order).
 
   Returns:
@@ -85,11 +85,11 @@ def solve(velocity: VelocityFn, x1: jax.Array, times: jax.Array, method: str = "
   batch = x1.shape[0]
 
   def v(x, t):
-    return velocity(x, jnp.full((batch,), t, jnp.float32)).astype(x.dtype)
+    return velocity(x, jnp.broadcast_to(t, (batch,)).astype(jnp.float32)).astype(x.dtype)
 
   def step(x, ts):
     t, t_next = ts
-    dt = t_next - t
+    dt = jnp.reshape(t_next - t, (-1,) + (1,) * (x.ndim - 1))  # [1 or B, 1, ...]
     v0 = v(x, t)
     if method == "euler":
       return x + dt * v0, None

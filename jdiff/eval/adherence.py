@@ -24,7 +24,7 @@ from jdiff.data import shapes
 _AREA = {"circle": math.pi, "square": 4.0, "triangle": 2.0}
 _CENTROID_DY = {"circle": 0.0, "square": 0.0, "triangle": 1.0 / 3.0}
 _SIZE_SPLIT = math.sqrt(shapes.SIZES["small"] * shapes.SIZES["large"])
-_PALETTE = np.array(list(shapes.COLORS.values()), np.float32)
+_PALETTE = np.array(list(shapes.ALL_COLORS.values()), np.float32)
 _BACKDROPS = np.array(list(shapes.BACKGROUNDS.values()), np.float32)
 # A pixel this far (RGB distance) from the background belongs to the foreground.
 _FG_THRESHOLD = 60.0
@@ -55,7 +55,7 @@ def analyse(image: np.ndarray) -> dict[str, Any]:
     return out
   core = dist >= 0.8 * np.percentile(dist[dist > _FG_THRESHOLD], 90)
   fg = np.median(img[core], axis=0)
-  out["color"] = _nearest(fg, _PALETTE, shapes.COLORS)
+  out["color"] = _nearest(fg, _PALETTE, shapes.ALL_COLORS)
 
   direction = fg - bg
   alpha = np.clip((img - bg) @ direction / max(float(direction @ direction), 1e-6), 0.0, 1.0)

@@ -9,14 +9,16 @@ from jdiff import inference
 from jdiff.data import shapes
 from jdiff.eval import adherence
 
-SPLITS = {"seen": "train", "held_out": "held_out"}
+# seen: trained colour-shape pairs; held_out: unseen pairs of seen words; new_color: a colour
+# word absent from pre-training (learned by a tune stage on the 'new_color' data split).
+SPLITS = {"seen": "train", "held_out": "held_out", "new_color": "new_color"}
 
 
 def evaluate(model: inference.Model, *, num_samples: int | None = None, num_steps: int | None = None,
              cfg_scale: float | None = None, method: str | None = None, seed: int | None = None
              ) -> dict[str, Any]:
-  """{'seen': {color, shape, size, position, all, n}, 'held_out': {...}}; unset settings
-  come from config.eval."""
+  """{'seen': {color, shape, size, position, all, n}, 'held_out': {...}, 'new_color': {...}};
+  unset settings come from config.eval."""
   e = model.config.eval
   num_samples = num_samples or e.num_samples
   out = {}

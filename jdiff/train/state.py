@@ -105,6 +105,8 @@ class Networks:
       cond = jax.eval_shape(lambda: self.text.apply({"params": nn.unbox(out["text"])}, tokens))
       cond = {k: jnp.zeros(v.shape, v.dtype) for k, v in cond.items()}
     x = jnp.zeros((1, self.resolution, self.resolution, self.channels), jnp.float32)
+    if self.denoiser.guidance_embed:
+      cond["guidance"] = jnp.ones((1,))
     with L.use_lora(self.lora):
       out["denoiser"] = self.denoiser.init(k_model, x, jnp.zeros((1,)), **cond)["params"]
     return out

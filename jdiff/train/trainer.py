@@ -31,6 +31,7 @@ from jdiff import config as config_lib
 from jdiff import inference
 from jdiff.data import cache as cache_lib
 from jdiff.data import pipeline as pipeline_lib
+from jdiff.models import layers as L
 from jdiff.train import checkpoint as ckpt_lib
 from jdiff.train import optim
 from jdiff.train import sharding as shard_lib
@@ -112,6 +113,9 @@ def summarize(h: list[dict[str, Any]], seconds: float, batch_size: int) -> dict[
   for i, (s, c) in enumerate(zip(sums, counts)):
     if c > 0:
       out[f"loss_t{i / len(sums):.1f}"] = float(s / c)
+  for k in h[-1]:  # the objective's diagnostics (dpo_accuracy, ...)
+    if k not in out and k not in ("t_bin_loss_sum", "t_bin_count", "nonfinite", "grad_norm", "loss"):
+      out[k] = float(np.mean(stack(k)))
   out["steps_per_s"] = len(h) / seconds
   out["images_per_s"] = len(h) * batch_size / seconds
   return out
@@ -132,26 +136,47 @@ def batch_spec(config, networks) -> dict[str, tuple[tuple[int, ...], Any]]:
     return dict(latent_mean=(latent, store), latent_logvar=(latent, store),
                 context=((b, *meta["context_shape"]), store), pooled=((b, meta["pooled_dim"]), np.float32))
   res = config.data.resolution
-  return dict(image=((b, res, res, config.model.in_channels), np.uint8), tokens=((b, config.text.max_len), np.int32))
+  image = ((b, res, res, config.model.in_channels), np.uint8)
+  images = dict(image_w=image, image_l=image) if config.data.source == "preference" else dict(image=image)
+  return dict(images, tokens=((b, config.text.max_len), np.int32))
 
 
-def compile_step(networks, tx, config, mesh, rules, state_shardings, abstract_state):
-  """The jitted, donated train step, lowered and compiled ahead of step 1."""
+def load_parent(workdir: str, mesh, rules) -> tuple[step_lib.Frozen, Any, list[dict[str, Any]], int]:
+  """The model of an earlier stage's workdir, laid out on `mesh`: (Frozen(networks), its EMA
+  params, lineage, step). Adapters of a LoRA stage are merged into their kernels, so the
+  result is the plain model whose outputs the adapted one gave."""
+  parent_config = ckpt_lib.load_config(workdir)
+  networks = state_lib.build_networks(parent_config)
+  boxed = jax.eval_shape(lambda: networks.init_params(jax.random.key(0)))
+  target = state_lib.abstract_with_shardings(nn.unbox(boxed), shard_lib.tree_shardings(boxed, mesh, rules))
+  ema, lineage, step = ckpt_lib.restore_ema(workdir, target)
+  if networks.lora is not None:
+    ema = jax.jit(functools.partial(L.merge_lora, spec=networks.lora))(ema)
+    networks = dataclasses.replace(networks, lora=None)
+  return step_lib.Frozen(networks), ema, lineage, step
+
+
+def compile_step(networks, tx, config, mesh, rules, state_shardings, abstract_state, frozen=None,
+                 frozen_params=None):
+  """The jitted, donated train step, lowered and compiled ahead of step 1. With a frozen
+  reference/teacher, the step takes its params as a fourth (not donated) argument."""
   batch_sharding = shard_lib.logical_sharding(mesh, rules, "activation_batch")
   abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                     for k, (shape, dtype) in batch_spec(config, networks).items()}
   replicated = shard_lib.replicated(mesh)
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen_params)
   step_fn = jax.jit(
-      functools.partial(step_lib.train_step, networks=networks, tx=tx, config=config),
-      in_shardings=(state_shardings, batch_sharding, replicated),
+      functools.partial(step_lib.train_step, networks=networks, tx=tx, config=config, frozen=frozen),
+      in_shardings=(state_shardings, batch_sharding, replicated, frozen_shardings),
       out_shardings=(state_shardings, replicated),
       donate_argnums=0,
   )
   t0 = time.time()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = step_fn.lower(state_lib.abstract_with_shardings(abstract_state, state_shardings),
-                             abstract_batch, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
-                             ).compile()
+                             abstract_batch, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
+                             jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                          frozen_params)).compile()
   mem = compiled.memory_analysis()
   if mem is not None:
     log.info("train step compiled in %.1fs; memory per device: arguments %.1f MB, outputs %.1f MB, "
@@ -177,10 +202,10 @@ def initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline):
     return state, shardings, abstract, lineage
   state, _ = state_lib.create_state(networks, tx, mesh, rules, config.seed)
   if config.init_from:
-    # New LoRA adapters are not in the earlier stage's checkpoint: they keep their fresh init.
-    target = _without_lora(state_lib.abstract_with_shardings(abstract.ema_params, shardings.ema_params))
-    ema, parent_lineage, from_step = ckpt_lib.restore_ema(config.init_from, target)
+    _, ema, parent_lineage, from_step = load_parent(config.init_from, mesh, rules)
     log.info("starting from the EMA params of %s (step %d) with a fresh optimizer", config.init_from, from_step)
+    # Parameters the parent lacks (new LoRA adapters, a student's guidance embedding) keep
+    # their fresh init; a parameter both have must agree in shape.
     params = _overlay(state.params, ema)
     state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
     return state, shardings, abstract, parent_lineage + [_lineage_entry(config, workdir, from_step)]
@@ -188,17 +213,14 @@ def initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline):
   return state, shardings, abstract, [_lineage_entry(config, workdir, None)]
 
 
-def _without_lora(tree):
-  if isinstance(tree, dict):
-    return {k: _without_lora(v) for k, v in tree.items() if k not in ("lora_a", "lora_b")}
-  return tree
-
-
-def _overlay(base, new):
+def _overlay(base, new, path=""):
   """`base` with every leaf that `new` has replaced by new's."""
   if isinstance(base, dict):
-    return {k: _overlay(v, new[k]) if k in new else v for k, v in base.items()}
-  return new
+    return {k: _overlay(v, new[k], f"{path}/{k}") if k in new else v for k, v in base.items()}
+  if base.shape != new.shape:
+    raise ValueError(f"parameter {path.lstrip('/')} has shape {new.shape} in config.init_from but "
+                     f"{base.shape} in this config")
+  return jax.device_put(new.astype(base.dtype), base.sharding)
 
 
 def write_samples(config, networks, params, workdir: str, step: int, writer: MetricWriter) -> str:
@@ -260,14 +282,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      "(paths look like 'denoiser/blocks_0/x_qkv/q/kernel')")
   log.info("%s of %s parameters train (optim.trainable=%r)", f"{n_train:,}",
            f"{state_lib.param_count(state.params):,}", config.optim.trainable)
-  compiled, batch_sharding = compile_step(networks, tx, config, mesh, rules, shardings, abstract)
+  frozen, frozen_params = None, None
+  if config.objective in config_lib.FROZEN_OBJECTIVES:
+    frozen, frozen_params, _, from_step = load_parent(config.init_from, mesh, rules)
+    log.info("objective %r: frozen %s from %s (step %d)", config.objective,
+             "reference" if config.objective == "dpo" else "teacher", config.init_from, from_step)
+  compiled, batch_sharding = compile_step(networks, tx, config, mesh, rules, shardings, abstract, frozen,
+                                          frozen_params)
 
   writer = MetricWriter(workdir)
   t = config.train
   start = int(jax.device_get(state.step))
   run_rng = jnp.copy(state.rng)
   history, last_metrics, stopped_by, samples, evals = [], {}, "num_steps", [], []
-  benchmark_on = config.data.source == "shapes" and config.text.encoder == "bytes"
+  benchmark_on = config.data.source in ("shapes", "preference") and config.text.encoder == "bytes"
   last_saved = start if ckpt.latest_step() == start else None
   bar = tqdm.tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
@@ -286,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           stopped_by = f"signal {stop.signal}"
           break
         batch = pipeline_lib.to_global(next(pipeline), batch_sharding)
-        state, metrics = compiled(state, batch, run_rng)
+        state, metrics = compiled(state, batch, run_rng, frozen_params)
         history.append(metrics)
         done = step + 1
         bar.update(1)

@@ -1,0 +1,80 @@
+"""The whole training pipeline on the embedded shapes data (`python -m jdiff.stages`):
+
+  pretrain  flow matching from scratch (configs/mmdit_256.py)
+  sft       posttrain: supervised fine-tuning at a higher resolution (the timestep shift
+            follows the new token count, in training and sampling alike)
+  dpo       posttrain: Diffusion-DPO on embedded preference pairs (the caption's render vs
+            the same scene with one attribute wrong), against the frozen sft model
+  tune      LoRA (rank 8, attention and MLP projections of every block) teaching a colour
+            word never seen before ('pink', data split new_color); the base stays frozen
+  guidance  distill: guidance distillation, one forward per step instead of CFG's two
+  fewstep   distill: few-step distillation of the guidance student, 4 steps instead of 20
+
+Each stage starts from the previous one's EMA weights (jdiff/stages.py). CPU demo (2 cores,
+about 30 minutes; README "The whole pipeline"):
+  python -m jdiff.stages --config=configs/stages.py:cpu --workdir=runs/stages
+Seconds-long variant for the tests: configs/stages.py:test. GPU/TPU sizes: configs/stages.py:gpu.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+VARIANTS = ("gpu", "cpu", "test")
+
+
+def _base(variant: str) -> ml_collections.ConfigDict:
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mmdit_256.py")
+  spec = importlib.util.spec_from_file_location("mmdit_256", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def get_config(arg: str | None = None):
+  variant = arg or "gpu"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r} of configs/stages.py; expected one of {VARIANTS}")
+  base = _base(variant)
+  # Training steps of pretrain, then of each later stage; the resolution after sft.
+  pretrain_steps, stage_steps = dict(gpu=(400_000, 4000), cpu=(4000, 400), test=(3, 2))[variant]
+  high_res = dict(gpu=512, cpu=32, test=24)[variant]
+  lr = dict(gpu=1e-5, cpu=1e-4, test=1e-4)[variant]  # later stages: short runs from a trained model
+
+  def later(**fields):
+    """A later stage: short, its own lr and EMA, at the sft resolution."""
+    fields.setdefault("optim", {}).update(lr=fields.get("optim", {}).get("lr", lr), warmup_steps=20,
+                                          ema_decay=0.999 if variant == "gpu" else 0.99)
+    fields["train"] = dict(num_steps=stage_steps, checkpoint_every=stage_steps, log_every=min(base.train.log_every,
+                                                                                               stage_steps),
+                           sample_every=0 if variant == "test" else stage_steps)
+    fields.setdefault("data", {})["resolution"] = high_res
+    return fields
+
+  p = ml_collections.ConfigDict()
+  p.base = base
+  p.order = "pretrain,sft,dpo,tune,guidance,fewstep"
+  p.stages = ml_collections.ConfigDict(dict(
+      pretrain=dict(train=dict(num_steps=pretrain_steps)),
+      sft=later(stage="posttrain"),
+      # t ~ logit-normal(1, 1): the high-noise steps where layout, shape and colour are decided.
+      dpo=later(stage="posttrain", objective="dpo", dpo=dict(beta=2000.0), data=dict(source="preference"),
+                diffusion=dict(timesteps=dict(mean=1.0))),
+      tune=later(stage="tune", lora=dict(rank=8, alpha=8.0), optim=dict(trainable=".*lora_.*", lr=10 * lr),
+                 data=dict(shapes_split="new_color")),
+      # The students distill on the new_color split too, so the tuned colour carries over.
+      guidance=later(stage="distill", objective="guidance", model=dict(guidance_embed=True),
+                     data=dict(shapes_split="new_color")),
+      fewstep=later(stage="distill", objective="fewstep", model=dict(guidance_embed=True),
+                    data=dict(shapes_split="new_color"), distill=dict(student_steps=4),
+                    sample=dict(num_steps=4), eval=dict(num_steps=4)),
+  ))
+  # The table: prompts per benchmark split, and the teacher row (the stage that distillation
+  # starts from, sampled with table.teacher_steps steps and CFG).
+  p.table = ml_collections.ConfigDict(dict(num_samples=480, teacher="tune", teacher_steps=50))
+  if variant == "test":
+    p.stages.fewstep.distill.update(student_steps=2, teacher_substeps=2)
+    p.stages.fewstep.sample.num_steps = p.stages.fewstep.eval.num_steps = 2
+    p.table.update(num_samples=2, teacher_steps=3)
+  return p

@@ -1,0 +1,170 @@
+"""The whole pipeline: pretrain -> posttrain -> tune -> distill, one stage after another.
+
+  python -m jdiff.stages --config=configs/stages.py:cpu --workdir=runs/stages
+
+The pipeline config (configs/stages.py) holds a base training config and, per stage, the
+fields that differ from it. Stage i trains in workdir/<name> with init_from = the previous
+stage's workdir (its EMA weights, a fresh optimizer, the lineage recorded). A stage whose
+workdir holds a checkpoint at its last step is done and skipped; an interrupted one resumes
+from its latest checkpoint, so re-running the command continues where it stopped.
+
+At the end every stage (plus the distillation teacher at table.teacher_steps) is evaluated
+with the shapes caption-adherence benchmark, each with its own sampler settings, and the
+table is written to workdir/stages.md and workdir/stages.json: adherence, and sampling
+cost as steps x network forwards per step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from absl import app, flags
+from absl import logging as absl_logging
+import ml_collections
+from ml_collections import config_flags
+
+from jdiff import config as config_lib
+
+log = logging.getLogger(__name__)
+
+
+def _apply(config: ml_collections.ConfigDict, overrides: Any, where: str) -> None:
+  """Sets every field of `overrides` (nested) in `config`; a field the config lacks fails."""
+  for key, value in overrides.items():
+    if key not in config:
+      raise ValueError(f"{where}.{key}: no such config field")
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      _apply(config[key], value, f"{where}.{key}")
+    else:
+      config[key] = value
+
+
+def stage_configs(pipeline: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, str, Any]]:
+  """[(name, stage workdir, training config)] in pipeline order, init_from chained."""
+  order = [s.strip() for s in pipeline.order.split(",") if s.strip()]
+  if not order:
+    raise ValueError("config.order names no stage")
+  missing = [s for s in order if s not in pipeline.stages]
+  if missing:
+    raise ValueError(f"config.order names stages {missing} that config.stages does not define")
+  out, previous = [], ""
+  for name in order:
+    c = ml_collections.ConfigDict(pipeline.base.to_dict())
+    _apply(c, pipeline.stages[name], f"config.stages.{name}")
+    c.init_from = previous
+    c.lock()
+    config_lib.validate(c)
+    stage_dir = os.path.join(workdir, name)
+    out.append((name, stage_dir, c))
+    previous = stage_dir
+  return out
+
+
+def finished(stage_dir: str, num_steps: int) -> bool:
+  """Whether `stage_dir` holds a checkpoint at (or past) num_steps."""
+  from jdiff.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isdir(ckpt_lib.checkpoint_dir(stage_dir)):
+    return False
+  ckpt = ckpt_lib.Checkpoints(stage_dir, read_only=True)
+  latest = ckpt.latest_step()
+  ckpt.close()
+  return latest is not None and latest >= num_steps
+
+
+def train_all(pipeline: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, str, Any]]:
+  """Trains every stage that is not finished; returns stage_configs."""
+  from jdiff.train import trainer  # pylint: disable=g-import-not-at-top
+
+  stages = stage_configs(pipeline, workdir)
+  for i, (name, stage_dir, config) in enumerate(stages):
+    if finished(stage_dir, config.train.num_steps):
+      log.info("stage %d/%d %s: finished in %s, skipped", i + 1, len(stages), name, stage_dir)
+      continue
+    log.info("stage %d/%d %s (%s, objective %s) in %s", i + 1, len(stages), name, config.stage,
+             config.objective, stage_dir)
+    summary = trainer.train_and_evaluate(config, stage_dir)
+    if summary["stopped_by"] != "num_steps":
+      raise RuntimeError(f"stage {name} stopped early ({summary['stopped_by']}); run the command again to resume")
+  return stages
+
+
+def _row(label: str, stage_dir: str, config, num_samples: int, num_steps: int | None = None,
+         cfg_scale: float | None = None) -> dict[str, Any]:
+  from jdiff import inference  # pylint: disable=g-import-not-at-top
+  from jdiff.eval import benchmark  # pylint: disable=g-import-not-at-top
+
+  model = inference.load(stage_dir)
+  e = model.config.eval
+  num_steps = num_steps or e.num_steps
+  cfg_scale = e.cfg_scale if cfg_scale is None else cfg_scale
+  result = benchmark.evaluate(model, num_samples=num_samples, num_steps=num_steps, cfg_scale=cfg_scale)
+  forwards = inference.forwards_per_image(model.networks, num_steps, cfg_scale, e.method)
+  return dict(name=label, stage=config.stage, objective=config.objective, train_steps=config.train.num_steps,
+              resolution=config.data.resolution,
+              sampler=f"{num_steps} x {forwards // num_steps}", forwards=forwards, cfg_scale=cfg_scale,
+              guidance_embedded=bool(model.networks.denoiser.guidance_embed), adherence=result)
+
+
+def evaluate_all(pipeline: ml_collections.ConfigDict, stages: list[tuple[str, str, Any]]) -> list[dict[str, Any]]:
+  """The table's rows: each stage with its own eval sampler, plus the teacher row."""
+  t = pipeline.table
+  rows = []
+  for name, stage_dir, config in stages:
+    rows.append(_row(name, stage_dir, config, t.num_samples))
+    if name == t.teacher:
+      rows.append(_row(f"{name} @ {t.teacher_steps} steps", stage_dir, config, t.num_samples, t.teacher_steps))
+  return rows
+
+
+def _mean(r: dict[str, float]) -> float:
+  return sum(r[a] for a in ("color", "shape", "size", "position")) / 4
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+  """The table in Markdown: 'all' = every attribute right; 'attr' = mean per-attribute accuracy."""
+  head = ("| stage | objective | train steps | resolution | sampling (steps x forwards) | forwards/image | seen all | seen attr "
+          "| held-out all | held-out attr | new colour: colour | new colour all |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for r in rows:
+    a = r["adherence"]
+    lines.append(f"| {r['name']} | {r['objective']} | {r['train_steps']} | {r['resolution']} | {r['sampler']} | {r['forwards']} | "
+                 f"{a['seen']['all']:.3f} | {_mean(a['seen']):.3f} | {a['held_out']['all']:.3f} | "
+                 f"{_mean(a['held_out']):.3f} | {a['new_color']['color']:.3f} | {a['new_color']['all']:.3f} |")
+  n = rows[0]["adherence"]["seen"]["n"] if rows else 0
+  return "\n".join(lines) + f"\n\n{n} prompts per split; guided samplers use CFG (2 forwards) unless guidance is embedded.\n"
+
+
+def run(pipeline: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict[str, Any]], str]:
+  """Trains what is not finished, evaluates every stage, writes workdir/stages.{json,md}.
+  Returns (rows, Markdown table)."""
+  stage_configs(pipeline, workdir)  # every stage's config validated before any training
+  stages = train_all(pipeline, workdir)
+  rows = evaluate_all(pipeline, stages)
+  table = markdown(rows)
+  with open(os.path.join(workdir, "stages.json"), "w") as f:
+    json.dump(rows, f, indent=1)
+  with open(os.path.join(workdir, "stages.md"), "w") as f:
+    f.write(table)
+  return rows, table
+
+
+def main(argv, pipeline_flag, workdir_flag):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("jdiff").setLevel(logging.INFO)
+  _, table = run(pipeline_flag.value, workdir_flag.value)
+  print(table)
+
+
+if __name__ == "__main__":
+  # Flags are defined here, not at import, so the module imports beside other CLIs.
+  _config = config_flags.DEFINE_config_file("config", None, "Pipeline config, e.g. configs/stages.py:cpu.",
+                                            lock_config=True)
+  _workdir = flags.DEFINE_string("workdir", None, "Root directory; each stage trains in workdir/<name>.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(lambda argv: main(argv, _config, _workdir))

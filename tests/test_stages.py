@@ -1,0 +1,174 @@
+"""The stage objectives in the trainer (DPO against a frozen reference, guidance and
+few-step distillation from a frozen teacher), the pipeline that chains the stages, and
+their validation."""
+
+import functools
+import importlib.util
+import json
+import os
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jdiff import config as config_lib
+from jdiff import convert, diffusion, stages
+from jdiff.data import pipeline as pipeline_lib
+from jdiff.train import optim
+from jdiff.train import state as state_lib
+from jdiff.train import step as step_lib
+
+import helpers
+from test_train import get_config, restored
+
+
+def _batch(config, size=4):
+  p = pipeline_lib.make_pipeline(config.data, global_batch=size, max_len=config.text.max_len, seed=0)
+  return {k: jnp.asarray(v) for k, v in next(p).items()}
+
+
+def test_dpo_loss_and_gradient_at_the_reference():
+  """Policy == reference: the loss is log 2 with zero margin, and its gradient is
+  beta/2 * grad(mean(err_w - err_l)) (d/dm -log sigmoid(-beta m) = beta sigmoid(beta m))."""
+  config = get_config(data__source="preference")
+  config.stage, config.objective, config.dpo.beta = "posttrain", "dpo", 50.0
+  networks = state_lib.build_networks(config)
+  params = helpers.perturb(nn.unbox(networks.init_params(jax.random.key(0))))
+  batch = _batch(config)
+  keys = jax.random.split(jax.random.key(3), 4)
+  frozen = step_lib.Frozen(networks)
+  loss_fn = functools.partial(step_lib.loss_fn, networks=networks, config=config, frozen=frozen)
+  (loss, (per_sample, _, extra)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+      params, batch, keys, params)
+  # Policy and reference are separate computations in one jitted graph: equal up to rounding.
+  np.testing.assert_allclose(per_sample, np.log(2.0), rtol=1e-5)
+  np.testing.assert_allclose(extra["dpo_margin"], 0.0, atol=1e-6)
+  assert float(jnp.abs(extra["err_w"] - extra["err_l"]).min()) > 0  # the two images differ
+
+  def err_gap(p):
+    extra = loss_fn(p, batch, keys, params)[1][2]
+    return jnp.mean(extra["err_w"] - extra["err_l"])
+
+  expected = jax.tree.map(lambda g: 0.5 * config.dpo.beta * g, jax.jit(jax.grad(err_gap))(params))
+  chex.assert_trees_all_close(grads, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_solve_with_a_time_grid_per_sample():
+  x = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
+  velocity = lambda x, t: -x * t.reshape(-1, 1, 1, 1) + 0.3
+  grids = jnp.stack([diffusion.sampling_times(5, s) for s in (1.0, 2.0, 3.0)], axis=1)  # [6, 3]
+  together = diffusion.solve(velocity, x, grids)
+  for i in range(3):
+    alone = diffusion.solve(velocity, x[i:i + 1], grids[:, i])
+    np.testing.assert_allclose(together[i:i + 1], alone, rtol=1e-6, atol=1e-6)
+
+
+def test_few_step_oracle_student_reproduces_the_teacher():
+  """A student that outputs the few-step target exactly, sampled with K Euler steps on the
+  coarse grid, lands where the teacher lands with K*M steps on the fine grid."""
+  cfg = helpers.TINY_MMDIT
+  x, _, cond = helpers.inputs(cfg, batch=2)
+  model, params = helpers.init(cfg, x, jnp.zeros(2), cond)
+  params = helpers.perturb(params)
+  teacher = lambda x, t: model.apply(params, x, t, **cond)
+  coarse, fine = diffusion.few_step_grid(4, 3, 64, dict(kind="fixed", shift=3.0))
+  np.testing.assert_array_equal(fine[::3], coarse)
+
+  def oracle(x_t, t):
+    k = jnp.argmin(jnp.abs(coarse[:, None] - t[None]), axis=0)  # the interval this step starts
+    # x0 = eps = x_t noises to x_t at every t, so the target is computed from x_t itself.
+    _, _, target = diffusion.few_step_target(teacher, x_t, x_t, k, coarse, fine)
+    return target
+
+  noise = jax.random.normal(jax.random.key(7), x.shape)
+  np.testing.assert_allclose(diffusion.solve(oracle, noise, coarse), diffusion.solve(teacher, noise, fine),
+                             atol=1e-4)
+
+
+def _pipeline(variant="test"):
+  spec = importlib.util.spec_from_file_location("stages_cfg", os.path.join(helpers.ROOT, "configs", "stages.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  p = module.get_config(variant)
+  p.base.mesh.data = 1
+  return p
+
+
+def _flat(params):
+  return {optim.param_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_table(tmp_path):
+  """configs/stages.py:test end to end: pretrain -> SFT at a higher resolution -> DPO ->
+  LoRA -> guidance -> few-step,
+  each from the previous one's EMA weights, lineage recorded; a finished stage is skipped
+  when the command runs again; the table prices each sampler in forwards."""
+  p = _pipeline()
+  rows, table = stages.run(p, str(tmp_path))
+  configs = {name: (d, c) for name, d, c in stages.stage_configs(p, str(tmp_path))}
+  states = {name: restored(d, c) for name, (d, c) in configs.items()}
+  lineage = states["fewstep"][2]
+  assert [e["stage"] for e in lineage] == ["pretrain", "posttrain", "posttrain", "tune", "distill", "distill"]
+  assert [os.path.basename(e["workdir"]) for e in lineage] == list(configs)
+  dpo = json.loads(open(os.path.join(configs["dpo"][0], "metrics.jsonl")).readlines()[-1])
+  assert 0.0 <= dpo["dpo_accuracy"] <= 1.0 and dpo["err_w"] > 0 and np.isfinite(dpo["dpo_margin"])
+
+  # tune: only the adapters moved; the base is the DPO model, bit for bit.
+  tuned, dpo_model = _flat(states["tune"][0].params), _flat(states["dpo"][0].ema_params)
+  lora = [k for k in tuned if "lora_" in k]
+  assert lora and set(tuned) - set(lora) == set(dpo_model)
+  for k, v in dpo_model.items():
+    np.testing.assert_array_equal(tuned[k], v, err_msg=k)
+  # Every B has left zero, except on the last block's text queries, whose outputs nothing
+  # reads; adapters sit in the blocks only.
+  still_zero = [k for k in lora if k.endswith("lora_b") and not np.abs(tuned[k]).max() > 0]
+  assert still_zero == ["denoiser/last_block/ctx_qkv/q/lora_b"], still_zero
+  assert not any("t_embed" in k or "adaLN" in k for k in lora)
+  # The adapters export in diffusers/PEFT naming (B carries alpha/rank).
+  exported = convert.export_lora_dir(configs["tune"][0], str(tmp_path / "lora_export"))
+  from safetensors.numpy import load_file
+  tensors = load_file(exported["file"])
+  ema = _flat(states["tune"][0].ema_params)
+  assert len(tensors) == len([k for k in ema if "lora_" in k]) == exported["num_tensors"]
+  scale = configs["tune"][1].lora.alpha / configs["tune"][1].lora.rank
+  np.testing.assert_allclose(tensors["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"],
+                             scale * ema["denoiser/blocks_0/x_qkv/q/lora_b"].T, rtol=1e-6)
+  # guidance: the student is the LoRA-merged tune model plus a guidance embedding.
+  student = _flat(states["guidance"][0].params)
+  assert set(student) - set(dpo_model) and all("guidance_embed" in k for k in set(student) - set(dpo_model))
+
+  by_name = {r["name"]: r for r in rows}
+  assert list(by_name) == ["pretrain", "sft", "dpo", "tune", "tune @ 3 steps", "guidance", "fewstep"]
+  assert [r["resolution"] for r in rows] == [16] + [24] * 6  # sft moved to 24x24
+  assert by_name["tune @ 3 steps"]["forwards"] == 3 * 2  # CFG: two forwards per step
+  assert by_name["guidance"]["forwards"] == p.base.eval.num_steps  # embedded guidance: one
+  assert by_name["fewstep"]["forwards"] == 2 and by_name["fewstep"]["sampler"] == "2 x 1"
+  assert table.count("\n| ") == len(rows) and os.path.exists(tmp_path / "stages.json")
+
+  # Running the command again: finished stages are skipped (an interrupted one resumes from
+  # its checkpoint: the trainer's resume tests); a longer stage continues where it stopped.
+  mtimes = {name: os.path.getmtime(os.path.join(d, "metrics.jsonl")) for name, (d, _) in configs.items()}
+  assert all(stages.finished(d, c.train.num_steps) for d, c in configs.values())
+  p.stages.fewstep.train.num_steps = 3
+  stages.train_all(p, str(tmp_path))
+  assert all(os.path.getmtime(os.path.join(d, "metrics.jsonl")) == mtimes[name]
+             for name, (d, _) in configs.items() if name != "fewstep")
+  assert json.loads(open(os.path.join(configs["fewstep"][0], "metrics.jsonl")).readlines()[-1])["step"] == 3
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(objective="dpo"), "not one of ('flow',)"),
+    (dict(stage="posttrain", objective="dpo"), "set config.init_from"),
+    (dict(stage="posttrain", objective="dpo", init_from="x"), "data.source='preference'"),
+    (dict(stage="distill", objective="guidance", init_from="x"), "guidance_embed=True"),
+    (dict(stage="distill", objective="flow"), "not one of ('guidance', 'fewstep')"),
+])
+def test_stage_objective_validation(changes, message):
+  config = get_config()
+  for k, v in changes.items():
+    config[k] = v
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    config_lib.validate(config)
