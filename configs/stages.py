@@ -58,8 +58,10 @@ def get_config(arg: str | None = None):
   p.stages = ml_collections.ConfigDict(dict(
       pretrain=dict(train=dict(num_steps=pretrain_steps)),
       sft=later(stage="posttrain"),
-      # t ~ logit-normal(1, 1): the high-noise steps where layout, shape and colour are decided.
-      dpo=later(stage="posttrain", objective="dpo", dpo=dict(beta=2000.0), data=dict(source="preference"),
+      # t ~ logit-normal(1, 1): the high-noise steps where layout, shape and colour are decided;
+      # DPO-Positive keeps the preferred images' error from rising (docs/notes.md).
+      dpo=later(stage="posttrain", objective="dpo", dpo=dict(beta=2000.0, positive=100.0),
+                data=dict(source="preference"),
                 diffusion=dict(timesteps=dict(mean=1.0))),
       tune=later(stage="tune", lora=dict(rank=8, alpha=8.0), optim=dict(trainable=".*lora_.*", lr=10 * lr),
                  data=dict(shapes_split="new_color")),

@@ -58,9 +58,10 @@ def base() -> ml_collections.ConfigDict:
   # (posttrain); guidance / fewstep: distillation (distill). dpo, guidance and fewstep keep
   # a frozen copy of the init_from model as the reference / teacher.
   c.objective = "flow"
-  # Diffusion-DPO: beta scales the error margin (it absorbs the paper's beta*T); sft_weight
-  # adds that multiple of the preferred sample's flow loss, anchoring the policy to the data.
-  c.dpo = ml_collections.ConfigDict(dict(beta=1000.0, sft_weight=0.0))
+  # Diffusion-DPO: beta scales the error margin (it absorbs the paper's beta*T); positive is
+  # DPO-Positive's lambda (penalises a preferred error above the reference's); sft_weight adds
+  # that multiple of the preferred sample's flow loss. See diffusion/preference.py.
+  c.dpo = ml_collections.ConfigDict(dict(beta=1000.0, positive=0.0, sft_weight=0.0))
   c.distill = ml_collections.ConfigDict(dict(
       guidance_min=1.0, guidance_max=6.0,  # guidance: student's w ~ U[min, max]
       cfg_scale=3.0,  # fewstep: the teacher's guidance scale (CFG, or its embedded guidance)

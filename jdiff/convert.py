@@ -26,7 +26,7 @@ from typing import Any
 
 from absl import app, flags
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("jdiff.convert")  # not __name__: "__main__" under python -m
 
 _SRC = flags.DEFINE_string("src", None, "import: a diffusers pipeline or transformer directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The jdiff workdir (written by import, read by export).")

@@ -28,7 +28,7 @@ from ml_collections import config_flags
 
 from jdiff import config as config_lib
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("jdiff.stages")  # not __name__: "__main__" under python -m
 
 
 def _apply(config: ml_collections.ConfigDict, overrides: Any, where: str) -> None:

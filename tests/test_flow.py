@@ -186,3 +186,7 @@ def test_dpo_loss_by_hand():
   np.testing.assert_allclose(loss0, [np.log(2.0)], rtol=1e-6)
   g_w, g_l = jax.grad(lambda w, l: D.dpo_loss(w, same, l, same, 5.0)[0].sum(), argnums=(0, 1))(same, same)
   assert float(g_w[0]) > 0 and float(g_l[0]) < 0
+  # DPO-Positive, lambda = 3: only the second pair's preferred error (0.4) exceeds its
+  # reference's (0.3): its margin becomes 0.2 + 3 * 0.1 = 0.5; the first is unchanged.
+  loss_p, _ = D.dpo_loss(err_w, err_ref_w, err_l, err_ref_l, beta=2.0, positive=3.0)
+  np.testing.assert_allclose(loss_p, [np.log1p(np.exp(-0.6)), np.log1p(np.exp(1.0))], rtol=1e-6)

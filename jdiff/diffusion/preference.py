@@ -10,6 +10,10 @@ velocity-space error (`flow.flow_loss`). With a frozen reference model,
 The policy lowers its error on x^w relative to the reference and raises it on x^l.
 beta plays the role of the paper's beta*T (the time-step count is folded into it);
 the DPO loss at margin 0 is log 2. Implicit accuracy = fraction with margin < 0.
+
+DPO can satisfy the margin by raising both errors, the preferred one less (likelihood
+displacement). DPO-Positive (Pal et al., 2024) adds lambda * max(0, e(theta, x^w) -
+e(ref, x^w)) to the margin, so the preferred error may not rise above the reference's.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ import jax.numpy as jnp
 
 
 def dpo_loss(err_w: jax.Array, err_ref_w: jax.Array, err_l: jax.Array, err_ref_l: jax.Array,
-             beta: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Per-sample DPO loss [B] and diagnostics, from per-sample errors [B] (see module doc)."""
+             beta: float, positive: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Per-sample DPO loss [B] and diagnostics, from per-sample errors [B] (see module doc);
+  positive: DPO-Positive's lambda (0: plain DPO)."""
   margin = (err_w - err_ref_w) - (err_l - err_ref_l)
-  loss = -jax.nn.log_sigmoid(-beta * margin)
+  loss = -jax.nn.log_sigmoid(-beta * (margin + positive * jnp.maximum(err_w - err_ref_w, 0.0)))
   metrics = dict(margin=margin, implicit_accuracy=(margin < 0).astype(jnp.float32),
                  reward_w=-beta * (err_w - err_ref_w), reward_l=-beta * (err_l - err_ref_l))
   return loss, metrics

@@ -120,7 +120,7 @@ def dpo_objective(params, batch, keys, frozen_params, *, networks: Networks, con
 
   err_w, err_l = errors(networks, params)
   ref_w, ref_l = jax.lax.stop_gradient(errors(frozen.networks, frozen_params))
-  loss, m = diffusion.dpo_loss(err_w, ref_w, err_l, ref_l, config.dpo.beta)
+  loss, m = diffusion.dpo_loss(err_w, ref_w, err_l, ref_l, config.dpo.beta, config.dpo.get("positive", 0.0))
   loss = loss + config.dpo.get("sft_weight", 0.0) * err_w
   return loss, t, dict(dpo_margin=m["margin"], dpo_accuracy=m["implicit_accuracy"], err_w=err_w, err_l=err_l)
 
