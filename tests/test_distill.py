@@ -2,6 +2,7 @@
 one-forward sampling."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +30,20 @@ def test_student_embeds_the_guidance_scale():
   plain, plain_params = init(TINY_MMDIT, x, t, cond)
   with pytest.raises(ValueError, match="without guidance_embed"):
     plain.apply(plain_params, x, t, guidance=jnp.ones(2), **cond)
+
+
+def test_fresh_guidance_embedding_leaves_the_teacher_unchanged():
+  """A student = a teacher's params + a fresh guidance embedding gives the teacher's output
+  for every w (the embedding's output layer starts at zero)."""
+  x, t, cond = inputs(TINY_MMDIT, batch=2)
+  teacher, t_params = init(TINY_MMDIT, x, t, cond)
+  t_params = perturb(t_params)
+  student = models.build(dict(TINY_MMDIT, guidance_embed=True))
+  fresh = nn.unbox(student.init(jax.random.key(5), x, t, guidance=jnp.ones(2), **cond))
+  s_params = {"params": dict(t_params["params"], guidance_embed=fresh["params"]["guidance_embed"])}
+  want = teacher.apply(t_params, x, t, **cond)
+  for w in (1.0, 4.0):
+    np.testing.assert_array_equal(student.apply(s_params, x, t, guidance=jnp.full(2, w), **cond), want)
 
 
 def _teacher():

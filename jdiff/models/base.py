@@ -51,14 +51,17 @@ class PatchTransformer(nn.Module):
 
   def embed_guidance(self, c: jax.Array, guidance: jax.Array | None) -> jax.Array:
     """c + embed(guidance [B]) for guidance-embedding models (the scale w goes through the
-    timestep embedding's sinusoid at time_scale, as in FLUX.1-dev); c unchanged otherwise."""
+    timestep embedding's sinusoid at time_scale, as in FLUX.1-dev); c unchanged otherwise.
+    The embedding's output layer starts at zero, so a student made from a teacher by adding
+    it starts as the teacher's conditional model for every w."""
     if not self.guidance_embed:
       if guidance is not None:
         raise ValueError("guidance was passed to a model without guidance_embed")
       return c
     if guidance is None:
       raise ValueError("this model embeds the guidance scale: pass guidance [B]")
-    return c + L.TimestepEmbed(self.width, self.time_scale, name="guidance_embed", **self._kw)(guidance)
+    return c + L.TimestepEmbed(self.width, self.time_scale, zero_out=True, name="guidance_embed",
+                               **self._kw)(guidance)
 
   def embed_text_conditioned(self, x: jax.Array, t: jax.Array, context: jax.Array, pooled: jax.Array,
                              guidance: jax.Array | None):

@@ -467,12 +467,14 @@ class CondMLP(nn.Module):
   init: Callable = xavier
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  zero_out: bool = False  # fc2 starts at zero: the MLP adds nothing until trained
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init=self.init)
-    h = nn.silu(dense(self.width, ("cond", "mlp"), name="fc1", **kw)(x))
-    return dense(self.width, ("mlp", "embed"), name="fc2", **kw)(h)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = nn.silu(dense(self.width, ("cond", "mlp"), name="fc1", init=self.init, **kw)(x))
+    out_init = nn.initializers.zeros if self.zero_out else self.init
+    return dense(self.width, ("mlp", "embed"), name="fc2", init=out_init, **kw)(h)
 
 
 class TimestepEmbed(nn.Module):
@@ -486,12 +488,13 @@ class TimestepEmbed(nn.Module):
   freq_dim: int = 256
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  zero_out: bool = False  # see CondMLP
 
   @nn.compact
   def __call__(self, t: jax.Array) -> jax.Array:
     feats = timestep_features(t * self.time_scale, self.freq_dim).astype(self.dtype)
     return CondMLP(self.width, init=nn.initializers.normal(0.02), dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="mlp")(feats)
+                   param_dtype=self.param_dtype, zero_out=self.zero_out, name="mlp")(feats)
 
 
 # --- block stacks ------------------------------------------------------------------------
