@@ -77,11 +77,12 @@ def test_distillation_loss_is_zero_for_the_exact_student_and_one_forward_per_ste
     return diffusion.cfg_target(teacher, x, t, c, jax.tree.map(jnp.zeros_like, c), w)
 
   w = jnp.array([1.5, 3.0, 6.0])
-  loss = diffusion.guidance_distillation_loss(exact_student, teacher, x, t, cond, uncond, w)
+  target = lambda x, t: diffusion.cfg_target(teacher, x, t, cond, uncond, w)
+  loss = diffusion.guidance_distillation_loss(exact_student, target, x, t, cond, w)
   np.testing.assert_allclose(loss, 0.0, atol=1e-10)
   wrong = diffusion.guidance_distillation_loss(lambda x, t, c: teacher(x, t, {k: v for k, v in c.items()
                                                                               if k != "guidance"}),
-                                               teacher, x, t, cond, uncond, w)
+                                               target, x, t, cond, w)
   assert float(wrong.min()) > 0  # the unguided teacher is not the guided one
 
   calls = []

@@ -46,16 +46,13 @@ def velocity_error(v: jax.Array, target: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(v.astype(jnp.float32) - target.astype(jnp.float32)), axis=tuple(range(1, v.ndim)))
 
 
-def guidance_distillation_loss(student_fn: ModelFn, teacher_fn: ModelFn, x_t: jax.Array, t: jax.Array,
-                               cond: Any, uncond: Any, w: jax.Array, prediction: str = "v",
-                               student_cond: Any = None) -> jax.Array:
-  """Per-sample [B] squared error between the student's velocity given guidance=w and the
-  teacher's guided velocity. cond/uncond are the teacher's conditioning; the student gets
-  student_cond (default: cond) plus guidance=w."""
-  target = cfg_target(teacher_fn, x_t, t, cond, uncond, w, prediction)
-  student_cond = cond if student_cond is None else student_cond
-  v = flow.convert(student_fn(x_t, t, dict(student_cond, guidance=w)), prediction, "v", x_t, t)
-  return velocity_error(v, target)
+def guidance_distillation_loss(student_fn: ModelFn, teacher_velocity: VelocityFn, x_t: jax.Array,
+                               t: jax.Array, cond: Any, w: jax.Array, prediction: str = "v") -> jax.Array:
+  """Per-sample [B] squared error between the student's velocity given conditioning `cond`
+  and guidance=w [B], and the teacher's guided velocity field (e.g. `cfg_target` with the
+  same w) at (x_t, t)."""
+  target = jax.lax.stop_gradient(teacher_velocity(x_t, t))
+  return velocity_error(sampling.embedded_guidance_velocity(student_fn, cond, w, prediction)(x_t, t), target)
 
 
 def few_step_grid(student_steps: int, teacher_substeps: int, seq_len: int, shift_cfg: Any

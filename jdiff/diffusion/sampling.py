@@ -56,14 +56,15 @@ def guided_velocity(
   return velocity
 
 
-def embedded_guidance_velocity(model_fn: ModelFn, cond: Any, guidance_scale: float,
+def embedded_guidance_velocity(model_fn: ModelFn, cond: Any, guidance_scale: float | jax.Array,
                                prediction: str = "v") -> VelocityFn:
   """The velocity of a guidance-distilled model (guidance_embed): one forward of size B with
-  cond['guidance'] = w, instead of the 2B forward of classifier-free guidance."""
+  cond['guidance'] = w (a scalar, or one scale per sample [B]), instead of the 2B forward of
+  classifier-free guidance."""
 
   def velocity(x, t):
-    c = dict(cond, guidance=jnp.full((x.shape[0],), guidance_scale, jnp.float32))
-    return flow.convert(model_fn(x, t, c), prediction, "v", x, t)
+    w = jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32), (x.shape[0],))
+    return flow.convert(model_fn(x, t, dict(cond, guidance=w)), prediction, "v", x, t)
 
   return velocity
 

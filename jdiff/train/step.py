@@ -57,14 +57,15 @@ class Frozen:
 
   def velocity(self, params: Any, inputs: Mapping[str, jax.Array], null: Mapping[str, jax.Array] | None,
                w: jax.Array | float, prediction: str):
-    """The frozen model's guided velocity field v(x, t) for conditioning `inputs`: its
-    embedded guidance (one forward) if it has one, else classifier-free guidance with w."""
+    """The frozen model's guided velocity field v(x, t) for conditioning `inputs` at scale w
+    (scalar or [B]): its embedded guidance (one forward) if it has one, else classifier-free
+    guidance with the null conditioning inputs `null` (two)."""
     n = self.networks
     model_fn = lambda x, t, c: n.predict(params["denoiser"], x, t, c)
     cond = n.conditioning(params, inputs)
-    w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (jax.tree.leaves(inputs)[0].shape[0],))
     if n.denoiser.guidance_embed:
-      return lambda x, t: diffusion.convert(model_fn(x, t, dict(cond, guidance=w)), prediction, "v", x, t)
+      return diffusion.embedded_guidance_velocity(model_fn, cond, w, prediction)
+    w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (jax.tree.leaves(inputs)[0].shape[0],))
     uncond = n.conditioning(params, null)
     return lambda x, t: diffusion.cfg_target(model_fn, x, t, cond, uncond, w, prediction)
 
@@ -138,10 +139,11 @@ def guidance_objective(params, batch, keys, frozen_params, *, networks: Networks
   eps = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(k_eps)
   scale = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, g.guidance_min, g.guidance_max))(k_w)
   x_t = diffusion.interpolate(x0, eps, t)
-  target = frozen.velocity(frozen_params, inputs, _null_batch(batch, frozen.networks), scale, d.prediction)(x_t, t)
-  cond = dict(networks.conditioning(params, inputs), guidance=scale)
-  v = diffusion.convert(networks.predict(params["denoiser"], x_t, t, cond), d.prediction, "v", x_t, t)
-  return diffusion.velocity_error(v, jax.lax.stop_gradient(target)), t, dict(guidance=scale)
+  teacher = frozen.velocity(frozen_params, inputs, _null_batch(batch, frozen.networks), scale, d.prediction)
+  student_fn = lambda x, t, c: networks.predict(params["denoiser"], x, t, c)
+  per_sample = diffusion.guidance_distillation_loss(student_fn, teacher, x_t, t, networks.conditioning(params, inputs),
+                                                    scale, d.prediction)
+  return per_sample, t, dict(guidance=scale)
 
 
 def fewstep_objective(params, batch, keys, frozen_params, *, networks: Networks, config, frozen: Frozen):
