@@ -188,8 +188,9 @@ def compile_step(networks, tx, config, mesh, rules, state_shardings, abstract_st
   return compiled, batch_sharding
 
 
-def initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline):
-  """Resume order: a checkpoint in workdir > config.init_from > scratch.
+def initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline, parent=None):
+  """Resume order: a checkpoint in workdir > config.init_from > scratch. parent:
+  `load_parent(config.init_from)`, needed when there is no checkpoint and init_from is set.
 
   Returns (state, shardings, abstract_state, lineage).
   """
@@ -202,7 +203,7 @@ def initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline):
     return state, shardings, abstract, lineage
   state, _ = state_lib.create_state(networks, tx, mesh, rules, config.seed)
   if config.init_from:
-    _, ema, parent_lineage, from_step = load_parent(config.init_from, mesh, rules)
+    _, ema, parent_lineage, from_step = parent
     log.info("starting from the EMA params of %s (step %d) with a fresh optimizer", config.init_from, from_step)
     # Parameters the parent lacks (new LoRA adapters, a student's guidance embedding) keep
     # their fresh init; a parameter both have must agree in shape.
@@ -214,13 +215,14 @@ def initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline):
 
 
 def _overlay(base, new, path=""):
-  """`base` with every leaf that `new` has replaced by new's."""
+  """`base` with every leaf that `new` has replaced by a copy of new's (a copy: the state is
+  donated to the step, while `new` may also serve as the frozen reference/teacher)."""
   if isinstance(base, dict):
     return {k: _overlay(v, new[k], f"{path}/{k}") if k in new else v for k, v in base.items()}
   if base.shape != new.shape:
     raise ValueError(f"parameter {path.lstrip('/')} has shape {new.shape} in config.init_from but "
                      f"{base.shape} in this config")
-  return jax.device_put(new.astype(base.dtype), base.sharding)
+  return jax.device_put(jnp.array(new, dtype=base.dtype, copy=True), base.sharding)
 
 
 def write_samples(config, networks, params, workdir: str, step: int, writer: MetricWriter) -> str:
@@ -271,7 +273,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pipeline = pipeline_lib.make_pipeline(config.data, global_batch=config.train.batch_size,
                                         max_len=config.text.max_len, seed=config.seed)
   ckpt = ckpt_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
-  state, shardings, abstract, lineage = initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline)
+  # The init_from model is restored once: to start from (no checkpoint yet) and/or as the
+  # frozen reference/teacher of the objective.
+  frozen_objective = config.objective in config_lib.FROZEN_OBJECTIVES
+  parent = None
+  if config.init_from and (ckpt.latest_step() is None or frozen_objective):
+    parent = load_parent(config.init_from, mesh, rules)
+  state, shardings, abstract, lineage = initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline,
+                                                      parent)
   log.info("mesh %s; %s denoiser params, %s text params", dict(mesh.shape),
            f"{state_lib.param_count(state.params['denoiser']):,}",
            f"{state_lib.param_count(state.params.get('text', {})):,}")
@@ -283,8 +292,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   log.info("%s of %s parameters train (optim.trainable=%r)", f"{n_train:,}",
            f"{state_lib.param_count(state.params):,}", config.optim.trainable)
   frozen, frozen_params = None, None
-  if config.objective in config_lib.FROZEN_OBJECTIVES:
-    frozen, frozen_params, _, from_step = load_parent(config.init_from, mesh, rules)
+  if frozen_objective:
+    frozen, frozen_params, _, from_step = parent
     log.info("objective %r: frozen %s from %s (step %d)", config.objective,
              "reference" if config.objective == "dpo" else "teacher", config.init_from, from_step)
   compiled, batch_sharding = compile_step(networks, tx, config, mesh, rules, shardings, abstract, frozen,
