@@ -221,8 +221,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   step counter still advances past the bad batch) and increments nonfinite_streak.
 
   Returns the new state and on-device metrics: loss, grad_norm, lr, nonfinite, streak,
-  per-t-bin loss sums and counts (NUM_T_BINS equal bins of t in [0, 1]), and the
-  objective's diagnostics averaged over the batch.
+  per-t-bin loss sums and counts (NUM_T_BINS equal bins of t in [0, 1]), and under
+  'objective' the objective's diagnostics averaged over the batch.
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(rng), state.step)
   keys = jax.random.split(key, jax.tree.leaves(batch)[0].shape[0])
@@ -256,6 +256,6 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
       nonfinite_streak=new_state.nonfinite_streak,
       t_bin_loss_sum=bins.T @ finite_losses,
       t_bin_count=bins.sum(0),
-      **{k: v.mean() for k, v in extra.items()},
+      objective={k: v.mean() for k, v in extra.items()},
   )
   return new_state, metrics

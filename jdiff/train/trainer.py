@@ -113,9 +113,8 @@ def summarize(h: list[dict[str, Any]], seconds: float, batch_size: int) -> dict[
   for i, (s, c) in enumerate(zip(sums, counts)):
     if c > 0:
       out[f"loss_t{i / len(sums):.1f}"] = float(s / c)
-  for k in h[-1]:  # the objective's diagnostics (dpo_accuracy, ...)
-    if k not in out and k not in ("t_bin_loss_sum", "t_bin_count", "nonfinite", "grad_norm", "loss"):
-      out[k] = float(np.mean(stack(k)))
+  for k in h[-1]["objective"]:  # the objective's diagnostics (dpo_accuracy, ...)
+    out[k] = float(np.mean([m["objective"][k] for m in h]))
   out["steps_per_s"] = len(h) / seconds
   out["images_per_s"] = len(h) * batch_size / seconds
   return out
