@@ -92,31 +92,32 @@ def train_all(pipeline: ml_collections.ConfigDict, workdir: str) -> list[tuple[s
   return stages
 
 
-def _row(label: str, stage_dir: str, config, num_samples: int, num_steps: int | None = None,
-         cfg_scale: float | None = None) -> dict[str, Any]:
+def _row(label: str, model, config, num_samples: int, num_steps: int | None = None) -> dict[str, Any]:
+  """One table row: `model` (a loaded stage) scored with its eval sampler (num_steps: override)."""
   from jdiff import inference  # pylint: disable=g-import-not-at-top
   from jdiff.eval import benchmark  # pylint: disable=g-import-not-at-top
 
-  model = inference.load(stage_dir)
   e = model.config.eval
   num_steps = num_steps or e.num_steps
-  cfg_scale = e.cfg_scale if cfg_scale is None else cfg_scale
-  result = benchmark.evaluate(model, num_samples=num_samples, num_steps=num_steps, cfg_scale=cfg_scale)
-  forwards = inference.forwards_per_image(model.networks, num_steps, cfg_scale, e.method)
+  result = benchmark.evaluate(model, num_samples=num_samples, num_steps=num_steps, cfg_scale=e.cfg_scale)
+  forwards = inference.forwards_per_image(model.networks, num_steps, e.cfg_scale, e.method)
   return dict(name=label, stage=config.stage, objective=config.objective, train_steps=config.train.num_steps,
               resolution=config.data.resolution,
-              sampler=f"{num_steps} x {forwards // num_steps}", forwards=forwards, cfg_scale=cfg_scale,
+              sampler=f"{num_steps} x {forwards // num_steps}", forwards=forwards, cfg_scale=e.cfg_scale,
               guidance_embedded=bool(model.networks.denoiser.guidance_embed), adherence=result)
 
 
 def evaluate_all(pipeline: ml_collections.ConfigDict, stages: list[tuple[str, str, Any]]) -> list[dict[str, Any]]:
   """The table's rows: each stage with its own eval sampler, plus the teacher row."""
+  from jdiff import inference  # pylint: disable=g-import-not-at-top
+
   t = pipeline.table
   rows = []
   for name, stage_dir, config in stages:
-    rows.append(_row(name, stage_dir, config, t.num_samples))
+    model = inference.load(stage_dir)
+    rows.append(_row(name, model, config, t.num_samples))
     if name == t.teacher:
-      rows.append(_row(f"{name} @ {t.teacher_steps} steps", stage_dir, config, t.num_samples, t.teacher_steps))
+      rows.append(_row(f"{name} @ {t.teacher_steps} steps", model, config, t.num_samples, t.teacher_steps))
   return rows
 
 
@@ -141,8 +142,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def run(pipeline: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict[str, Any]], str]:
   """Trains what is not finished, evaluates every stage, writes workdir/stages.{json,md}.
   Returns (rows, Markdown table)."""
-  stage_configs(pipeline, workdir)  # every stage's config validated before any training
-  stages = train_all(pipeline, workdir)
+  stages = train_all(pipeline, workdir)  # validates every stage's config before any training
   rows = evaluate_all(pipeline, stages)
   table = markdown(rows)
   with open(os.path.join(workdir, "stages.json"), "w") as f:
