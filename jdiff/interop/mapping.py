@@ -146,13 +146,13 @@ def export_lora(rules: Iterable[Rule | Derived], params: Mapping[str, Any], scal
     raise ValueError("these params hold no LoRA adapters (config.lora.rank = 0?)")
   out = {}
   for r in rules:
-    if r.layout == "linear" and r.path[-1] == "kernel" and r.path[:-1] in adapters:
+    layer = r.path[:-1]
+    if r.layout == "linear" and r.path[-1] == "kernel" and layer in adapters:
       module = f"{prefix}.{r.key[:-len('.weight')]}"
-      out[f"{module}.lora_A.weight"] = np.ascontiguousarray(np.asarray(leaves[r.path[:-1] + ("lora_a",)]).T)
-      out[f"{module}.lora_B.weight"] = np.ascontiguousarray(
-          (np.asarray(leaves[r.path[:-1] + ("lora_b",)], np.float32) * scale).astype(
-              np.asarray(leaves[r.path[:-1] + ("lora_b",)]).dtype).T)
-      adapters.discard(r.path[:-1])
+      a, b = np.asarray(leaves[layer + ("lora_a",)]), np.asarray(leaves[layer + ("lora_b",)])
+      out[f"{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
+      out[f"{module}.lora_B.weight"] = np.ascontiguousarray((b.astype(np.float32) * scale).astype(b.dtype).T)
+      adapters.discard(layer)
   if adapters:
     raise ValueError(f"adapters on layers without a linear diffusers counterpart: {_few(sorted('/'.join(a) for a in adapters))}")
   return out
