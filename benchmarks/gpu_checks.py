@@ -1,116 +1,161 @@
-"""Device checks for the lent GPU: bf16 vs fp32 loss on one batch, and train-step
-throughput of the default MMDiT config for a few (attention, remat, batch) settings.
+"""Device checks for a lent GPU: bf16 vs fp32 on one batch, and `jdiff.bench` rows (step time,
+FLOPs, MFU, compile time, memory) for several sizes in one process.
 
-  python benchmarks/gpu_checks.py [VARIANT] [--bf16_only]   # VARIANT of configs/mmdit_256.py ('test' on CPU)
+  python benchmarks/gpu_checks.py [--check] [--rows="d12:128 d24:64:none"] [--tag=NAME]
+                                  [--profile_row=d24:128 --profile_dir=DIR]
+                                  [--geometry=latent256|default] [--variant=test] [--out=FILE]
+
+--geometry latent256 (default): SD3's 256x256 latent shape, 32x32x16 inputs with patch 2
+  (256 image tokens); 'default' keeps configs/mmdit_256.py's 256 px pixel-space patch 8.
+--rows: MMDiT variant:batch[:remat[:attention]] per row; each prints one JSON line (also
+  appended to --out) tagged with --tag and the process's XLA_FLAGS. A failing row (e.g. out
+  of memory) prints its error and the others still run.
+--variant test: the tiny CPU config, for a dry run of the script on any machine.
 """
 
+import argparse
 import functools
+import gc
 import importlib.util
+import json
 import os
 import sys
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jdiff import bench
 from jdiff.data import pipeline as pipeline_lib
-from jdiff.train import optim, trainer
-from jdiff.train import sharding as shard_lib
 from jdiff.train import state as state_lib
 from jdiff.train import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]
-VARIANT = ARGS[0] if ARGS else None
-BF16_ONLY = "--bf16_only" in sys.argv
+GEOMETRY = {
+    "latent256": dict(model__patch_size=2, model__in_channels=16, data__resolution=32, model__pos_embed_max_size=32),
+    "default": {},
+}
 
 
-def config(**overrides):
+def config(variant=None, geometry="latent256", **overrides):
   spec = importlib.util.spec_from_file_location("c", os.path.join(ROOT, "configs", "mmdit_256.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config(VARIANT)
+  c = module.get_config(variant)
   c.mesh.data = -1
-  for key, value in overrides.items():
+  for key, value in {**GEOMETRY[geometry], **overrides}.items():
     section, field = key.split("__")
     c[section][field] = value
   return c
 
 
-def loss_of(c, params_host, batch):
-  networks = state_lib.build_networks(c)
-  keys = jax.random.split(jax.random.key(0), batch["image"].shape[0])
-  f = jax.jit(functools.partial(step_lib.loss_fn, networks=networks, config=c))
-  return float(f(params_host, batch, keys)[0])
-
-
-def bf16_vs_fp32():
-  c32 = config(model__dtype="float32", text__dtype="float32", train__batch_size=16)
-  c16 = config(model__dtype="bfloat16", text__dtype="bfloat16", train__batch_size=16)
+def bf16_vs_fp32(variant, geometry, tolerance=1e-2):
+  """The same weights and batch in fp32 and in bf16 compute: loss and network output."""
+  c32 = config(variant, geometry, model__dtype="float32", text__dtype="float32", train__batch_size=16)
+  c16 = config(variant, geometry, model__dtype="bfloat16", text__dtype="bfloat16", train__batch_size=16)
   networks = state_lib.build_networks(c32)
   params = nn.unbox(networks.init_params(jax.random.key(0)))
-  # Random non-zero weights so the comparison covers every layer.
+  # Random non-zero weights so the comparison covers every layer (adaLN-Zero starts at 0).
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   params = jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-  p = pipeline_lib.make_pipeline(c32.data, global_batch=16, max_len=c32.text.max_len, seed=0)
-  batch = {k: jnp.asarray(v) for k, v in next(p).items()}
-  l32 = loss_of(c32, params, batch)
-  l16 = loss_of(c16, params, batch)
-  # The network output itself, on the same noisy input: a sharper check than the loss.
+  rng = jax.random.key(2)
+  res, ch = c32.data.resolution, c32.model.in_channels
+  batch = dict(image=jax.random.randint(rng, (16, res, res, ch), 0, 256).astype(jnp.uint8),
+               tokens=jax.random.randint(rng, (16, c32.text.max_len), 2, 200))
+  if ch == 3:  # pixel space: a real batch of the embedded data
+    p = pipeline_lib.make_pipeline(c32.data, global_batch=16, max_len=c32.text.max_len, seed=0)
+    batch = {k: jnp.asarray(v) for k, v in next(p).items()}
+  keys = jax.random.split(jax.random.key(3), 16)
   x = step_lib.images_to_model_space(batch["image"])
   t = jnp.linspace(0.05, 0.95, x.shape[0])
-  outs = []
+  losses, outs = [], []
   for c in (c32, c16):
     n = state_lib.build_networks(c)
+    loss = jax.jit(functools.partial(step_lib.loss_fn, networks=n, config=c))
+    losses.append(float(loss(params, batch, keys)[0]))
     f = jax.jit(lambda p, x, t, tok, n=n: n.predict(p["denoiser"], x, t, n.encode(p["text"], tok)))
-    outs.append(f(params, x, t, batch["tokens"]))
-  rel = float(jnp.linalg.norm(outs[1] - outs[0]) / jnp.linalg.norm(outs[0]))
-  print(f"loss fp32 {l32:.5f}  bf16 {l16:.5f}  rel diff {abs(l16 - l32) / l32:.2e}; "
-        f"output rel diff {rel:.2e} (|output| {float(jnp.abs(outs[0]).mean()):.3f})")
+    outs.append(f(params, x, t, batch["tokens"]).astype(jnp.float32))
+  rel_loss = abs(losses[1] - losses[0]) / losses[0]
+  rel_out = float(jnp.linalg.norm(outs[1] - outs[0]) / jnp.linalg.norm(outs[0]))
+  ok = rel_loss < tolerance and bool(jnp.all(jnp.isfinite(outs[1])))
+  print(f"bf16 check ({geometry}): loss fp32 {losses[0]:.5f} bf16 {losses[1]:.5f} rel diff {rel_loss:.2e} "
+        f"(tolerance {tolerance:g}): {'PASS' if ok else 'FAIL'}; network output rel L2 diff {rel_out:.2e}")
+  return ok
 
 
-def throughput(batch_size, attention="default", remat="dots_no_batch", steps=10):
-  c = config(train__batch_size=batch_size, model__attention=attention, model__remat=remat)
-  networks = state_lib.build_networks(c)
-  tx = optim.make_optimizer(c.optim, c.train.num_steps)
-  mesh = shard_lib.make_mesh(c.mesh)
-  rules = shard_lib.rules_tuple(c.sharding.logical_rules)
-  state, shardings = state_lib.create_state(networks, tx, mesh, rules, 0)
-  t0 = time.time()
-  compiled, batch_sharding = trainer.compile_step(networks, tx, c, mesh, rules, shardings,
-                                                  jax.eval_shape(lambda: state))
-  compile_s = time.time() - t0
-  res = c.data.resolution
-  rng = np.random.default_rng(0)
-  batch = pipeline_lib.to_global(dict(
-      image=rng.integers(0, 255, (batch_size, res, res, 3), dtype=np.uint8),
-      tokens=rng.integers(2, 200, (batch_size, c.text.max_len), dtype=np.int32)), batch_sharding)
-  run_rng = jnp.copy(state.rng)
-  for _ in range(3):
-    state, m = compiled(state, batch, run_rng)
-  jax.block_until_ready(m)
-  t0 = time.time()
-  for _ in range(steps):
-    state, m = compiled(state, batch, run_rng)
-  jax.block_until_ready(m)
-  dt = (time.time() - t0) / steps
-  mem = compiled.memory_analysis()
-  temp = mem.temp_size_in_bytes / 2**30 if mem else float("nan")
-  print(f"| {batch_size:5d} | {attention:8s} | {remat:14s} | {compile_s:6.1f} | {dt * 1000:8.1f} | "
-        f"{batch_size / dt:8.1f} | {temp:6.2f} |")
+def bench_row(spec, variant, geometry, steps, warmup, tag, profile_dir=""):
+  """One `jdiff.bench` measurement for 'depth_variant:batch[:remat[:attention]]'."""
+  parts = spec.split(":")
+  overrides = dict(model__variant=parts[0], train__batch_size=int(parts[1]))
+  if len(parts) > 2:
+    overrides["model__remat"] = parts[2]
+  if len(parts) > 3:
+    overrides["model__attention"] = parts[3]
+  c = config(variant, geometry, **overrides)
+  row = dict(spec=spec, tag=tag, xla_flags=os.environ.get("XLA_FLAGS", ""), geometry=geometry)
+  try:
+    row.update(bench.run(c, steps=steps, warmup=warmup, profile_dir=profile_dir))
+    row["attention"] = c.model.attention
+  except Exception as e:  # one failing row (out of memory, say) must not hide the others
+    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+  gc.collect()
+  return row
+
+
+def table(rows) -> str:
+  head = (f"| {'spec':<18} | {'tag':<8} | {'step ms':>8} | {'img/s':>7} | {'TFLOP/step':>10} | "
+          f"{'XLA TFLOP':>9} | {'TFLOP/s':>7} | {'MFU':>6} | {'compile s':>9} | {'peak GiB':>8} |")
+  lines = [head, "|" + "|".join("-" * (len(c) - 0) for c in head.split("|")[1:-1]) + "|"]
+  for r in rows:
+    if "error" in r:
+      lines.append(f"| {r['spec']:<18} | {r['tag']:<8} | {r['error'][:90]}")
+      continue
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+    xla = f"{r['xla_flops_per_step'] / 1e12:.2f}" if r["xla_flops_per_step"] else "n/a"
+    mem = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r["peak_memory_bytes"] else "n/a"
+    lines.append(f"| {r['spec']:<18} | {r['tag']:<8} | {1e3 * r['step_time_s']:>8.1f} | {r['images_per_s']:>7.1f} | "
+                 f"{r['flops_per_step'] / 1e12:>10.3f} | {xla:>9} | {r['flops_per_step'] / r['step_time_s'] / 1e12:>7.1f} | "
+                 f"{mfu:>6} | {r['compile_s']:>9.1f} | {mem:>8} |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--check", action="store_true", help="bf16 vs fp32 loss and output first")
+  parser.add_argument("--rows", default="", help="space-separated variant:batch[:remat[:attention]]")
+  parser.add_argument("--tag", default="default", help="label of this process's settings (XLA flags)")
+  parser.add_argument("--geometry", default="latent256", choices=tuple(GEOMETRY))
+  parser.add_argument("--variant", default=None, help="config variant ('test' for a CPU dry run)")
+  parser.add_argument("--steps", type=int, default=8)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--profile_row", default="", help="trace this row's spec after timing it")
+  parser.add_argument("--profile_dir", default="/tmp/jdiff_profile")
+  parser.add_argument("--out", default="", help="append each row's JSON line to this file")
+  parser.add_argument("--table", default="", help="only print the table of a JSON-lines file")
+  args = parser.parse_args(argv)
+  if args.table:
+    print(table([json.loads(l) for l in open(args.table) if l.strip().startswith("{")]))
+    return 0
+  print(f"jax {jax.__version__} {jax.devices()} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+  ok = bf16_vs_fp32(args.variant, args.geometry) if args.check else True
+  rows = []
+  for spec in args.rows.split():
+    profile_dir = args.profile_dir if spec == args.profile_row else ""
+    row = bench_row(spec, args.variant, args.geometry, args.steps, args.warmup, args.tag, profile_dir)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    if profile_dir and "error" not in row:
+      sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+      import profile_summary  # pylint: disable=g-import-not-at-top
+      print(f"profile of {spec} ({args.tag}):\n" + profile_summary.summarize(profile_dir, top=30), flush=True)
+    if args.out:
+      with open(args.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+  if rows:
+    print(table(rows))
+  return 0 if ok else 1
 
 
 if __name__ == "__main__":
-  print(jax.devices())
-  bf16_vs_fp32()
-  if BF16_ONLY:
-    sys.exit(0)
-  print("| batch | attention | remat          | compile s | step ms | images/s | temp GiB |")
-  for args in [(64, "default", "dots_no_batch"), (64, "cudnn", "dots_no_batch"), (128, "cudnn", "dots_no_batch")]:
-    try:
-      throughput(*args)
-    except Exception as e:  # one failing setting must not hide the others
-      print(f"| {args} failed: {type(e).__name__}: {str(e)[:200]}")
+  sys.exit(main())

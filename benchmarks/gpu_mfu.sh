@@ -1,37 +1,27 @@
 #!/usr/bin/env bash
-# Prepared device run (lent H100/H200, under 8 minutes): bf16-vs-fp32 loss check, then MFU of
+# Prepared device run (lent H100/H200, about 6 minutes): bf16-vs-fp32 check, then MFU of
 # MMDiT at SD3's 256x256 latent geometry (32x32x16 latents, patch 2: 256 image tokens) for
-# d12 and d24 at two batch sizes, through `python -m jdiff.bench` (one JSON line each),
-# summarised as a table. Run from the repo root with the wheels of
-# ../shared/device/wheels.sh carried in .whl:   bash benchmarks/gpu_mfu.sh
+# d12 and d24 at several batch sizes and remat policies, under XLA's default GEMM emitters
+# and under cuBLAS only (--xla_gpu_enable_triton_gemm=false), each row one `jdiff.bench`
+# measurement (benchmarks/gpu_checks.py), then one table. Run from the repo root with the
+# wheels of ../shared/device/wheels.sh carried in .whl:   bash benchmarks/gpu_mfu.sh
 # CPU dry run of the same script (tiny sizes):
-#   SIZES="d2:4" STEPS=2 CHECK_VARIANT=test JAX_PLATFORMS=cpu bash benchmarks/gpu_mfu.sh
+#   ROWS_A="d2:4" ROWS_B="d2:8:none" VARIANT=test JAX_PLATFORMS=cpu bash benchmarks/gpu_mfu.sh
 set -uo pipefail
 source benchmarks/device_env.sh
-SIZES=${SIZES:-"d12:64 d12:128 d24:64 d24:128"}
-STEPS=${STEPS:-10}
-CHECK_VARIANT=${CHECK_VARIANT:-}  # 'test' for the CPU dry run
-log="$OUT/gpu_mfu.log"
+ROWS_A=${ROWS_A:-"d12:128 d24:64 d24:128"}
+ROWS_B=${ROWS_B:-"d12:128 d24:128 d24:64:none d12:256"}
+PROFILE_ROW=${PROFILE_ROW:-d24:128}  # traced after its timing in process B; summary printed
+VARIANT=${VARIANT:+--variant=$VARIANT}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
+rows="$OUT/bench.jsonl"
 {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
-  python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-  timeout 120 python3 benchmarks/gpu_checks.py $CHECK_VARIANT --bf16_only || echo "bf16 check failed or timed out"
-  for spec in $SIZES; do
-    variant=${spec%%:*}; batch=${spec##*:}
-    timeout 150 python3 -m jdiff.bench --config=configs/mmdit_256.py --steps="$STEPS" --warmup=2 \
-      --config.model.variant="$variant" --config.model.patch_size=2 --config.model.in_channels=16 \
-      --config.data.resolution=32 --config.train.batch_size="$batch" --config.mesh.data=-1 \
-      2>/dev/null | tail -1 | tee -a "$OUT/bench.jsonl"
-  done
-  python3 - "$OUT/bench.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
-print(f"{'model':<28} {'batch':>5} {'step ms':>8} {'img/s':>8} {'TFLOP/step':>10} {'XLA TFLOP':>9} {'MFU':>6} {'compile s':>9} {'peak GiB':>8}")
-for r in rows:
-  mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
-  xla = f"{r['xla_flops_per_step'] / 1e12:.2f}" if r["xla_flops_per_step"] else "n/a"
-  mem = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r["peak_memory_bytes"] else "n/a"
-  print(f"{r['model']:<28} {r['batch']:>5} {1e3 * r['step_time_s']:>8.1f} {r['images_per_s']:>8.1f} "
-        f"{r['flops_per_step'] / 1e12:>10.3f} {xla:>9} {mfu:>6} {r['compile_s']:>9.1f} {mem:>8}")
-PY
-} 2>&1 | tee "$log"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "no GPU"
+  timeout 220 python3 benchmarks/gpu_checks.py $VARIANT --check --rows="$ROWS_A" --tag=xla --out="$rows" ||
+    echo "process A failed or timed out (rc $?)"
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout 220 python3 benchmarks/gpu_checks.py $VARIANT \
+    --rows="$ROWS_B" --tag=cublas --out="$rows" --profile_row="$PROFILE_ROW" --profile_dir=/tmp/jdiff_profile || echo "process B failed or timed out (rc $?)"
+  python3 benchmarks/gpu_checks.py --table="$rows"
+  f=$(find /tmp/jdiff_profile -name '*.xplane.pb' 2>/dev/null | head -1)
+  [ -n "$f" ] && cp "$f" "$OUT/profile.xplane.pb" && cp /tmp/jdiff_profile/train_step.hlo.txt "$OUT/"
+} 2>&1 | tee "$OUT/gpu_mfu.log"

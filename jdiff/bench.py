@@ -1,6 +1,7 @@
 """Training-step benchmark: one JSON line with step time, throughput, FLOPs and MFU.
 
   python -m jdiff.bench --config=configs/mmdit_256.py[:variant] [--steps=20 --warmup=3] [--config.x=y ...]
+                        [--profile_dir=DIR]   # then: python benchmarks/profile_summary.py DIR
 
 Runs the real jitted, sharded, donated train step of the config on synthetic batches of
 the config's shapes (no input pipeline: its throughput is measured by benchmarks/loader.py).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -36,6 +38,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "If set, trace 2 more steps there with jax.profiler.")
 
 # Peak dense FLOP/s per device by (device-kind substring, compute dtype). bf16: tensor-core /
 # MXU peak without sparsity; float32 on GPUs: the non-tensor-core FP32 rate.
@@ -129,7 +132,10 @@ def _text_flops(networks) -> float:
   return t.depth * block + stem
 
 
-def run(config, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
+def run(config, steps: int = 20, warmup: int = 3, profile_dir: str = "", profile_steps: int = 2) -> dict[str, Any]:
+  """Compiles and times the config's train step; with profile_dir, then traces
+  `profile_steps` more steps there (jax.profiler; summarise with benchmarks/profile_summary.py
+  or open in TensorBoard/XProf)."""
   import jax  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -138,6 +144,9 @@ def run(config, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
   from jdiff.train import sharding as shard_lib  # pylint: disable=g-import-not-at-top
   from jdiff.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
+  if config.objective != "flow":
+    raise ValueError(f"jdiff.bench times the flow objective's step; objective {config.objective!r} "
+                     "needs a frozen model (time it with jdiff.main's step log)")
   rules = shard_lib.rules_tuple(config.sharding.logical_rules)
   mesh = shard_lib.make_mesh(config.mesh)
   networks = state_lib.build_networks(config)
@@ -162,14 +171,22 @@ def run(config, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
   run_rng = jax.device_put(np.zeros(2, np.uint32), shard_lib.replicated(mesh))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for _ in range(warmup):
-      state, metrics = compiled(state, batch, run_rng)
+      state, metrics = compiled(state, batch, run_rng, None)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(steps):
       t0 = time.perf_counter()
-      state, metrics = compiled(state, batch, run_rng)
+      state, metrics = compiled(state, batch, run_rng, None)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t0)
+    if profile_dir:  # after the timed steps, so tracing costs them nothing
+      os.makedirs(profile_dir, exist_ok=True)
+      with open(os.path.join(profile_dir, "train_step.hlo.txt"), "w") as f:
+        f.write(compiled.as_text())  # maps the trace's HLO op names to source lines
+      with jax.profiler.trace(profile_dir):
+        for _ in range(profile_steps):
+          state, metrics = compiled(state, batch, run_rng, None)
+        jax.block_until_ready(metrics)
   step_time = float(np.median(times))
 
   b = config.train.batch_size
@@ -177,19 +194,20 @@ def run(config, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
   flops = model_flops(networks, b, image_tokens)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla_flops = float(cost["flops"]) * len(jax.devices()) if cost and "flops" in cost else None
+  n_dev = mesh.devices.size  # cost analysis and peak rate are per device of the step's mesh
+  xla_flops = float(cost["flops"]) * n_dev if cost and "flops" in cost else None
   mem = compiled.memory_analysis()
   peak_mem = None
   if mem is not None:
     peak_mem = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                    - mem.alias_size_in_bytes)
-  device = jax.devices()[0]
+  device = mesh.devices.flat[0]
   peak = peak_flops(device.device_kind, config.model.dtype)
   return dict(
       step_time_s=step_time, images_per_s=b / step_time, tokens_per_s=b * image_tokens / step_time,
       flops_per_step=flops["train_step"], xla_flops_per_step=xla_flops,
-      mfu=flops["train_step"] / step_time / (peak * len(jax.devices())) if peak else None,
-      compile_s=compile_s, peak_memory_bytes=peak_mem, device=device.device_kind, num_devices=len(jax.devices()),
+      mfu=flops["train_step"] / step_time / (peak * n_dev) if peak else None,
+      compile_s=compile_s, peak_memory_bytes=peak_mem, device=device.device_kind, num_devices=n_dev,
       batch=b, image_tokens=image_tokens, text_tokens=flops["text_tokens"],
       model=f"{config.model.name} depth={networks.denoiser.depth} width={networks.denoiser.width}",
       dtype=config.model.dtype, scan=bool(config.model.scan), remat=config.model.remat,
@@ -203,7 +221,7 @@ def main(argv):
   config = config_lib.resolve(_CONFIG.value)
   config_lib.validate(config)
   logging.getLogger("jdiff").setLevel(logging.WARNING)
-  print(json.dumps(run(config, _STEPS.value, _WARMUP.value)))
+  print(json.dumps(run(config, _STEPS.value, _WARMUP.value, _PROFILE_DIR.value)))
 
 
 if __name__ == "__main__":

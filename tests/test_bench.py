@@ -48,3 +48,31 @@ def test_peak_table():
   assert bench.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
   assert bench.peak_flops("TPU v5 lite", "bfloat16") == 197e12
   assert bench.peak_flops("cpu", "float32") is None
+
+
+def test_run_reports_consistent_numbers():
+  """The benchmark's real train step on the tiny config: its derived fields agree with each
+  other, with the analytic count, with XLA's count of the same step, and with the state size."""
+  import flax.linen as nn
+  config = get_config("mmdit_256")
+  r = bench.run(config, steps=2, warmup=1)
+  networks = state_lib.build_networks(config)
+  b = config.train.batch_size
+  assert r["batch"] == b and r["image_tokens"] == networks.seq_len()
+  assert r["images_per_s"] == pytest.approx(b / r["step_time_s"])
+  assert r["tokens_per_s"] == pytest.approx(b * networks.seq_len() / r["step_time_s"])
+  assert r["step_time_min_s"] <= r["step_time_s"]
+  assert r["flops_per_step"] == bench.model_flops(networks, b, networks.seq_len())["train_step"]
+  # Without remat XLA counts the same matmuls plus elementwise work and the optimizer update.
+  assert r["flops_per_step"] <= r["xla_flops_per_step"] <= 1.3 * r["flops_per_step"]
+  params = jax.eval_shape(lambda: nn.unbox(networks.init_params(jax.random.key(0))))
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  assert r["peak_memory_bytes"] >= 4 * param_bytes  # params, EMA and Adam's two moments at least
+  assert r["mfu"] is None  # no peak rate for CPUs
+
+
+def test_run_rejects_frozen_objectives():
+  config = get_config("mmdit_256")
+  config.objective = "dpo"
+  with pytest.raises(ValueError, match="flow objective"):
+    bench.run(config, steps=1, warmup=0)
