@@ -17,9 +17,9 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
 rows="$OUT/bench.jsonl"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "no GPU"
-  timeout 220 python3 benchmarks/gpu_checks.py $VARIANT --check --rows="$ROWS_A" --tag=xla --out="$rows" ||
+  timeout 230 python3 benchmarks/gpu_checks.py $VARIANT --check --rows="$ROWS_A" --tag=xla --out="$rows" ||
     echo "process A failed or timed out (rc $?)"
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout 220 python3 benchmarks/gpu_checks.py $VARIANT \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout 260 python3 benchmarks/gpu_checks.py $VARIANT \
     --rows="$ROWS_B" --tag=cublas --out="$rows" --profile_row="$PROFILE_ROW" --profile_dir=/tmp/jdiff_profile || echo "process B failed or timed out (rc $?)"
   python3 benchmarks/gpu_checks.py --table="$rows"
   f=$(find /tmp/jdiff_profile -name '*.xplane.pb' 2>/dev/null | head -1)
