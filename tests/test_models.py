@@ -259,3 +259,25 @@ def test_lora_merge_equals_the_adapted_forward(scan):
   # The adapters matter: dropping them changes the output.
   without = model.apply({"params": {k: v for k, v in params.items()}}, x, t, **cond)
   assert float(jnp.abs(without - adapted).max()) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_embed_one_hot_equals_gather_with_repeated_ids(dtype):
+  """The accelerator path (one-hot matmul) and the CPU path (gather) of layers.embed give the
+  same rows and the same table gradient (a scatter-add over repeated ids)."""
+  table = jax.random.normal(jax.random.key(0), (37, 8))
+  ids = jax.random.randint(jax.random.key(1), (4, 11), 0, 5)  # few distinct ids: many repeats
+  cot = jax.random.normal(jax.random.key(2), (4, 11, 8))
+
+  def run(one_hot):
+    f = lambda t: layers.embed(t, ids, dtype, one_hot=one_hot)
+    out, vjp = jax.vjp(f, table)
+    return out, vjp(cot.astype(out.dtype))[0]
+
+  (out_g, grad_g), (out_m, grad_m) = run(False), run(True)
+  assert out_m.dtype == out_g.dtype == dtype
+  chex.assert_trees_all_equal(out_m, out_g)
+  np.testing.assert_array_equal(out_g, table.astype(dtype)[ids])
+  tol = 1e-6 if dtype == jnp.float32 else 2e-2
+  chex.assert_trees_all_close(grad_m, grad_g, rtol=tol, atol=tol)
+  assert float(jnp.abs(grad_g[5:]).max()) == 0.0  # rows never looked up get no gradient

@@ -87,7 +87,7 @@ class DiT(base.PatchTransformer):
       table = self.param("label_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                      ("vocab", "embed")),
                          (self.num_classes + 1, self.width), self.param_dtype)
-      c = c + jnp.take(L.gathered(table.astype(self.dtype), ("vocab", "embed")), labels, axis=0)
+      c = c + L.embed(table, labels, self.dtype)
     elif self.pooled_dim > 0:
       if pooled is None:
         raise ValueError("text-conditional DiT needs `pooled`")

@@ -173,6 +173,24 @@ def dense(
                name=name)
 
 
+def embed(table: jax.Array, ids: jax.Array, dtype: Dtype, axes: tuple[str, str] = ("vocab", "embed"),
+          one_hot: bool | None = None) -> jax.Array:
+  """Rows of a trainable table [V, D] (logical `axes`) for integer ids [...] -> [..., D].
+
+  one_hot=None picks by backend: on GPU/TPU a one-hot matmul, since a gather's gradient is a
+  scatter-add whose atomic updates serialise on repeated ids (the byte encoder's 2048
+  word-bucket lookups took 14 ms of a 495 ms d24 step on an H100, BENCHMARKS.md) while the
+  one-hot product's gradient is a dense matmul; on CPU a gather, which costs less there.
+  Both give the same values (one non-zero term per row).
+  """
+  w = gathered(table.astype(dtype), axes)
+  if one_hot is None:
+    one_hot = jax.default_backend() != "cpu"
+  if not one_hot:
+    return jnp.take(w, ids, axis=0)
+  return jnp.dot(jax.nn.one_hot(ids, table.shape[0], dtype=w.dtype), w)
+
+
 def layer_norm(name: str, dtype: Dtype, eps: float = 1e-6) -> nn.LayerNorm:
   """LayerNorm without affine parameters (adaLN supplies scale and shift)."""
   return nn.LayerNorm(

@@ -99,7 +99,7 @@ class ByteEncoder(nn.Module):
                          nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
                          (self.word_buckets, self.width), self.param_dtype)
       bucket = (word_hashes(tokens, self.max_words) % self.word_buckets).astype(jnp.int32)
-      words = words + jnp.take(L.gathered(table.astype(self.dtype), ("vocab", "embed")), bucket, axis=0)
+      words = words + L.embed(table, bucket, self.dtype)
     pos = self.param("word_pos_embed",
                      nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
                      (self.max_words, self.width), self.param_dtype)
@@ -118,7 +118,7 @@ class ByteEncoder(nn.Module):
                        (VOCAB_SIZE, self.width), self.param_dtype)
     pos = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
                      (self.max_len, self.width), self.param_dtype)
-    x = jnp.take(L.gathered(table.astype(self.dtype), ("vocab", "embed")), tokens, axis=0)
+    x = L.embed(table, tokens, self.dtype)
     x = x + L.gathered(pos.astype(self.dtype), ("length", "embed"))[None, :n]
     if self.conv_kernel:
       conv = nn.Conv(self.width, (self.conv_kernel,), padding="SAME", name="conv", **kw,
