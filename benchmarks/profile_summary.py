@@ -18,7 +18,8 @@ import re
 
 from jax.profiler import ProfileData
 
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S+(?:\s*\{[^}]*\})?\s+([\w\-]+)\(")
+# '%name = TYPE opcode(' with TYPE an array type or a tuple of them.
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\([^()]*\)|\S+)\s+([\w\-]+)\(")
 
 
 def parse_hlo(text: str) -> dict[str, tuple[str, str]]:
@@ -66,8 +67,30 @@ def _source_key(op_name: str) -> str:
   return f"{direction} {'/'.join(op_name.split('/')[-4:])}"
 
 
+_KERNEL_KINDS = (  # GPU library kernels, by name prefix: they carry no HLO name of their own
+    (("nvjet", "sm90_xmma", "sm80_xmma", "cutlass", "ampere_", "gemm"), "matmul (cublas)"),
+    (("cudnn", "void cudnn"), "attention (cudnn)"),
+    (("memcpy", "memset"), "copy"),
+)
+
+
+def _classify(name: str, ops: dict[str, tuple[str, str]]) -> tuple[str, str]:
+  """(kind, source op) of a trace event: an HLO op name (CPU thunks, TPU ops), a fusion's
+  kernel (its HLO name with '.' and '-' as '_'), or a library kernel."""
+  if name in ops:
+    return ops[name]
+  for prefixes, kind in _KERNEL_KINDS:
+    if name.startswith(prefixes):
+      return kind, ""
+  return ops.get(_kernel_name(name), ("?", ""))
+
+
+def _kernel_name(hlo_name: str) -> str:
+  return hlo_name.replace(".", "_").replace("-", "_")
+
+
 def op_times(xplane: str) -> tuple[dict[str, float], str]:
-  """HLO op name -> summed device nanoseconds, and the plane they came from."""
+  """Op or kernel name -> summed device nanoseconds, and the plane they came from."""
   pd = ProfileData.from_file(xplane)
   planes = [p for p in pd.planes if p.name.startswith(("/device:GPU", "/device:TPU"))]
   times = collections.Counter()
@@ -93,24 +116,26 @@ def summarize(directory: str, top: int = 25, steps: int = 2) -> str:
     raise FileNotFoundError(f"no *.xplane.pb under {directory}")
   hlo_path = os.path.join(directory, "train_step.hlo.txt")
   ops = parse_hlo(open(hlo_path).read()) if os.path.exists(hlo_path) else {}
+  ops.update({_kernel_name(k): v for k, v in ops.items() if _kernel_name(k) not in ops})
   times, plane = op_times(xplanes[-1])
   total = sum(times.values())
   out = [f"{plane}: {total / steps / 1e6:.1f} ms of op time per step ({steps} steps traced)"]
   by_kind = collections.Counter()
   for name, ns in times.items():
-    by_kind[ops.get(name, ("?", ""))[0]] += ns
+    by_kind[_classify(name, ops)[0]] += ns
   out.append(f"{'kind':<28} {'ms/step':>8} {'share':>6}")
   for kind, ns in by_kind.most_common():
     out.append(f"{kind:<28} {ns / steps / 1e6:>8.2f} {100 * ns / total:>5.1f}%")
   by_source = collections.Counter()
   for name, ns in times.items():
-    by_source[_source_key(ops.get(name, ("?", ""))[1])] += ns
+    kind, src = _classify(name, ops)
+    by_source[_source_key(src) if src else kind] += ns
   out.append(f"\n{'source (blocks merged; bwd = transpose)':<60} {'ms/step':>8} {'share':>6}")
   for key, ns in by_source.most_common(top):
     out.append(f"{key[:60]:<60} {ns / steps / 1e6:>8.2f} {100 * ns / total:>5.1f}%")
   out.append(f"\n{'op':<22} {'kind':<20} {'ms/step':>8} {'share':>6}  source")
   for name, ns in times.most_common(top):
-    kind, src = ops.get(name, ("?", ""))
+    kind, src = _classify(name, ops)
     src = re.sub(r"^jit\(train_step\)/", "", src)
     out.append(f"{name[:22]:<22} {kind[:20]:<20} {ns / steps / 1e6:>8.2f} {100 * ns / total:>5.1f}%  {src[-110:]}")
   return "\n".join(out)

@@ -13,7 +13,9 @@ Output fields:
   flops_per_step      analytic matmul + attention FLOPs of forward and backward (see
                       `model_flops`), the convention of MFU: rematerialisation not counted
   xla_flops_per_step  XLA's cost analysis of the compiled step (counts recomputation and
-                      elementwise work; unavailable on some backends)
+                      elementwise work; on GPU it leaves out library calls, cuBLAS GEMMs
+                      and cuDNN attention, so it undercounts there; unavailable on some
+                      backends)
   mfu                 flops_per_step / step_time_s / (peak FLOP/s per device x devices),
                       when the device's peak is in PEAK_FLOPS
   compile_s           lowering + compilation of the step
