@@ -55,16 +55,20 @@ def parse_hlo(text: str) -> dict[str, tuple[str, str]]:
   return ops
 
 
+_NOISE = {"while", "body", "eval_jaxpr", "checkpoint", "rematted_computation", "closed_call", ""}
+
+
 def _source_key(op_name: str) -> str:
-  """'jit(train_step)/transpose(jvp(MMDiT))/blocks_3/x_mlp/fc1/dot_general' ->
-  'bwd MMDiT blocks/x_mlp/fc1/dot_general': one key per layer kind, forward or backward."""
+  """'jit(train_step)/transpose(jvp(MMDiT))/while/body/blocks/x_mlp/fc1/dot_general' ->
+  'bwd MMDiT/blocks/x_mlp/fc1/dot_general': one key per layer kind, forward or backward."""
   if not op_name:
     return "(no source)"
   direction = "bwd" if "transpose(" in op_name else "fwd"
   op_name = re.sub(r"^jit\(train_step\)/", "", op_name)
   op_name = re.sub(r"(transpose|jvp|checkpoint|remat|while|body|closed_call|pjit)\(", "", op_name).replace(")", "")
   op_name = re.sub(r"_\d+(?=/|$)", "", op_name)  # blocks_3 -> blocks
-  return f"{direction} {'/'.join(op_name.split('/')[-4:])}"
+  parts = [p for p in op_name.split("/") if p not in _NOISE]
+  return f"{direction} {'/'.join(parts[-5:])}"
 
 
 _KERNEL_KINDS = (  # GPU library kernels, by name prefix: they carry no HLO name of their own

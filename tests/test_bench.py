@@ -76,3 +76,47 @@ def test_run_rejects_frozen_objectives():
   config.objective = "dpo"
   with pytest.raises(ValueError, match="flow objective"):
     bench.run(config, steps=1, warmup=0)
+
+
+def _profile_summary():
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "profile_summary.py")
+  spec = importlib.util.spec_from_file_location("profile_summary", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_profile_summary_parses_hlo_instructions():
+  ps = _profile_summary()
+  hlo = "\n".join([
+      '  %input_add_reduce_fusion.2 = (bf16[128,24,64]{2,1,0}, bf16[128,256,24,64]{3,2,1,0}) fusion(%a, %b), '
+      'kind=kInput, calls=%fused_add_reduce.2, metadata={op_name="jit(train_step)/transpose(jvp(MMDiT))/'
+      'while/body/blocks/x_qkv/k/reduce_sum"}',
+      '  %custom-call.7 = (bf16[4096,1536]{1,0}, s8[0]{0}) custom-call(%p, %q), '
+      'custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(train_step)/jvp(MMDiT)/blocks_3/x_mlp/fc1/dot_general"}',
+      '  ROOT %loop_select_fusion = f32[23,1536]{1,0} fusion(%c), kind=kLoop, calls=%fs',
+  ])
+  ops = ps.parse_hlo(hlo)
+  assert ops["input_add_reduce_fusion.2"][0] == "fusion:kInput"
+  assert ops["custom-call.7"][0] == "matmul (cublas)"
+  assert ops["loop_select_fusion"] == ("fusion:kLoop", "")
+  assert ps._source_key(ops["input_add_reduce_fusion.2"][1]) == "bwd MMDiT/blocks/x_qkv/k/reduce_sum"
+  assert ps._source_key(ops["custom-call.7"][1]) == "fwd MMDiT/blocks/x_mlp/fc1/dot_general"
+  # GPU kernels: fusions by their HLO name with '_' for '.', library kernels by prefix.
+  ops.update({ps._kernel_name(k): v for k, v in ops.items()})
+  assert ps._classify("input_add_reduce_fusion_2", ops)[0] == "fusion:kInput"
+  assert ps._classify("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_TNN", ops)[0] == "matmul (cublas)"
+  assert ps._classify("cudnn_generated_fort_native_sdpa", ops)[0] == "attention (cudnn)"
+
+
+def test_profile_summary_of_a_traced_cpu_step(tmp_path):
+  """bench.run's trace of the tiny config: the summary finds the step's ops and their sources."""
+  ps = _profile_summary()
+  bench.run(get_config("mmdit_256"), steps=1, warmup=1, profile_dir=str(tmp_path))
+  assert (tmp_path / "train_step.hlo.txt").exists()
+  text = ps.summarize(str(tmp_path), top=200)
+  assert "ms of op time per step" in text
+  assert "x_mlp/fc1/dot_general" in text  # the MLP's matmul, mapped to its source through the HLO
+  assert "bwd " in text and "fwd " in text
