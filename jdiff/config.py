@@ -122,6 +122,9 @@ def base() -> ml_collections.ConfigDict:
       shapes_size=1_000_000,  # records in the embedded dataset (procedural)
       shapes_seed=0,
       shapes_split="train",  # shapes/preference training split: train | new_color (adds 'pink')
+      # preference: a directory of on-policy pairs from `python -m jdiff.pairs` (rejected =
+      # the model's own wrong samples); '' = embedded pairs (one attribute of the render changed)
+      pairs_dir="",
       tfds_name="",  # e.g. 'my_captions', prepared with file_format='array_record'
       tfds_split="train",
       tfds_data_dir="",
@@ -245,6 +248,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of("data.source", c.data.source, sources.SOURCES)
   _one_of("objective", c.objective, STAGE_OBJECTIVES[c.stage])
   _one_of("data.shapes_split", c.data.shapes_split, ("train", "new_color"))
+  if c.data.pairs_dir and c.data.source != "preference":
+    raise ValueError(f"data.pairs_dir is set but data.source is {c.data.source!r}; pairs need 'preference'")
   if c.objective in FROZEN_OBJECTIVES and not c.init_from:
     raise ValueError(f"config.objective={c.objective!r} compares against a frozen reference/teacher: set "
                      "config.init_from to the workdir of the model it starts from")

@@ -281,3 +281,43 @@ def test_preference_pairs_differ_in_exactly_the_named_attribute():
   # Held-out pairs stay held out in the preferred image.
   preferred, _, _, _ = shapes.preference_pair(0, "held_out", 3)
   assert (preferred.color, preferred.shape) in shapes.HELD_OUT
+
+
+def _write_pairs(directory, resolution=16, indices=(3, 7, 11)):
+  import json
+  directory.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(0)
+  image_l = rng.integers(0, 256, (len(indices), resolution, resolution, 3), dtype=np.uint8)
+  wrong = np.array([[False, True, False, False], [False, True, False, True], [True, False, False, False]])
+  np.savez(directory / "pairs.npz", index=np.array(indices), image_l=image_l, wrong=wrong[:len(indices)])
+  (directory / "meta.json").write_text(json.dumps(dict(workdir="w", step=5, split="train", shapes_seed=0,
+                                                       resolution=resolution)))
+  return image_l
+
+
+def test_generated_pairs_source_pairs_the_caption_render_with_the_stored_sample(tmp_path):
+  """data.pairs_dir: record i = (render of the caption of training record index[i], the
+  model's stored sample for it); the wrong attributes travel as 'changed'."""
+  from jdiff import pairs
+  image_l = _write_pairs(tmp_path / "p")
+  data_cfg = dict(source="preference", pairs_dir=str(tmp_path / "p"), resolution=16, shapes_split="train",
+                  shapes_size=100, shapes_seed=0)
+  src = sources.make_source(data_cfg)
+  assert isinstance(src, pairs.GeneratedPairsSource) and len(src) == 3
+  rec = src[1]
+  scene, caption = shapes.scene_for(0, "train", 7)
+  np.testing.assert_array_equal(rec["image_w"], shapes.render(scene, 16))
+  np.testing.assert_array_equal(rec["image_l"], image_l[1])
+  assert rec["caption"] == caption and rec["changed"] == "shape,position"
+  # Evaluation splits keep the embedded pairs; a resolution mismatch and a missing file fail clearly.
+  assert isinstance(sources.make_source(data_cfg, split="held_out"), shapes.PreferencePairsSource)
+  with pytest.raises(ValueError, match="16px samples"):
+    sources.make_source(dict(data_cfg, resolution=32))
+  with pytest.raises(FileNotFoundError, match="jdiff.pairs"):
+    sources.make_source(dict(data_cfg, pairs_dir=str(tmp_path / "missing")))
+  # The pipeline turns the records into a training batch of pairs.
+  from jdiff import config as config_lib
+  full = config_lib.base().data
+  full.update(data_cfg, read_threads=1, prefetch=2, caption_dropout=0.0)
+  batch = next(pipeline.make_pipeline(full, global_batch=2, max_len=32, seed=0, process_index=0, process_count=1))
+  assert batch["image_w"].shape == batch["image_l"].shape == (2, 16, 16, 3)

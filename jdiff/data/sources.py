@@ -80,6 +80,10 @@ class TfdsExamples:
 def make_source(data_cfg: Mapping[str, Any], split: str = "train"):
   """config.data -> a random-access source (len and getitem)."""
   kind = data_cfg["source"]
+  if kind == "preference" and data_cfg.get("pairs_dir") and split == "train":
+    from jdiff import pairs  # pylint: disable=g-import-not-at-top
+
+    return pairs.GeneratedPairsSource(data_cfg["pairs_dir"], data_cfg["resolution"])
   if kind in ("shapes", "preference"):
     cls = shapes.ShapesSource if kind == "shapes" else shapes.PreferencePairsSource
     split = data_cfg.get("shapes_split", "train") if split == "train" else split

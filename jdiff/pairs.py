@@ -1,0 +1,126 @@
+"""On-policy preference pairs: the model's own wrong samples as the rejected images.
+
+  python -m jdiff.pairs --workdir=SFT_DIR --out=PAIRS_DIR [--num=2048 --num_steps=20 --cfg_scale=3]
+
+Samples the workdir's model (EMA weights) for the captions of shapes training records
+0..num-1, reads each sample back with the adherence analyser, and keeps those that get at
+least one attribute of their caption wrong. A DPO stage with data.source='preference' and
+data.pairs_dir=PAIRS_DIR then pairs each kept sample (rejected) with the caption's own
+render (preferred): the rejected images are exactly the mistakes the model makes (the
+self-play idea of SPIN-Diffusion, judged by the analyser instead of a reward model).
+
+Writes PAIRS_DIR/pairs.npz (index [K] record indices, image_l uint8 [K, R, R, 3], wrong
+[K, 4] which attributes were wrong) and PAIRS_DIR/meta.json (source workdir and step,
+split, seed, sampler settings, the samples' adherence).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from jdiff.data import shapes
+
+log = logging.getLogger("jdiff.pairs")
+
+FILE = "pairs.npz"
+
+
+def generate(workdir: str, out: str, *, num: int = 2048, num_steps: int | None = None,
+             cfg_scale: float | None = None, seed: int = 0, batch: int = 256) -> dict[str, Any]:
+  """Writes the pairs of `workdir`'s model to `out`; returns the meta dict."""
+  from jdiff import inference  # pylint: disable=g-import-not-at-top
+  from jdiff.eval import adherence  # pylint: disable=g-import-not-at-top
+
+  model = inference.load(workdir)
+  data = model.config.data
+  if data.source not in ("shapes", "preference"):
+    raise ValueError(f"{workdir} trained on data.source={data.source!r}; on-policy pairs need the shapes data")
+  split = data.shapes_split
+  num_steps = num_steps or model.config.eval.num_steps
+  cfg_scale = model.config.eval.cfg_scale if cfg_scale is None else cfg_scale
+  keep_index, keep_images, keep_wrong = [], [], []
+  hits = np.zeros(len(shapes.ATTRIBUTES))
+  t0 = time.time()
+  for start in range(0, num, batch):
+    idx = list(range(start, min(start + batch, num)))
+    scenes = [shapes.scene_for(data.shapes_seed, split, i) for i in idx]
+    images = inference.generate(model, [text for _, text in scenes], num_steps=num_steps, cfg_scale=cfg_scale,
+                                seed=seed + start)
+    for i, (scene, _), image in zip(idx, scenes, images):
+      found = adherence.analyse(image)
+      wrong = np.array([found[a] != getattr(scene, a) for a in shapes.ATTRIBUTES])
+      hits += ~wrong
+      if wrong.any():
+        keep_index.append(i)
+        keep_images.append(image)
+        keep_wrong.append(wrong)
+    log.info("pairs: sampled %d/%d, kept %d (%.0f s)", idx[-1] + 1, num, len(keep_index), time.time() - t0)
+  if not keep_index:
+    raise ValueError(f"every one of the {num} samples matched its caption: no rejected images to pair")
+  os.makedirs(out, exist_ok=True)
+  np.savez(os.path.join(out, FILE), index=np.array(keep_index, np.int64), image_l=np.stack(keep_images),
+           wrong=np.stack(keep_wrong))
+  meta = dict(workdir=os.path.abspath(workdir), step=model.step, split=split, shapes_seed=data.shapes_seed,
+              resolution=int(keep_images[0].shape[0]), num_sampled=num, num_pairs=len(keep_index),
+              num_steps=num_steps, cfg_scale=cfg_scale, seed=seed,
+              adherence={a: float(h / num) for a, h in zip(shapes.ATTRIBUTES, hits)})
+  with open(os.path.join(out, "meta.json"), "w") as f:
+    json.dump(meta, f, indent=1)
+  return meta
+
+
+class GeneratedPairsSource:
+  """grain random-access source over a pairs directory: record i -> {'image_w': the
+  caption's render, 'image_l': the model's wrong sample, 'caption', 'changed': the wrong
+  attributes joined by ','}."""
+
+  def __init__(self, directory: str, resolution: int):
+    path = os.path.join(directory, FILE)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"no {FILE} in {directory!r}: write it with `python -m jdiff.pairs --out={directory}`")
+    with open(os.path.join(directory, "meta.json")) as f:
+      self.meta = json.load(f)
+    if self.meta["resolution"] != resolution:
+      raise ValueError(f"pairs in {directory} are {self.meta['resolution']}px samples; data.resolution is {resolution}")
+    with np.load(path) as z:
+      self.index, self.image_l, self.wrong = z["index"], z["image_l"], z["wrong"]
+    self.resolution = resolution
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    scene, text = shapes.scene_for(self.meta["shapes_seed"], self.meta["split"], int(self.index[i]))
+    changed = ",".join(a for a, w in zip(shapes.ATTRIBUTES, self.wrong[i]) if w)
+    return dict(image_w=shapes.render(scene, self.resolution), image_l=self.image_l[i], caption=text,
+                changed=changed)
+
+  def __repr__(self) -> str:
+    return f"GeneratedPairsSource({len(self)} pairs of {self.meta['workdir']} step {self.meta['step']})"
+
+
+def main(argv):
+  del argv
+  logging.getLogger("jdiff").setLevel(logging.INFO)
+  meta = generate(_WORKDIR.value, _OUT.value, num=_NUM.value, num_steps=_NUM_STEPS.value,
+                  cfg_scale=_CFG_SCALE.value, seed=_SEED.value)
+  print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the model whose samples are rejected.")
+  _OUT = flags.DEFINE_string("out", None, "Directory to write pairs.npz and meta.json to.")
+  _NUM = flags.DEFINE_integer("num", 2048, "Captions to sample (training records 0..num-1).")
+  _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Sampler steps (default: config.eval).")
+  _CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: config.eval).")
+  _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
+  flags.mark_flags_as_required(["workdir", "out"])
+  app.run(main)
