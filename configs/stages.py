@@ -3,8 +3,9 @@
   pretrain  flow matching from scratch (configs/mmdit_256.py)
   sft       posttrain: supervised fine-tuning at a higher resolution (the timestep shift
             follows the new token count, in training and sampling alike)
-  dpo       posttrain: Diffusion-DPO on embedded preference pairs (the caption's render vs
-            the same scene with one attribute wrong), against the frozen sft model
+  dpo       posttrain: Diffusion-DPO against the frozen sft model, on on-policy pairs: the
+            caption's render (preferred) vs the sft model's own sample for it, where the
+            adherence analyser finds an attribute wrong (rejected; jdiff/pairs.py)
   tune      LoRA (rank 8, attention and MLP projections of every block) teaching a colour
             word never seen before ('pink', data split new_color); the base stays frozen
   guidance  distill: guidance distillation, one forward per step instead of CFG's two
@@ -72,6 +73,10 @@ def get_config(arg: str | None = None):
                     data=dict(shapes_split="new_color"), distill=dict(student_steps=4),
                     sample=dict(num_steps=4), eval=dict(num_steps=4)),
   ))
+  # On-policy preference data: before a listed stage trains, its parent (the sft model) is
+  # sampled for `num` training captions and every sample the analyser finds wrong becomes
+  # a rejected image against the caption's render (jdiff/pairs.py). '' = embedded pairs.
+  p.pairs = ml_collections.ConfigDict(dict(stages="dpo", num=dict(gpu=16384, cpu=2048, test=8)[variant]))
   # The table: prompts per benchmark split, and the teacher row (the stage that distillation
   # starts from, sampled with table.teacher_steps steps and CFG).
   p.table = ml_collections.ConfigDict(dict(num_samples=480, teacher="tune", teacher_steps=50))

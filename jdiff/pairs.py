@@ -64,14 +64,16 @@ def generate(workdir: str, out: str, *, num: int = 2048, num_steps: int | None =
   if not keep_index:
     raise ValueError(f"every one of the {num} samples matched its caption: no rejected images to pair")
   os.makedirs(out, exist_ok=True)
-  np.savez(os.path.join(out, FILE), index=np.array(keep_index, np.int64), image_l=np.stack(keep_images),
-           wrong=np.stack(keep_wrong))
   meta = dict(workdir=os.path.abspath(workdir), step=model.step, split=split, shapes_seed=data.shapes_seed,
               resolution=int(keep_images[0].shape[0]), num_sampled=num, num_pairs=len(keep_index),
               num_steps=num_steps, cfg_scale=cfg_scale, seed=seed,
               adherence={a: float(h / num) for a, h in zip(shapes.ATTRIBUTES, hits)})
   with open(os.path.join(out, "meta.json"), "w") as f:
     json.dump(meta, f, indent=1)
+  # Written last and renamed into place: pairs.npz exists only once complete.
+  tmp = os.path.join(out, "pairs.tmp.npz")
+  np.savez(tmp, index=np.array(keep_index, np.int64), image_l=np.stack(keep_images), wrong=np.stack(keep_wrong))
+  os.replace(tmp, os.path.join(out, FILE))
   return meta
 
 

@@ -50,17 +50,28 @@ def stage_configs(pipeline: ml_collections.ConfigDict, workdir: str) -> list[tup
   missing = [s for s in order if s not in pipeline.stages]
   if missing:
     raise ValueError(f"config.order names stages {missing} that config.stages does not define")
+  on_policy = _pair_stages(pipeline)
+  unknown = [s for s in on_policy if s not in order]
+  if unknown:
+    raise ValueError(f"config.pairs.stages names {unknown}, which config.order does not run")
   out, previous = [], ""
   for name in order:
     c = ml_collections.ConfigDict(pipeline.base.to_dict())
     _apply(c, pipeline.stages[name], f"config.stages.{name}")
     c.init_from = previous
+    stage_dir = os.path.join(workdir, name)
+    if name in on_policy:  # sampled from the parent by train_all before the stage trains
+      c.data.pairs_dir = os.path.join(stage_dir, "pairs")
     c.lock()
     config_lib.validate(c)
-    stage_dir = os.path.join(workdir, name)
     out.append((name, stage_dir, c))
     previous = stage_dir
   return out
+
+
+def _pair_stages(pipeline: ml_collections.ConfigDict) -> list[str]:
+  pairs = pipeline.get("pairs")
+  return [s.strip() for s in pairs.stages.split(",") if s.strip()] if pairs else []
 
 
 def finished(stage_dir: str, num_steps: int) -> bool:
@@ -77,6 +88,7 @@ def finished(stage_dir: str, num_steps: int) -> bool:
 
 def train_all(pipeline: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, str, Any]]:
   """Trains every stage that is not finished; returns stage_configs."""
+  from jdiff import pairs as pairs_lib  # pylint: disable=g-import-not-at-top
   from jdiff.train import trainer  # pylint: disable=g-import-not-at-top
 
   stages = stage_configs(pipeline, workdir)
@@ -86,6 +98,10 @@ def train_all(pipeline: ml_collections.ConfigDict, workdir: str) -> list[tuple[s
       continue
     log.info("stage %d/%d %s (%s, objective %s) in %s", i + 1, len(stages), name, config.stage,
              config.objective, stage_dir)
+    if name in _pair_stages(pipeline) and not os.path.exists(os.path.join(config.data.pairs_dir, pairs_lib.FILE)):
+      meta = pairs_lib.generate(config.init_from, config.data.pairs_dir, num=pipeline.pairs.num)
+      log.info("stage %s: %d on-policy pairs from %d samples of %s", name, meta["num_pairs"], meta["num_sampled"],
+               config.init_from)
     summary = trainer.train_and_evaluate(config, stage_dir)
     if summary["stopped_by"] != "num_steps":
       raise RuntimeError(f"stage {name} stopped early ({summary['stopped_by']}); run the command again to resume")

@@ -115,6 +115,14 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   assert [os.path.basename(e["workdir"]) for e in lineage] == list(configs)
   dpo = json.loads(open(os.path.join(configs["dpo"][0], "metrics.jsonl")).readlines()[-1])
   assert 0.0 <= dpo["dpo_accuracy"] <= 1.0 and dpo["err_w"] > 0 and np.isfinite(dpo["dpo_margin"])
+  # dpo trained on on-policy pairs: the sft model's own wrong samples, sampled before it trained.
+  pairs_dir = configs["dpo"][1].data.pairs_dir
+  assert pairs_dir == os.path.join(configs["dpo"][0], "pairs")
+  meta = json.load(open(os.path.join(pairs_dir, "meta.json")))
+  assert meta["workdir"] == os.path.abspath(configs["sft"][0]) and meta["num_sampled"] == p.pairs.num
+  assert meta["resolution"] == configs["dpo"][1].data.resolution and 0 < meta["num_pairs"] <= p.pairs.num
+  with np.load(os.path.join(pairs_dir, "pairs.npz")) as z:
+    assert z["wrong"].any(1).all() and len(z["index"]) == meta["num_pairs"]
 
   # tune: only the adapters moved; the base is the DPO model, bit for bit.
   tuned, dpo_model = _flat(states["tune"][0].params), _flat(states["dpo"][0].ema_params)
@@ -151,11 +159,13 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   # Running the command again: finished stages are skipped (an interrupted one resumes from
   # its checkpoint: the trainer's resume tests); a longer stage continues where it stopped.
   mtimes = {name: os.path.getmtime(os.path.join(d, "metrics.jsonl")) for name, (d, _) in configs.items()}
+  mtimes["pairs"] = os.path.getmtime(os.path.join(pairs_dir, "pairs.npz"))
   assert all(stages.finished(d, c.train.num_steps) for d, c in configs.values())
   p.stages.fewstep.train.num_steps = 3
   stages.train_all(p, str(tmp_path))
   assert all(os.path.getmtime(os.path.join(d, "metrics.jsonl")) == mtimes[name]
              for name, (d, _) in configs.items() if name != "fewstep")
+  assert os.path.getmtime(os.path.join(pairs_dir, "pairs.npz")) == mtimes["pairs"]  # sampled once
   assert json.loads(open(os.path.join(configs["fewstep"][0], "metrics.jsonl")).readlines()[-1])["step"] == 3
 
 
