@@ -182,3 +182,17 @@ def test_stage_objective_validation(changes, message):
     config[k] = v
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
     config_lib.validate(config)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda p: p.update(order="pretrain,sft,nope"), "does not define"),
+    (lambda p: p.stages.sft.update(optim=dict(no_such_field=1)), "no such config field"),
+    (lambda p: p.pairs.update(stages="dpo,nope"), "which config.order does not run"),
+    (lambda p: p.pairs.update(stages="pretrain"), "no parent model"),
+    (lambda p: p.pairs.update(stages="sft"), "data.pairs_dir is set but data.source is 'shapes'"),
+])
+def test_pipeline_config_errors_name_the_problem(edit, message, tmp_path):
+  p = _pipeline()
+  edit(p)
+  with pytest.raises(ValueError, match=message):
+    stages.stage_configs(p, str(tmp_path))
