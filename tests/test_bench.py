@@ -50,12 +50,13 @@ def test_peak_table():
   assert bench.peak_flops("cpu", "float32") is None
 
 
-def test_run_reports_consistent_numbers():
+def test_run_reports_consistent_numbers_and_its_profile_summarises(tmp_path):
   """The benchmark's real train step on the tiny config: its derived fields agree with each
-  other, with the analytic count, with XLA's count of the same step, and with the state size."""
+  other, with the analytic count, with XLA's count of the same step, and with the state
+  size; the trace it takes afterwards is read back by benchmarks/profile_summary.py."""
   import flax.linen as nn
   config = get_config("mmdit_256")
-  r = bench.run(config, steps=2, warmup=1)
+  r = bench.run(config, steps=2, warmup=1, profile_dir=str(tmp_path))
   networks = state_lib.build_networks(config)
   b = config.train.batch_size
   assert r["batch"] == b and r["image_tokens"] == networks.seq_len()
@@ -69,6 +70,12 @@ def test_run_reports_consistent_numbers():
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   assert r["peak_memory_bytes"] >= 4 * param_bytes  # params, EMA and Adam's two moments at least
   assert r["mfu"] is None  # no peak rate for CPUs
+  # The trace: the summary finds the step's ops and maps them to their source layers.
+  assert (tmp_path / "train_step.hlo.txt").exists()
+  text = _profile_summary().summarize(str(tmp_path), top=200)
+  assert "ms of op time per step" in text
+  assert "x_mlp/fc1/dot_general" in text  # the MLP's matmul, mapped to its source through the HLO
+  assert "bwd " in text and "fwd " in text
 
 
 def test_run_rejects_frozen_objectives():
@@ -109,14 +116,3 @@ def test_profile_summary_parses_hlo_instructions():
   assert ps._classify("input_add_reduce_fusion_2", ops)[0] == "fusion:kInput"
   assert ps._classify("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_TNN", ops)[0] == "matmul (cublas)"
   assert ps._classify("cudnn_generated_fort_native_sdpa", ops)[0] == "attention (cudnn)"
-
-
-def test_profile_summary_of_a_traced_cpu_step(tmp_path):
-  """bench.run's trace of the tiny config: the summary finds the step's ops and their sources."""
-  ps = _profile_summary()
-  bench.run(get_config("mmdit_256"), steps=1, warmup=1, profile_dir=str(tmp_path))
-  assert (tmp_path / "train_step.hlo.txt").exists()
-  text = ps.summarize(str(tmp_path), top=200)
-  assert "ms of op time per step" in text
-  assert "x_mlp/fc1/dot_general" in text  # the MLP's matmul, mapped to its source through the HLO
-  assert "bwd " in text and "fwd " in text
