@@ -281,3 +281,20 @@ def test_embed_one_hot_equals_gather_with_repeated_ids(dtype):
   tol = 1e-6 if dtype == jnp.float32 else 2e-2
   chex.assert_trees_all_close(grad_m, grad_g, rtol=tol, atol=tol)
   assert float(jnp.abs(grad_g[5:]).max()) == 0.0  # rows never looked up get no gradient
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpu_attention_layout_equals_jax_attention(dtype):
+  """On CPU, attention runs in [B, N, T, H] layout (layers._attention_heads_major); it computes
+  what jax.nn.dot_product_attention does, forward and backward."""
+  q, k, v, cot = (jax.random.normal(key, (2, 40, 3, 16)).astype(dtype) for key in jax.random.split(jax.random.key(0), 4))
+  k = k[:, :24]
+  v = v[:, :24]
+  ours = lambda q, k, v: layers.dot_product_attention(q, k, v, "xla")
+  ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  out, vjp = jax.vjp(ours, q, k, v)
+  out_ref, vjp_ref = jax.vjp(ref, q, k, v)
+  assert out.dtype == out_ref.dtype == dtype and out.shape == (2, 40, 3, 16)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  chex.assert_trees_all_close(out, out_ref, rtol=tol, atol=tol)
+  chex.assert_trees_all_close(vjp(cot), vjp_ref(cot), rtol=tol, atol=tol)
