@@ -44,11 +44,13 @@ def main():
   ap.add_argument("--seconds", type=float, default=20)
   ap.add_argument("--demand_cpu", type=float, default=345.0, help="images/s the CPU demo step consumes")
   ap.add_argument("--demand_gpu", type=float, default=389.4, help="images/s of the GPU default step (H100)")
+  ap.add_argument("--workers", default="2", help="comma-separated worker-process counts to try besides threads")
   args = ap.parse_args()
   out = []
   for variant, demand in (("cpu", args.demand_cpu), ("gpu", args.demand_gpu)):
     c = config(variant)
-    for label, overrides in (("threads", {}), ("2 workers", dict(num_workers=2))):
+    modes = [("threads", {})] + [(f"{w} workers", dict(num_workers=int(w))) for w in args.workers.split(",") if w]
+    for label, overrides in modes:
       r = rate(c, args.seconds, **overrides)
       out.append(dict(config=variant, resolution=c.data.resolution, batch=c.train.batch_size, mode=label,
                       read_threads=c.data.read_threads, images_per_s=round(r, 1), step_demand=demand,
