@@ -53,8 +53,7 @@ def generate(workdir: str, out: str, *, num: int = 2048, num_steps: int | None =
     images = inference.generate(model, [text for _, text in scenes], num_steps=num_steps, cfg_scale=cfg_scale,
                                 seed=seed + start)
     for i, (scene, _), image in zip(idx, scenes, images):
-      found = adherence.analyse(image)
-      wrong = np.array([found[a] != getattr(scene, a) for a in shapes.ATTRIBUTES])
+      wrong = ~adherence.correct(image, scene.attributes())
       hits += ~wrong
       if wrong.any():
         keep_index.append(i)

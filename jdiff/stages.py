@@ -94,13 +94,14 @@ def train_all(pipeline: ml_collections.ConfigDict, workdir: str) -> list[tuple[s
   from jdiff.train import trainer  # pylint: disable=g-import-not-at-top
 
   stages = stage_configs(pipeline, workdir)
+  on_policy = _pair_stages(pipeline)
   for i, (name, stage_dir, config) in enumerate(stages):
     if finished(stage_dir, config.train.num_steps):
       log.info("stage %d/%d %s: finished in %s, skipped", i + 1, len(stages), name, stage_dir)
       continue
     log.info("stage %d/%d %s (%s, objective %s) in %s", i + 1, len(stages), name, config.stage,
              config.objective, stage_dir)
-    if name in _pair_stages(pipeline) and not os.path.exists(os.path.join(config.data.pairs_dir, pairs_lib.FILE)):
+    if name in on_policy and not os.path.exists(os.path.join(config.data.pairs_dir, pairs_lib.FILE)):
       meta = pairs_lib.generate(config.init_from, config.data.pairs_dir, num=pipeline.pairs.num)
       log.info("stage %s: %d on-policy pairs from %d samples of %s", name, meta["num_pairs"], meta["num_sampled"],
                config.init_from)

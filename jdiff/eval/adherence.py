@@ -81,14 +81,19 @@ def analyse(image: np.ndarray) -> dict[str, Any]:
   return out
 
 
+def correct(image: np.ndarray, target: Mapping[str, str]) -> np.ndarray:
+  """bool [4]: whether the image shows each of the target's attributes (shapes.ATTRIBUTES order)."""
+  found = analyse(image)
+  return np.array([found[a] == target[a] for a in shapes.ATTRIBUTES])
+
+
 def score(images: Iterable[np.ndarray], targets: Iterable[Mapping[str, str]]) -> dict[str, float]:
   """Per-attribute accuracy of images against their target attributes, plus 'all'
   (every attribute right) and the count 'n'."""
   hits = {a: 0 for a in shapes.ATTRIBUTES}
   all_right = n = 0
   for image, target in zip(images, targets):
-    found = analyse(image)
-    right = [found[a] == target[a] for a in shapes.ATTRIBUTES]
+    right = correct(image, target)
     for a, r in zip(shapes.ATTRIBUTES, right):
       hits[a] += r
     all_right += all(right)
