@@ -283,14 +283,47 @@ def dot_product_attention(q, k, v, implementation: str = "default") -> jax.Array
 
 
 def _attention_heads_major(q, k, v) -> jax.Array:
-  """XLA's softmax attention (what jax.nn.dot_product_attention computes: float32 logits and
-  softmax, scale after the product) with q, k, v first transposed to [B, N, T, H]. On XLA:CPU
-  the forward and backward take 0.6x the time of the [B, T, N, H] einsums, which make it
-  copy operands around every product (BENCHMARKS.md)."""
+  """Softmax attention (what jax.nn.dot_product_attention computes: float32 logits and
+  softmax, scale 1/sqrt(head_dim)) for XLA:CPU, with a hand-written backward.
+
+  q, k, v go to [B, N, T, H] first (XLA:CPU otherwise copies operands around every
+  product). As in flash attention, the softmax is normalised after the product with v:
+  o = (exp(s - max s) @ v) / l with l the row sums, so the [T, S] probabilities are never
+  divided, and the backward needs no [T, S] reduction: with P = exp(s - max s) / l,
+  dS = P * (dO v^T - rowsum(dO * o)). The scale goes onto q (exact for power-of-4 head
+  sizes). BENCHMARKS.md has what this saved.
+  """
+  return _attention_cpu(q, k, v)
+
+
+def _attention_cpu_fwd(q, k, v):
+  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
   logits = jnp.einsum("bnth,bnsh->bnts", qt, kt, preferred_element_type=jnp.float32)
-  probs = jax.nn.softmax(logits * jnp.float32(q.shape[-1] ** -0.5), axis=-1).astype(v.dtype)
-  return jnp.einsum("bnts,bnsh->bnth", probs, vt).transpose(0, 2, 1, 3)
+  e = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+  inv = 1.0 / e.sum(axis=-1, keepdims=True)  # [B, N, T, 1]
+  e = e.astype(v.dtype)
+  o = jnp.einsum("bnts,bnsh->bnth", e, vt, preferred_element_type=jnp.float32) * inv
+  o = o.astype(v.dtype)
+  return o.transpose(0, 2, 1, 3), (qt, kt, vt, e, inv, o)
+
+
+def _attention_cpu_bwd(res, do):
+  qt, kt, vt, e, inv, o = res
+  dot = do.transpose(0, 2, 1, 3)
+  g = (dot.astype(jnp.float32) * inv).astype(vt.dtype)  # dO / l
+  dv = jnp.einsum("bnts,bnth->bnsh", e, g)
+  rowdot = jnp.sum(dot.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True) * inv
+  dp = jnp.einsum("bnth,bnsh->bnts", g, vt, preferred_element_type=jnp.float32)
+  ds = (e.astype(jnp.float32) * (dp - rowdot)).astype(qt.dtype)  # P * (dP - rowsum(dO * o))
+  scale = jnp.asarray(qt.shape[-1] ** -0.5, qt.dtype)
+  dq = jnp.einsum("bnts,bnsh->bnth", ds, kt) * scale
+  dk = jnp.einsum("bnts,bnth->bnsh", ds, qt)
+  return tuple(x.transpose(0, 2, 1, 3) for x in (dq, dk, dv))
+
+
+_attention_cpu = jax.custom_vjp(lambda q, k, v: _attention_cpu_fwd(q, k, v)[0])
+_attention_cpu.defvjp(_attention_cpu_fwd, _attention_cpu_bwd)
 
 
 def _round_up(n: int, m: int) -> int:
