@@ -284,6 +284,50 @@ def test_embed_one_hot_equals_gather_with_repeated_ids(dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_norm_modulate_equals_layer_norm_then_modulate(dtype):
+  """layers.norm_modulate (hand-written backward) is flax's LayerNorm without parameters
+  followed by x * (1 + scale) + shift: output and the gradients of x, shift and scale."""
+  keys = jax.random.split(jax.random.key(3), 4)
+  x = (jax.random.normal(keys[0], (2, 7, 32)) * 2 + 0.5).astype(dtype)
+  shift, scale = (0.3 * jax.random.normal(k, (2, 32)) for k in keys[1:3])
+  cot = jax.random.normal(keys[3], (2, 7, 32)).astype(dtype)
+  ln = nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, use_fast_variance=False)
+  ref = lambda x, shift, scale: layers.modulate(ln.apply({}, x.astype(jnp.float32)), shift, scale).astype(dtype)
+  ours = lambda x, shift, scale: layers.norm_modulate(x, shift, scale, dtype)
+  out, vjp = jax.vjp(ours, x, shift, scale)
+  out_ref, vjp_ref = jax.vjp(ref, x, shift, scale)
+  assert out.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  chex.assert_trees_all_close(out.astype(jnp.float32), out_ref.astype(jnp.float32), rtol=tol, atol=tol)
+  grads, grads_ref = vjp(cot), vjp_ref(cot)
+  chex.assert_trees_all_equal_dtypes(grads, grads_ref)
+  chex.assert_trees_all_close(jax.tree.map(lambda a: a.astype(jnp.float32), grads),
+                              jax.tree.map(lambda a: a.astype(jnp.float32), grads_ref), rtol=4 * tol, atol=4 * tol)
+
+
+@pytest.mark.parametrize("x_dtype,dtype", [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16),
+                                           (jnp.float32, jnp.bfloat16)])
+def test_rms_norm_equals_flax(x_dtype, dtype):
+  """layers.RMSNorm (hand-written backward) computes what flax's nn.RMSNorm does: output,
+  input gradient and scale gradient, with the same parameter."""
+  x, cot = (jax.random.normal(k, (2, 5, 3, 16)) * 3 for k in jax.random.split(jax.random.key(1), 2))
+  x = x.astype(x_dtype)
+  ours = layers.RMSNorm(eps=1e-6, dtype=dtype)
+  ref = nn.RMSNorm(epsilon=1e-6, dtype=dtype)
+  params = {"scale": 1.0 + 0.1 * jax.random.normal(jax.random.key(2), (16,))}
+  assert jax.tree.map(jnp.shape, nn.unbox(ours.init(jax.random.key(0), x)["params"])) == {"scale": (16,)}
+  run = lambda m: jax.vjp(lambda p, x: m.apply({"params": p}, x), params, x)
+  (out, vjp), (out_ref, vjp_ref) = run(ours), run(ref)
+  assert out.dtype == out_ref.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  chex.assert_trees_all_close(out.astype(jnp.float32), out_ref.astype(jnp.float32), rtol=tol, atol=tol)
+  grads, grads_ref = vjp(cot.astype(dtype)), vjp_ref(cot.astype(dtype))
+  chex.assert_trees_all_equal_dtypes(grads, grads_ref)
+  chex.assert_trees_all_close(jax.tree.map(lambda a: a.astype(jnp.float32), grads),
+                              jax.tree.map(lambda a: a.astype(jnp.float32), grads_ref), rtol=4 * tol, atol=4 * tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_cpu_attention_layout_equals_jax_attention(dtype):
   """On CPU, attention runs in [B, N, T, H] layout (layers._attention_heads_major); it computes
   what jax.nn.dot_product_attention does, forward and backward."""

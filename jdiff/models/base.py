@@ -89,7 +89,7 @@ class PatchTransformer(nn.Module):
     """
     first, second = L.Modulation(2, self.width, name="final_adaLN", **self._kw)(c)
     shift, scale = (second, first) if scale_first else (first, second)
-    h = L.modulate(L.layer_norm("final_norm", self.dtype)(h), shift, scale)
+    h = L.norm_modulate(h, shift, scale, self.dtype)
     out = self.out_channels or self.in_channels
     h = L.dense(self.patch_size**2 * out, ("embed", "patch"), name="final_proj", init=L.zeros, **self._kw)(h)
     return L.unpatchify(h, grid, self.patch_size).astype(jnp.float32)

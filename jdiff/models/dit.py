@@ -52,12 +52,12 @@ class DiTBlock(nn.Module):
     width = x.shape[-1]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = L.Modulation(
         6, width, name="adaLN", **kw)(c)
-    h = L.modulate(L.layer_norm("norm1", self.dtype)(x), shift_msa, scale_msa)
+    h = L.norm_modulate(x, shift_msa, scale_msa, self.dtype)
     q, k, v = L.QKV(self.num_heads, L.check_divisible(width, self.num_heads), self.qk_norm,
                     name="attn", **kw)(h)
     h = L.attention_out(L.dot_product_attention(q, k, v, self.attention), width, name="attn_out", **kw)
     x = x + gate_msa[:, None] * h
-    h = L.modulate(L.layer_norm("norm2", self.dtype)(x), shift_mlp, scale_mlp)
+    h = L.norm_modulate(x, shift_mlp, scale_mlp, self.dtype)
     x = x + gate_mlp[:, None] * L.MLP(int(width * self.mlp_ratio), name="mlp", **kw)(h)
     return L.constrain(x, "activation_batch", "activation_length", "activation_embed"), None
 

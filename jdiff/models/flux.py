@@ -49,7 +49,7 @@ class SingleBlock(nn.Module):
     width = h.shape[-1]
     head_dim = L.check_divisible(width, self.num_heads)
     shift, scale, gate = L.Modulation(3, width, name="adaLN", **kw)(c)
-    hn = L.modulate(L.layer_norm("norm", self.dtype)(h), shift, scale)
+    hn = L.norm_modulate(h, shift, scale, self.dtype)
     q, k, v = L.QKV(self.num_heads, head_dim, self.qk_norm, name="qkv", **kw)(hn)
     attn = L.dot_product_attention(L.apply_rope(q, rope), L.apply_rope(k, rope), v, self.attention)
     mlp = L.dense(int(width * self.mlp_ratio), ("embed", "mlp"), name="mlp_in", **kw)(hn)

@@ -191,13 +191,6 @@ def embed(table: jax.Array, ids: jax.Array, dtype: Dtype, axes: tuple[str, str] 
   return jnp.dot(jax.nn.one_hot(ids, table.shape[0], dtype=w.dtype), w)
 
 
-def layer_norm(name: str, dtype: Dtype, eps: float = 1e-6) -> nn.LayerNorm:
-  """LayerNorm without affine parameters (adaLN supplies scale and shift)."""
-  return nn.LayerNorm(
-      epsilon=eps, use_bias=False, use_scale=False, use_fast_variance=False, dtype=dtype, name=name
-  )
-
-
 def affine_layer_norm(name: str, dtype: Dtype, param_dtype: Dtype, eps: float = 1e-5) -> nn.LayerNorm:
   """LayerNorm with learned scale and bias (for encoders without adaLN)."""
   return nn.LayerNorm(
@@ -209,18 +202,96 @@ def affine_layer_norm(name: str, dtype: Dtype, param_dtype: Dtype, eps: float = 
 
 def rms_norm(name: str, dtype: Dtype, param_dtype: Dtype, axis_name: str = "kv", eps: float = 1e-6):
   """RMSNorm with a learned scale over the last axis (statistics in float32)."""
-  return nn.RMSNorm(
-      epsilon=eps,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
-      name=name,
-  )
+  return RMSNorm(eps=eps, dtype=dtype, param_dtype=param_dtype, axis_name=axis_name, name=name)
+
+
+class RMSNorm(nn.Module):
+  """x / sqrt(mean(x^2) + eps) * scale over the last axis, statistics in float32: what
+  flax's nn.RMSNorm computes (same parameter), with a hand-written backward that keeps
+  only x and the per-row 1/rms for it."""
+
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  axis_name: str = "kv"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+                       (x.shape[-1],), self.param_dtype)
+    return _rms_norm(x, scale, self.eps, jnp.dtype(self.dtype or jnp.result_type(x, scale)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _rms_norm(x, scale, eps, dtype):
+  return _rms_norm_fwd(x, scale, eps, dtype)[0]
+
+
+def _rms_norm_fwd(x, scale, eps, dtype):
+  xf = x.astype(jnp.float32)
+  inv = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (xf * inv * scale.astype(jnp.float32)).astype(dtype), (x, scale, inv)
+
+
+def _rms_norm_bwd(eps, dtype, res, dy):
+  del eps, dtype
+  x, scale, inv = res
+  xhat = x.astype(jnp.float32) * inv
+  dyf = dy.astype(jnp.float32)
+  g = dyf * scale.astype(jnp.float32)
+  dx = inv * (g - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+  dscale = jnp.sum((dyf * xhat).reshape(-1, x.shape[-1]), axis=0)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype)
+
+
+_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   """x * (1 + scale) + shift.  x: [B, L, D]; shift, scale: [B, D]."""
   return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+
+
+def norm_modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, dtype: Dtype, eps: float = 1e-6) -> jax.Array:
+  """adaLN: modulate(LayerNorm(x), shift, scale), the LayerNorm without parameters, with
+  float32 statistics and eps inside the square root.  x: [B, L, D]; shift, scale: [B, D].
+
+  One function with a hand-written backward (dx = (g - mean g - x^ mean(g x^)) / sigma
+  with g = dy (1 + scale)), which keeps only x and the per-token statistics for it.
+  """
+  return _norm_modulate(x, shift, scale, eps, jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _norm_modulate(x, shift, scale, eps, dtype):
+  return _norm_modulate_fwd(x, shift, scale, eps, dtype)[0]
+
+
+def _normalized(x, mean, inv):
+  return (x.astype(jnp.float32) - mean) * inv
+
+
+def _norm_modulate_fwd(x, shift, scale, eps, dtype):
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  inv = jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True) + eps)
+  y = modulate(_normalized(x, mean, inv), shift.astype(jnp.float32), scale.astype(jnp.float32))
+  return y.astype(dtype), (x, mean, inv, shift, scale)
+
+
+def _norm_modulate_bwd(eps, dtype, res, dy):
+  del eps, dtype
+  x, mean, inv, shift, scale = res
+  xhat = _normalized(x, mean, inv)
+  dyf = dy.astype(jnp.float32)
+  g = dyf * (1.0 + scale.astype(jnp.float32)[:, None, :])
+  dx = inv * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+  dshift = jnp.sum(dyf, axis=1)
+  dscale = jnp.sum(dyf * xhat, axis=1)
+  return dx.astype(x.dtype), dshift.astype(shift.dtype), dscale.astype(scale.dtype)
+
+
+_norm_modulate.defvjp(_norm_modulate_fwd, _norm_modulate_bwd)
 
 
 class Modulation(nn.Module):

@@ -62,14 +62,13 @@ class JointBlock(nn.Module):
     # dual attention, for the second, image-only attention: SD3.5's MMDiT-X).
     mods = L.Modulation(9 if self.dual_attention else 6, width, name="x_adaLN", **kw)(c)
     x_shift, x_scale, x_gate, x_shift2, x_scale2, x_gate2 = mods[:6]
-    x_normed = L.layer_norm("x_norm1", self.dtype)(x)
-    hx = L.modulate(x_normed, x_shift, x_scale)
+    hx = L.norm_modulate(x, x_shift, x_scale, self.dtype)
     if self.context_pre_only:
       # SD3's AdaLayerNormContinuous: (scale, shift), in that order.
       c_scale, c_shift = L.Modulation(2, width, name="ctx_adaLN", **kw)(c)
     else:
       c_shift, c_scale, c_gate, c_shift2, c_scale2, c_gate2 = L.Modulation(6, width, name="ctx_adaLN", **kw)(c)
-    hc = L.modulate(L.layer_norm("ctx_norm1", self.dtype)(ctx), c_shift, c_scale)
+    hc = L.norm_modulate(ctx, c_shift, c_scale, self.dtype)
 
     qx, kx, vx = L.QKV(self.num_heads, head_dim, self.qk_norm, name="x_qkv", **kw)(hx)
     qc, kc, vc = L.QKV(self.num_heads, head_dim, self.qk_norm, name="ctx_qkv", **kw)(hc)
@@ -83,17 +82,17 @@ class JointBlock(nn.Module):
     if self.dual_attention:
       a_shift, a_scale, a_gate = mods[6:]
       q2, k2, v2 = L.QKV(self.num_heads, head_dim, self.qk_norm, name="x_qkv2", **kw)(
-          L.modulate(x_normed, a_shift, a_scale))
+          L.norm_modulate(carry[0], a_shift, a_scale, self.dtype))  # the block's input x
       out2 = L.dot_product_attention(q2, k2, v2, self.attention)
       x = x + a_gate[:, None] * L.attention_out(out2, width, name="x_attn2_out", **kw)
-    hx = L.modulate(L.layer_norm("x_norm2", self.dtype)(x), x_shift2, x_scale2)
+    hx = L.norm_modulate(x, x_shift2, x_scale2, self.dtype)
     x = x + x_gate2[:, None] * L.MLP(int(width * self.mlp_ratio), name="x_mlp", **kw)(hx)
     x = L.constrain(x, "activation_batch", "activation_length", "activation_embed")
     if self.context_pre_only:
       return (x, ctx), None
 
     ctx = ctx + c_gate[:, None] * L.attention_out(out[:, n:], width, name="ctx_attn_out", **kw)
-    hc = L.modulate(L.layer_norm("ctx_norm2", self.dtype)(ctx), c_shift2, c_scale2)
+    hc = L.norm_modulate(ctx, c_shift2, c_scale2, self.dtype)
     ctx = ctx + c_gate2[:, None] * L.MLP(int(width * self.mlp_ratio), name="ctx_mlp", **kw)(hc)
     ctx = L.constrain(ctx, "activation_batch", "activation_length", "activation_embed")
     return (x, ctx), None
