@@ -16,7 +16,6 @@ FLOPs, MFU, compile time, memory) for several sizes in one process.
 import argparse
 import functools
 import gc
-import importlib.util
 import json
 import os
 import sys
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jdiff import bench
+from jdiff import config as config_lib
 from jdiff.data import pipeline as pipeline_lib
 from jdiff.train import state as state_lib
 from jdiff.train import step as step_lib
@@ -38,10 +38,7 @@ GEOMETRY = {
 
 
 def config(variant=None, geometry="latent256", **overrides):
-  spec = importlib.util.spec_from_file_location("c", os.path.join(ROOT, "configs", "mmdit_256.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(variant)
+  c = config_lib.load(os.path.join(ROOT, "configs", "mmdit_256.py" + (f":{variant}" if variant else "")))
   c.mesh.data = -1
   for key, value in {**GEOMETRY[geometry], **overrides}.items():
     section, field = key.split("__")

@@ -11,7 +11,6 @@ the H100 run in BENCHMARKS.md); the loader must supply at least 5x.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import time
@@ -20,10 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config(variant):
-  spec = importlib.util.spec_from_file_location("c", os.path.join(ROOT, "configs", "mmdit_256.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  from jdiff import config as config_lib
+
+  return config_lib.load(os.path.join(ROOT, "configs", f"mmdit_256.py:{variant}"))
 
 
 def rate(c, seconds, **data_overrides):

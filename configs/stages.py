@@ -17,20 +17,17 @@ about 30 minutes; README "The whole pipeline"):
 Seconds-long variant for the tests: configs/stages.py:test. GPU/TPU sizes: configs/stages.py:gpu.
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from jdiff import config as config_lib
 
 VARIANTS = ("gpu", "cpu", "test")
 
 
 def _base(variant: str) -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mmdit_256.py")
-  spec = importlib.util.spec_from_file_location("mmdit_256", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return config_lib.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"mmdit_256.py:{variant}"))
 
 
 def get_config(arg: str | None = None):

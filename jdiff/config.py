@@ -7,7 +7,9 @@ names the field. Unknown keys are rejected by ml_collections itself (configs are
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 from typing import Any
 
 import ml_collections
@@ -180,6 +182,20 @@ def base() -> ml_collections.ConfigDict:
                                           every=0, at_end=True))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(logical_rules=LOGICAL_RULES))
+  return c
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """'path/to/config.py[:arg]' -> its get_config(arg), locked: what --config=spec gives
+  jdiff.main, for notebooks, benchmarks and tests."""
+  path, sep, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config file {path!r} (from {spec!r})")
+  module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  c = module.get_config(arg) if sep else module.get_config()
+  c.lock()
   return c
 
 

@@ -1,7 +1,6 @@
 """The trainer end to end on tiny configs: resume, sharding, init_from, failures, CLIs."""
 
 import functools
-import importlib.util
 import json
 import os
 import signal
@@ -13,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from jdiff import config as config_lib
 from jdiff.data import pipeline as pipeline_lib
 from jdiff.train import checkpoint as ckpt_lib
 from jdiff.train import optim, trainer
@@ -26,10 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_config(name="mmdit_256", variant="test", **overrides):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(variant)
+  config = config_lib.load(os.path.join(ROOT, "configs", f"{name}.py:{variant}"))
   config.mesh.data = 1  # one device unless a test asks for more
   for key, value in overrides.items():
     section, field = key.split("__")
@@ -264,6 +261,21 @@ def test_missing_dataset_fails_fast(tmp_path):
   assert proc.returncode != 0
   assert "no_such_dataset" in proc.stderr and "not available" in proc.stderr
   assert not os.path.exists(os.path.join(tmp_path, "w", "checkpoints"))
+
+
+def test_config_load_equals_the_config_flag():
+  """config.load('file.py:arg') gives what --config=file.py:arg gives jdiff.main: the
+  file's get_config(arg), locked; a missing file fails at once with its name."""
+  from ml_collections.config_flags import config_flags as cf
+
+  spec = os.path.join(ROOT, "configs", "stages.py:test")
+  loaded = config_lib.load(spec)
+  assert loaded.to_dict() == cf.ConfigFileFlagParser("config").parse(spec).to_dict()
+  assert loaded.base.data.resolution == 16 and loaded.stages.pretrain.train.num_steps == 3
+  with pytest.raises(AttributeError):
+    loaded.no_such_field = 1  # locked, as under the flag
+  with pytest.raises(FileNotFoundError, match="nope.py"):
+    config_lib.load(os.path.join(ROOT, "configs", "nope.py:cpu"))
 
 
 def test_dit_config_trains():
