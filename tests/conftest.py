@@ -1,8 +1,24 @@
-"""Test setup: 8 fake CPU devices, set before JAX initialises (never in library code)."""
+"""Test setup: 8 fake CPU devices, set before JAX initialises (never in library code), and
+one persistent XLA compilation cache for the session and the CLI subprocesses it starts
+(many tests compile the same train step; the cache only skips recompiling identical
+programs)."""
 
 import os
+import shutil
+import tempfile
 
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+_cache = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jdiff_test_xla_cache_")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _cache:
+    shutil.rmtree(_cache, ignore_errors=True)
