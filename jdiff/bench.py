@@ -34,6 +34,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
+from jdiff import cli
 from jdiff import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mmdit_256.py:cpu.",
@@ -222,7 +223,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = config_lib.resolve(_CONFIG.value)
   config_lib.validate(config)
-  logging.getLogger("jdiff").setLevel(logging.WARNING)
+  cli.set_log_levels(logging.WARNING)
   print(json.dumps(run(config, _STEPS.value, _WARMUP.value, _PROFILE_DIR.value)))
 
 

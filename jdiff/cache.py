@@ -7,11 +7,11 @@ Then train with --config.data.source=cache --config.data.cache_dir=OUT.
 """
 
 import json
-import logging
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from jdiff import cli
 from jdiff import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose data, autoencoder and text to use.",
@@ -27,7 +27,7 @@ flags.mark_flags_as_required(["config", "out"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger("jdiff").setLevel(logging.INFO)
+  cli.set_log_levels()
   from jdiff.data import cache  # pylint: disable=g-import-not-at-top
 
   config = config_lib.resolve(_CONFIG.value)

@@ -149,6 +149,9 @@ def base() -> ml_collections.ConfigDict:
       lr=1e-4, schedule="constant", warmup_steps=1000, end_lr_factor=0.0,  # end factor: cosine only
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
       ema_decay=0.9999, ema_warmup=True,
+      # dtype of Adam's first moment: '' = the parameters' (float32); 'bfloat16' halves its
+      # memory and traffic (the second moment stays in the parameters' dtype).
+      mu_dtype="",
       # Regex over parameter paths ('denoiser/blocks_0/x_qkv/q/kernel', 'text/...'): only
       # matching parameters train; the rest stay bit-identical ('' = all). E.g. 'denoiser/.*'.
       trainable="",
@@ -285,6 +288,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of("diffusion.timesteps.kind", c.diffusion.timesteps.kind, diffusion.TIMESTEP_KINDS)
   _one_of("diffusion.shift.kind", c.diffusion.shift.kind, diffusion.SHIFT_KINDS)
   _one_of("optim.schedule", c.optim.schedule, optim.SCHEDULES)
+  _one_of("optim.mu_dtype", c.optim.mu_dtype, ("", "float32", "bfloat16"))
   _one_of("sample.method", c.sample.method, diffusion.METHODS)
   _one_of("eval.method", c.eval.method, diffusion.METHODS)
   for dtype_field in ("model.dtype", "model.param_dtype", "text.dtype", "text.param_dtype"):

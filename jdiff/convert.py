@@ -25,7 +25,8 @@ import shutil
 from typing import Any
 
 from absl import app, flags
-from absl import logging as absl_logging
+
+from jdiff import cli
 
 log = logging.getLogger("jdiff.convert")  # not __name__: "__main__" under python -m
 
@@ -179,8 +180,7 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in ("import", "export", "export_lora"):
     raise app.UsageError("usage: python -m jdiff.convert import --src=DIR --workdir=W | "
                          "export --workdir=W --out=DIR [--pipeline=SRC] | export_lora --workdir=W --out=DIR")
-  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file at INFO
-  logging.getLogger("jdiff").setLevel(logging.INFO)
+  cli.set_log_levels()
   if argv[1] == "import":
     if not _SRC.value or not _WORKDIR.value:
       raise app.UsageError("import needs --src and --workdir")

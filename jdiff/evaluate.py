@@ -9,6 +9,8 @@ import json
 
 from absl import app, flags
 
+from jdiff import cli
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Prompts per split (default: config.eval).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Sampler steps (default: config.eval).")
@@ -21,6 +23,7 @@ flags.mark_flag_as_required("workdir")
 
 def main(argv):
   del argv
+  cli.set_log_levels()
   from jdiff import inference  # pylint: disable=g-import-not-at-top
   from jdiff.eval import benchmark  # pylint: disable=g-import-not-at-top
 

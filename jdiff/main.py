@@ -12,12 +12,11 @@ jdiff.train.trainer.train_and_evaluate(config, workdir).
 """
 
 import json
-import logging
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from jdiff import cli
 from jdiff import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mmdit_256.py:cpu.",
@@ -35,8 +34,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = config_lib.resolve(_CONFIG.value)
   config_lib.validate(config)  # before JAX starts any work
-  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and friends log every file at INFO
-  logging.getLogger("jdiff").setLevel(logging.INFO)
+  cli.set_log_levels()
   from jdiff import distributed  # pylint: disable=g-import-not-at-top
 
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

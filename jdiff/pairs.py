@@ -26,6 +26,8 @@ import numpy as np
 
 from jdiff.data import shapes
 
+from jdiff import cli
+
 log = logging.getLogger("jdiff.pairs")
 
 FILE = "pairs.npz"
@@ -108,7 +110,7 @@ class GeneratedPairsSource:
 
 def main(argv):
   del argv
-  logging.getLogger("jdiff").setLevel(logging.INFO)
+  cli.set_log_levels()
   meta = generate(_WORKDIR.value, _OUT.value, num=_NUM.value, num_steps=_NUM_STEPS.value,
                   cfg_scale=_CFG_SCALE.value, seed=_SEED.value)
   print(json.dumps(meta))

@@ -11,6 +11,8 @@ import os
 
 from absl import app, flags
 
+from jdiff import cli
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
 _PROMPTS = flags.DEFINE_multi_string("prompt", None, "Caption; repeat the flag for several.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 1, "Images per prompt (different noise).")
@@ -26,6 +28,7 @@ flags.mark_flags_as_required(["workdir", "prompt"])
 
 def main(argv):
   del argv
+  cli.set_log_levels()
   from jdiff import inference  # pylint: disable=g-import-not-at-top
 
   model = inference.load(_WORKDIR.value, _STEP.value)

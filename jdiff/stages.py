@@ -22,10 +22,10 @@ import os
 from typing import Any
 
 from absl import app, flags
-from absl import logging as absl_logging
 import ml_collections
 from ml_collections import config_flags
 
+from jdiff import cli
 from jdiff import config as config_lib
 
 log = logging.getLogger("jdiff.stages")  # not __name__: "__main__" under python -m
@@ -174,8 +174,7 @@ def run(pipeline: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict[st
 def main(argv, pipeline_flag, workdir_flag):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger("jdiff").setLevel(logging.INFO)
+  cli.set_log_levels()
   _, table = run(pipeline_flag.value, workdir_flag.value)
   print(table)
 

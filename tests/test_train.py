@@ -120,7 +120,8 @@ def test_grad_accumulation_equals_one_big_batch():
 
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
-  config = get_config(train__num_steps=2, train__sample_every=0)
+  """Also with Adam's first moment in bfloat16 (optim.mu_dtype): it restores as saved."""
+  config = get_config(train__num_steps=2, train__sample_every=0, optim__mu_dtype="bfloat16")
   config.mesh.update(data=8, fsdp=1, tensor=1)
   run(config, tmp_path)
   saved, _, _ = restored(tmp_path, config)
@@ -138,6 +139,10 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   assert len(kernel.addressable_shards) == 8
   chex.assert_trees_all_equal(jax.device_get(state), saved)
+  adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+          if isinstance(s, optax.ScaleByAdamState)]
+  assert {x.dtype for x in jax.tree.leaves(adam[0].mu)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(adam[0].nu)} == {jnp.dtype(jnp.float32)}
   # And training continues on the new mesh.
   config.train.num_steps = 4
   assert run(config, tmp_path)["step"] == 4
@@ -263,6 +268,7 @@ def test_missing_dataset_fails_fast(tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, "w", "checkpoints"))
 
 
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # inside ml_collections' flag parser
 def test_config_load_equals_the_config_flag():
   """config.load('file.py:arg') gives what --config=file.py:arg gives jdiff.main: the
   file's get_config(arg), locked; a missing file fails at once with its name."""

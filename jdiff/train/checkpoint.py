@@ -39,7 +39,10 @@ class Checkpoints:
     self.manager = ocp.CheckpointManager(
         checkpoint_dir(self.workdir),
         item_names=ITEMS,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+        # read_only: what Orbax would reset (with a warning each) is not set at all.
+        options=ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
+                                             save_interval_steps=0 if read_only else 1,
+                                             enable_async_checkpointing=async_save,
                                              create=not read_only, read_only=read_only),
     )
 

@@ -69,12 +69,14 @@ def _is_box(x) -> bool:
 
 
 def make_optimizer(optim_cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTransformation:
-  """config.optim -> clip_by_global_norm + AdamW (weight decay on kernels), applied to the
-  parameters matching optim.trainable; the others get zero updates and no optimizer state."""
+  """config.optim -> clip_by_global_norm + AdamW (weight decay on kernels; first moment in
+  optim.mu_dtype, '' = the parameters' dtype), applied to the parameters matching
+  optim.trainable; the others get zero updates and no optimizer state."""
   tx = optax.chain(
       optax.clip_by_global_norm(optim_cfg["grad_clip"]),
       optax.adamw(learning_rate(optim_cfg, num_steps), b1=optim_cfg["b1"], b2=optim_cfg["b2"],
-                  eps=optim_cfg["eps"], weight_decay=optim_cfg["weight_decay"], mask=decay_mask),
+                  eps=optim_cfg["eps"], weight_decay=optim_cfg["weight_decay"], mask=decay_mask,
+                  mu_dtype=optim_cfg.get("mu_dtype") or None),
   )
   pattern = optim_cfg.get("trainable", "")
   if pattern in ("", ".*"):
