@@ -7,13 +7,15 @@ FLOPs, MFU, compile time, memory) for several sizes in one process.
 
 --geometry latent256 (default): SD3's 256x256 latent shape, 32x32x16 inputs with patch 2
   (256 image tokens); 'default' keeps configs/mmdit_256.py's 256 px pixel-space patch 8.
---rows: MMDiT variant:batch[:remat[:attention]] per row; each prints one JSON line (also
+--rows: MMDiT variant:batch[:remat[:attention]][:section.field=value ...] per row (e.g.
+  d24:128:dots_no_batch:cudnn:optim.mu_dtype=bfloat16); each prints one JSON line (also
   appended to --out) tagged with --tag and the process's XLA_FLAGS. A failing row (e.g. out
   of memory) prints its error and the others still run.
 --variant test: the tiny CPU config, for a dry run of the script on any machine.
 """
 
 import argparse
+import ast
 import functools
 import gc
 import json
@@ -81,15 +83,31 @@ def bf16_vs_fp32(variant, geometry, tolerance=1e-2):
   return ok
 
 
-def bench_row(spec, variant, geometry, steps, warmup, tag, profile_dir=""):
-  """One `jdiff.bench` measurement for 'depth_variant:batch[:remat[:attention]]'."""
+def row_overrides(spec: str) -> dict:
+  """'d24:128[:remat[:attention]][:section.field=value ...]' -> config overrides
+  ('d24:128:dots_no_batch:cudnn:optim.mu_dtype=bfloat16'); values are Python literals or
+  plain strings."""
   parts = spec.split(":")
-  overrides = dict(model__variant=parts[0], train__batch_size=int(parts[1]))
-  if len(parts) > 2:
-    overrides["model__remat"] = parts[2]
-  if len(parts) > 3:
-    overrides["model__attention"] = parts[3]
-  c = config(variant, geometry, **overrides)
+  positional = [p for p in parts if "=" not in p]
+  if len(positional) < 2 or len(positional) > 4:
+    raise ValueError(f"row {spec!r}: expected variant:batch[:remat[:attention]][:section.field=value ...]")
+  overrides = dict(model__variant=positional[0], train__batch_size=int(positional[1]))
+  for key, value in zip(("model__remat", "model__attention"), positional[2:]):
+    overrides[key] = value
+  for part in parts:
+    if "=" in part:
+      key, value = part.split("=", 1)
+      try:
+        value = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        pass  # a plain string
+      overrides[key.replace(".", "__", 1)] = value
+  return overrides
+
+
+def bench_row(spec, variant, geometry, steps, warmup, tag, profile_dir=""):
+  """One `jdiff.bench` measurement for a row spec (see `row_overrides`)."""
+  c = config(variant, geometry, **row_overrides(spec))
   row = dict(spec=spec, tag=tag, xla_flags=os.environ.get("XLA_FLAGS", ""), geometry=geometry)
   try:
     row.update(bench.run(c, steps=steps, warmup=warmup, profile_dir=profile_dir))
@@ -120,7 +138,7 @@ def table(rows) -> str:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--check", action="store_true", help="bf16 vs fp32 loss and output first")
-  parser.add_argument("--rows", default="", help="space-separated variant:batch[:remat[:attention]]")
+  parser.add_argument("--rows", default="", help="space-separated variant:batch[:remat[:attention]][:section.field=value ...]")
   parser.add_argument("--tag", default="default", help="label of this process's settings (XLA flags)")
   parser.add_argument("--geometry", default="latent256", choices=tuple(GEOMETRY))
   parser.add_argument("--variant", default=None, help="config variant ('test' for a CPU dry run)")

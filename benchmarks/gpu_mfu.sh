@@ -12,7 +12,9 @@ source benchmarks/device_env.sh
 # Process A (XLA's default GEMM emitters, Triton autotuning: 54 s to compile d12 on an H100,
 # d24 did not finish in 3 minutes) keeps one row for the comparison; the rest run cuBLAS-only.
 ROWS_A=${ROWS_A-"d12:128"}
-ROWS_B=${ROWS_B:-"d24:128 d12:128 d12:256 d24:128:dots_no_batch:xla"}
+# d24:128 and d12:128 compare with the 2026-11-27 table (before the norms' hand-written
+# backwards); the last two rows try Adam's first moment in bf16 and XLA's own attention.
+ROWS_B=${ROWS_B:-"d24:128 d12:128 d24:128:dots_no_batch:cudnn:optim.mu_dtype=bfloat16 d24:128:dots_no_batch:xla"}
 PROFILE_ROW=${PROFILE_ROW:-d24:128}  # traced after its timing in process B; summary printed
 VARIANT=${VARIANT:+--variant=$VARIANT}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}

@@ -85,14 +85,33 @@ def test_run_rejects_frozen_objectives():
     bench.run(config, steps=1, warmup=0)
 
 
-def _profile_summary():
+def _benchmark_module(name):
   import importlib.util
   import os
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "profile_summary.py")
-  spec = importlib.util.spec_from_file_location("profile_summary", path)
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def _profile_summary():
+  return _benchmark_module("profile_summary")
+
+
+def test_gpu_checks_row_specs():
+  """benchmarks/gpu_checks.py rows: positional variant:batch[:remat[:attention]], then any
+  section.field=value config overrides, applied to the config each row benchmarks."""
+  gc = _benchmark_module("gpu_checks")
+  assert gc.row_overrides("d24:128") == dict(model__variant="d24", train__batch_size=128)
+  assert gc.row_overrides("d24:128:dots_no_batch:cudnn:optim.mu_dtype=bfloat16:optim.lr=0.001") == dict(
+      model__variant="d24", train__batch_size=128, model__remat="dots_no_batch", model__attention="cudnn",
+      optim__mu_dtype="bfloat16", optim__lr=0.001)
+  c = gc.config("test", **gc.row_overrides("d2:4:none:optim.mu_dtype=bfloat16"))
+  assert (c.model.variant, c.train.batch_size, c.model.remat, c.optim.mu_dtype) == ("d2", 4, "none", "bfloat16")
+  assert c.model.patch_size == 2 and c.model.in_channels == 16  # SD3's latent geometry
+  with pytest.raises(ValueError, match="expected variant:batch"):
+    gc.row_overrides("d24")
 
 
 def test_profile_summary_parses_hlo_instructions():
