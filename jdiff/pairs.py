@@ -24,9 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from jdiff.data import shapes
-
 from jdiff import cli
+from jdiff.data import shapes
 
 log = logging.getLogger("jdiff.pairs")
 

@@ -353,6 +353,7 @@ def dot_product_attention(q, k, v, implementation: str = "default") -> jax.Array
   return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
+@jax.custom_vjp
 def _attention_heads_major(q, k, v) -> jax.Array:
   """Softmax attention (what jax.nn.dot_product_attention computes: float32 logits and
   softmax, scale 1/sqrt(head_dim)) for XLA:CPU, with a hand-written backward.
@@ -364,10 +365,10 @@ def _attention_heads_major(q, k, v) -> jax.Array:
   dS = P * (dO v^T - rowsum(dO * o)). The scale goes onto q (exact for power-of-4 head
   sizes). BENCHMARKS.md has what this saved.
   """
-  return _attention_cpu(q, k, v)
+  return _attention_heads_major_fwd(q, k, v)[0]
 
 
-def _attention_cpu_fwd(q, k, v):
+def _attention_heads_major_fwd(q, k, v):
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
   logits = jnp.einsum("bnth,bnsh->bnts", qt, kt, preferred_element_type=jnp.float32)
@@ -379,7 +380,7 @@ def _attention_cpu_fwd(q, k, v):
   return o.transpose(0, 2, 1, 3), (qt, kt, vt, e, inv, o)
 
 
-def _attention_cpu_bwd(res, do):
+def _attention_heads_major_bwd(res, do):
   qt, kt, vt, e, inv, o = res
   dot = do.transpose(0, 2, 1, 3)
   g = (dot.astype(jnp.float32) * inv).astype(vt.dtype)  # dO / l
@@ -393,8 +394,7 @@ def _attention_cpu_bwd(res, do):
   return tuple(x.transpose(0, 2, 1, 3) for x in (dq, dk, dv))
 
 
-_attention_cpu = jax.custom_vjp(lambda q, k, v: _attention_cpu_fwd(q, k, v)[0])
-_attention_cpu.defvjp(_attention_cpu_fwd, _attention_cpu_bwd)
+_attention_heads_major.defvjp(_attention_heads_major_fwd, _attention_heads_major_bwd)
 
 
 def _round_up(n: int, m: int) -> int:
