@@ -4,10 +4,11 @@
 
 For the CPU demo config (24 px) and the GPU default (256 px, shapes), builds the real grain
 pipeline (make_pipeline: shuffle, per-process rows, render/decode, resize, tokenise, batch)
-and counts images per second after a warm-up batch, with the config's read threads and
-with worker processes. Step demand comes from `--demand_cpu` (measured with
-`python -m jdiff.bench --config=configs/mmdit_256.py:cpu`) and `--demand_gpu` (images/s of
-the H100 run in BENCHMARKS.md); the loader must supply at least 5x.
+and counts images per second after a warm-up batch, with the config's read threads, other
+thread counts (--threads) and worker processes (--workers). Step demand comes from
+`--demand_cpu` (measured with `python -m jdiff.bench --config=configs/mmdit_256.py:cpu`)
+and `--demand_gpu` (images/s of the H100 run in BENCHMARKS.md); the loader must supply at
+least 5x.
 """
 
 import argparse
@@ -40,20 +41,25 @@ def rate(c, seconds, **data_overrides):
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--seconds", type=float, default=20)
-  ap.add_argument("--demand_cpu", type=float, default=345.0, help="images/s the CPU demo step consumes")
+  ap.add_argument("--demand_cpu", type=float, default=408.5, help="images/s the CPU demo step consumes")
   ap.add_argument("--demand_gpu", type=float, default=389.4, help="images/s of the GPU default step (H100)")
+  ap.add_argument("--threads", default="config,8",
+                  help="comma-separated read-thread counts to try ('config': the config's own setting)")
   ap.add_argument("--workers", default="2", help="comma-separated worker-process counts to try besides threads")
   args = ap.parse_args()
-  out = []
+  from jdiff.data import pipeline
+
   for variant, demand in (("cpu", args.demand_cpu), ("gpu", args.demand_gpu)):
     c = config(variant)
-    modes = [("threads", {})] + [(f"{w} workers", dict(num_workers=int(w))) for w in args.workers.split(",") if w]
-    for label, overrides in modes:
+    modes = [dict(read_threads=c.data.read_threads if t == "config" else int(t)) for t in args.threads.split(",") if t]
+    modes += [dict(num_workers=int(w)) for w in args.workers.split(",") if w]
+    for overrides in modes:
       r = rate(c, args.seconds, **overrides)
-      out.append(dict(config=variant, resolution=c.data.resolution, batch=c.train.batch_size, mode=label,
-                      read_threads=c.data.read_threads, images_per_s=round(r, 1), step_demand=demand,
-                      headroom=round(r / demand, 2)))
-      print(json.dumps(out[-1]), flush=True)
+      data = dict(c.data, **overrides)
+      print(json.dumps(dict(config=variant, resolution=c.data.resolution, batch=c.train.batch_size,
+                            read_threads=pipeline.read_threads(data), num_workers=data["num_workers"],
+                            images_per_s=round(r, 1), step_demand=demand, headroom=round(r / demand, 2))),
+            flush=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def get_config(arg: str | None = None):
     return c
   c.model.update(dtype="float32", scan=False, remat="none", patch_size=4, pos_embed_max_size=16)
   c.text.update(dtype="float32", width=128, depth=2, num_heads=4)
-  c.data.update(resolution=24, read_threads=2, prefetch=64)
+  c.data.update(resolution=24, prefetch=64)
   c.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.999)
   c.diffusion.shift.base_seq_len = 36
   c.sample.update(num_steps=20, cfg_scale=3.0, batch_size=8)

@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
   # Small CPU runs: float32 everywhere, no scan/remat (depth is small), one device.
   c.model.update(dtype="float32", scan=False, remat="none")
   c.text.update(dtype="float32")
-  c.data.update(read_threads=2, prefetch=64)
+  c.data.update(prefetch=64)
   c.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.999)
   if variant == "cpu":
     # Sized for 2 cores and ~9 minutes (BENCHMARKS.md): 24x24 pixels, patch 4 (36 image

@@ -133,7 +133,10 @@ def base() -> ml_collections.ConfigDict:
       arrayrecord_pattern="",  # glob of ArrayRecord files of tf.train.Example records
       image_key="image",  # feature holding the (encoded) image
       caption_key="caption",  # feature holding the caption text
-      read_threads=8,  # grain read threads per process
+      # grain read threads per process; -1: by source (pipeline.read_threads): 1 for the
+      # embedded sources (rendered under the GIL: more threads contend and run slower),
+      # 8 for tfds / arrayrecord / cache (file reads and image decoding release the GIL)
+      read_threads=-1,
       prefetch=256,  # grain prefetch buffer (elements)
       num_workers=0,  # grain worker processes (0: threads in the main process)
   ))
@@ -301,6 +304,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
                "distill.student_steps", "distill.teacher_substeps"):
     section, key = name.split(".")
     _positive(name, c[section][key])
+  if c.data.read_threads < -1 or c.data.num_workers < 0:
+    raise ValueError(f"config.data.read_threads={c.data.read_threads} (>= 0, or -1: by source) and "
+                     f"data.num_workers={c.data.num_workers} (>= 0) are out of range")
   if c.lora.rank < 0:
     raise ValueError(f"config.lora.rank={c.lora.rank} must be >= 0")
   if c.optim.lr < 0:

@@ -136,6 +136,27 @@ def test_pipeline_batches_are_seeded_and_resumable():
     np.testing.assert_array_equal(x["tokens"], y["tokens"])
 
 
+def test_read_threads_by_source_and_batches_independent_of_threads():
+  """read_threads=-1 picks by source (1 for the GIL-bound embedded renders, 8 for file
+  sources); whatever the thread count, the pipeline yields the same batches."""
+  assert [pipeline.read_threads(dict(DATA, source=s, read_threads=-1))
+          for s in ("shapes", "preference", "tfds", "arrayrecord", "cache")] == [1, 1, 8, 8, 8]
+  assert pipeline.read_threads(dict(DATA, read_threads=3)) == 3
+  with pytest.raises(ValueError, match="read_threads=-2"):
+    pipeline.read_threads(dict(DATA, read_threads=-2))
+  batches = [_take(pipeline.make_pipeline(dict(DATA, read_threads=n), global_batch=4, max_len=16, seed=0), 3)
+             for n in (-1, 0, 4)]
+  for other in batches[1:]:
+    for x, y in zip(batches[0], other):
+      np.testing.assert_array_equal(x["image"], y["image"])
+      np.testing.assert_array_equal(x["tokens"], y["tokens"])
+  from jdiff import config as config_lib
+  c = config_lib.base()
+  c.data.read_threads = -3
+  with pytest.raises(ValueError, match="data.read_threads=-3"):
+    config_lib.validate(c)
+
+
 def test_processes_read_disjoint_shards_covering_an_epoch():
   cfg = dict(DATA, shapes_size=24, resolution=8)
   seen = []
@@ -243,13 +264,15 @@ def _full_grid_coverage(shape, center, h, height, width, ss=4):
 
 
 def test_rendering_only_the_bounding_box_equals_the_full_supersampled_grid():
+  """Coverage and render (bounding box only, counts by slice sums, colours by lookup) equal
+  the definition: the mean over the full supersampled grid, blended in float32."""
   rng = np.random.default_rng(0)
   for i in range(200):
     scene, _ = shapes.scene_for(0, "train" if i % 2 else "held_out", i)
     shape, center, h = scene.shape, scene.center, scene.half_extent
     if i % 10 == 0:  # partly or wholly out of the frame
       center = tuple(rng.uniform(-0.5, 1.5, size=2))
-    for hw in [(16, 16), (24, 40), (64, 64)]:
+    for hw in [(16, 16), (24, 40), (64, 64)] + ([(256, 256)] if i % 5 == 0 else []):
       expected = _full_grid_coverage(shape, center, h, *hw)
       np.testing.assert_array_equal(shapes.coverage(shape, center, h, *hw), expected)
       image = shapes.render(dataclasses.replace(scene, center=center), hw)

@@ -183,6 +183,25 @@ class Pipeline:
     return self.skip.skipped
 
 
+EMBEDDED_SOURCES = ("shapes", "preference")  # generated in Python: threads only contend for the GIL
+
+
+def read_threads(data_cfg: Mapping[str, Any]) -> int:
+  """config.data.read_threads, with -1 resolved by source.
+
+  The embedded sources render in short NumPy calls that hold the GIL, so one read thread
+  (beside the training loop) is fastest: 256 px shapes on 2 cores gave 3.3-3.6k images/s
+  with 1 thread against 2.0k with 8 (BENCHMARKS.md). Files and image decoders release it,
+  so tfds / arrayrecord / cache reads get 8.
+  """
+  n = data_cfg["read_threads"]
+  if n == -1:
+    return 1 if data_cfg["source"] in EMBEDDED_SOURCES else 8
+  if n < 0:
+    raise ValueError(f"data.read_threads={n}: expected >= 0, or -1 (by source)")
+  return n
+
+
 def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: int, seed: int,
                   split: str = "train", process_index: int | None = None,
                   process_count: int | None = None) -> Pipeline:
@@ -209,7 +228,7 @@ def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: in
     ds = ds.map_with_index(CheckCached(source.meta))
   else:
     ds = ds.map_with_index(Preprocess(data_cfg["resolution"], max_len))
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg["read_threads"],
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads(data_cfg),
                                             prefetch_buffer_size=data_cfg["prefetch"]))
   if data_cfg["num_workers"] > 0:
     from absl import flags  # pylint: disable=g-import-not-at-top

@@ -96,13 +96,14 @@ def coverage(shape: str, center: tuple[float, float], half_extent: float,
   and height 2*half_extent.
   """
   out = np.zeros((height, width), np.float32)
-  (r0, r1, c0, c1), alpha = _coverage_box(shape, center, half_extent, height, width)
-  out[r0:r1, c0:c1] = alpha
+  (r0, r1, c0, c1), count = _coverage_box(shape, center, half_extent, height, width)
+  out[r0:r1, c0:c1] = count / np.float32(_SUPERSAMPLE**2)  # exact: a small integer over 16
   return out
 
 
 def _coverage_box(shape: str, center: tuple[float, float], half_extent: float, height: int, width: int):
-  """((r0, r1, c0, c1), coverage [r1-r0, c1-c0]) over the pixels that can be covered."""
+  """((r0, r1, c0, c1), count) over the pixels that can be covered: count (uint8
+  [r1-r0, c1-c0]) is how many of the pixel's ss x ss sample points are inside the shape."""
   ss = _SUPERSAMPLE
   ys = (np.arange(height * ss, dtype=np.float32) + 0.5) / (height * ss)
   xs = (np.arange(width * ss, dtype=np.float32) + 0.5) / (width * ss)
@@ -113,7 +114,7 @@ def _coverage_box(shape: str, center: tuple[float, float], half_extent: float, h
   c0, c1 = (int(np.clip(np.floor((center[0] + s * h) * width) + s, 0, width)) for s in (-1, 1))
   r1, c1 = min(height, r1 + 1), min(width, c1 + 1)
   if r0 >= r1 or c0 >= c1:
-    return (0, 0, 0, 0), np.zeros((0, 0), np.float32)
+    return (0, 0, 0, 0), np.zeros((0, 0), np.uint8)
   dx = xs[None, c0 * ss:c1 * ss] - center[0]
   dy = ys[r0 * ss:r1 * ss, None] - center[1]
   if shape == "circle":
@@ -124,7 +125,16 @@ def _coverage_box(shape: str, center: tuple[float, float], half_extent: float, h
     inside = (dy >= -h) & (dy <= h) & (np.abs(dx) <= (dy + h) / 2)
   else:
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-  return (r0, r1, c0, c1), inside.reshape(r1 - r0, ss, c1 - c0, ss).mean(axis=(1, 3), dtype=np.float32)
+  # Count per ss x ss block by adding its row and column slices: NumPy reduces short strided
+  # axes (reshape + sum over axes 1 and 3) about 15x slower, and that dominated a 256 px render.
+  blocks = inside.view(np.uint8).reshape(r1 - r0, ss, c1 - c0, ss)
+  rows = blocks[:, 0].copy()
+  for i in range(1, ss):
+    rows += blocks[:, i]
+  count = rows[..., 0].copy()
+  for i in range(1, ss):
+    count += rows[..., i]
+  return (r0, r1, c0, c1), count
 
 
 def render(scene: Scene, resolution: int | tuple[int, int]) -> np.ndarray:
@@ -133,9 +143,15 @@ def render(scene: Scene, resolution: int | tuple[int, int]) -> np.ndarray:
   bg = np.asarray(BACKGROUNDS[scene.background], np.float32)
   fg = np.asarray(ALL_COLORS[scene.color], np.float32)
   image = np.empty((height, width, 3), np.uint8)
-  image[:] = bg.astype(np.uint8)  # uncovered pixels: the background exactly
-  (r0, r1, c0, c1), alpha = _coverage_box(scene.shape, scene.center, scene.half_extent, height, width)
-  image[r0:r1, c0:c1] = np.round(bg + alpha[..., None] * (fg - bg)).astype(np.uint8)
+  # Uncovered pixels: the background exactly (filled a row at a time: broadcasting a
+  # 3-vector over every pixel is ~30x slower).
+  image.reshape(height, width * 3)[:] = np.tile(bg.astype(np.uint8), width)
+  (r0, r1, c0, c1), count = _coverage_box(scene.shape, scene.center, scene.half_extent, height, width)
+  # A covered pixel's colour depends only on its sample count: blend the ss*ss + 1 possible
+  # colours once (coverage count / ss^2, exact in float32) and look them up.
+  alpha = np.arange(_SUPERSAMPLE**2 + 1, dtype=np.float32) / np.float32(_SUPERSAMPLE**2)
+  colours = np.round(bg + alpha[:, None] * (fg - bg)).astype(np.uint8)
+  image[r0:r1, c0:c1] = np.take(colours, count, axis=0)
   return image
 
 
