@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Prepared device run (lent H100/H200, about 7 minutes): bf16-vs-fp32 check, then MFU of
 # MMDiT at SD3's 256x256 latent geometry (32x32x16 latents, patch 2: 256 image tokens) for
-# d12 and d24 at several batch sizes and remat policies, under XLA's default GEMM emitters
-# and under cuBLAS only (--xla_gpu_enable_triton_gemm=false), each row one `jdiff.bench`
-# measurement (benchmarks/gpu_checks.py), then one table. Run from the repo root with the
-# wheels of ../shared/device/wheels.sh carried in .whl:   bash benchmarks/gpu_mfu.sh
+# d12 and d24, each row one `jdiff.bench` measurement (benchmarks/gpu_checks.py), in two
+# processes with different XLA flags, then one table, the input pipeline on this host, and
+# a trace of one row. Run from the repo root with the wheels of ../shared/device/wheels.sh
+# carried in .whl:   bash benchmarks/gpu_mfu.sh
 # CPU dry run of the same script (tiny sizes):
-#   ROWS_A="d2:4" ROWS_B="d2:8:none" VARIANT=test JAX_PLATFORMS=cpu bash benchmarks/gpu_mfu.sh
+#   ROWS_A="d2:4" ROWS_B="d2:8:none" VARIANT=test JAX_PLATFORMS=cpu LOADER=0 bash benchmarks/gpu_mfu.sh
 set -uo pipefail
 source benchmarks/device_env.sh
-# Process A (XLA's default GEMM emitters, Triton autotuning: 54 s to compile d12 on an H100,
-# d24 did not finish in 3 minutes) keeps one row for the comparison; the rest run cuBLAS-only.
-ROWS_A=${ROWS_A-"d12:128"}
+# Both processes run cuBLAS only: XLA's Triton GEMM autotuning took 54 s to compile d12 on an
+# H100 for the same step time, and d24 did not finish in 3 minutes (2026-11-27).
+# Process A (with the bf16 check) adds cuBLASLt, whose epilogues can take the bias and GELU
+# into the GEMM (XLA leaves cuBLASLt off by default): FLAGS_A against process B's d24 row.
+ROWS_A=${ROWS_A-"d24:128"}
+FLAGS_A=${FLAGS_A-"--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true"}
 # d24:128 and d12:128 compare with the 2026-11-27 table (before the norms' hand-written
 # backwards); the last two rows try Adam's first moment in bf16 and XLA's own attention.
 ROWS_B=${ROWS_B:-"d24:128 d12:128 d24:128:dots_no_batch:cudnn:optim.mu_dtype=bfloat16 d24:128:dots_no_batch:xla"}
@@ -22,7 +25,8 @@ rows="$OUT/bench.jsonl"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "no GPU"
   if [ -n "$ROWS_A" ]; then  # ROWS_A="" skips this process and the bf16 check
-    timeout "${LIMIT_A:-230}" python3 benchmarks/gpu_checks.py $VARIANT --check --rows="$ROWS_A" --tag=xla --out="$rows" ||
+    XLA_FLAGS="${XLA_FLAGS:-} $FLAGS_A" timeout "${LIMIT_A:-230}" python3 benchmarks/gpu_checks.py $VARIANT --check \
+      --rows="$ROWS_A" --tag=cublaslt --out="$rows" ||
       echo "process A failed or timed out (rc $?)"
   fi
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout "${LIMIT_B:-260}" python3 benchmarks/gpu_checks.py $VARIANT \
