@@ -34,24 +34,24 @@ from jdiff.train import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GEOMETRY = {
-    "latent256": dict(model__patch_size=2, model__in_channels=16, data__resolution=32, model__pos_embed_max_size=32),
+    "latent256": {"model.patch_size": 2, "model.in_channels": 16, "data.resolution": 32, "model.pos_embed_max_size": 32},
     "default": {},
 }
 
 
-def config(variant=None, geometry="latent256", **overrides):
+def config(variant=None, geometry="latent256", overrides=None):
+  """configs/mmdit_256.py[:variant] on all devices, in `geometry`, with {'section.field': value}
+  overrides."""
   c = config_lib.load(os.path.join(ROOT, "configs", "mmdit_256.py" + (f":{variant}" if variant else "")))
   c.mesh.data = -1
-  for key, value in {**GEOMETRY[geometry], **overrides}.items():
-    section, field = key.split("__")
-    c[section][field] = value
+  c.update_from_flattened_dict({**GEOMETRY[geometry], **(overrides or {})})
   return c
 
 
 def bf16_vs_fp32(variant, geometry, tolerance=1e-2):
   """The same weights and batch in fp32 and in bf16 compute: loss and network output."""
-  c32 = config(variant, geometry, model__dtype="float32", text__dtype="float32", train__batch_size=16)
-  c16 = config(variant, geometry, model__dtype="bfloat16", text__dtype="bfloat16", train__batch_size=16)
+  c32, c16 = (config(variant, geometry, {"model.dtype": dtype, "text.dtype": dtype, "train.batch_size": 16})
+              for dtype in ("float32", "bfloat16"))
   networks = state_lib.build_networks(c32)
   params = nn.unbox(networks.init_params(jax.random.key(0)))
   # Random non-zero weights so the comparison covers every layer (adaLN-Zero starts at 0).
@@ -84,15 +84,15 @@ def bf16_vs_fp32(variant, geometry, tolerance=1e-2):
 
 
 def row_overrides(spec: str) -> dict:
-  """'d24:128[:remat[:attention]][:section.field=value ...]' -> config overrides
-  ('d24:128:dots_no_batch:cudnn:optim.mu_dtype=bfloat16'); values are Python literals or
-  plain strings."""
+  """'d24:128[:remat[:attention]][:section.field=value ...]' -> {'section.field': value}
+  config overrides ('d24:128:dots_no_batch:cudnn:optim.mu_dtype=bfloat16'); values are
+  Python literals or plain strings."""
   parts = spec.split(":")
   positional = [p for p in parts if "=" not in p]
   if len(positional) < 2 or len(positional) > 4:
     raise ValueError(f"row {spec!r}: expected variant:batch[:remat[:attention]][:section.field=value ...]")
-  overrides = dict(model__variant=positional[0], train__batch_size=int(positional[1]))
-  for key, value in zip(("model__remat", "model__attention"), positional[2:]):
+  overrides = {"model.variant": positional[0], "train.batch_size": int(positional[1])}
+  for key, value in zip(("model.remat", "model.attention"), positional[2:]):
     overrides[key] = value
   for part in parts:
     if "=" in part:
@@ -101,13 +101,13 @@ def row_overrides(spec: str) -> dict:
         value = ast.literal_eval(value)
       except (ValueError, SyntaxError):
         pass  # a plain string
-      overrides[key.replace(".", "__", 1)] = value
+      overrides[key] = value
   return overrides
 
 
 def bench_row(spec, variant, geometry, steps, warmup, tag, profile_dir=""):
   """One `jdiff.bench` measurement for a row spec (see `row_overrides`)."""
-  c = config(variant, geometry, **row_overrides(spec))
+  c = config(variant, geometry, row_overrides(spec))
   row = dict(spec=spec, tag=tag, xla_flags=os.environ.get("XLA_FLAGS", ""), geometry=geometry)
   try:
     row.update(bench.run(c, steps=steps, warmup=warmup, profile_dir=profile_dir))

@@ -103,11 +103,11 @@ def test_gpu_checks_row_specs():
   """benchmarks/gpu_checks.py rows: positional variant:batch[:remat[:attention]], then any
   section.field=value config overrides, applied to the config each row benchmarks."""
   gc = _benchmark_module("gpu_checks")
-  assert gc.row_overrides("d24:128") == dict(model__variant="d24", train__batch_size=128)
-  assert gc.row_overrides("d24:128:dots_no_batch:cudnn:optim.mu_dtype=bfloat16:optim.lr=0.001") == dict(
-      model__variant="d24", train__batch_size=128, model__remat="dots_no_batch", model__attention="cudnn",
-      optim__mu_dtype="bfloat16", optim__lr=0.001)
-  c = gc.config("test", **gc.row_overrides("d2:4:none:optim.mu_dtype=bfloat16"))
+  assert gc.row_overrides("d24:128") == {"model.variant": "d24", "train.batch_size": 128}
+  assert gc.row_overrides("d24:128:dots_no_batch:cudnn:optim.mu_dtype=bfloat16:optim.lr=0.001") == {
+      "model.variant": "d24", "train.batch_size": 128, "model.remat": "dots_no_batch", "model.attention": "cudnn",
+      "optim.mu_dtype": "bfloat16", "optim.lr": 0.001}
+  c = gc.config("test", overrides=gc.row_overrides("d2:4:none:optim.mu_dtype=bfloat16"))
   assert (c.model.variant, c.train.batch_size, c.model.remat, c.optim.mu_dtype) == ("d2", 4, "none", "bfloat16")
   assert c.model.patch_size == 2 and c.model.in_channels == 16  # SD3's latent geometry
   with pytest.raises(ValueError, match="expected variant:batch"):

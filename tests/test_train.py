@@ -28,9 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def get_config(name="mmdit_256", variant="test", **overrides):
   config = config_lib.load(os.path.join(ROOT, "configs", f"{name}.py:{variant}"))
   config.mesh.data = 1  # one device unless a test asks for more
-  for key, value in overrides.items():
-    section, field = key.split("__")
-    config[section][field] = value
+  config.update_from_flattened_dict({key.replace("__", "."): value for key, value in overrides.items()})
   return config
 
 
