@@ -284,14 +284,15 @@ def test_embed_one_hot_equals_gather_with_repeated_ids(dtype):
 
 
 def _assert_same_function(out, vjp, out_ref, vjp_ref, cot, dtype):
-  """Outputs close (1e-5 in float32, 2e-2 in bfloat16), and the gradients for cotangent
-  `cot` of the same dtypes and close to 4x that."""
+  """Outputs (arrays or tuples of them) of the same dtypes and close (1e-5 in float32, 2e-2
+  in bfloat16), and the gradients for cotangent `cot` of the same dtypes and close to 4x that."""
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
-  chex.assert_trees_all_close(out.astype(jnp.float32), out_ref.astype(jnp.float32), rtol=tol, atol=tol)
+  f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+  chex.assert_trees_all_equal_dtypes(out, out_ref)
+  chex.assert_trees_all_close(f32(out), f32(out_ref), rtol=tol, atol=tol)
   grads, grads_ref = vjp(cot), vjp_ref(cot)
   chex.assert_trees_all_equal_dtypes(grads, grads_ref)
-  chex.assert_trees_all_close(jax.tree.map(lambda a: a.astype(jnp.float32), grads),
-                              jax.tree.map(lambda a: a.astype(jnp.float32), grads_ref), rtol=4 * tol, atol=4 * tol)
+  chex.assert_trees_all_close(f32(grads), f32(grads_ref), rtol=4 * tol, atol=4 * tol)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -309,6 +310,14 @@ def test_norm_modulate_equals_layer_norm_then_modulate(dtype):
   out_ref, vjp_ref = jax.vjp(ref, x, shift, scale)
   assert out.dtype == dtype
   _assert_same_function(out, vjp, out_ref, vjp_ref, cot, dtype)
+  # Several (shift, scale) pairs on one x (SD3.5's dual attention): one normalisation, the
+  # outputs and gradients of separate calls (x's gradient summed over the pairs).
+  shift2, scale2 = shift[::-1], 0.5 - scale
+  many = lambda x, a, b, c, d: layers.norm_modulate_many(x, (a, b), (c, d), dtype)
+  separate = lambda x, a, b, c, d: (ref(x, a, c), ref(x, b, d))
+  out, vjp = jax.vjp(many, x, shift, shift2, scale, scale2)
+  out_ref, vjp_ref = jax.vjp(separate, x, shift, shift2, scale, scale2)
+  _assert_same_function(out, vjp, out_ref, vjp_ref, (cot, cot[:, ::-1]), dtype)
 
 
 @pytest.mark.parametrize("x_dtype,dtype", [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16),

@@ -259,36 +259,46 @@ def norm_modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, dtype: Dtype
   One function with a hand-written backward (dx = (g - mean g - x^ mean(g x^)) / sigma
   with g = dy (1 + scale)), which keeps only x and the per-token statistics for it.
   """
-  return _norm_modulate(x, shift, scale, eps, jnp.dtype(dtype))
+  return _norm_modulate(x, (shift,), (scale,), eps, jnp.dtype(dtype))[0]
+
+
+def norm_modulate_many(x: jax.Array, shifts: Sequence[jax.Array], scales: Sequence[jax.Array], dtype: Dtype,
+                       eps: float = 1e-6) -> tuple[jax.Array, ...]:
+  """`norm_modulate` of one x under several (shift, scale) pairs, normalising x once (SD3.5's
+  dual-attention blocks modulate the same LayerNorm of the block input twice)."""
+  return _norm_modulate(x, tuple(shifts), tuple(scales), eps, jnp.dtype(dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _norm_modulate(x, shift, scale, eps, dtype):
-  return _norm_modulate_fwd(x, shift, scale, eps, dtype)[0]
+def _norm_modulate(x, shifts, scales, eps, dtype):
+  return _norm_modulate_fwd(x, shifts, scales, eps, dtype)[0]
 
 
 def _normalized(x, mean, inv):
   return (x.astype(jnp.float32) - mean) * inv
 
 
-def _norm_modulate_fwd(x, shift, scale, eps, dtype):
+def _norm_modulate_fwd(x, shifts, scales, eps, dtype):
   xf = x.astype(jnp.float32)
   mean = jnp.mean(xf, axis=-1, keepdims=True)
   inv = jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True) + eps)
-  y = modulate(_normalized(x, mean, inv), shift.astype(jnp.float32), scale.astype(jnp.float32))
-  return y.astype(dtype), (x, mean, inv, shift, scale)
-
-
-def _norm_modulate_bwd(eps, dtype, res, dy):
-  del eps, dtype
-  x, mean, inv, shift, scale = res
   xhat = _normalized(x, mean, inv)
-  dyf = dy.astype(jnp.float32)
-  g = dyf * (1.0 + scale.astype(jnp.float32)[:, None, :])
+  ys = tuple(modulate(xhat, shift.astype(jnp.float32), scale.astype(jnp.float32)).astype(dtype)
+             for shift, scale in zip(shifts, scales))
+  return ys, (x, mean, inv, shifts, scales)
+
+
+def _norm_modulate_bwd(eps, dtype, res, dys):
+  del eps, dtype
+  x, mean, inv, shifts, scales = res
+  xhat = _normalized(x, mean, inv)
+  dyfs = [dy.astype(jnp.float32) for dy in dys]
+  # The LayerNorm's backward is linear in g = sum_k dy_k (1 + scale_k): one pass for all pairs.
+  g = sum(dyf * (1.0 + scale.astype(jnp.float32)[:, None, :]) for dyf, scale in zip(dyfs, scales))
   dx = inv * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
-  dshift = jnp.sum(dyf, axis=1)
-  dscale = jnp.sum(dyf * xhat, axis=1)
-  return dx.astype(x.dtype), dshift.astype(shift.dtype), dscale.astype(scale.dtype)
+  dshifts = tuple(jnp.sum(dyf, axis=1).astype(shift.dtype) for dyf, shift in zip(dyfs, shifts))
+  dscales = tuple(jnp.sum(dyf * xhat, axis=1).astype(scale.dtype) for dyf, scale in zip(dyfs, scales))
+  return dx.astype(x.dtype), dshifts, dscales
 
 
 _norm_modulate.defvjp(_norm_modulate_fwd, _norm_modulate_bwd)
@@ -728,7 +738,7 @@ def check_divisible(width: int, num_heads: int) -> int:
 
 __all__: Sequence[str] = [
     "ATTENTION_IMPLS", "REMAT_POLICIES", "STORAGE_ONLY_AXES", "constrain", "gathered", "LoRA", "use_lora",
-    "merge_lora", "Dense", "dense", "affine_layer_norm", "rms_norm", "RMSNorm", "modulate", "norm_modulate",
+    "merge_lora", "Dense", "dense", "affine_layer_norm", "rms_norm", "RMSNorm", "modulate", "norm_modulate", "norm_modulate_many",
     "Modulation", "MLP", "dot_product_attention", "splash_attention", "QKV", "attention_out", "patchify", "unpatchify",
     "sincos_1d", "cropped_sincos_2d", "PatchEmbed", "rope_tables", "apply_rope", "timestep_features", "CondMLP", "TimestepEmbed",
     "run_blocks", "as_dtype", "stack_unrolled", "unstack_scanned", "stack_groups", "unstack_groups", "check_divisible",

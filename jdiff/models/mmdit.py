@@ -62,7 +62,11 @@ class JointBlock(nn.Module):
     # dual attention, for the second, image-only attention: SD3.5's MMDiT-X).
     mods = L.Modulation(9 if self.dual_attention else 6, width, name="x_adaLN", **kw)(c)
     x_shift, x_scale, x_gate, x_shift2, x_scale2, x_gate2 = mods[:6]
-    hx = L.norm_modulate(x, x_shift, x_scale, self.dtype)
+    if self.dual_attention:  # both attentions read the same LayerNorm of x, modulated apart
+      a_shift, a_scale, a_gate = mods[6:]
+      hx, hx2 = L.norm_modulate_many(x, (x_shift, a_shift), (x_scale, a_scale), self.dtype)
+    else:
+      hx = L.norm_modulate(x, x_shift, x_scale, self.dtype)
     if self.context_pre_only:
       # SD3's AdaLayerNormContinuous: (scale, shift), in that order.
       c_scale, c_shift = L.Modulation(2, width, name="ctx_adaLN", **kw)(c)
@@ -80,9 +84,7 @@ class JointBlock(nn.Module):
 
     x = x + x_gate[:, None] * L.attention_out(out[:, :n], width, name="x_attn_out", **kw)
     if self.dual_attention:
-      a_shift, a_scale, a_gate = mods[6:]
-      q2, k2, v2 = L.QKV(self.num_heads, head_dim, self.qk_norm, name="x_qkv2", **kw)(
-          L.norm_modulate(carry[0], a_shift, a_scale, self.dtype))  # the block's input x
+      q2, k2, v2 = L.QKV(self.num_heads, head_dim, self.qk_norm, name="x_qkv2", **kw)(hx2)
       out2 = L.dot_product_attention(q2, k2, v2, self.attention)
       x = x + a_gate[:, None] * L.attention_out(out2, width, name="x_attn2_out", **kw)
     hx = L.norm_modulate(x, x_shift2, x_scale2, self.dtype)
