@@ -1,20 +1,33 @@
 """Input-pipeline throughput against what the train step consumes.
 
-  python benchmarks/loader.py [--seconds=20]
+  python benchmarks/loader.py [--seconds=20] [--threads=config,8] [--workers=2] [--cache_records=512]
 
-For the CPU demo config (24 px) and the GPU default (256 px, shapes), builds the real grain
-pipeline (make_pipeline: shuffle, per-process rows, render/decode, resize, tokenise, batch)
-and counts images per second after a warm-up batch, with the config's read threads, other
-thread counts (--threads) and worker processes (--workers). Step demand comes from
-`--demand_cpu` (measured with `python -m jdiff.bench --config=configs/mmdit_256.py:cpu`)
-and `--demand_gpu` (images/s of the H100 run in BENCHMARKS.md); the loader must supply at
-least 5x.
+Builds the real grain pipeline (make_pipeline: shuffle, per-process rows, render/decode,
+resize, tokenise or read cached arrays, batch) and counts images per second after a
+warm-up batch, with the config's read threads, other thread counts (--threads) and
+worker processes (--workers), for:
+- cpu: the CPU demo config (24 px shapes); demand --demand_cpu, measured with
+  `python -m jdiff.bench --config=configs/mmdit_256.py:cpu`;
+- gpu: the GPU default (256 px shapes, batch 256); demand --demand_gpu, the H100 run in
+  BENCHMARKS.md;
+- cache: a latent cache in SD3's shapes at 256 px (latents 32x32x16 mean and log-variance,
+  context 333x4096 and pooled 2048, float16, 2.8 MB per record; synthetic values written
+  to a temporary directory with jdiff's own cache writer), batch 128; demand
+  --demand_cache, an estimate: the H100's d24 step at that latent size ran 263 images/s
+  with 16 text tokens, and with SD3's 333 the analytic FLOPs per image (jdiff.bench's
+  formula: 256 + 333 tokens through every block) are 2.24x, so ~118 images/s at the same
+  MFU.
+The loader must supply at least 5x.
 """
 
 import argparse
 import json
 import os
+import shutil
+import tempfile
 import time
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,6 +36,26 @@ def config(variant):
   from jdiff import config as config_lib
 
   return config_lib.load(os.path.join(ROOT, "configs", f"mmdit_256.py:{variant}"))
+
+
+def sd3_cache(directory, records, context_len=333):
+  """Writes `records` synthetic cache records in SD3's 256 px shapes; returns the directory."""
+  from jdiff.data import cache
+
+  rng = np.random.default_rng(0)
+  latent = rng.standard_normal((2, 32, 32, 16)).astype(np.float16)
+  context = rng.standard_normal((context_len, 4096)).astype(np.float16)
+  pooled = rng.standard_normal(2048).astype(np.float32)
+  writer = cache.RecordWriter(directory, records_per_file=256)
+  for i in range(records):
+    writer.write(dict(latent_mean=latent[0] + np.float16(i % 7), latent_logvar=latent[1], context=context,
+                      pooled=pooled), f"record {i}", i)
+  writer.close()
+  meta = dict(num_records=records, skipped=0, files=writer.files, record_format=cache.RECORD_FORMAT,
+              latent_shape=[32, 32, 16], context_shape=[context_len, 4096], pooled_dim=2048, dtype="float16")
+  with open(os.path.join(directory, cache.META), "w") as f:
+    json.dump(meta, f)
+  return directory
 
 
 def rate(c, seconds, **data_overrides):
@@ -34,8 +67,23 @@ def rate(c, seconds, **data_overrides):
   next(p)  # warm-up (workers start, first records render)
   n, t0 = 0, time.perf_counter()
   while time.perf_counter() - t0 < seconds:
-    n += len(next(p)["image"])
+    n += len(next(iter(next(p).values())))
   return n / (time.perf_counter() - t0)
+
+
+def measure(name, c, demand, args):
+  """One JSON line per mode (thread counts, worker counts) for config `c`."""
+  from jdiff.data import pipeline
+
+  modes = [dict(read_threads=c.data.read_threads if t == "config" else int(t)) for t in args.threads.split(",") if t]
+  modes += [dict(num_workers=int(w)) for w in args.workers.split(",") if w]
+  for overrides in modes:
+    r = rate(c, args.seconds, **overrides)
+    data = dict(c.data, **overrides)
+    print(json.dumps(dict(config=name, resolution=c.data.resolution, batch=c.train.batch_size,
+                          read_threads=pipeline.read_threads(data), num_workers=data["num_workers"],
+                          images_per_s=round(r, 1), step_demand=demand, headroom=round(r / demand, 2))),
+          flush=True)
 
 
 def main():
@@ -43,23 +91,25 @@ def main():
   ap.add_argument("--seconds", type=float, default=20)
   ap.add_argument("--demand_cpu", type=float, default=408.5, help="images/s the CPU demo step consumes")
   ap.add_argument("--demand_gpu", type=float, default=389.4, help="images/s of the GPU default step (H100)")
+  ap.add_argument("--demand_cache", type=float, default=118.0,
+                  help="images/s of d24 at 256 px latents with SD3's text length (H100, estimated)")
+  ap.add_argument("--cache_records", type=int, default=512, help="records of the synthetic SD3 cache (0: skip)")
   ap.add_argument("--threads", default="config,8",
                   help="comma-separated read-thread counts to try ('config': the config's own setting)")
   ap.add_argument("--workers", default="2", help="comma-separated worker-process counts to try besides threads")
   args = ap.parse_args()
-  from jdiff.data import pipeline
-
-  for variant, demand in (("cpu", args.demand_cpu), ("gpu", args.demand_gpu)):
-    c = config(variant)
-    modes = [dict(read_threads=c.data.read_threads if t == "config" else int(t)) for t in args.threads.split(",") if t]
-    modes += [dict(num_workers=int(w)) for w in args.workers.split(",") if w]
-    for overrides in modes:
-      r = rate(c, args.seconds, **overrides)
-      data = dict(c.data, **overrides)
-      print(json.dumps(dict(config=variant, resolution=c.data.resolution, batch=c.train.batch_size,
-                            read_threads=pipeline.read_threads(data), num_workers=data["num_workers"],
-                            images_per_s=round(r, 1), step_demand=demand, headroom=round(r / demand, 2))),
-            flush=True)
+  runs = [("cpu", config("cpu"), args.demand_cpu), ("gpu", config("gpu"), args.demand_gpu)]
+  tmp = tempfile.mkdtemp(prefix="jdiff_loader_cache_")
+  if args.cache_records:
+    c = config("gpu")
+    c.update_from_flattened_dict({"data.source": "cache", "data.cache_dir": sd3_cache(tmp, args.cache_records),
+                                  "train.batch_size": 128})
+    runs.append(("cache", c, args.demand_cache))
+  try:
+    for name, c, demand in runs:
+      measure(name, c, demand, args)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
