@@ -34,7 +34,8 @@ from jdiff.train import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GEOMETRY = {
-    "latent256": {"model.patch_size": 2, "model.in_channels": 16, "data.resolution": 32, "model.pos_embed_max_size": 32},
+    "latent256": {"model.patch_size": 2, "model.in_channels": 16, "data.resolution": 32,
+                  "model.pos_embed_max_size": 32},
     "default": {},
 }
 

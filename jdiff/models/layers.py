@@ -738,8 +738,9 @@ def check_divisible(width: int, num_heads: int) -> int:
 
 __all__: Sequence[str] = [
     "ATTENTION_IMPLS", "REMAT_POLICIES", "STORAGE_ONLY_AXES", "constrain", "gathered", "LoRA", "use_lora",
-    "merge_lora", "Dense", "dense", "affine_layer_norm", "rms_norm", "RMSNorm", "modulate", "norm_modulate", "norm_modulate_many",
-    "Modulation", "MLP", "dot_product_attention", "splash_attention", "QKV", "attention_out", "patchify", "unpatchify",
-    "sincos_1d", "cropped_sincos_2d", "PatchEmbed", "rope_tables", "apply_rope", "timestep_features", "CondMLP", "TimestepEmbed",
-    "run_blocks", "as_dtype", "stack_unrolled", "unstack_scanned", "stack_groups", "unstack_groups", "check_divisible",
+    "merge_lora", "Dense", "dense", "affine_layer_norm", "rms_norm", "RMSNorm", "modulate", "norm_modulate",
+    "norm_modulate_many", "Modulation", "MLP", "dot_product_attention", "splash_attention", "QKV",
+    "attention_out", "patchify", "unpatchify", "sincos_1d", "cropped_sincos_2d", "PatchEmbed", "rope_tables",
+    "apply_rope", "timestep_features", "CondMLP", "TimestepEmbed", "run_blocks", "as_dtype", "stack_unrolled",
+    "unstack_scanned", "stack_groups", "unstack_groups", "check_divisible",
 ]
