@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepared device run (lent H100/H200, about 7 minutes): bf16-vs-fp32 check, then MFU of
+# Prepared device run (lent H100/H200, about 7 minutes, at most 590 s): bf16-vs-fp32 check, then MFU of
 # MMDiT at SD3's 256x256 latent geometry (32x32x16 latents, patch 2: 256 image tokens) for
 # d12 and d24, each row one `jdiff.bench` measurement (benchmarks/gpu_checks.py), in two
 # processes with different XLA flags, then one table, the input pipeline on this host, and
@@ -25,15 +25,18 @@ rows="$OUT/bench.jsonl"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "no GPU"
   if [ -n "$ROWS_A" ]; then  # ROWS_A="" skips this process and the bf16 check
-    XLA_FLAGS="${XLA_FLAGS:-} $FLAGS_A" timeout "${LIMIT_A:-230}" python3 benchmarks/gpu_checks.py $VARIANT --check \
+    XLA_FLAGS="${XLA_FLAGS:-} $FLAGS_A" timeout "${LIMIT_A:-200}" python3 benchmarks/gpu_checks.py $VARIANT --check \
       --rows="$ROWS_A" --tag=cublaslt --out="$rows" ||
       echo "process A failed or timed out (rc $?)"
   fi
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout "${LIMIT_B:-260}" python3 benchmarks/gpu_checks.py $VARIANT \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout "${LIMIT_B:-240}" python3 benchmarks/gpu_checks.py $VARIANT \
     --rows="$ROWS_B" --tag=cublas --out="$rows" --profile_row="$PROFILE_ROW" --profile_dir=/tmp/jdiff_profile || echo "process B failed or timed out (rc $?)"
   python3 benchmarks/gpu_checks.py --table="$rows"
   # The input pipeline on this host's CPUs against the GPU step's demand (issue: >= 5x).
-  [ "${LOADER:-1}" = 1 ] && timeout 150 python3 benchmarks/loader.py --seconds="${LOADER_SECONDS:-10}" --workers=2,8 | tee "$OUT/loader.jsonl"
+  # Shapes (24 and 256 px), an SD3-shaped latent cache and JPEG ArrayRecords, each with the
+  # config's read threads and with 8 worker processes.
+  [ "${LOADER:-1}" = 1 ] && timeout 150 python3 benchmarks/loader.py --seconds="${LOADER_SECONDS:-6}" --threads=config \
+    --workers=8 | tee "$OUT/loader.jsonl"
   f=$(find /tmp/jdiff_profile -name '*.xplane.pb' 2>/dev/null | head -1)
   [ -n "$f" ] && cp "$f" "$OUT/profile.xplane.pb" && cp /tmp/jdiff_profile/train_step.hlo.txt "$OUT/"
 } 2>&1 | tee "$OUT/gpu_mfu.log"

@@ -1,6 +1,7 @@
 """Input-pipeline throughput against what the train step consumes.
 
   python benchmarks/loader.py [--seconds=20] [--threads=config,8] [--workers=2] [--cache_records=512]
+                             [--jpeg_records=512]
 
 Builds the real grain pipeline (make_pipeline: shuffle, per-process rows, render/decode,
 resize, tokenise or read cached arrays, batch) and counts images per second after a
@@ -16,7 +17,10 @@ worker processes (--workers), for:
   --demand_cache, an estimate: the H100's d24 step at that latent size ran 263 images/s
   with 16 text tokens, and with SD3's 333 the analytic FLOPs per image (jdiff.bench's
   formula: 256 + 333 tokens through every block) are 2.24x, so ~118 images/s at the same
-  MFU.
+  MFU;
+- jpeg: real-data decoding: 512x384 JPEGs (quality 90) in tf.train.Example ArrayRecord
+  records, decoded, resized and centre-cropped to the GPU default's 256 px; demand
+  --demand_gpu.
 The loader must supply at least 5x.
 """
 
@@ -58,6 +62,32 @@ def sd3_cache(directory, records, context_len=333):
   return directory
 
 
+def jpeg_arrayrecord(directory, records, size=(512, 384)):
+  """Writes `records` tf.train.Example records of JPEG photos-to-be (shapes rendered at
+  `size` = (width, height), quality 90) with captions, as real-data ArrayRecord files hold
+  them; returns their glob pattern."""
+  import io
+
+  from array_record.python import array_record_module
+  from PIL import Image
+  from tensorflow_datasets.proto import tf_example_pb2
+
+  from jdiff.data import shapes
+
+  os.makedirs(directory, exist_ok=True)
+  writer = array_record_module.ArrayRecordWriter(os.path.join(directory, "images.array_record"), "group_size:1")
+  for i in range(records):
+    scene, caption = shapes.scene_for(0, "train", i)
+    buf = io.BytesIO()
+    Image.fromarray(shapes.render(scene, size[::-1])).save(buf, format="JPEG", quality=90)
+    example = tf_example_pb2.Example()
+    example.features.feature["image"].bytes_list.value.append(buf.getvalue())
+    example.features.feature["caption"].bytes_list.value.append(caption.encode())
+    writer.write(example.SerializeToString())
+  writer.close()
+  return os.path.join(directory, "*.array_record")
+
+
 def rate(c, seconds, **data_overrides):
   from jdiff.data import pipeline
 
@@ -94,6 +124,7 @@ def main():
   ap.add_argument("--demand_cache", type=float, default=118.0,
                   help="images/s of d24 at 256 px latents with SD3's text length (H100, estimated)")
   ap.add_argument("--cache_records", type=int, default=512, help="records of the synthetic SD3 cache (0: skip)")
+  ap.add_argument("--jpeg_records", type=int, default=512, help="records of the JPEG ArrayRecord file (0: skip)")
   ap.add_argument("--threads", default="config,8",
                   help="comma-separated read-thread counts to try ('config': the config's own setting)")
   ap.add_argument("--workers", default="2", help="comma-separated worker-process counts to try besides threads")
@@ -105,6 +136,12 @@ def main():
     c.update_from_flattened_dict({"data.source": "cache", "data.cache_dir": sd3_cache(tmp, args.cache_records),
                                   "train.batch_size": 128})
     runs.append(("cache", c, args.demand_cache))
+  if args.jpeg_records:
+    c = config("gpu")
+    c.update_from_flattened_dict({"data.source": "arrayrecord",
+                                  "data.arrayrecord_pattern": jpeg_arrayrecord(os.path.join(tmp, "jpeg"),
+                                                                               args.jpeg_records)})
+    runs.append(("jpeg", c, args.demand_gpu))
   try:
     for name, c, demand in runs:
       measure(name, c, demand, args)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import math
 from typing import Any, Iterator, Mapping
 
 import grain
@@ -53,9 +54,22 @@ class _Guarded:
 
 
 def to_rgb(image: Any, resolution: int) -> np.ndarray:
-  """Encoded bytes or an array -> uint8 [resolution, resolution, 3]: resize the short side, centre-crop."""
+  """Encoded bytes or an array -> uint8 [resolution, resolution, 3]: resize the short side
+  (bicubic, antialiased), centre-crop.
+
+  A JPEG at least twice the target size is decoded at 1/2, 1/4 or 1/8 scale in the DCT
+  domain (Pillow's `draft`; still at least the target size): a 1920x1080 photo to 256 px in
+  1.4 instead of 14 ms. Downscaling by less than 2x resamples only the crop (Pillow's `box`:
+  the sample positions of resizing the whole image, within one level of rounding); from 2x
+  down (reduced by an integer factor first, on the whole image's grid) and upscaling resize
+  the whole image, then crop.
+  """
   if isinstance(image, (bytes, bytearray, memoryview)):
     pil = Image.open(io.BytesIO(bytes(image)))
+    if pil.format == "JPEG":
+      scale = resolution / min(pil.size)
+      if scale <= 0.5:
+        pil.draft("RGB", (math.ceil(pil.size[0] * scale), math.ceil(pil.size[1] * scale)))
     pil.load()
   else:
     arr = np.asarray(image)
@@ -67,11 +81,16 @@ def to_rgb(image: Any, resolution: int) -> np.ndarray:
   pil = pil.convert("RGB")
   w, h = pil.size
   scale = resolution / min(w, h)
-  if scale != 1:
-    pil = pil.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                     Image.Resampling.BICUBIC, reducing_gap=None if scale > 0.5 else 2.0)
-  w, h = pil.size
-  left, top = (w - resolution) // 2, (h - resolution) // 2
+  # The resized size, and the crop's offset in it.
+  rw, rh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+  left, top = (rw - resolution) // 2, (rh - resolution) // 2
+  if 0.5 < scale < 1:
+    sx, sy = w / rw, h / rh
+    return np.asarray(pil.resize((resolution, resolution), Image.Resampling.BICUBIC,
+                                 box=(left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)),
+                      np.uint8)
+  if (rw, rh) != (w, h):  # upscaling, or >= 2x down (an integer reduction first, on the whole image)
+    pil = pil.resize((rw, rh), Image.Resampling.BICUBIC, reducing_gap=None if scale > 0.5 else 2.0)
   return np.asarray(pil.crop((left, top, left + resolution, top + resolution)), np.uint8)
 
 
