@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import math
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import grain
 import jax
@@ -183,11 +184,70 @@ class ProcessRows(grain.MapDataset):
     return f"ProcessRows(process={self._p}/{self._n}, rows={self._local})"
 
 
+INDEX_KEY = "_index"  # each element's position in this process's stream, dropped from batches
+
+
+class TagIndex(grain.transforms.MapWithIndex):
+  """Adds the element's position in the process's stream (ProcessRows index) as INDEX_KEY."""
+
+  def map_with_index(self, index: int, element):
+    if isinstance(element, Corrupt):
+      return element
+    return {**element, INDEX_KEY: np.int64(index)}
+
+
+class ResumableBatches:
+  """The batch iterator, with a checkpoint state that is only the stream position:
+  {"next_index": k}, one past the last element delivered (elements arrive in order, with
+  threads or worker processes alike). Restoring rebuilds the iterator from element k, so a
+  run may resume with other data.read_threads or data.num_workers than it was saved with;
+  grain's own state records its internal structure (per-worker positions) and restores
+  only into the same one. The state of runs saved by grain's thread iterator,
+  {"next_index": k} with the same meaning, restores as well.
+
+  Checkpointed through grain.checkpoint.CheckpointSave/Restore (the bytes protocol).
+  """
+
+  def __init__(self, build: Callable[[int], Iterator[dict[str, np.ndarray]]]):
+    self._build = build
+    self._next_index = 0
+    self._it = build(0)
+
+  def __iter__(self) -> "ResumableBatches":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._it)
+    self._next_index = int(batch.pop(INDEX_KEY).max()) + 1
+    return batch
+
+  def get_state(self) -> bytes:
+    return json.dumps({"next_index": self._next_index}).encode()
+
+  def set_state(self, state: bytes | str | Mapping[str, Any]) -> None:
+    if isinstance(state, (bytes, str)):
+      state = json.loads(state)
+    if "next_index" not in state:
+      raise ValueError(f"data iterator state {state!r} has no 'next_index': it was saved by grain's worker "
+                       "iterator of an earlier jdiff; resume with that version, or start the data anew")
+    self.close()
+    self._next_index = int(state["next_index"])
+    self._it = self._build(self._next_index)
+
+  def start_prefetch(self) -> None:
+    """Called by grain's checkpoint restore; prefetching starts with the first batch."""
+
+  def close(self) -> None:
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
+
+
 @dataclasses.dataclass
 class Pipeline:
   """A per-process iterator of host batches plus its skip counter."""
 
-  iterator: grain.DatasetIterator
+  iterator: ResumableBatches
   skip: SkipCorrupt
   per_process_batch: int
 
@@ -247,17 +307,22 @@ def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: in
     ds = ds.map_with_index(CheckCached(source.meta))
   else:
     ds = ds.map_with_index(Preprocess(data_cfg["resolution"], max_len))
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads(data_cfg),
-                                            prefetch_buffer_size=data_cfg["prefetch"]))
+  ds = ds.map_with_index(TagIndex())
+  skip = SkipCorrupt()
   if data_cfg["num_workers"] > 0:
     from absl import flags  # pylint: disable=g-import-not-at-top
 
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside app.run (notebooks) use defaults
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg["num_workers"]))
-  skip = SkipCorrupt()
-  it = it.filter(skip).batch(global_batch // pc, drop_remainder=True)
-  return Pipeline(iter(it), skip, global_batch // pc)
+
+  def build(start: int):
+    it = (ds[start:] if start else ds).to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads(data_cfg), prefetch_buffer_size=data_cfg["prefetch"]))
+    if data_cfg["num_workers"] > 0:
+      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg["num_workers"]))
+    return iter(it.filter(skip).batch(global_batch // pc, drop_remainder=True))
+
+  return Pipeline(ResumableBatches(build), skip, global_batch // pc)
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
