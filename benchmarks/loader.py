@@ -54,11 +54,8 @@ def sd3_cache(directory, records, context_len=333):
   for i in range(records):
     writer.write(dict(latent_mean=latent[0] + np.float16(i % 7), latent_logvar=latent[1], context=context,
                       pooled=pooled), f"record {i}", i)
-  writer.close()
-  meta = dict(num_records=records, skipped=0, files=writer.files, record_format=cache.RECORD_FORMAT,
-              latent_shape=[32, 32, 16], context_shape=[context_len, 4096], pooled_dim=2048, dtype="float16")
-  with open(os.path.join(directory, cache.META), "w") as f:
-    json.dump(meta, f)
+  writer.write_meta(skipped=0, latent_shape=[32, 32, 16], context_shape=[context_len, 4096], pooled_dim=2048,
+                    dtype="float16")
   return directory
 
 

@@ -16,7 +16,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jdiff import diffusion, models
-from jdiff.data import cache, sources
+from jdiff.data import cache, pipeline, sources
 from jdiff.models import layers, text
 from jdiff.train import optim
 
@@ -304,9 +304,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
                "distill.student_steps", "distill.teacher_substeps"):
     section, key = name.split(".")
     _positive(name, c[section][key])
-  if c.data.read_threads < -1 or c.data.num_workers < 0:
-    raise ValueError(f"config.data.read_threads={c.data.read_threads} (>= 0, or -1: by source) and "
-                     f"data.num_workers={c.data.num_workers} (>= 0) are out of range")
+  pipeline.read_threads(c.data)  # >= 0, or -1 (by source)
+  if c.data.num_workers < 0:
+    raise ValueError(f"config.data.num_workers={c.data.num_workers} must be >= 0")
   if c.lora.rank < 0:
     raise ValueError(f"config.lora.rank={c.lora.rank} must be >= 0")
   if c.optim.lr < 0:

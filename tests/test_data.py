@@ -378,8 +378,6 @@ def test_generated_pairs_source_pairs_the_caption_render_with_the_stored_sample(
 def _write_cache(directory, n, record_format):
   """A latent cache of n small records: the present format (cache.RecordWriter) or the first
   one (npz in ArrayRecord's default compression, meta without 'record_format')."""
-  import json
-
   from array_record.python import array_record_module
 
   from jdiff.data import cache
@@ -389,7 +387,7 @@ def _write_cache(directory, n, record_format):
                   context=rng.standard_normal((5, 8)).astype(np.float16),
                   pooled=rng.standard_normal(6).astype(np.float32)) for _ in range(n)]
   os.makedirs(directory, exist_ok=True)
-  meta = dict(num_records=n, latent_shape=[4, 4, 2], context_shape=[5, 8], pooled_dim=6, dtype="float16")
+  shapes_meta = dict(latent_shape=[4, 4, 2], context_shape=[5, 8], pooled_dim=6, dtype="float16")
   if record_format == "npz":
     writer = array_record_module.ArrayRecordWriter(os.path.join(directory, "records-00000.array_record"),
                                                    "group_size:1")
@@ -398,15 +396,14 @@ def _write_cache(directory, n, record_format):
       np.savez(buf, **r, caption=np.str_(f"caption {i}"), index=np.int64(i))
       writer.write(buf.getvalue())
     writer.close()
-    meta["files"] = ["records-00000.array_record"]
+    with open(os.path.join(directory, cache.META), "w") as f:
+      json.dump(dict(num_records=n, files=["records-00000.array_record"], **shapes_meta), f)
   else:
     writer = cache.RecordWriter(directory, records_per_file=7)
     for i, r in enumerate(records):
       writer.write(r, f"caption {i}", i)
-    writer.close()
-    meta.update(files=writer.files, record_format=cache.RECORD_FORMAT)
-  with open(os.path.join(directory, cache.META), "w") as f:
-    json.dump(meta, f)
+    meta = writer.write_meta(**shapes_meta)
+    assert meta["num_records"] == n and len(meta["files"]) == 4 and meta["record_format"] == cache.RECORD_FORMAT
   return records
 
 

@@ -156,6 +156,15 @@ class RecordWriter:
       self._writer.close()
       self._writer = None
 
+  def write_meta(self, **fields: Any) -> dict[str, Any]:
+    """Closes the last file and writes out_dir/meta.json: `fields` (shapes, dtype, where the
+    records came from) plus what this writer knows (num_records, files, record_format)."""
+    self.close()
+    meta = dict(num_records=self.written, files=self.files, record_format=RECORD_FORMAT, **fields)
+    with open(os.path.join(self.out_dir, META), "w") as f:
+      json.dump(meta, f, indent=2)
+    return meta
+
 
 def write(config, out_dir: str, *, split: str = "train", num_records: int | None = None, batch_size: int = 8,
           records_per_file: int = 4096, dtype: str = "float16") -> dict[str, Any]:
@@ -188,7 +197,7 @@ def write(config, out_dir: str, *, split: str = "train", num_records: int | None
   finally:
     bar.close()
     records.close()
-  files, written = records.files, records.written
+  written = records.written
   if written == 0:
     raise ValueError(f"no record of {n} could be decoded")
   null = text.encode([""])
@@ -197,16 +206,13 @@ def write(config, out_dir: str, *, split: str = "train", num_records: int | None
                                                  pooled=np.zeros((0,) + null["pooled"].shape[1:]))
   np.savez(os.path.join(out_dir, CONDITIONING), null_context=null["context"][0], null_pooled=null["pooled"][0],
            prompts=np.array(prompts, dtype=np.str_), prompt_context=pc["context"], prompt_pooled=pc["pooled"])
-  meta = dict(
-      num_records=written, skipped=n - written, files=files, record_format=RECORD_FORMAT,
-      resolution=config.data.resolution,
+  meta = records.write_meta(
+      skipped=n - written, resolution=config.data.resolution,
       latent_shape=list(mean.shape[1:]), context_shape=list(cond["context"].shape[1:]),
       pooled_dim=int(cond["pooled"].shape[-1]), dtype=store.name,
       scaling_factor=float(vae_model.scaling_factor), shift_factor=float(vae_model.shift_factor),
       autoencoder=os.path.abspath(config.autoencoder.path), text_pipeline=os.path.abspath(config.text.pipeline),
       t5_len=config.text.t5_len, data=json.loads(config.data.to_json_best_effort()), split=split,
   )
-  with open(os.path.join(out_dir, META), "w") as f:
-    json.dump(meta, f, indent=2)
   log.info("cached %d records (%d skipped) in %s", written, n - written, out_dir)
   return meta
