@@ -1,7 +1,7 @@
 """Input-pipeline throughput against what the train step consumes.
 
-  python benchmarks/loader.py [--seconds=20] [--threads=config,8] [--workers=2] [--cache_records=512]
-                             [--jpeg_records=512]
+  python benchmarks/loader.py [--seconds=20] [--threads=config,8] [--workers=2] [--worker_chunk=32]
+                             [--cache_records=512] [--jpeg_records=512]
 
 Builds the real grain pipeline (make_pipeline: shuffle, per-process rows, render/decode,
 resize, tokenise or read cached arrays, batch) and counts images per second after a
@@ -91,7 +91,11 @@ def rate(c, seconds, **data_overrides):
   data = dict(c.data, **data_overrides)
   p = pipeline.make_pipeline(data, global_batch=c.train.batch_size, max_len=c.text.max_len, seed=0,
                              process_index=0, process_count=1)
-  next(p)  # warm-up (workers start, first records render)
+  # Warm-up: every worker process has started and sent its first chunk (on 2 cores, eight
+  # workers take seconds to start; counting that time would measure the start, not the rate).
+  chunk = data.get("worker_chunk", 1) if data["num_workers"] else 0
+  for _ in range(1 + -(-data["num_workers"] * chunk // c.train.batch_size)):
+    next(p)
   n, t0 = 0, time.perf_counter()
   while time.perf_counter() - t0 < seconds:
     n += len(next(iter(next(p).values())))
@@ -103,12 +107,14 @@ def measure(name, c, demand, args):
   from jdiff.data import pipeline
 
   modes = [dict(read_threads=c.data.read_threads if t == "config" else int(t)) for t in args.threads.split(",") if t]
-  modes += [dict(num_workers=int(w)) for w in args.workers.split(",") if w]
+  modes += [dict(num_workers=int(w), **({"worker_chunk": args.worker_chunk} if args.worker_chunk else {}))
+            for w in args.workers.split(",") if w]
   for overrides in modes:
     r = rate(c, args.seconds, **overrides)
     data = dict(c.data, **overrides)
     print(json.dumps(dict(config=name, resolution=c.data.resolution, batch=c.train.batch_size,
                           read_threads=pipeline.read_threads(data), num_workers=data["num_workers"],
+                          **({"worker_chunk": data.get("worker_chunk")} if data["num_workers"] else {}),
                           images_per_s=round(r, 1), step_demand=demand, headroom=round(r / demand, 2))),
           flush=True)
 
@@ -125,6 +131,8 @@ def main():
   ap.add_argument("--threads", default="config,8",
                   help="comma-separated read-thread counts to try ('config': the config's own setting)")
   ap.add_argument("--workers", default="2", help="comma-separated worker-process counts to try besides threads")
+  ap.add_argument("--worker_chunk", type=int, default=0,
+                  help="elements a worker sends at once (0: the config's data.worker_chunk)")
   args = ap.parse_args()
   runs = [("cpu", config("cpu"), args.demand_cpu), ("gpu", config("gpu"), args.demand_gpu)]
   tmp = tempfile.mkdtemp(prefix="jdiff_loader_cache_")

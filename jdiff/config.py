@@ -84,7 +84,7 @@ def base() -> ml_collections.ConfigDict:
       param_dtype="float32",  # storage dtype of params and optimizer state
       attention="default",  # default | xla | cudnn | splash[:block] (TPU Pallas kernel, block 512)
       scan=True,  # nn.scan over blocks: compile time flat in depth
-      remat="dots_no_batch",  # none | full | dots | dots_no_batch
+      remat="dots_no_batch",  # none | full | dots | dots_no_batch | dots_no_batch_attention
       qk_norm=True,  # RMSNorm on queries and keys
       guidance_embed=config_dict.placeholder(bool),  # embed a guidance scale (guidance-distilled students)
       # Set by `python -m jdiff.convert` for imported SD3 models (None: the model's default):
@@ -139,6 +139,9 @@ def base() -> ml_collections.ConfigDict:
       read_threads=-1,
       prefetch=256,  # grain prefetch buffer (elements)
       num_workers=0,  # grain worker processes (0: threads in the main process)
+      # elements a worker process prepares and sends at once (stacked: one transfer per
+      # array; the batches do not depend on it). Latent caches read faster with threads
+      worker_chunk=32,
   ))
   c.diffusion = ml_collections.ConfigDict(dict(
       prediction="v",  # v | eps | x0: what the network outputs
@@ -301,7 +304,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
                "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                "train.max_nonfinite", "sample.num_steps", "eval.num_steps", "eval.num_samples",
                "text.max_len", "optim.grad_clip", "model.patch_size", "sample.batch_size",
-               "distill.student_steps", "distill.teacher_substeps"):
+               "distill.student_steps", "distill.teacher_substeps", "data.worker_chunk"):
     section, key = name.split(".")
     _positive(name, c[section][key])
   pipeline.read_threads(c.data)  # >= 0, or -1 (by source)

@@ -15,8 +15,8 @@ from jdiff.eval import adherence
 from jdiff.models import text
 
 DATA = dict(source="shapes", resolution=32, shapes_size=1_000_000, shapes_seed=0, read_threads=1,
-            prefetch=8, num_workers=0, tfds_name="", tfds_split="train", tfds_data_dir="",
-            arrayrecord_pattern="", image_key="image", caption_key="caption")
+            prefetch=8, num_workers=0, worker_chunk=32, tfds_name="", tfds_split="train",
+            tfds_data_dir="", arrayrecord_pattern="", image_key="image", caption_key="caption")
 
 
 def test_shapes_are_a_pure_function_of_the_index():
@@ -161,20 +161,26 @@ def test_read_threads_by_source_and_batches_independent_of_threads():
 
 
 def test_worker_processes_give_the_same_batches_and_portable_resume_states():
-  """data.num_workers > 0 yields the batches of the threaded pipeline, and the saved state
-  (only the stream position) restores into any threads/workers setting, including grain's
-  own thread-iterator state from earlier checkpoints."""
+  """data.num_workers > 0 yields the batches of the threaded pipeline whatever the chunk
+  size (dividing the batch, not dividing it, larger, 1), and the saved state (only the
+  stream position) restores into any threads/workers setting, including grain's own
+  thread-iterator state from earlier checkpoints."""
   cfg = dict(DATA, resolution=8)
   make = lambda **kw: pipeline.make_pipeline(dict(cfg, **kw), global_batch=4, max_len=16, seed=0,
                                              process_index=0, process_count=1)
   reference = _take(make(read_threads=2), 5)
+  for chunk in (1, 3, 8):
+    other = make(num_workers=2, worker_chunk=chunk)
+    for x, y in zip(_take(other, 3), reference):
+      chex.assert_trees_all_equal(x, y)
+    other.iterator.close()
   workers = make(num_workers=2)
   for x, y in zip(_take(workers, 2), reference):
     chex.assert_trees_all_equal(x, y)
   state = workers.iterator.get_state()
   assert json.loads(state) == {"next_index": 8}
   workers.iterator.close()
-  for resumed in (make(read_threads=1), make(num_workers=3)):
+  for resumed in (make(read_threads=1), make(num_workers=3, worker_chunk=5)):
     resumed.iterator.set_state(state)
     for x, y in zip(_take(resumed, 3), reference[2:]):
       chex.assert_trees_all_equal(x, y)
@@ -234,13 +240,16 @@ def test_arrayrecord_source_decodes_resizes_and_skips_corrupt_records(tmp_path):
   writer.write(b"not even a proto")
   writer.close()
   cfg = dict(DATA, source="arrayrecord", arrayrecord_pattern=str(tmp_path / "*.array_record"), resolution=8)
-  p = pipeline.make_pipeline(cfg, global_batch=4, max_len=16, seed=0)
-  batch = next(p)
-  assert batch["image"].shape == (4, 8, 8, 3)
-  got = {tuple(int(v) for v in img[4, 4]) for img in batch["image"]}
-  assert got == set(colors)
-  assert {text.detokenize(t) for t in batch["tokens"]} == {f"caption {i}" for i in range(4)}
-  assert p.skipped == 2
+  # threads; worker processes, with the corrupt records inside chunks of 3 and sent alone
+  for overrides in ({}, dict(num_workers=2, worker_chunk=3), dict(num_workers=2, worker_chunk=1)):
+    p = pipeline.make_pipeline(dict(cfg, **overrides), global_batch=4, max_len=16, seed=0)
+    batch = next(p)
+    assert batch["image"].shape == (4, 8, 8, 3)
+    got = {tuple(int(v) for v in img[4, 4]) for img in batch["image"]}
+    assert got == set(colors)
+    assert {text.detokenize(t) for t in batch["tokens"]} == {f"caption {i}" for i in range(4)}
+    assert p.skipped == 2, overrides
+    p.iterator.close()
 
 
 def test_missing_sources_fail_fast(tmp_path):
@@ -408,7 +417,7 @@ def _write_cache(directory, n, record_format):
 
 
 @pytest.mark.parametrize("record_format", ["safetensors", "npz"])
-def test_cache_records_read_back_through_the_threaded_pipeline(tmp_path, record_format):
+def test_cache_records_read_back_through_the_pipeline(tmp_path, record_format):
   """Cache records (the present safetensors format across several files, and the first npz
   format) come back exactly through grain's read threads, none skipped: np.load's header
   parsing is not thread-safe on Python 3.11 and once dropped records as corrupt."""
@@ -420,11 +429,18 @@ def test_cache_records_read_back_through_the_threaded_pipeline(tmp_path, record_
     chex.assert_trees_all_equal(src[i], records[i])
   cfg = dict(DATA, source="cache", cache_dir=str(tmp_path), read_threads=8, prefetch=16)
   p = pipeline.make_pipeline(cfg, global_batch=8, max_len=16, seed=0, process_index=0, process_count=1)
-  seen = np.concatenate([b["pooled"] for b in _take(p, 12)])  # four epochs
+  batches = _take(p, 12)  # four epochs
+  seen = np.concatenate([b["pooled"] for b in batches])
   assert p.skipped == 0
   expected = sorted(tuple(r["pooled"]) for r in records)
   for epoch in np.split(seen, 4):  # each epoch: every record once
     assert sorted(map(tuple, epoch)) == expected
+  if record_format == "safetensors":  # worker processes, records sent in chunks: the same batches
+    workers = pipeline.make_pipeline(dict(cfg, num_workers=2, worker_chunk=3), global_batch=8, max_len=16,
+                                     seed=0, process_index=0, process_count=1)
+    for x, y in zip(_take(workers, 4), batches):
+      chex.assert_trees_all_equal(x, y)
+    workers.iterator.close()
 
 
 def _resize_then_crop(pil, resolution):

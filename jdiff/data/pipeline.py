@@ -14,7 +14,7 @@ import io
 import json
 import logging
 import math
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import grain
 import jax
@@ -152,6 +152,20 @@ class SkipCorrupt(grain.transforms.Filter):
                   self.skipped)
       return False
     return True
+
+  def unpack(self, chunk: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
+    """A pack_chunk output -> its stacked good rows, counting and logging the corrupt ones."""
+    for marker in chunk["corrupt"]:
+      self.filter(marker)
+    return chunk["rows"]
+
+
+def pack_chunk(elements: Sequence[Any]) -> dict[str, Any]:
+  """Consecutive elements as one: the good ones stacked ("rows", None if there are none)
+  and the Corrupt markers ("corrupt"), for SkipCorrupt.unpack in the main process."""
+  good = [e for e in elements if not isinstance(e, Corrupt)]
+  rows = {key: np.stack([e[key] for e in good]) for key in good[0]} if good else None
+  return {"rows": rows, "corrupt": [e for e in elements if isinstance(e, Corrupt)]}
 
 
 class ProcessRows(grain.MapDataset):
@@ -315,14 +329,24 @@ def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: in
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside app.run (notebooks) use defaults
       flags.FLAGS.mark_as_parsed()
 
-  def build(start: int):
-    it = (ds[start:] if start else ds).to_iter_dataset(
-        grain.ReadOptions(num_threads=read_threads(data_cfg), prefetch_buffer_size=data_cfg["prefetch"]))
-    if data_cfg["num_workers"] > 0:
-      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg["num_workers"]))
-    return iter(it.filter(skip).batch(global_batch // pc, drop_remainder=True))
+  local_batch, threads = global_batch // pc, read_threads(data_cfg)
 
-  return Pipeline(ResumableBatches(build), skip, global_batch // pc)
+  def build(start: int):
+    part = ds[start:] if start else ds
+    if not data_cfg["num_workers"]:
+      it = part.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=data_cfg["prefetch"]))
+      return iter(it.filter(skip).batch(local_batch, drop_remainder=True))
+    # Worker processes prepare and send `worker_chunk` consecutive elements at a time (one
+    # transfer per array instead of per element and array); the main process counts the
+    # corrupt ones and cuts the rest into batches, which are then those of the threaded path.
+    chunk = data_cfg["worker_chunk"]
+    it = part.batch(chunk, drop_remainder=True, batch_fn=pack_chunk).to_iter_dataset(  # endless: no remainder
+        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=-(-data_cfg["prefetch"] // chunk)))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg["num_workers"]))
+    it = it.map(skip.unpack).filter(lambda rows: rows is not None)
+    return iter(grain.experimental.RebatchIterDataset(it, local_batch, drop_remainder=True))
+
+  return Pipeline(ResumableBatches(build), skip, local_batch)
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
