@@ -120,17 +120,18 @@ def bench_row(spec, variant, geometry, steps, warmup, tag, profile_dir=""):
 
 
 def table(rows) -> str:
-  head = (f"| {'spec':<18} | {'tag':<8} | {'step ms':>8} | {'img/s':>7} | {'TFLOP/step':>10} | "
+  w = max([18] + [len(r["spec"]) for r in rows])
+  head = (f"| {'spec':<{w}} | {'tag':<8} | {'step ms':>8} | {'img/s':>7} | {'TFLOP/step':>10} | "
           f"{'XLA TFLOP':>9} | {'TFLOP/s':>7} | {'MFU':>6} | {'compile s':>9} | {'peak GiB':>8} |")
   lines = [head, "|" + "|".join("-" * (len(c) - 0) for c in head.split("|")[1:-1]) + "|"]
   for r in rows:
     if "error" in r:
-      lines.append(f"| {r['spec']:<18} | {r['tag']:<8} | {r['error'][:90]}")
+      lines.append(f"| {r['spec']:<{w}} | {r['tag']:<8} | {r['error'][:90]}")
       continue
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
     xla = f"{r['xla_flops_per_step'] / 1e12:.2f}" if r["xla_flops_per_step"] else "n/a"
     mem = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r["peak_memory_bytes"] else "n/a"
-    lines.append(f"| {r['spec']:<18} | {r['tag']:<8} | {1e3 * r['step_time_s']:>8.1f} | {r['images_per_s']:>7.1f} | "
+    lines.append(f"| {r['spec']:<{w}} | {r['tag']:<8} | {1e3 * r['step_time_s']:>8.1f} | {r['images_per_s']:>7.1f} | "
                  f"{r['flops_per_step'] / 1e12:>10.3f} | {xla:>9} | {r['flops_per_step'] / r['step_time_s'] / 1e12:>7.1f} | "
                  f"{mfu:>6} | {r['compile_s']:>9.1f} | {mem:>8} |")
   return "\n".join(lines)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Prepared device run (lent H100/H200, about 7 minutes, at most 590 s): bf16-vs-fp32 check, then MFU of
-# MMDiT at SD3's 256x256 latent geometry (32x32x16 latents, patch 2: 256 image tokens) for
-# d12 and d24, each row one `jdiff.bench` measurement (benchmarks/gpu_checks.py), in two
-# processes with different XLA flags, then one table, the input pipeline on this host, and
-# a trace of one row. Run from the repo root with the wheels of ../shared/device/wheels.sh
+# Prepared device run (lent H100/H200, at most 590 s): bf16-vs-fp32 check, then MFU of
+# MMDiT at SD3's 256x256 latent geometry (32x32x16 latents, patch 2: 256 image tokens),
+# d24 by default (other sizes through ROWS_A / ROWS_B), each row one `jdiff.bench`
+# measurement (benchmarks/gpu_checks.py), in two processes with different XLA flags, then
+# one table, the input pipeline on this host, and a trace of one row. Run from the repo root with the wheels of ../shared/device/wheels.sh
 # carried in .whl:   bash benchmarks/gpu_mfu.sh
 # CPU dry run of the same script (tiny sizes):
 #   ROWS_A="d2:4" ROWS_B="d2:8:none" VARIANT=test JAX_PLATFORMS=cpu LOADER=0 bash benchmarks/gpu_mfu.sh
@@ -15,9 +15,10 @@ source benchmarks/device_env.sh
 # into the GEMM (XLA leaves cuBLASLt off by default): FLAGS_A against process B's d24 row.
 ROWS_A=${ROWS_A-"d24:128"}
 FLAGS_A=${FLAGS_A-"--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true"}
-# d24:128 and d12:128 compare with the 2026-11-27 table (before the norms' hand-written
-# backwards); the last two rows try Adam's first moment in bf16 and XLA's own attention.
-ROWS_B=${ROWS_B:-"d24:128 d12:128 d24:128:dots_no_batch:cudnn:optim.mu_dtype=bfloat16 d24:128:dots_no_batch:xla"}
+# d24:128 compares with the 2026-11-27 table (before the norms' hand-written backwards);
+# the next rows keep cuDNN attention's forward outputs instead of recomputing the kernel
+# (remat dots_no_batch_attention), keep Adam's first moment in bf16, and use XLA's attention.
+ROWS_B=${ROWS_B:-"d24:128 d24:128:dots_no_batch_attention d24:128:dots_no_batch:cudnn:optim.mu_dtype=bfloat16 d24:128:dots_no_batch:xla"}
 PROFILE_ROW=${PROFILE_ROW:-d24:128}  # traced after its timing in process B; summary printed
 VARIANT=${VARIANT:+--variant=$VARIANT}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}

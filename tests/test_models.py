@@ -35,7 +35,7 @@ def test_output_is_exactly_zero_at_init(name):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+@pytest.mark.parametrize("remat", ["none", "full", "dots", "dots_no_batch_attention"])
 def test_scanned_equals_unrolled(name, remat):
   cfg = CONFIGS[name]
   x, t, cond = inputs(cfg, batch=2)
@@ -62,6 +62,46 @@ def test_jit_equals_no_jit(name):
   eager = model.apply(params, x, t, **cond)
   jitted = jax.jit(lambda p, x, t, c: model.apply(p, x, t, **c))(params, x, t, cond)
   chex.assert_trees_all_close(eager, jitted, atol=1e-5, rtol=1e-5)
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+  """Equations of primitive `name` in a jaxpr and every jaxpr nested in its equations."""
+  from jax.extend import core as jex_core
+
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == name
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(sub, jex_core.ClosedJaxpr):
+          n += _count_primitive(sub.jaxpr, name)
+        elif isinstance(sub, jex_core.Jaxpr):
+          n += _count_primitive(sub, name)
+  return n
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_attention_saving_remat_keeps_cudnn_forward_outputs(monkeypatch, scan):
+  """remat='dots_no_batch_attention' keeps cuDNN attention's forward outputs for its
+  backward: the gradient binds the forward kernel as often as the forward pass does, where
+  dots_no_batch binds it again to recompute it. Only traced, so no GPU is needed."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+  monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91000)
+  cfg = dict(TINY_MMDIT, dtype="bfloat16", attention="cudnn", scan=scan)
+  x, t, cond = inputs(cfg, text_len=6)  # 64 + 6 tokens: cuDNN's training kernel wants an even length
+  _, params = init(dict(cfg, attention="xla"), x, t, cond)
+  kernel = "dot_product_attention_fwd_wrapper"
+  counts = {}
+  for remat in ("dots_no_batch", "dots_no_batch_attention"):
+    model = models.build(dict(cfg, remat=remat))
+    loss = lambda p: jnp.mean(model.apply(p, x, t, **cond).astype(jnp.float32) ** 2)
+    counts[remat] = (_count_primitive(jax.make_jaxpr(loss)(params).jaxpr, kernel),
+                     _count_primitive(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, kernel))
+  forward = counts["dots_no_batch"][0]
+  assert forward == 2  # two blocks (scanned: the scan body, and the last block outside it)
+  assert counts["dots_no_batch_attention"] == (forward, forward)
+  assert counts["dots_no_batch"][1] > forward  # recomputed in the backward
 
 
 def test_gradients_match_between_scan_and_unrolled():

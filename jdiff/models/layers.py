@@ -31,12 +31,25 @@ Dtype = Any
 
 ATTENTION_IMPLS = {"default": None, "xla": "xla", "cudnn": "cudnn"}
 
+
+def _cudnn_attention_saveable(prim, *_, **__) -> bool:
+  """True for cuDNN's fused attention forward, whose outputs (attention output and softmax
+  statistics) are its backward's residuals. The kernel is bound inside
+  jax.nn.dot_product_attention, out of reach of jax.ad_checkpoint.checkpoint_name, so the
+  policy matches the primitive by name."""
+  return prim.name == "dot_product_attention_fwd_wrapper"
+
+
 # 'none' runs blocks without rematerialisation; the others wrap each block in nn.remat.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # dots_no_batch, and cuDNN attention keeps its forward outputs for the backward instead
+    # of running the forward kernel again (GPU: [B, T, D] + f32 [B, N, T] more per attention)
+    "dots_no_batch_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _cudnn_attention_saveable),
 }
 
 xavier = nn.initializers.xavier_uniform()
