@@ -2,7 +2,7 @@
 FLOPs, MFU, compile time, memory) for several sizes in one process.
 
   python benchmarks/gpu_checks.py [--check] [--rows="d12:128 d24:64:none"] [--tag=NAME]
-                                  [--profile_row=d24:128 --profile_dir=DIR]
+                                  [--profile_row=d24:128 --profile_dir=DIR] [--gemm_row=d24:128]
                                   [--geometry=latent256|default] [--variant=test] [--out=FILE]
 
 --geometry latent256 (default): SD3's 256x256 latent shape, 32x32x16 inputs with patch 2
@@ -11,6 +11,8 @@ FLOPs, MFU, compile time, memory) for several sizes in one process.
   d24:128:dots_no_batch:cudnn:optim.mu_dtype=bfloat16); each prints one JSON line (also
   appended to --out) tagged with --tag and the process's XLA_FLAGS. A failing row (e.g. out
   of memory) prints its error and the others still run.
+--gemm_row: after the rows, that row's matmuls each timed alone (benchmarks/gemm_ceiling.py):
+  the step time and MFU of its GEMMs at their standalone speed, the ceiling of this geometry.
 --variant test: the tiny CPU config, for a dry run of the script on any machine.
 """
 
@@ -148,6 +150,7 @@ def main(argv=None):
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--profile_row", default="", help="trace this row's spec after timing it")
   parser.add_argument("--profile_dir", default="/tmp/jdiff_profile")
+  parser.add_argument("--gemm_row", default="", help="time this row's matmuls alone (benchmarks/gemm_ceiling.py)")
   parser.add_argument("--out", default="", help="append each row's JSON line to this file")
   parser.add_argument("--table", default="", help="only print the table of a JSON-lines file")
   args = parser.parse_args(argv)
@@ -171,6 +174,11 @@ def main(argv=None):
         f.write(json.dumps(row) + "\n")
   if rows:
     print(table(rows))
+  if args.gemm_row:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import gemm_ceiling  # pylint: disable=g-import-not-at-top
+    print(f"matmuls of {args.gemm_row} ({args.tag}), each timed alone:", flush=True)
+    gemm_ceiling.measure(config(args.variant, args.geometry, row_overrides(args.gemm_row)))
   return 0 if ok else 1
 
 

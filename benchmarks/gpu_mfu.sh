@@ -6,7 +6,7 @@
 # one table, the input pipeline on this host, and a trace of one row. Run from the repo root with the wheels of ../shared/device/wheels.sh
 # carried in .whl:   bash benchmarks/gpu_mfu.sh
 # CPU dry run of the same script (tiny sizes):
-#   ROWS_A="d2:4" ROWS_B="d2:8:none" VARIANT=test JAX_PLATFORMS=cpu LOADER=0 bash benchmarks/gpu_mfu.sh
+#   ROWS_A="d2:4" ROWS_B="d2:8:none" GEMM_ROW=d2:8 VARIANT=test JAX_PLATFORMS=cpu LOADER=0 bash benchmarks/gpu_mfu.sh
 set -uo pipefail
 source benchmarks/device_env.sh
 # Both processes run cuBLAS only: XLA's Triton GEMM autotuning took 54 s to compile d12 on an
@@ -17,8 +17,10 @@ ROWS_A=${ROWS_A-"d24:128"}
 FLAGS_A=${FLAGS_A-"--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true"}
 # d24:128 compares with the 2026-11-27 table (before the norms' hand-written backwards);
 # the next rows keep cuDNN attention's forward outputs instead of recomputing the kernel
-# (remat dots_no_batch_attention), keep Adam's first moment in bf16, and use XLA's attention.
-ROWS_B=${ROWS_B:-"d24:128 d24:128:dots_no_batch_attention d24:128:dots_no_batch:cudnn:optim.mu_dtype=bfloat16 d24:128:dots_no_batch:xla"}
+# (remat dots_no_batch_attention) and keep Adam's first moment in bf16. Then GEMM_ROW's
+# matmuls are timed one by one: the MFU of its GEMMs alone, the ceiling of this geometry.
+ROWS_B=${ROWS_B:-"d24:128 d24:128:dots_no_batch_attention d24:128:dots_no_batch:cudnn:optim.mu_dtype=bfloat16"}
+GEMM_ROW=${GEMM_ROW-d24:128}
 PROFILE_ROW=${PROFILE_ROW:-d24:128}  # traced after its timing in process B; summary printed
 VARIANT=${VARIANT:+--variant=$VARIANT}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
@@ -31,7 +33,8 @@ rows="$OUT/bench.jsonl"
       echo "process A failed or timed out (rc $?)"
   fi
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout "${LIMIT_B:-240}" python3 benchmarks/gpu_checks.py $VARIANT \
-    --rows="$ROWS_B" --tag=cublas --out="$rows" --profile_row="$PROFILE_ROW" --profile_dir=/tmp/jdiff_profile || echo "process B failed or timed out (rc $?)"
+    --rows="$ROWS_B" --tag=cublas --out="$rows" --profile_row="$PROFILE_ROW" --profile_dir=/tmp/jdiff_profile \
+    --gemm_row="$GEMM_ROW" || echo "process B failed or timed out (rc $?)"
   python3 benchmarks/gpu_checks.py --table="$rows"
   # The input pipeline on this host's CPUs against the GPU step's demand (issue: >= 5x).
   # Shapes (24 and 256 px), an SD3-shaped latent cache and JPEG ArrayRecords, each with the

@@ -135,3 +135,48 @@ def test_profile_summary_parses_hlo_instructions():
   assert ps._classify("input_add_reduce_fusion_2", ops)[0] == "fusion:kInput"
   assert ps._classify("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_TNN", ops)[0] == "matmul (cublas)"
   assert ps._classify("cudnn_generated_fort_native_sdpa", ops)[0] == "attention (cudnn)"
+
+
+def _traced_matmul_flops(gc, config):
+  """(all matmul FLOPs, weight-GEMM FLOPs) of the config's traced train step."""
+  counts = gc.collect_matmuls(gc.step_jaxpr(config)[0])
+  total = sum(op.flops * n for op, n in counts.items())
+  return total, total - sum(op.flops * n for op, n in counts.items() if op.batched)
+
+
+@pytest.mark.parametrize("name", ["mmdit_256", "dit_256"])
+def test_analytic_flops_match_an_exact_count_of_the_traced_steps_matmuls(name):
+  """benchmarks/gemm_ceiling.py counts every dot and convolution of the traced train step
+  (scan bodies times their length). Without remat that count is the analytic formula's
+  (within the word-pooling product, which the formula leaves out, and the input
+  gradients of the first layers, which training never computes); scanned and unrolled
+  blocks give the same count; under dots_no_batch the weight GEMMs are not run again
+  (their outputs are saved) while the attention products are."""
+  gc = _benchmark_module("gemm_ceiling")
+  base = dict(model__depth=3, model__width=128, model__num_heads=2, model__patch_size=2, data__resolution=16)
+  counts = {}
+  for scan, remat in ((False, "none"), (True, "none"), (True, "dots_no_batch")):
+    config = get_config(name, model__dtype="float32", model__attention="xla", model__scan=scan, model__remat=remat,
+                        **base)
+    counts[scan, remat] = _traced_matmul_flops(gc, config)
+  networks = state_lib.build_networks(config)
+  analytic = bench.model_flops(networks, config.train.batch_size, networks.seq_len())["train_step"]
+  total, gemms = counts[False, "none"]
+  assert 0.985 * analytic <= total <= 1.015 * analytic, (total, analytic)
+  assert counts[True, "none"] == pytest.approx((total, gemms), rel=1e-9)
+  remat_total, remat_gemms = counts[True, "dots_no_batch"]
+  assert remat_gemms == pytest.approx(gemms, rel=1e-9)
+  assert remat_total > total  # attention's batched products are recomputed
+
+
+def test_gemm_ceiling_times_every_matmul_and_sums_consistently():
+  gc = _benchmark_module("gemm_ceiling")
+  config = get_config("mmdit_256")
+  s = gc.measure(config, reps=2, top=5)
+  networks = state_lib.build_networks(config)
+  assert s["train_flops"] == bench.model_flops(networks, config.train.batch_size, networks.seq_len())["train_step"]
+  assert s["gemm_flops_per_s"] == pytest.approx(s["gemm_flops"] / s["gemm_time_s"])
+  # Everything the analytic count covers is a weight GEMM or an attention product.
+  assert s["gemm_flops"] + s["batched_dot_flops"] == pytest.approx(s["train_flops"], rel=0.02)
+  assert s["distinct_gemms"] > 10 and s["gemm_time_s"] > 0 and s["batched_dot_time_s"] > 0
+  assert s["mfu_ceiling"] is None  # no peak rate for CPUs
