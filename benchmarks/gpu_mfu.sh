@@ -28,11 +28,11 @@ rows="$OUT/bench.jsonl"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "no GPU"
   if [ -n "$ROWS_A" ]; then  # ROWS_A="" skips this process and the bf16 check
-    XLA_FLAGS="${XLA_FLAGS:-} $FLAGS_A" timeout "${LIMIT_A:-200}" python3 benchmarks/gpu_checks.py $VARIANT --check \
+    XLA_FLAGS="${XLA_FLAGS:-} $FLAGS_A" timeout "${LIMIT_A:-170}" python3 benchmarks/gpu_checks.py $VARIANT --check \
       --rows="$ROWS_A" --tag=cublaslt --out="$rows" ||
       echo "process A failed or timed out (rc $?)"
   fi
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout "${LIMIT_B:-240}" python3 benchmarks/gpu_checks.py $VARIANT \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout "${LIMIT_B:-270}" python3 benchmarks/gpu_checks.py $VARIANT \
     --rows="$ROWS_B" --tag=cublas --out="$rows" --profile_row="$PROFILE_ROW" --profile_dir=/tmp/jdiff_profile \
     --gemm_row="$GEMM_ROW" || echo "process B failed or timed out (rc $?)"
   python3 benchmarks/gpu_checks.py --table="$rows"
