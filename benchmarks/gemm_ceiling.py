@@ -89,20 +89,21 @@ def _sub_jaxprs(value):
       yield v
 
 
-def collect_matmuls(jaxpr, multiplier: int = 1, counts: collections.Counter | None = None) -> collections.Counter:
-  """Op -> how many times the jaxpr runs it, for dots and convolutions (a scan's body
-  counts `length` times; a while loop's body once, its trip count being unknown; each cond
-  branch once)."""
+def collect_matmuls(jaxpr, primitives=MATMUL_PRIMITIVES, multiplier: int = 1,
+                    counts: collections.Counter | None = None) -> collections.Counter:
+  """Op -> how many times the jaxpr runs it, for the named primitives (dots and
+  convolutions by default; a scan's body counts `length` times; a while loop's body once,
+  its trip count being unknown; each cond branch once)."""
   counts = collections.Counter() if counts is None else counts
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name in MATMUL_PRIMITIVES:
+    if eqn.primitive.name in primitives:
       avals = tuple((tuple(int(d) for d in v.aval.shape), str(v.aval.dtype)) for v in eqn.invars)
       counts[Op(eqn.primitive, avals, tuple(sorted(eqn.params.items())))] += multiplier
       continue
     inner = multiplier * (int(eqn.params["length"]) if eqn.primitive.name == "scan" else 1)
     for value in eqn.params.values():
       for sub in _sub_jaxprs(value):
-        collect_matmuls(sub, inner, counts)
+        collect_matmuls(sub, primitives, inner, counts)
   return counts
 
 

@@ -66,6 +66,16 @@ def to_unrolled(params, groups):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def benchmark_module(name):
+  """benchmarks/<name>.py as a module (the scripts are not a package)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def cli(*args, check=True, timeout=600):
   """Runs `python -m <args>` from the repository root on one CPU device; returns the process."""
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")

@@ -7,6 +7,7 @@ import pytest
 from jdiff import bench
 from jdiff.train import state as state_lib
 
+from helpers import benchmark_module
 from test_train import get_config
 
 
@@ -85,24 +86,14 @@ def test_run_rejects_frozen_objectives():
     bench.run(config, steps=1, warmup=0)
 
 
-def _benchmark_module(name):
-  import importlib.util
-  import os
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _profile_summary():
-  return _benchmark_module("profile_summary")
+  return benchmark_module("profile_summary")
 
 
 def test_gpu_checks_row_specs():
   """benchmarks/gpu_checks.py rows: positional variant:batch[:remat[:attention]], then any
   section.field=value config overrides, applied to the config each row benchmarks."""
-  gc = _benchmark_module("gpu_checks")
+  gc = benchmark_module("gpu_checks")
   assert gc.row_overrides("d24:128") == {"model.variant": "d24", "train.batch_size": 128}
   assert gc.row_overrides("d24:128:dots_no_batch:cudnn:optim.mu_dtype=bfloat16:optim.lr=0.001") == {
       "model.variant": "d24", "train.batch_size": 128, "model.remat": "dots_no_batch", "model.attention": "cudnn",
@@ -152,7 +143,7 @@ def test_analytic_flops_match_an_exact_count_of_the_traced_steps_matmuls(name):
   gradients of the first layers, which training never computes); scanned and unrolled
   blocks give the same count; under dots_no_batch the weight GEMMs are not run again
   (their outputs are saved) while the attention products are."""
-  gc = _benchmark_module("gemm_ceiling")
+  gc = benchmark_module("gemm_ceiling")
   base = dict(model__depth=3, model__width=128, model__num_heads=2, model__patch_size=2, data__resolution=16)
   counts = {}
   for scan, remat in ((False, "none"), (True, "none"), (True, "dots_no_batch")):
@@ -170,7 +161,7 @@ def test_analytic_flops_match_an_exact_count_of_the_traced_steps_matmuls(name):
 
 
 def test_gemm_ceiling_times_every_matmul_and_sums_consistently():
-  gc = _benchmark_module("gemm_ceiling")
+  gc = benchmark_module("gemm_ceiling")
   config = get_config("mmdit_256")
   s = gc.measure(config, reps=2, top=5)
   networks = state_lib.build_networks(config)
