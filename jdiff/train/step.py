@@ -232,18 +232,24 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  decay = optim.ema_decay(config.optim, state.step)
-  ema = jax.tree.map(lambda e, p, m: decay * e + (1.0 - decay) * p if m else e, state.ema_params, params,
-                     train_mask)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  def update(_):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = optim.ema_decay(config.optim, state.step)
+    ema = jax.tree.map(lambda e, p, m: decay * e + (1.0 - decay) * p if m else e, state.ema_params, params,
+                       train_mask)
+    return params, ema, opt_state
 
+  # A branch, not a select between new and old values: selecting reads the old state after
+  # the new is computed, so XLA copies every donated parameter and moment buffer first
+  # (15% of the CPU demo's step) instead of updating them in place.
+  params, ema, opt_state = jax.lax.cond(ok, update, lambda _: (state.params, state.ema_params, state.opt_state),
+                                        None)
   new_state = state.replace(
       step=state.step + 1,
-      params=keep(params, state.params),
-      ema_params=keep(ema, state.ema_params),
-      opt_state=keep(opt_state, state.opt_state),
+      params=params,
+      ema_params=ema,
+      opt_state=opt_state,
       nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1),
   )
   bins = jax.nn.one_hot(jnp.clip((t * NUM_T_BINS).astype(jnp.int32), 0, NUM_T_BINS - 1), NUM_T_BINS)
