@@ -93,13 +93,13 @@ def rate(c, seconds, **data_overrides):
                              process_index=0, process_count=1)
   # Warm-up: every worker process has started and sent its first chunk (on 2 cores, eight
   # workers take seconds to start; counting that time would measure the start, not the rate).
-  chunk = data.get("worker_chunk", 1) if data["num_workers"] else 0
+  chunk = getattr(p, "worker_chunk", 1) if data["num_workers"] else 0
   for _ in range(1 + -(-data["num_workers"] * chunk // c.train.batch_size)):
     next(p)
   n, t0 = 0, time.perf_counter()
   while time.perf_counter() - t0 < seconds:
     n += len(next(iter(next(p).values())))
-  return n / (time.perf_counter() - t0)
+  return n / (time.perf_counter() - t0), chunk
 
 
 def measure(name, c, demand, args):
@@ -110,11 +110,11 @@ def measure(name, c, demand, args):
   modes += [dict(num_workers=int(w), **({"worker_chunk": args.worker_chunk} if args.worker_chunk else {}))
             for w in args.workers.split(",") if w]
   for overrides in modes:
-    r = rate(c, args.seconds, **overrides)
+    r, chunk = rate(c, args.seconds, **overrides)
     data = dict(c.data, **overrides)
     print(json.dumps(dict(config=name, resolution=c.data.resolution, batch=c.train.batch_size,
                           read_threads=pipeline.read_threads(data), num_workers=data["num_workers"],
-                          **({"worker_chunk": data.get("worker_chunk")} if data["num_workers"] else {}),
+                          **({"worker_chunk": chunk} if data["num_workers"] else {}),
                           images_per_s=round(r, 1), step_demand=demand, headroom=round(r / demand, 2))),
           flush=True)
 

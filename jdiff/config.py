@@ -140,7 +140,8 @@ def base() -> ml_collections.ConfigDict:
       prefetch=256,  # grain prefetch buffer (elements)
       num_workers=0,  # grain worker processes (0: threads in the main process)
       # elements a worker process prepares and sends at once (stacked: one transfer per
-      # array; the batches do not depend on it). Latent caches read faster with threads
+      # array; at most 16 MiB of them; the batches do not depend on it). Latent caches read
+      # faster with threads
       worker_chunk=32,
   ))
   c.diffusion = ml_collections.ConfigDict(dict(

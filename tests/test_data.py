@@ -438,6 +438,7 @@ def test_cache_records_read_back_through_the_pipeline(tmp_path, record_format):
   if record_format == "safetensors":  # worker processes, records sent in chunks: the same batches
     workers = pipeline.make_pipeline(dict(cfg, num_workers=2, worker_chunk=3), global_batch=8, max_len=16,
                                      seed=0, process_index=0, process_count=1)
+    assert (p.worker_chunk, workers.worker_chunk) == (0, 3)  # small records: the configured chunk
     for x, y in zip(_take(workers, 4), batches):
       chex.assert_trees_all_equal(x, y)
     workers.iterator.close()
@@ -475,3 +476,16 @@ def test_to_rgb_resamples_only_the_crop_and_drafts_large_jpegs():
     full = _resize_then_crop(Image.open(io.BytesIO(buf.getvalue())), 128)
     diff = np.abs(got.astype(int) - full.astype(int))
     assert got.shape == (128, 128, 3) and diff.mean() < 0.25, diff.mean()
+
+
+def test_worker_chunks_stay_under_a_size_cap():
+  """data.worker_chunk elements per transfer, fewer for large elements (a 2.8 MB latent
+  record: 5, so 16 MiB), at least one; a corrupt first element leaves the setting."""
+  image = {"image": np.zeros((256, 256, 3), np.uint8), "tokens": np.zeros(64, np.int32)}
+  assert pipeline.worker_chunk(32, image) == 32
+  record = {"latent_mean": np.zeros((32, 32, 16), np.float16), "latent_logvar": np.zeros((32, 32, 16), np.float16),
+            "context": np.zeros((333, 4096), np.float16), "pooled": np.zeros(2048, np.float32)}
+  assert pipeline.worker_chunk(32, record) == pipeline.WORKER_CHUNK_BYTES // 2_801_664 == 5
+  assert pipeline.worker_chunk(32, {"huge": np.zeros(2**25, np.uint8)}) == 1
+  assert pipeline.worker_chunk(3, image) == 3
+  assert pipeline.worker_chunk(32, pipeline.Corrupt(0, "read: broken")) == 32

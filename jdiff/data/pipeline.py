@@ -168,6 +168,20 @@ def pack_chunk(elements: Sequence[Any]) -> dict[str, Any]:
   return {"rows": rows, "corrupt": [e for e in elements if isinstance(e, Corrupt)]}
 
 
+WORKER_CHUNK_BYTES = 16 * 2**20
+
+
+def worker_chunk(configured: int, element: Any) -> int:
+  """Elements per worker transfer: data.worker_chunk, fewer if that many `element`s would
+  exceed WORKER_CHUNK_BYTES (large records, e.g. 2.8 MB latent-cache records: 5, where 32
+  would move 90 MB chunks through shared memory and, with several workers and their
+  prefetch buffers, exhaust it)."""
+  if isinstance(element, Corrupt):
+    return configured
+  size = sum(np.asarray(v).nbytes for v in element.values())
+  return max(1, min(configured, WORKER_CHUNK_BYTES // max(size, 1)))
+
+
 class ProcessRows(grain.MapDataset):
   """This process's rows of every global batch: element k is global element
   (k // L) * G + p * L + k % L of `parent` (L = G / P rows per process, p = this process).
@@ -264,6 +278,7 @@ class Pipeline:
   iterator: ResumableBatches
   skip: SkipCorrupt
   per_process_batch: int
+  worker_chunk: int = 0  # elements per worker transfer (0: no worker processes)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self.iterator
@@ -323,30 +338,29 @@ def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: in
     ds = ds.map_with_index(Preprocess(data_cfg["resolution"], max_len))
   ds = ds.map_with_index(TagIndex())
   skip = SkipCorrupt()
+  local_batch, threads, chunk = global_batch // pc, read_threads(data_cfg), 0
   if data_cfg["num_workers"] > 0:
     from absl import flags  # pylint: disable=g-import-not-at-top
 
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside app.run (notebooks) use defaults
       flags.FLAGS.mark_as_parsed()
-
-  local_batch, threads = global_batch // pc, read_threads(data_cfg)
+    chunk = worker_chunk(data_cfg["worker_chunk"], ds[0])  # sized by the stream's first element
 
   def build(start: int):
     part = ds[start:] if start else ds
     if not data_cfg["num_workers"]:
       it = part.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=data_cfg["prefetch"]))
       return iter(it.filter(skip).batch(local_batch, drop_remainder=True))
-    # Worker processes prepare and send `worker_chunk` consecutive elements at a time (one
+    # Worker processes prepare and send `chunk` consecutive elements at a time (one
     # transfer per array instead of per element and array); the main process counts the
     # corrupt ones and cuts the rest into batches, which are then those of the threaded path.
-    chunk = data_cfg["worker_chunk"]
     it = part.batch(chunk, drop_remainder=True, batch_fn=pack_chunk).to_iter_dataset(  # endless: no remainder
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=-(-data_cfg["prefetch"] // chunk)))
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg["num_workers"]))
     it = it.map(skip.unpack).filter(lambda rows: rows is not None)
     return iter(grain.experimental.RebatchIterDataset(it, local_batch, drop_remainder=True))
 
-  return Pipeline(ResumableBatches(build), skip, local_batch)
+  return Pipeline(ResumableBatches(build), skip, local_batch, chunk)
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
