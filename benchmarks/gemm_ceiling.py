@@ -181,7 +181,6 @@ def measure(config, reps: int = 20, top: int = 25) -> dict[str, Any]:
 
 def main(argv=None):
   import argparse  # pylint: disable=g-import-not-at-top
-  import ast  # pylint: disable=g-import-not-at-top
   import logging  # pylint: disable=g-import-not-at-top
 
   from jdiff import cli  # pylint: disable=g-import-not-at-top
@@ -195,14 +194,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   cli.set_log_levels(logging.WARNING)
   config = config_lib.load(args.config)
-  overrides = {}
-  for item in args.overrides:
-    key, _, value = item.partition("=")
-    try:
-      overrides[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      overrides[key] = value  # a plain string
-  config.update_from_flattened_dict(overrides)
+  config.update_from_flattened_dict(config_lib.parse_overrides(args.overrides))
   measure(config, args.reps, args.top)
 
 

@@ -17,7 +17,6 @@ FLOPs, MFU, compile time, memory) for several sizes in one process.
 """
 
 import argparse
-import ast
 import functools
 import gc
 import json
@@ -97,14 +96,7 @@ def row_overrides(spec: str) -> dict:
   overrides = {"model.variant": positional[0], "train.batch_size": int(positional[1])}
   for key, value in zip(("model.remat", "model.attention"), positional[2:]):
     overrides[key] = value
-  for part in parts:
-    if "=" in part:
-      key, value = part.split("=", 1)
-      try:
-        value = ast.literal_eval(value)
-      except (ValueError, SyntaxError):
-        pass  # a plain string
-      overrides[key] = value
+  overrides.update(config_lib.parse_overrides(p for p in parts if "=" in p))
   return overrides
 
 

@@ -3,8 +3,9 @@
 # MMDiT at SD3's 256x256 latent geometry (32x32x16 latents, patch 2: 256 image tokens),
 # d24 by default (other sizes through ROWS_A / ROWS_B), each row one `jdiff.bench`
 # measurement (benchmarks/gpu_checks.py), in two processes with different XLA flags, then
-# one table, the input pipeline on this host, and a trace of one row. Run from the repo root with the wheels of ../shared/device/wheels.sh
-# carried in .whl:   bash benchmarks/gpu_mfu.sh
+# one table, the input pipeline on this host, and a trace of one row. Run from the repo
+# root with the wheels of ../shared/device/wheels.sh carried in .whl:
+#   bash benchmarks/gpu_mfu.sh
 # CPU dry run of the same script (tiny sizes):
 #   ROWS_A="d2:4" ROWS_B="d2:8:none" GEMM_ROW=d2:8 VARIANT=test JAX_PLATFORMS=cpu LOADER=0 bash benchmarks/gpu_mfu.sh
 set -uo pipefail

@@ -93,7 +93,7 @@ def rate(c, seconds, **data_overrides):
                              process_index=0, process_count=1)
   # Warm-up: every worker process has started and sent its first chunk (on 2 cores, eight
   # workers take seconds to start; counting that time would measure the start, not the rate).
-  chunk = getattr(p, "worker_chunk", 1) if data["num_workers"] else 0
+  chunk = getattr(p, "worker_chunk", 1)  # (1: a tree from before worker chunks)
   for _ in range(1 + -(-data["num_workers"] * chunk // c.train.batch_size)):
     next(p)
   n, t0 = 0, time.perf_counter()

@@ -7,10 +7,11 @@ names the field. Unknown keys are rejected by ml_collections itself (configs are
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import logging
 import os
-from typing import Any
+from typing import Any, Iterable
 
 import ml_collections
 from ml_collections import config_dict
@@ -193,6 +194,19 @@ def base() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(logical_rules=LOGICAL_RULES))
   return c
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+  """['section.field=value', ...] -> {'section.field': value}, for a config's
+  update_from_flattened_dict (benchmark scripts); values are Python literals or plain strings."""
+  overrides = {}
+  for item in items:
+    key, _, value = item.partition("=")
+    try:
+      overrides[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[key] = value  # a plain string
+  return overrides
 
 
 def load(spec: str) -> ml_collections.ConfigDict:

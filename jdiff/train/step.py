@@ -242,7 +242,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 
   # A branch, not a select between new and old values: selecting reads the old state after
   # the new is computed, so XLA copies every donated parameter and moment buffer first
-  # (15% of the CPU demo's step) instead of updating them in place.
+  # instead of updating them in place (3 GB a step for the GPU default's d12, BENCHMARKS.md).
   params, ema, opt_state = jax.lax.cond(ok, update, lambda _: (state.params, state.ema_params, state.opt_state),
                                         None)
   new_state = state.replace(
