@@ -376,3 +376,39 @@ def test_cpu_attention_layout_equals_jax_attention(dtype):
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   chex.assert_trees_all_close(out, out_ref, rtol=tol, atol=tol)
   chex.assert_trees_all_close(vjp(cot), vjp_ref(cot), rtol=tol, atol=tol)
+
+
+def test_match_layout_moves_weights_between_scanned_and_unrolled():
+  cfg = dict(TINY_MMDIT, depth=4)
+  x, t, cond = inputs(cfg)
+  model, params = init(cfg, x, t, cond)
+  groups = block_groups(cfg, model)
+  scanned = to_scanned(params["params"], groups)
+  # Either way round, and a tree already in the target layout is returned as it is.
+  chex.assert_trees_all_equal(layers.match_layout(scanned, params["params"]), params["params"])
+  chex.assert_trees_all_equal(layers.match_layout(params["params"], scanned), scanned)
+  chex.assert_trees_all_equal(layers.match_layout(scanned, scanned), scanned)
+  # Shapes are enough to say the layout (what the trainer passes).
+  shapes = jax.eval_shape(lambda: params["params"])
+  chex.assert_trees_all_equal(layers.match_layout(scanned, shapes), params["params"])
+
+
+def test_remat_mlp_policy_saves_the_gelu_output_of_every_block():
+  """dots_no_batch_attention_mlp keeps each rematerialised block's MLP activation (fc2's
+  input) for the backward; dots_no_batch_attention recomputes it."""
+  from jax._src import ad_checkpoint  # pylint: disable=g-import-not-at-top
+
+  cfg = dict(TINY_MMDIT, depth=3, attention="xla")
+  x, t, cond = inputs(cfg)
+  counts = {}
+  for remat in ("dots_no_batch_attention", "dots_no_batch_attention_mlp"):
+    for scan in (False, True):
+      model = models.build(dict(cfg, remat=remat, scan=scan))
+      params = model.init(jax.random.key(0), x, t, **cond)
+      residuals = ad_checkpoint.saved_residuals(lambda p, m=model: m.apply(p, x, t, **cond).sum(), params)
+      counts[remat, scan] = (len(residuals), sum("'mlp_activation'" in d for _, d in residuals))
+  # Unrolled: the two rematerialised blocks' image and text MLPs (the last block is not remat'd).
+  assert counts["dots_no_batch_attention_mlp", False] == (counts["dots_no_batch_attention", False][0] + 4, 4)
+  assert counts["dots_no_batch_attention", False][1] == 0
+  # Scanned: the two MLP activations of the scan body, stacked over layers.
+  assert counts["dots_no_batch_attention_mlp", True][0] == counts["dots_no_batch_attention", True][0] + 2

@@ -14,6 +14,7 @@ import pytest
 
 from jdiff import config as config_lib
 from jdiff.data import pipeline as pipeline_lib
+from jdiff.models import layers as L
 from jdiff.train import checkpoint as ckpt_lib
 from jdiff.train import optim, trainer
 from jdiff.train import sharding as shard_lib
@@ -146,20 +147,24 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   assert run(config, tmp_path)["step"] == 4
 
 
-def test_init_from_starts_from_ema_with_fresh_optimizer_and_records_lineage(tmp_path):
-  first = get_config(train__num_steps=3, train__sample_every=0)
+@pytest.mark.parametrize("parent_scan", [False, True])
+def test_init_from_starts_from_ema_with_fresh_optimizer_and_records_lineage(tmp_path, parent_scan):
+  """The child runs unrolled blocks; a scanned parent's stacks are unstacked for it."""
+  first = get_config(train__num_steps=3, train__sample_every=0, model__scan=parent_scan, model__depth=3)
   run(first, tmp_path / "stage1")
   stage1, _, lineage1 = restored(tmp_path / "stage1", first)
   assert [e["stage"] for e in lineage1] == ["pretrain"]
+  assert ("blocks" in stage1.ema_params["denoiser"]) == parent_scan
 
-  second = get_config(train__num_steps=1, train__sample_every=0)
+  second = get_config(train__num_steps=1, train__sample_every=0, model__scan=False, model__depth=3)
   second.stage = "posttrain"
   second.init_from = str(tmp_path / "stage1")
   # Zero learning rate: after one step the params must still be stage 1's EMA.
   second.optim.update(lr=0.0, warmup_steps=0)
   run(second, tmp_path / "stage2")
   stage2, _, lineage2 = restored(tmp_path / "stage2", second)
-  chex.assert_trees_all_close(stage2.params, stage1.ema_params, atol=1e-7)
+  assert "blocks" not in stage2.params["denoiser"] and "blocks_1" in stage2.params["denoiser"]
+  chex.assert_trees_all_close(stage2.params, L.match_layout(stage1.ema_params, stage2.params), atol=1e-7)
   assert int(stage2.step) == 1
   adam = stage2.opt_state[1][0]
   assert int(adam.count) == 1  # fresh optimizer: one update, not four

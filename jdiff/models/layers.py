@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
@@ -50,6 +51,12 @@ REMAT_POLICIES = {
     # of running the forward kernel again (GPU: [B, T, D] + f32 [B, N, T] more per attention)
     "dots_no_batch_attention": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _cudnn_attention_saveable),
+    # and the MLP's GELU output (fc2's input), so the backward does not run the GELU again
+    # ([B, T, 4D] more per block)
+    "dots_no_batch_attention_mlp": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _cudnn_attention_saveable),
+        jax.checkpoint_policies.save_only_these_names("mlp_activation")),
 }
 
 xavier = nn.initializers.xavier_uniform()
@@ -350,6 +357,7 @@ class MLP(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = dense(self.hidden, ("embed", "mlp"), name="fc1", **kw)(x)
     h = constrain(nn.gelu(h, approximate=True), "activation_batch", "activation_length", "activation_mlp")
+    h = checkpoint_name(h, "mlp_activation")
     return dense(x.shape[-1], ("mlp", "embed"), name="fc2", **kw)(h)
 
 
@@ -742,6 +750,24 @@ def unstack_groups(params: dict, names: Sequence[str]) -> dict:
   return params
 
 
+def match_layout(params: Any, like: Any) -> Any:
+  """`params` with its block stacks in the layout of `like` (params of the same model, or
+  their shapes): a scanned stack `name` becomes name_0 ... name_{n-1} where `like` has those,
+  and unrolled blocks become one stack where `like` has `name`. So a model trained with
+  scan=True can start a scan=False run, and the reverse. Everything else is left as it is."""
+  if not isinstance(params, dict) or not isinstance(like, dict):
+    return params
+  out = dict(params)
+  for name in like:
+    if name not in out and f"{name}_0" in out:
+      depth = next(i for i in range(len(out) + 1) if f"{name}_{i}" not in out)
+      out = stack_unrolled(out, name, depth)
+  for name in list(out):
+    if name not in like and f"{name}_0" in like and f"{name}_0" not in out:
+      out = unstack_scanned(out, name)
+  return {k: match_layout(v, like[k]) if k in like else v for k, v in out.items()}
+
+
 def check_divisible(width: int, num_heads: int) -> int:
   """head_dim for a width split into num_heads heads, with a clear error if it does not divide."""
   if width % num_heads:
@@ -755,5 +781,5 @@ __all__: Sequence[str] = [
     "norm_modulate_many", "Modulation", "MLP", "dot_product_attention", "splash_attention", "QKV",
     "attention_out", "patchify", "unpatchify", "sincos_1d", "cropped_sincos_2d", "PatchEmbed", "rope_tables",
     "apply_rope", "timestep_features", "CondMLP", "TimestepEmbed", "run_blocks", "as_dtype", "stack_unrolled",
-    "unstack_scanned", "stack_groups", "unstack_groups", "check_divisible",
+    "unstack_scanned", "stack_groups", "unstack_groups", "match_layout", "check_divisible",
 ]

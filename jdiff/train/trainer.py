@@ -204,9 +204,10 @@ def initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline, pa
   if config.init_from:
     _, ema, parent_lineage, from_step = parent
     log.info("starting from the EMA params of %s (step %d) with a fresh optimizer", config.init_from, from_step)
-    # Parameters the parent lacks (new LoRA adapters, a student's guidance embedding) keep
-    # their fresh init; a parameter both have must agree in shape.
-    params = _overlay(state.params, ema)
+    # Block stacks follow this config's model.scan whatever the parent's was. Parameters the
+    # parent lacks (new LoRA adapters, a student's guidance embedding) keep their fresh init;
+    # a parameter both have must agree in shape.
+    params = _overlay(state.params, L.match_layout(ema, state.params))
     state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
     return state, shardings, abstract, parent_lineage + [_lineage_entry(config, workdir, from_step)]
   log.info("starting from scratch")
