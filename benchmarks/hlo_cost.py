@@ -24,9 +24,10 @@ bandwidth and its FLOPs at a matmul rate, plus a launch overhead. Bytes are the 
 results a kernel touches: a fusion's slice of a stacked (scanned) buffer counts as the slice,
 and an in-place dynamic-update-slice as the update. Cache reuse and imperfect overlap are not
 modelled (nor while-loop conditions, nor cuDNN convolutions' FLOPs), so this is an estimate to
-compare versions of the code with. Calibration: for the code the 2026-11-27 H100 profile
-measured (d24, batch 128, scanned), it gives 480.3 ms of kernel time against 480.6 ms
-measured, 186.7 ms against 188.7 ms for the memory-bound kernels (BENCHMARKS.md).
+compare versions of the code with. Calibration: the GEMM and attention rates come from the
+2026-11-27 H100 profile (d24, batch 128, scanned); for the code that profile measured, the
+memory-bound kernels (at 90% of peak bandwidth, not fitted) come out at 186.7 ms against
+188.7 ms measured, and the step at 480.3 ms of kernel time against 480.6 (BENCHMARKS.md).
 """
 
 import argparse

@@ -36,7 +36,8 @@ _OUT = flags.DEFINE_string("out", None, "export: the diffusers directory to writ
 _PIPELINE = flags.DEFINE_string("pipeline", None, "export: pipeline to copy the other components from "
                                 "(default: config.text.pipeline; '' for transformer/ only).")
 _STEP = flags.DEFINE_integer("step", None, "export: checkpoint step (default: latest).")
-_SCAN = flags.DEFINE_boolean("scan", True, "import: store blocks for model.scan=True (else unrolled).")
+_SCAN = flags.DEFINE_boolean("scan", False, "import: store blocks for model.scan=True (else unrolled, the "
+                             "default config's layout; a run with the other setting converts at init_from).")
 
 FAMILIES = {"SD3Transformer2DModel": "mmdit", "FluxTransformer2DModel": "flux"}
 # jdiff model fields that describe an imported architecture (written into its config).
@@ -50,7 +51,7 @@ def _io(family: str):
   return {"mmdit": sd3, "flux": flux}[family]
 
 
-def import_dir(src: str, workdir: str, scan: bool = True):
+def import_dir(src: str, workdir: str, scan: bool = False):
   """Converts `src` and writes `workdir` (config.json + a step-0 weights checkpoint). Returns the config."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

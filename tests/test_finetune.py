@@ -39,11 +39,15 @@ def test_import_matches_the_source_weights(pipeline_dir, tmp_path):
   assert config.text.encoder == "sd3" and config.diffusion.shift.kind == "fixed"
   assert config.diffusion.shift.shift == 3.0
   _, kwargs, params = sd3_pipeline.load_transformer(pipeline_dir)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(
-      jax.devices()[0])), sd3.scan_layout(params, kwargs, True))
-  restored, lineage, step = ckpt_lib.restore_ema(work, {"denoiser": abstract})
+  abstract = lambda scan: jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), sd3.scan_layout(params, kwargs, scan))
+  restored, lineage, step = ckpt_lib.restore_ema(work, {"denoiser": abstract(config.model.scan)})
   assert step == 0 and lineage[0]["stage"] == "import"
   jax.tree.map(np.testing.assert_array_equal, sd3.unrolled_layout(restored["denoiser"]), params)
+  # Asking for the other layout is an error naming what the checkpoint lacks, not a tree
+  # with holes.
+  with pytest.raises(ValueError, match="has no .*blocks.*another model layout"):
+    ckpt_lib.restore_ema(work, {"denoiser": abstract(not config.model.scan)})
 
 
 def test_tune_from_converted_weights_and_export_to_diffusers(pipeline_dir, tmp_path):

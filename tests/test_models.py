@@ -35,7 +35,7 @@ def test_output_is_exactly_zero_at_init(name):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("remat", ["none", "full", "dots", "dots_no_batch_attention"])
+@pytest.mark.parametrize("remat", ["none", "full", "dots", "dots_no_batch_attention", "dots_no_batch_attention_mlp"])
 def test_scanned_equals_unrolled(name, remat):
   cfg = CONFIGS[name]
   x, t, cond = inputs(cfg, batch=2)

@@ -105,6 +105,13 @@ def _restore_subtree(workdir: str, subtree: dict[str, Any], step: int | None = N
       lineage=ocp.args.JsonRestore(),
   ))
   ckpt.close()
+  # A partial restore hands back the abstract value of anything the checkpoint lacks.
+  missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(restored.state)
+             if isinstance(leaf, jax.ShapeDtypeStruct)]
+  if missing:
+    raise ValueError(f"{checkpoint_dir(workdir)} step {step} has no {', '.join(missing[:5])}"
+                     f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''}: the checkpoint was "
+                     "written for another model layout or version")
   return restored.state, restored.lineage["stages"], step
 
 
