@@ -418,7 +418,8 @@ def compile_step_hlo(config, target: str = "h100", device_memory_gib: float = 96
 def report(text: str, rates: Rates, top: int) -> dict:
   ks = kernels(text)
   s = summarize(ks, rates, top)
-  s["rematerialized"] = len(re.findall(r"^\s*(?:ROOT\s+)?%[\w.\-]+\.remat\d* = ", text, re.M))
+  from jdiff.train.trainer import xla_rematerialized  # pylint: disable=g-import-not-at-top
+  s["rematerialized"] = xla_rematerialized(text)
   return s
 
 

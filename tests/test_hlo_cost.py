@@ -142,3 +142,13 @@ def test_op_names_are_shortened_and_unrolled_blocks_grouped():
   assert short("jit(train_step)/jvp(MMDiT)/while/body/closed_call/checkpoint/blocks/x_mlp/fc1/dot_general") \
       == "jvp(MMDiT)/blocks/x_mlp/fc1/dot_general"
   assert short("jit(train_step)/transpose(jvp(MMDiT))/blocks_17/mul") == "transpose(jvp(MMDiT))/blocks/mul"
+
+
+def test_counts_what_xla_rematerialised_to_fit_memory():
+  from jdiff.train.trainer import xla_rematerialized  # pylint: disable=g-import-not-at-top
+
+  text = MODULE.replace("%fusion.1", "%fusion.1.remat").replace("ROOT %gte.7 = ", "ROOT %gte.7.remat2 = ")
+  assert xla_rematerialized(MODULE) == 0 and xla_rematerialized(text) == 2
+  # jax.checkpoint's planned recomputation keeps names; only its metadata says so.
+  assert xla_rematerialized('  %fusion.9 = f32[2]{0} fusion(%p), metadata={op_name="a/rematted_computation/b"}') == 0
+  assert hlo_cost.report(text, hlo_cost.Rates(), top=1)["rematerialized"] == 2

@@ -147,14 +147,14 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   assert run(config, tmp_path)["step"] == 4
 
 
-@pytest.mark.parametrize("parent_scan", [False, True])
-def test_init_from_starts_from_ema_with_fresh_optimizer_and_records_lineage(tmp_path, parent_scan):
-  """The child runs unrolled blocks; a scanned parent's stacks are unstacked for it."""
-  first = get_config(train__num_steps=3, train__sample_every=0, model__scan=parent_scan, model__depth=3)
+def test_init_from_starts_from_ema_with_fresh_optimizer_and_records_lineage(tmp_path):
+  """The parent ran scanned blocks, the child runs them unrolled: the parent's stacks are
+  unstacked for it."""
+  first = get_config(train__num_steps=3, train__sample_every=0, model__scan=True, model__depth=3)
   run(first, tmp_path / "stage1")
   stage1, _, lineage1 = restored(tmp_path / "stage1", first)
   assert [e["stage"] for e in lineage1] == ["pretrain"]
-  assert ("blocks" in stage1.ema_params["denoiser"]) == parent_scan
+  assert "blocks" in stage1.ema_params["denoiser"]
 
   second = get_config(train__num_steps=1, train__sample_every=0, model__scan=False, model__depth=3)
   second.stage = "posttrain"

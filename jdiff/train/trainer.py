@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -176,6 +177,11 @@ def compile_step(networks, tx, config, mesh, rules, state_shardings, abstract_st
                              abstract_batch, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
                              jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                           frozen_params)).compile()
+  recomputed = xla_rematerialized(compiled.as_text())
+  if recomputed:
+    log.warning("XLA recomputes %d instructions of the train step to fit it in device memory, which slows "
+                "the step (by 21%% for d24 in BENCHMARKS.md): lower train.batch_size, or save fewer "
+                "activations (model.remat=dots_no_batch_attention or dots_no_batch)", recomputed)
   mem = compiled.memory_analysis()
   if mem is not None:
     log.info("train step compiled in %.1fs; memory per device: arguments %.1f MB, outputs %.1f MB, "
@@ -185,6 +191,14 @@ def compile_step(networks, tx, config, mesh, rules, state_shardings, abstract_st
   else:
     log.info("train step compiled in %.1fs", time.time() - t0)
   return compiled, batch_sharding
+
+
+def xla_rematerialized(hlo_text: str) -> int:
+  """How many instructions XLA's own rematerialisation pass cloned into a compiled module
+  (named 'NAME.remat', 'NAME.remat2', ...): it does that only when the program would not fit
+  in device memory otherwise. (jax.checkpoint's recomputation is not counted: it is planned
+  and keeps the instructions' own names.)"""
+  return len(re.findall(r"^\s*(?:ROOT\s+)?%[\w.\-]+\.remat\d* = ", hlo_text, re.M))
 
 
 def initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline, parent=None):
