@@ -113,15 +113,12 @@ def step_jaxpr(config):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from jdiff.train import optim, trainer  # pylint: disable=g-import-not-at-top
-  from jdiff.train import sharding as shard_lib  # pylint: disable=g-import-not-at-top
+  from jdiff import bench  # pylint: disable=g-import-not-at-top
+  from jdiff.train import trainer  # pylint: disable=g-import-not-at-top
   from jdiff.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from jdiff.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
-  rules = shard_lib.rules_tuple(config.sharding.logical_rules)
-  mesh = shard_lib.make_mesh(config.mesh)
-  networks = state_lib.build_networks(config)
-  tx = optim.make_optimizer(config.optim, config.train.num_steps)
+  networks, tx, mesh, rules = bench.step_parts(config)
   abstract, _ = state_lib.state_shardings(networks, tx, mesh, rules)
   batch = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in trainer.batch_spec(config, networks).items()}
   fn = functools.partial(step_lib.train_step, networks=networks, tx=tx, config=config)

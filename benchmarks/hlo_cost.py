@@ -395,20 +395,15 @@ def compile_step_hlo(config, target: str = "h100", device_memory_gib: float = 96
   jax.default_backend = lambda: "gpu"
   cudnn_attention.check_cudnn_version = lambda *a, **k: None  # asks the (absent) device
   try:
-    from jdiff.train import optim, trainer  # pylint: disable=g-import-not-at-top
-    from jdiff.train import sharding as shard_lib  # pylint: disable=g-import-not-at-top
+    from jdiff import bench  # pylint: disable=g-import-not-at-top
+    from jdiff.train import trainer  # pylint: disable=g-import-not-at-top
     from jdiff.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
-    rules = shard_lib.rules_tuple(config.sharding.logical_rules)
-    mesh = shard_lib.make_mesh(config.mesh, devices=topo.devices)
-    networks = state_lib.build_networks(config)
-    tx = optim.make_optimizer(config.optim, config.train.num_steps)
+    networks, tx, mesh, rules = bench.step_parts(config, topo.devices)
     abstract, shardings = state_lib.state_shardings(networks, tx, mesh, rules)
     t0 = time.perf_counter()
     compiled, _ = trainer.compile_step(networks, tx, config, mesh, rules, shardings, abstract)
-    mem = compiled.memory_analysis()
-    info = dict(compile_s=time.perf_counter() - t0, peak_memory_bytes=int(
-        mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes))
+    info = dict(compile_s=time.perf_counter() - t0, peak_memory_bytes=bench.peak_memory_bytes(compiled))
     return compiled.as_text(), info
   finally:
     jax.default_backend = default_backend

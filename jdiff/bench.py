@@ -135,6 +135,28 @@ def _text_flops(networks) -> float:
   return t.depth * block + stem
 
 
+def step_parts(config, devices=None):
+  """(networks, tx, mesh, rules) of the config's train step, its mesh over `devices`
+  (default: all): what jdiff.bench and the benchmark scripts compile or trace."""
+  from jdiff.train import optim  # pylint: disable=g-import-not-at-top
+  from jdiff.train import sharding as shard_lib  # pylint: disable=g-import-not-at-top
+  from jdiff.train import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  networks = state_lib.build_networks(config)
+  tx = optim.make_optimizer(config.optim, config.train.num_steps)
+  return networks, tx, shard_lib.make_mesh(config.mesh, devices), shard_lib.rules_tuple(config.sharding.logical_rules)
+
+
+def peak_memory_bytes(compiled) -> int | None:
+  """Per-device peak of a compiled step from XLA's memory analysis: arguments, outputs and
+  temporaries, less the outputs that alias (donated) arguments."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+             - mem.alias_size_in_bytes)
+
+
 def run(config, steps: int = 20, warmup: int = 3, profile_dir: str = "", profile_steps: int = 2) -> dict[str, Any]:
   """Compiles and times the config's train step; with profile_dir, then traces
   `profile_steps` more steps there (jax.profiler; summarise with benchmarks/profile_summary.py
@@ -143,17 +165,14 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir: str = "", profile
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from jdiff.train import optim, trainer  # pylint: disable=g-import-not-at-top
+  from jdiff.train import trainer  # pylint: disable=g-import-not-at-top
   from jdiff.train import sharding as shard_lib  # pylint: disable=g-import-not-at-top
   from jdiff.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
   if config.objective != "flow":
     raise ValueError(f"jdiff.bench times the flow objective's step; objective {config.objective!r} "
                      "needs a frozen model (time it with jdiff.main's step log)")
-  rules = shard_lib.rules_tuple(config.sharding.logical_rules)
-  mesh = shard_lib.make_mesh(config.mesh)
-  networks = state_lib.build_networks(config)
-  tx = optim.make_optimizer(config.optim, config.train.num_steps)
+  networks, tx, mesh, rules = step_parts(config)
   state, shardings = state_lib.create_state(networks, tx, mesh, rules, config.seed)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   t0 = time.perf_counter()
@@ -199,18 +218,13 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir: str = "", profile
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   n_dev = mesh.devices.size  # cost analysis and peak rate are per device of the step's mesh
   xla_flops = float(cost["flops"]) * n_dev if cost and "flops" in cost else None
-  mem = compiled.memory_analysis()
-  peak_mem = None
-  if mem is not None:
-    peak_mem = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                   - mem.alias_size_in_bytes)
   device = mesh.devices.flat[0]
   peak = peak_flops(device.device_kind, config.model.dtype)
   return dict(
       step_time_s=step_time, images_per_s=b / step_time, tokens_per_s=b * image_tokens / step_time,
       flops_per_step=flops["train_step"], xla_flops_per_step=xla_flops,
       mfu=flops["train_step"] / step_time / (peak * n_dev) if peak else None,
-      compile_s=compile_s, peak_memory_bytes=peak_mem, device=device.device_kind, num_devices=n_dev,
+      compile_s=compile_s, peak_memory_bytes=peak_memory_bytes(compiled), device=device.device_kind, num_devices=n_dev,
       batch=b, image_tokens=image_tokens, text_tokens=flops["text_tokens"],
       model=f"{config.model.name} depth={networks.denoiser.depth} width={networks.denoiser.width}",
       dtype=config.model.dtype, scan=bool(config.model.scan), remat=config.model.remat,

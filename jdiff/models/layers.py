@@ -41,22 +41,22 @@ def _cudnn_attention_saveable(prim, *_, **__) -> bool:
   return prim.name == "dot_product_attention_fwd_wrapper"
 
 
+# dots_no_batch, and cuDNN attention keeps its forward outputs for the backward instead of
+# running the forward kernel again (GPU: [B, T, D] + f32 [B, N, T] more per attention)
+_DOTS_NO_BATCH_ATTENTION = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _cudnn_attention_saveable)
+
 # 'none' runs blocks without rematerialisation; the others wrap each block in nn.remat.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # dots_no_batch, and cuDNN attention keeps its forward outputs for the backward instead
-    # of running the forward kernel again (GPU: [B, T, D] + f32 [B, N, T] more per attention)
-    "dots_no_batch_attention": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _cudnn_attention_saveable),
+    "dots_no_batch_attention": _DOTS_NO_BATCH_ATTENTION,
     # and the MLP's GELU output (fc2's input), so the backward does not run the GELU again
     # ([B, T, 4D] more per block)
     "dots_no_batch_attention_mlp": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.save_from_both_policies(
-            jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _cudnn_attention_saveable),
-        jax.checkpoint_policies.save_only_these_names("mlp_activation")),
+        _DOTS_NO_BATCH_ATTENTION, jax.checkpoint_policies.save_only_these_names("mlp_activation")),
 }
 
 xavier = nn.initializers.xavier_uniform()
