@@ -393,9 +393,10 @@ def test_match_layout_moves_weights_between_scanned_and_unrolled():
   chex.assert_trees_all_equal(layers.match_layout(scanned, shapes), params["params"])
 
 
-def test_remat_mlp_policy_saves_the_gelu_output_of_every_block():
+def test_remat_mlp_policy_saves_the_gelu_output_and_norm_stats_of_every_block():
   """dots_no_batch_attention_mlp keeps each rematerialised block's MLP activation (fc2's
-  input) for the backward; dots_no_batch_attention recomputes it."""
+  input) and its adaLN LayerNorms' statistics for the backward; dots_no_batch_attention
+  recomputes them."""
   from jax._src import ad_checkpoint  # pylint: disable=g-import-not-at-top
 
   cfg = dict(TINY_MMDIT, depth=3, attention="xla")
@@ -406,9 +407,32 @@ def test_remat_mlp_policy_saves_the_gelu_output_of_every_block():
       model = models.build(dict(cfg, remat=remat, scan=scan))
       params = model.init(jax.random.key(0), x, t, **cond)
       residuals = ad_checkpoint.saved_residuals(lambda p, m=model: m.apply(p, x, t, **cond).sum(), params)
-      counts[remat, scan] = (len(residuals), sum("'mlp_activation'" in d for _, d in residuals))
-  # Unrolled: the two rematerialised blocks' image and text MLPs (the last block is not remat'd).
-  assert counts["dots_no_batch_attention_mlp", False] == (counts["dots_no_batch_attention", False][0] + 4, 4)
-  assert counts["dots_no_batch_attention", False][1] == 0
-  # Scanned: the two MLP activations of the scan body, stacked over layers.
-  assert counts["dots_no_batch_attention_mlp", True][0] == counts["dots_no_batch_attention", True][0] + 2
+      counts[remat, scan] = (len(residuals), sum("'mlp_activation'" in d for _, d in residuals),
+                             sum("'norm_stats'" in d for _, d in residuals))
+  # Per rematerialised block, image and text stream: one MLP activation, and mean and 1/sigma
+  # of the attention's and the MLP's LayerNorms. The last block and the output norm are not
+  # remat'd: their 8 statistics are residuals under either policy.
+  base, mlp = counts["dots_no_batch_attention", False], counts["dots_no_batch_attention_mlp", False]
+  assert base[1:] == (0, 8)
+  # Unrolled: two rematerialised blocks.
+  assert mlp == (base[0] + 4 + 16, 4, 8 + 16)
+  # Scanned: those of the scan body, stacked over layers (named as scan outputs).
+  base, mlp = counts["dots_no_batch_attention", True], counts["dots_no_batch_attention_mlp", True]
+  assert mlp[0] == base[0] + 2 + 8
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_no_batch_attention_mlp"])
+def test_remat_gradients_equal_no_remat(remat):
+  """Rematerialised blocks give the gradients of the plain model (here the saved adaLN
+  statistics, which enter the normalisation under stop_gradient, must not lose x's
+  gradient through them)."""
+  cfg = dict(TINY_MMDIT, depth=3, attention="xla")
+  x, t, cond = inputs(cfg, batch=2)
+  plain, params = init(dict(cfg, remat="none"), x, t, cond)
+  params = perturb(params)
+  model = models.build(dict(cfg, remat=remat))
+  w = jax.random.normal(jax.random.key(5), x.shape)
+  grads = [jax.grad(lambda p, x, m=m: jnp.sum(w * m.apply(p, x, t, **cond)), argnums=(0, 1))(params, x)
+           for m in (plain, model)]
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[0])) > 1e-2
+  chex.assert_trees_all_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)

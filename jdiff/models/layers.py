@@ -54,9 +54,11 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_no_batch_attention": _DOTS_NO_BATCH_ATTENTION,
     # and the MLP's GELU output (fc2's input), so the backward does not run the GELU again
-    # ([B, T, 4D] more per block)
+    # ([B, T, 4D] more per block), and the adaLN LayerNorms' statistics (mean and 1/sigma,
+    # f32 [B, T] each): recomputed, XLA:GPU writes the normalised x in f32 between the
+    # backward's row and column reductions (d24 H100 estimate -7 ms a step, BENCHMARKS.md)
     "dots_no_batch_attention_mlp": jax.checkpoint_policies.save_from_both_policies(
-        _DOTS_NO_BATCH_ATTENTION, jax.checkpoint_policies.save_only_these_names("mlp_activation")),
+        _DOTS_NO_BATCH_ATTENTION, jax.checkpoint_policies.save_only_these_names("mlp_activation", "norm_stats")),
 }
 
 xavier = nn.initializers.xavier_uniform()
@@ -228,7 +230,7 @@ def rms_norm(name: str, dtype: Dtype, param_dtype: Dtype, axis_name: str = "kv",
 class RMSNorm(nn.Module):
   """x / sqrt(mean(x^2) + eps) * scale over the last axis, statistics in float32: what
   flax's nn.RMSNorm computes (same parameter), with a hand-written backward that keeps
-  only x and the per-row 1/rms for it."""
+  only x for it (1/rms is recomputed there, in the pass that needs mean(dy scale x))."""
 
   eps: float = 1e-6
   dtype: Dtype = jnp.float32
@@ -250,17 +252,24 @@ def _rms_norm(x, scale, eps, dtype):
 def _rms_norm_fwd(x, scale, eps, dtype):
   xf = x.astype(jnp.float32)
   inv = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return (xf * inv * scale.astype(jnp.float32)).astype(dtype), (x, scale, inv)
+  return (xf * inv * scale.astype(jnp.float32)).astype(dtype), (x, scale)
 
 
 def _rms_norm_bwd(eps, dtype, res, dy):
-  del eps, dtype
-  x, scale, inv = res
-  xhat = x.astype(jnp.float32) * inv
+  del dtype
+  x, scale = res
+  xf = x.astype(jnp.float32)
   dyf = dy.astype(jnp.float32)
   g = dyf * scale.astype(jnp.float32)
-  dx = inv * (g - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
-  dscale = jnp.sum((dyf * xhat).reshape(-1, x.shape[-1]), axis=0)
+  # Two passes over (x, dy): the row reductions (1/rms recomputed beside mean(g x)), then dx
+  # with the column sums for dscale.
+  inv = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  c = inv * inv * inv * jnp.mean(g * xf, axis=-1, keepdims=True)
+  dx = inv * g - xf * c  # = inv (g - x^ mean(g x^)), x^ = x inv
+  dscale = dyf * (xf * inv)
+  if x.ndim >= 3:  # summed over axis 1 first, as x's bias gradient is (same pass on XLA:GPU)
+    dscale = jax.lax.optimization_barrier(jnp.sum(dscale, axis=1))
+  dscale = jnp.sum(dscale.reshape(-1, x.shape[-1]), axis=0)
   return dx.astype(x.dtype), dscale.astype(scale.dtype)
 
 
@@ -279,37 +288,45 @@ def norm_modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, dtype: Dtype
   One function with a hand-written backward (dx = (g - mean g - x^ mean(g x^)) / sigma
   with g = dy (1 + scale)), which keeps only x and the per-token statistics for it.
   """
-  return _norm_modulate(x, (shift,), (scale,), eps, jnp.dtype(dtype))[0]
+  return norm_modulate_many(x, (shift,), (scale,), dtype, eps)[0]
 
 
 def norm_modulate_many(x: jax.Array, shifts: Sequence[jax.Array], scales: Sequence[jax.Array], dtype: Dtype,
                        eps: float = 1e-6) -> tuple[jax.Array, ...]:
   """`norm_modulate` of one x under several (shift, scale) pairs, normalising x once (SD3.5's
   dual-attention blocks modulate the same LayerNorm of the block input twice)."""
-  return _norm_modulate(x, tuple(shifts), tuple(scales), eps, jnp.dtype(dtype))
+  mean, inv = _layer_norm_stats(x, eps)
+  return _norm_modulate(x, mean, inv, tuple(shifts), tuple(scales), jnp.dtype(dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _norm_modulate(x, shifts, scales, eps, dtype):
-  return _norm_modulate_fwd(x, shifts, scales, eps, dtype)[0]
+def _layer_norm_stats(x, eps):
+  """Per-row mean and 1/sigma of x [..., D] in float32, [..., 1] each, named 'norm_stats' for
+  remat policies (REMAT_POLICIES). Inputs of the normalisation under stop_gradient: their
+  part of x's gradient is in its backward."""
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  inv = jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True) + eps)
+  return tuple(checkpoint_name(jax.lax.stop_gradient(s), "norm_stats") for s in (mean, inv))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _norm_modulate(x, mean, inv, shifts, scales, dtype):
+  return _norm_modulate_fwd(x, mean, inv, shifts, scales, dtype)[0]
 
 
 def _normalized(x, mean, inv):
   return (x.astype(jnp.float32) - mean) * inv
 
 
-def _norm_modulate_fwd(x, shifts, scales, eps, dtype):
-  xf = x.astype(jnp.float32)
-  mean = jnp.mean(xf, axis=-1, keepdims=True)
-  inv = jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True) + eps)
+def _norm_modulate_fwd(x, mean, inv, shifts, scales, dtype):
   xhat = _normalized(x, mean, inv)
   ys = tuple(modulate(xhat, shift.astype(jnp.float32), scale.astype(jnp.float32)).astype(dtype)
              for shift, scale in zip(shifts, scales))
   return ys, (x, mean, inv, shifts, scales)
 
 
-def _norm_modulate_bwd(eps, dtype, res, dys):
-  del eps, dtype
+def _norm_modulate_bwd(dtype, res, dys):
+  del dtype
   x, mean, inv, shifts, scales = res
   xhat = _normalized(x, mean, inv)
   dyfs = [dy.astype(jnp.float32) for dy in dys]
@@ -318,7 +335,8 @@ def _norm_modulate_bwd(eps, dtype, res, dys):
   dx = inv * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
   dshifts = tuple(jnp.sum(dyf, axis=1).astype(shift.dtype) for dyf, shift in zip(dyfs, shifts))
   dscales = tuple(jnp.sum(dyf * xhat, axis=1).astype(scale.dtype) for dyf, scale in zip(dyfs, scales))
-  return dx.astype(x.dtype), dshifts, dscales
+  # mean and inv depend on x through stop_gradient: dx above carries their part.
+  return dx.astype(x.dtype), jnp.zeros_like(mean), jnp.zeros_like(inv), dshifts, dscales
 
 
 _norm_modulate.defvjp(_norm_modulate_fwd, _norm_modulate_bwd)
