@@ -89,9 +89,9 @@ def base() -> ml_collections.ConfigDict:
       # 2-4x the compile time; scan=True keeps compile time flat in depth (deep models).
       scan=False,
       # none | full | dots | dots_no_batch | dots_no_batch_attention (+ cuDNN attention's
-      # outputs) | dots_no_batch_attention_mlp (+ the MLP activations: fastest on GPU; +9 GiB
-      # for d24 at batch 128. Near the memory limit XLA recomputes on its own, slower: then
-      # take dots_no_batch_attention)
+      # outputs) | dots_no_batch_attention_mlp (+ the MLP activations and LayerNorm statistics:
+      # fastest on GPU; +9 GiB for d24 at batch 128. Near the memory limit XLA recomputes on
+      # its own, slower: then take dots_no_batch_attention)
       remat="dots_no_batch_attention_mlp",
       qk_norm=True,  # RMSNorm on queries and keys
       guidance_embed=config_dict.placeholder(bool),  # embed a guidance scale (guidance-distilled students)
