@@ -325,3 +325,17 @@ def test_frozen_parameters_stay_bit_identical(tmp_path):
       x.size for x, m in zip(jax.tree.leaves(after.params), jax.tree.leaves(mask)) if m)
   with pytest.raises(ValueError, match="matches no parameter"):
     run(get_config(optim__trainable="nothing/.*", train__num_steps=1), tmp_path / "none")
+
+
+def test_read_only_checkpoints_open_without_orbax_warning(tmp_path, caplog):
+  """Opening a run's checkpoints read-only (sample, evaluate, init_from) logs no warning that
+  the directory is read-only; the filter is gone afterwards."""
+  ckpt_lib.checkpoint_dir(str(tmp_path)).mkdir(parents=True)
+  import logging  # pylint: disable=g-import-not-at-top
+  with caplog.at_level(logging.WARNING):
+    ckpt = ckpt_lib.Checkpoints(str(tmp_path), read_only=True)
+    assert ckpt.latest_step() is None
+    ckpt.close()
+    logging.getLogger("absl").warning("Given directory is read only=after")
+  messages = [r.getMessage() for r in caplog.records]
+  assert messages == ["Given directory is read only=after"], messages

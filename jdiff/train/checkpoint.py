@@ -31,20 +31,40 @@ def checkpoint_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / "checkpoints"
 
 
+class _Drop(logging.Filter):
+  """Drops log records whose message starts with `prefix`."""
+
+  def __init__(self, prefix: str):
+    super().__init__()
+    self.prefix = prefix
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(self.prefix)
+
+
 class Checkpoints:
   """Saves and restores the four items of a run in `workdir`/checkpoints."""
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
     self.workdir = os.path.abspath(workdir)
-    self.manager = ocp.CheckpointManager(
-        checkpoint_dir(self.workdir),
-        item_names=ITEMS,
-        # read_only: what Orbax would reset (with a warning each) is not set at all.
-        options=ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
-                                             save_interval_steps=0 if read_only else 1,
-                                             enable_async_checkpointing=async_save,
-                                             create=not read_only, read_only=read_only),
-    )
+    # Read-only opens (sampling, evaluation, init_from) are what was asked for: Orbax's
+    # warning that the directory is read-only says nothing to the user, so it is dropped.
+    absl_log = logging.getLogger("absl")
+    quiet = _Drop("Given directory is read only")
+    if read_only:
+      absl_log.addFilter(quiet)
+    try:
+      self.manager = ocp.CheckpointManager(
+          checkpoint_dir(self.workdir),
+          item_names=ITEMS,
+          # read_only: what Orbax would reset (with a warning each) is not set at all.
+          options=ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
+                                               save_interval_steps=0 if read_only else 1,
+                                               enable_async_checkpointing=async_save,
+                                               create=not read_only, read_only=read_only),
+      )
+    finally:
+      absl_log.removeFilter(quiet)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
