@@ -5,6 +5,7 @@ kernel of the step XLA compiles for an H100, without a GPU.
                                 [--target=h100] [--device_memory_gib=96] [--hlo_out=FILE] [--json]
   python benchmarks/hlo_cost.py --rows= --config=configs/mmdit_256.py   # a config as it is
   python benchmarks/hlo_cost.py --hlo=FILE.hlo     # any compiled HLO text (GPU or CPU)
+  python benchmarks/hlo_cost.py --hlo=FILE.hlo --top=0 --kernels='blocks_5/'   # one block, kernel by kernel
 
 Compiling: XLA compiles the real train step for the target GPU on this machine (deviceless
 ahead-of-time compilation: `jax.experimental.topologies.get_topology_desc(platform='cuda',
@@ -206,6 +207,8 @@ class Kernel:
   flops: float
   count: int
   op_name: str
+  out_type: str = ""  # what it writes (a fusion: its fused root's type)
+  ops: str = ""  # a fusion's instructions by opcode, most frequent first ('multiply:4 reduce:1')
 
   def seconds(self, rates: Rates) -> float:
     rate = {"gemm": rates.gemm, "conv": rates.gemm, "attention": rates.attention}.get(self.kind)
@@ -281,10 +284,13 @@ def kernels(text: str) -> list[Kernel]:
           walk(c, count)
         continue
       in_bytes = [type_bytes(comp.by_name[o].type) if o in comp.by_name else 0.0 for o in i.operands]
-      flops, kind = 0.0, "other"
+      flops, kind, out_type, ops = 0.0, "other", i.type, ""
       out_bytes = type_bytes(i.type)
       if i.opcode == "fusion":
         fused = comps[i.called("calls")[0]]
+        out_type = fused.root.type
+        ops = " ".join(f"{o}:{n}" for o, n in collections.Counter(
+            x.opcode for x in fused.instrs if x.opcode not in FREE).most_common())
         in_bytes = [_fused_param_bytes(fused, n, b) for n, b in enumerate(in_bytes)]
         out_bytes = _output_bytes(fused)
         kind = "fusion"
@@ -305,7 +311,7 @@ def kernels(text: str) -> list[Kernel]:
         kind = "copy"
       elif i.opcode == "dot":
         kind, flops = "gemm", _dot_flops(i, comp)
-      out.append(Kernel(i.name, kind, sum(in_bytes) + out_bytes, flops, count, op_name(i)))
+      out.append(Kernel(i.name, kind, sum(in_bytes) + out_bytes, flops, count, op_name(i), out_type, ops))
 
   walk(entry, 1)
   return out
@@ -361,6 +367,20 @@ def summarize(ks: list[Kernel], rates: Rates, top: int = 25) -> dict:
       top=[dict(kind=kind, op=op, seconds=r[0], bytes=r[1], launches=r[2]) for (kind, op), r in
            sorted(by_op.items(), key=lambda kv: -kv[1][0])[:top]],
   )
+
+
+def listing(ks: list[Kernel], pattern: str, rates: Rates) -> list[str]:
+  """One line per kernel whose op_name matches the regex `pattern`, in program order: 'B' for
+  the backward (transpose(...) in its op_name) or 'F', kind, ms, MB moved, short op name, what
+  it writes and, for a fusion, its instructions by opcode. For reading one block's kernels
+  (e.g. 'blocks_5/'): which pass over which tensor, and what XLA fused into it."""
+  lines = []
+  for k in ks:
+    if re.search(pattern, k.op_name):
+      direction = "B" if "transpose(" in k.op_name else "F"
+      lines.append(f"{direction} {k.kind:9s} {k.seconds(rates) * 1e3:7.3f} ms {k.bytes * k.count / 1e6:9.1f} MB  "
+                   f"{_short(k.op_name)[-60:]:60s} {k.out_type[:70]} | {k.ops}")
+  return lines
 
 
 def _short(op_name: str) -> str:
@@ -446,10 +466,14 @@ def main(argv=None):
   parser.add_argument("--device_memory_gib", type=float, default=96.0)
   parser.add_argument("--top", type=int, default=25)
   parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+  parser.add_argument("--kernels", default="", help="also list every kernel whose op_name matches this regex "
+                                                    "(e.g. 'blocks_5/': one unrolled block's kernels)")
   args = parser.parse_args(argv)
   if args.hlo:
     with open(args.hlo) as f:
-      _print(dict(report(f.read(), Rates(), args.top), source=args.hlo), args.json)
+      text = f.read()
+    _print(dict(report(text, Rates(), args.top), source=args.hlo), args.json)
+    _print_listing(text, args.kernels)
     return
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import gpu_checks  # pylint: disable=g-import-not-at-top
@@ -465,6 +489,12 @@ def main(argv=None):
         f.write(text)
     _print(dict(report(text, Rates(), args.top), row=row or args.config, xla_flags=os.environ.get("XLA_FLAGS", ""),
                 **info), args.json)
+    _print_listing(text, args.kernels)
+
+
+def _print_listing(text: str, pattern: str) -> None:
+  if pattern:
+    print("\n".join(listing(kernels(text), pattern, Rates())), flush=True)
 
 
 def _print(summary: dict, as_json: bool) -> None:

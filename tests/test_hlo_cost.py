@@ -152,3 +152,14 @@ def test_counts_what_xla_rematerialised_to_fit_memory():
   # jax.checkpoint's planned recomputation keeps names; only its metadata says so.
   assert xla_rematerialized('  %fusion.9 = f32[2]{0} fusion(%p), metadata={op_name="a/rematted_computation/b"}') == 0
   assert hlo_cost.report(text, hlo_cost.Rates(), top=1)["rematerialized"] == 2
+
+
+def test_listing_shows_the_matching_kernels_with_what_they_fuse():
+  rates = hlo_cost.Rates(bandwidth=1e3, gemm=1e4, attention=1e2, launch=0.5)
+  lines = hlo_cost.listing(hlo_cost.kernels(MODULE), r"while/body", rates)
+  # Only fusion.1 carries that op_name: 3 launches of 388 B at 1e3 B/s + 0.5 s = 2.664 s,
+  # 1164 B in all; it writes f32[4, 8] from a dynamic-slice and an add (bitcasts launch nothing).
+  assert len(lines) == 1
+  assert lines[0].startswith("F fusion") and " 2664.000 ms " in lines[0] and " 0.0 MB " in lines[0]
+  assert lines[0].endswith("f32[4,8]{1,0} | dynamic-slice:1 add:1")
+  assert hlo_cost.listing(hlo_cost.kernels(MODULE), r"no such op", rates) == []
