@@ -2,7 +2,7 @@
 kernel of the step XLA compiles for an H100, without a GPU.
 
   python benchmarks/hlo_cost.py [--rows="d24:128 d24:128:model.scan=False"] [--top=25]
-                                [--target=h100] [--device_memory_gib=96] [--hlo_out=FILE] [--json]
+                                [--target=h100|h200] [--device_memory_gib=96] [--hlo_out=FILE] [--json]
   python benchmarks/hlo_cost.py --rows= --config=configs/mmdit_256.py   # a config as it is
   python benchmarks/hlo_cost.py --hlo=FILE.hlo     # any compiled HLO text (GPU or CPU)
   python benchmarks/hlo_cost.py --hlo=FILE.hlo --top=0 --kernels='blocks_5/'   # one block, kernel by kernel
@@ -48,8 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # size is a parameter: XLA rematerialises (recomputes) activations when the step would not fit
 # in about 78% of it, so it must stand for what the device run's allocator has
 # (XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 in gpu_mfu.sh: ~74.5 GiB).
-TARGETS = {
-    "h100": """
+_GPU_TARGET = """
 gpu_device_info {
   threads_per_block_limit: 1024
   threads_per_warp: 32
@@ -61,7 +60,7 @@ gpu_device_info {
   block_dim_limit_x: 2147483647
   block_dim_limit_y: 65535
   block_dim_limit_z: 65535
-  memory_bandwidth: 3352320000000
+  memory_bandwidth: {memory_bandwidth}
   l2_cache_size: 52428800
   clock_rate_ghz: 1.98
   device_memory_size: {device_memory_bytes}
@@ -73,8 +72,12 @@ gpu_device_info {
 platform_name: "CUDA"
 dnn_version_info { major: 9 minor: 8 }
 runtime_version { major: 12 minor: 8 }
-device_description_str: "NVIDIA H100 80GB HBM3"
-""",
+device_description_str: "{name}"
+"""
+TARGETS = {
+    "h100": _GPU_TARGET.replace("{memory_bandwidth}", "3352320000000").replace("{name}", "NVIDIA H100 80GB HBM3"),
+    # H200: the H100's chip (SMs, clocks, L2) with 141 GB of HBM3e at 4.8 TB/s.
+    "h200": _GPU_TARGET.replace("{memory_bandwidth}", "4800000000000").replace("{name}", "NVIDIA H200"),
 }
 
 # Rates of the estimate (H100, bf16), from the 2026-11-27 profile of d24 at batch 128
@@ -87,6 +90,14 @@ class Rates:
   gemm: float = 580e12  # FLOP/s
   attention: float = 138e12  # FLOP/s
   launch: float = 2e-6  # s per kernel
+
+
+# The H200's memory-bound kernels at 90% of its 4.8 TB/s; its GEMMs and attention as the
+# H100's (the same chip and clocks: an assumption until a profile on an H200 says otherwise).
+RATES = {"h100": Rates(), "h200": Rates(bandwidth=4.32e12)}
+# The memory size to compile for, such that XLA's limit (~78% of it) is what gpu_mfu.sh's
+# allocator has on the card (94% of it): H100 ~74.5 GiB, H200 ~132 GiB.
+DEVICE_MEMORY_GIB = {"h100": 96.0, "h200": 170.0}
 
 
 DTYPE_BYTES = {
@@ -463,7 +474,8 @@ def main(argv=None):
   parser.add_argument("--hlo_out", default="", help="also write the compiled HLO text here (.ROW appended "
                                                     "with several rows)")
   parser.add_argument("--target", default="h100", choices=sorted(TARGETS))
-  parser.add_argument("--device_memory_gib", type=float, default=96.0)
+  parser.add_argument("--device_memory_gib", type=float, default=None,
+                      help="the memory size to compile for (default: DEVICE_MEMORY_GIB of the target)")
   parser.add_argument("--top", type=int, default=25)
   parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
   parser.add_argument("--kernels", default="", help="also list every kernel whose op_name matches this regex "
@@ -472,8 +484,8 @@ def main(argv=None):
   if args.hlo:
     with open(args.hlo) as f:
       text = f.read()
-    _print(dict(report(text, Rates(), args.top), source=args.hlo), args.json)
-    _print_listing(text, args.kernels)
+    _print(dict(report(text, RATES[args.target], args.top), source=args.hlo), args.json)
+    _print_listing(text, args.kernels, RATES[args.target])
     return
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import gpu_checks  # pylint: disable=g-import-not-at-top
@@ -483,18 +495,18 @@ def main(argv=None):
       config = gpu_checks.config(None, "latent256", gpu_checks.row_overrides(row))
     else:
       config = config_lib.load(args.config)
-    text, info = compile_step_hlo(config, args.target, args.device_memory_gib)
+    text, info = compile_step_hlo(config, args.target, args.device_memory_gib or DEVICE_MEMORY_GIB[args.target])
     if args.hlo_out:
       with open(args.hlo_out + (f".{row.replace(':', '_')}" if len(args.rows.split()) > 1 else ""), "w") as f:
         f.write(text)
-    _print(dict(report(text, Rates(), args.top), row=row or args.config, xla_flags=os.environ.get("XLA_FLAGS", ""),
-                **info), args.json)
-    _print_listing(text, args.kernels)
+    _print(dict(report(text, RATES[args.target], args.top), row=row or args.config, target=args.target,
+                xla_flags=os.environ.get("XLA_FLAGS", ""), **info), args.json)
+    _print_listing(text, args.kernels, RATES[args.target])
 
 
-def _print_listing(text: str, pattern: str) -> None:
+def _print_listing(text: str, pattern: str, rates: Rates) -> None:
   if pattern:
-    print("\n".join(listing(kernels(text), pattern, Rates())), flush=True)
+    print("\n".join(listing(kernels(text), pattern, rates)), flush=True)
 
 
 def _print(summary: dict, as_json: bool) -> None:

@@ -163,3 +163,18 @@ def test_listing_shows_the_matching_kernels_with_what_they_fuse():
   assert lines[0].startswith("F fusion") and " 2664.000 ms " in lines[0] and " 0.0 MB " in lines[0]
   assert lines[0].endswith("f32[4,8]{1,0} | dynamic-slice:1 add:1")
   assert hlo_cost.listing(hlo_cost.kernels(MODULE), r"no such op", rates) == []
+
+
+def test_targets_are_complete_gpu_descriptions():
+  """Each target leaves only the memory size to fill in; the H200 is the H100 with its own
+  bandwidth, name and rates."""
+  import re  # pylint: disable=g-import-not-at-top
+
+  for target in hlo_cost.TARGETS.values():
+    assert re.findall(r"\{(\w+)\}", target) == ["device_memory_bytes"]
+  h100, h200 = hlo_cost.TARGETS["h100"], hlo_cost.TARGETS["h200"]
+  assert "memory_bandwidth: 3352320000000" in h100 and "memory_bandwidth: 4800000000000" in h200
+  same = lambda t: re.sub(r"memory_bandwidth: \d+|device_description_str: .*", "", t)
+  assert same(h100) == same(h200)
+  assert hlo_cost.RATES["h200"].bandwidth > hlo_cost.RATES["h100"].bandwidth
+  assert set(hlo_cost.RATES) == set(hlo_cost.TARGETS) == set(hlo_cost.DEVICE_MEMORY_GIB)
