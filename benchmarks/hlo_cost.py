@@ -2,7 +2,7 @@
 kernel of the step XLA compiles for an H100, without a GPU.
 
   python benchmarks/hlo_cost.py [--rows="d24:128 d24:128:model.scan=False"] [--top=25]
-                                [--target=h100|h200] [--device_memory_gib=96] [--hlo_out=FILE] [--json]
+                                [--target=h100|h200] [--device_memory_gib=GIB] [--hlo_out=FILE] [--json]
   python benchmarks/hlo_cost.py --rows= --config=configs/mmdit_256.py   # a config as it is
   python benchmarks/hlo_cost.py --hlo=FILE.hlo     # any compiled HLO text (GPU or CPU)
   python benchmarks/hlo_cost.py --hlo=FILE.hlo --top=0 --kernels='blocks_5/'   # one block, kernel by kernel
