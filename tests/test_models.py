@@ -439,12 +439,11 @@ def test_remat_gradients_equal_no_remat(remat, scan):
   plain, params = init(dict(cfg, remat="none"), x, t, cond)
   params = perturb(params)
   model = models.build(dict(cfg, remat=remat, scan=scan))
-  to_model = (lambda p: {"params": layers.stack_unrolled(p["params"], "blocks", 2)}) if scan else (lambda p: p)
-  from_model = (lambda g: {"params": layers.unstack_scanned(g["params"], "blocks")}) if scan else (lambda g: g)
+  groups = block_groups(cfg, plain) if scan else []
   w = jax.random.normal(jax.random.key(5), x.shape)
   loss = lambda m, p, x: jnp.sum(w * m.apply(p, x, t, **cond))
   g_plain = jax.grad(lambda p, x: loss(plain, p, x), argnums=(0, 1))(params, x)
-  g_model = jax.grad(lambda p, x: loss(model, p, x), argnums=(0, 1))(to_model(params), x)
-  g_model = (from_model(g_model[0]), g_model[1])
+  g_model = jax.grad(lambda p, x: loss(model, p, x), argnums=(0, 1))({"params": to_scanned(params["params"], groups)}, x)
+  g_model = ({"params": to_unrolled(g_model[0]["params"], groups)}, g_model[1])
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_plain)) > 1e-2
   chex.assert_trees_all_close(g_model, g_plain, atol=1e-5, rtol=1e-5)
