@@ -441,9 +441,10 @@ def compile_step_hlo(config, target: str = "h100", device_memory_gib: float = 96
     cudnn_attention.check_cudnn_version = check
 
 
-def report(text: str, rates: Rates, top: int) -> dict:
-  ks = kernels(text)
-  s = summarize(ks, rates, top)
+def report(text: str, rates: Rates, top: int, ks: list[Kernel] | None = None) -> dict:
+  """summarize() of the module's kernels (`ks`, when the caller has parsed them already) and
+  how many instructions XLA rematerialised."""
+  s = summarize(kernels(text) if ks is None else ks, rates, top)
   from jdiff.train.trainer import xla_rematerialized  # pylint: disable=g-import-not-at-top
   s["rematerialized"] = xla_rematerialized(text)
   return s
@@ -484,8 +485,7 @@ def main(argv=None):
   if args.hlo:
     with open(args.hlo) as f:
       text = f.read()
-    _print(dict(report(text, RATES[args.target], args.top), source=args.hlo), args.json)
-    _print_listing(text, args.kernels, RATES[args.target])
+    _print_report(text, args, source=args.hlo)
     return
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import gpu_checks  # pylint: disable=g-import-not-at-top
@@ -499,14 +499,16 @@ def main(argv=None):
     if args.hlo_out:
       with open(args.hlo_out + (f".{row.replace(':', '_')}" if len(args.rows.split()) > 1 else ""), "w") as f:
         f.write(text)
-    _print(dict(report(text, RATES[args.target], args.top), row=row or args.config, target=args.target,
-                xla_flags=os.environ.get("XLA_FLAGS", ""), **info), args.json)
-    _print_listing(text, args.kernels, RATES[args.target])
+    _print_report(text, args, row=row or args.config, target=args.target, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                  **info)
 
 
-def _print_listing(text: str, pattern: str, rates: Rates) -> None:
-  if pattern:
-    print("\n".join(listing(kernels(text), pattern, rates)), flush=True)
+def _print_report(text: str, args, **fields) -> None:
+  """The summary of one compiled module (and, with --kernels, its matching kernels), parsed once."""
+  ks, rates = kernels(text), RATES[args.target]
+  _print(dict(report(text, rates, args.top, ks), **fields), args.json)
+  if args.kernels:
+    print("\n".join(listing(ks, args.kernels, rates)), flush=True)
 
 
 def _print(summary: dict, as_json: bool) -> None:
