@@ -22,7 +22,8 @@ paths (cuDNN attention, one-hot embeddings).
 Estimate: every kernel XLA launches (fusions, library calls, copies; while bodies times their
 trip count; the larger branch of a conditional) costs the larger of its bytes at memory
 bandwidth and its FLOPs at a matmul rate, plus a launch overhead. Bytes are the operands and
-results a kernel touches: a fusion's slice of a stacked (scanned) buffer counts as the slice,
+results a kernel touches: a fusion's slice of a stacked (scanned) buffer counts as the slice
+(also when the fusion slices a bitcast of it),
 and an in-place dynamic-update-slice as the update. Cache reuse and imperfect overlap are not
 modelled (nor while-loop conditions, nor cuDNN convolutions' FLOPs), so this is an estimate to
 compare versions of the code with. Calibration: the GEMM and attention rates come from the
@@ -333,12 +334,23 @@ def _fused_param_bytes(comp: Computation, index: int, full: float) -> float:
   param = next((p for p in params if p.number == index), None)
   if param is None:
     return full
-  users = [i for i in comp.instrs if param.name in i.operands]
-  if users and all(u.opcode in ("dynamic-slice", "slice") and u.operands[0] == param.name for u in users):
-    return sum(type_bytes(u.type) for u in users)
-  if users and all(u.opcode == "dynamic-update-slice" and u.operands[0] == param.name for u in users):
+  readers = _readers(comp, param.name)
+  if readers and all(u.opcode in ("dynamic-slice", "slice") and u.operands[0] == via for u, via in readers):
+    return sum(type_bytes(u.type) for u, _ in readers)
+  if readers and all(u.opcode == "dynamic-update-slice" and u.operands[0] == via for u, via in readers):
     return 0.0
   return full
+
+
+def _readers(comp: Computation, name: str) -> list[tuple[Instr, str]]:
+  """(instruction, the operand name it reads `name` through) for every reader of `name`,
+  looking through bitcasts (a bitcast reinterprets the buffer and moves no bytes)."""
+  out = []
+  for i in comp.instrs:
+    if name in i.operands:
+      through = _readers(comp, i.name) if i.opcode == "bitcast" else []
+      out.extend(through or [(i, name)])  # a bitcast nobody reads is a result: the whole buffer
+  return out
 
 
 def _library_call(instr: Instr, comp: Computation) -> tuple[str | None, float]:

@@ -114,6 +114,49 @@ def test_hand_written_module_bytes_flops_and_counts():
   assert set(ks) == {"fusion.1", "gemm.1", "fusion.2", "add.2", "broadcast.1", "copy.1", "copy.2", "attention.1"}
 
 
+# Fusions reading a parameter through a bitcast: fusion.3 slices the bitcast (reads the slice
+# only); fusion.4 also returns the bitcast (reads all of it); fusion.5's root is the bitcast.
+BITCAST_MODULE = r"""
+HloModule bitcasts, entry_computation_layout={(f32[6,8]{1,0})->f32[2,8]{1,0}}
+
+%fused_slice_of_bitcast (param_0.3: f32[6,8]) -> f32[2,8] {
+  %param_0.3 = f32[6,8]{1,0} parameter(0)
+  %bitcast.3 = f32[3,2,8]{2,1,0} bitcast(%param_0.3)
+  %slice.1 = f32[1,2,8]{2,1,0} slice(%bitcast.3), slice={[1:2], [0:2], [0:8]}
+  ROOT %bitcast.4 = f32[2,8]{1,0} bitcast(%slice.1)
+}
+
+%fused_bitcast_returned (param_0.4: f32[6,8]) -> (f32[3,2,8], f32[2,8]) {
+  %param_0.4 = f32[6,8]{1,0} parameter(0)
+  %bitcast.5 = f32[3,2,8]{2,1,0} bitcast(%param_0.4)
+  %slice.2 = f32[1,2,8]{2,1,0} slice(%bitcast.5), slice={[0:1], [0:2], [0:8]}
+  %bitcast.6 = f32[2,8]{1,0} bitcast(%slice.2)
+  ROOT %tuple.3 = (f32[3,2,8]{2,1,0}, f32[2,8]{1,0}) tuple(%bitcast.5, %bitcast.6)
+}
+
+%fused_bitcast_root (param_0.5: f32[6,8]) -> f32[3,2,8] {
+  %param_0.5 = f32[6,8]{1,0} parameter(0)
+  %slice.3 = f32[2,8]{1,0} slice(%param_0.5), slice={[0:2], [0:8]}
+  ROOT %bitcast.7 = f32[3,2,8]{2,1,0} bitcast(%param_0.5)
+}
+
+ENTRY %main (a: f32[6,8]) -> f32[2,8] {
+  %a = f32[6,8]{1,0} parameter(0)
+  %fusion.3 = f32[2,8]{1,0} fusion(%a), kind=kLoop, calls=%fused_slice_of_bitcast
+  %fusion.4 = (f32[3,2,8]{2,1,0}, f32[2,8]{1,0}) fusion(%a), kind=kLoop, calls=%fused_bitcast_returned
+  %fusion.5 = f32[3,2,8]{2,1,0} fusion(%a), kind=kLoop, calls=%fused_bitcast_root
+  ROOT %gte.8 = f32[2,8]{1,0} get-tuple-element(%fusion.4), index=1
+}
+"""
+
+
+def test_a_slice_read_through_a_bitcast_counts_as_the_slice():
+  ks = _by_name(hlo_cost.kernels(BITCAST_MODULE))
+  assert ks["fusion.3"].bytes == 64 + 64  # the [2, 8] slice of the [6, 8] input, and its result
+  assert ks["fusion.4"].bytes == 192 + 192 + 64  # the whole input (returned), both results
+  assert ks["fusion.5"].bytes == 192 + 192  # the whole input (the root reinterprets it), the result
+
+
 def test_seconds_is_the_roofline_of_bytes_and_flops():
   rates = hlo_cost.Rates(bandwidth=1e3, gemm=1e4, attention=1e2, launch=0.5)
   ks = _by_name(hlo_cost.kernels(MODULE))
