@@ -21,7 +21,7 @@ source benchmarks/device_env.sh
 ROWS_A=${ROWS_A-"d24:128:dots_no_batch:model.scan=True d12:128"}
 FLAGS_A=${FLAGS_A-"--xla_gpu_enable_triton_gemm=false"}
 # Process B: d24 with the defaults since 2026-11-27 (unrolled blocks, remat
-# dots_no_batch_attention_mlp; benchmarks/hlo_cost.py estimates 482.9 -> 416.2 ms), traced;
+# dots_no_batch_attention_mlp; benchmarks/hlo_cost.py estimates 413.7 ms), traced;
 # then GEMM_ROW's matmuls timed one by one: the MFU of its GEMMs alone, the ceiling of this
 # geometry. Unrolled d24 compiles in ~75 s without a GPU (2 cores, no autotuning).
 ROWS_B=${ROWS_B:-"d24:128"}

@@ -28,8 +28,8 @@ and an in-place dynamic-update-slice as the update. Cache reuse and imperfect ov
 modelled (nor while-loop conditions, nor cuDNN convolutions' FLOPs), so this is an estimate to
 compare versions of the code with. Calibration: the GEMM and attention rates come from the
 2026-11-27 H100 profile (d24, batch 128, scanned); for the code that profile measured, the
-memory-bound kernels (at 90% of peak bandwidth, not fitted) come out at 186.7 ms against
-188.7 ms measured, and the step at 480.3 ms of kernel time against 480.6 (BENCHMARKS.md).
+memory-bound kernels (at 90% of peak bandwidth, not fitted) come out at 183.5 ms against
+188.7 ms measured, and the step at 477.0 ms of kernel time against 480.6 (BENCHMARKS.md).
 """
 
 import argparse
