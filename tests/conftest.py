@@ -20,9 +20,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jdiff_test_xla_cache_")
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-  # A size limit (far above what the suite writes) makes JAX take a file lock around every
-  # cache read and write: the workers and CLI subprocesses never read a half-written entry.
-  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 * 2**30)
 
 
 @pytest.hookimpl(optionalhook=True)
