@@ -7,8 +7,9 @@
 # one table, the input pipeline on this host, and a trace of one row. Run from the repo
 # root with the wheels of ../shared/device/wheels.sh carried in .whl:
 #   bash benchmarks/gpu_mfu.sh
-# CPU dry run of the same script (tiny sizes):
-#   ROWS_A="d2:4" ROWS_B="d2:8:none" GEMM_ROW=d2:8 VARIANT=test JAX_PLATFORMS=cpu LOADER=0 bash benchmarks/gpu_mfu.sh
+# CPU dry run of the same script (tiny sizes; PROFILE_ROW must be one of ROWS_B to trace it):
+#   ROWS_A="d2:4:dots_no_batch:model.scan=True d2:4" ROWS_B="d2:8" GEMM_ROW=d2:8 PROFILE_ROW=d2:8 \
+#   VARIANT=test JAX_PLATFORMS=cpu LOADER=0 OUT=DIR bash benchmarks/gpu_mfu.sh
 set -uo pipefail
 start=$SECONDS
 source benchmarks/device_env.sh
