@@ -29,7 +29,7 @@ STAGE_OBJECTIVES = {"pretrain": ("flow",), "posttrain": ("flow", "dpo"), "tune":
 FROZEN_OBJECTIVES = ("dpo", "guidance", "fewstep")
 
 # Logical axis -> mesh axes. Parameters are stored sharded over fsdp and gathered for use
-# (models/layers.py); heads and MLP hidden units split over tensor; batch over data x fsdp.
+# (models/layers/partitioning.py); heads and MLP hidden units split over tensor; batch over data x fsdp.
 LOGICAL_RULES = (
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),

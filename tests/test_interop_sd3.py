@@ -128,10 +128,9 @@ def test_lora_export_in_diffusers_naming_loads_and_matches_the_adapted_forward()
   config = dict(ref.config)
   kwargs = sd3.model_kwargs(config)
   x, t, context, pooled = inputs((8, 8))
-  model = mmdit.MMDiT(**kwargs, attention="xla")
   spec = layers.LoRA(rank=4, alpha=2.0)
-  with layers.use_lora(spec):
-    fresh = nn.unbox(model.init(jax.random.key(0), x, t, context=context, pooled=pooled)["params"])
+  model = mmdit.MMDiT(**kwargs, attention="xla", lora=spec)
+  fresh = nn.unbox(model.init(jax.random.key(0), x, t, context=context, pooled=pooled)["params"])
   adapters = {p: np.asarray(v) for p, v in mapping._flatten(fresh) if p[-1].startswith("lora_")}
   keys = jax.random.split(jax.random.key(1), len(adapters))
   params = sd3.to_jdiff(config, state_dict(ref))
@@ -140,9 +139,8 @@ def test_lora_export_in_diffusers_naming_loads_and_matches_the_adapted_forward()
     for part in path[:-1]:
       node = node[part]
     node[path[-1]] = value if path[-1] == "lora_a" else np.asarray(0.1 * jax.random.normal(k, value.shape))
-  with layers.use_lora(spec):
-    ours = np.asarray(model.apply({"params": params}, x, t, context=context, pooled=pooled))
-  plain = jdiff_forward(config, params, x, t, context, pooled)  # adapters unused without use_lora
+  ours = np.asarray(model.apply({"params": params}, x, t, context=context, pooled=pooled))
+  plain = jdiff_forward(config, params, x, t, context, pooled)  # a plain model: adapters unused
   tensors = mapping.export_lora(sd3.rules(kwargs), params, spec.scale)
   assert len(tensors) == len(adapters) and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in tensors)
   assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in tensors

@@ -257,32 +257,46 @@ def test_mmdit_with_splash_attention_equals_xla():
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_lora_merge_equals_the_adapted_forward(scan):
+  """A model built with a LoRA field (the public API: models.build(cfg, lora=...)) carries
+  adapters on the targeted layers only; its forward is the plain model's at B = 0, differs
+  once B is trained, and equals the plain model on the merged kernels."""
   cfg = dict(TINY_MMDIT, scan=scan)
   x, t, cond = inputs(cfg, batch=2)
-  model = models.build(cfg)
   spec = layers.LoRA(rank=3, alpha=6.0)
-  with layers.use_lora(spec):
-    params = nn.unbox(model.init(jax.random.key(0), x, t, **cond))["params"]
+  model, plain_model = models.build(cfg, lora=spec), models.build(cfg)
+  assert model.lora == spec and plain_model.lora is None
+  params = nn.unbox(model.init(jax.random.key(0), x, t, **cond))["params"]
   names = {"/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
   lora = sorted(n for n in names if "lora_" in n)
   assert any("x_qkv/q/lora_a" in n for n in lora) and any("x_mlp/fc2/lora_b" in n for n in lora)
   assert not any("adaLN" in n or "patch_embed" in n for n in lora)  # only the targeted layers
-  # At init (B = 0) the adapted model is its base: same output as without adapters.
+  # At init (B = 0) the adapted model is its base: same output as the plain model.
   with_b0 = jax.tree_util.tree_map_with_path(
       lambda p, v: v if "lora_b" in str(p[-1]) else v + 0.05, params)
-  with layers.use_lora(spec):
-    adapted0 = model.apply({"params": with_b0}, x, t, **cond)
-  chex.assert_trees_all_close(adapted0, model.apply({"params": with_b0}, x, t, **cond), atol=1e-6)
+  adapted0 = model.apply({"params": with_b0}, x, t, **cond)
+  chex.assert_trees_all_close(adapted0, plain_model.apply({"params": with_b0}, x, t, **cond), atol=1e-6)
   params = perturb(params, scale=0.1)
-  with layers.use_lora(spec):
-    adapted = model.apply({"params": params}, x, t, **cond)
+  adapted = model.apply({"params": params}, x, t, **cond)
   merged = layers.merge_lora(params, spec)
   assert not any("lora_" in "/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(merged))
-  plain = model.apply({"params": merged}, x, t, **cond)
+  plain = plain_model.apply({"params": merged}, x, t, **cond)
   chex.assert_trees_all_close(plain, adapted, atol=1e-5, rtol=1e-5)
-  # The adapters matter: dropping them changes the output.
-  without = model.apply({"params": {k: v for k, v in params.items()}}, x, t, **cond)
+  # The adapters matter: the plain model on the unmerged kernels gives another output.
+  without = plain_model.apply({"params": params}, x, t, **cond)
   assert float(jnp.abs(without - adapted).max()) > 1e-3
+
+
+def test_lora_reaches_every_targeted_layer_of_every_model():
+  """The lora field is passed to every layer a model builds: with targets matching all Dense
+  layers, every kernel of DiT, MMDiT and Flux has an adapter beside it."""
+  spec = layers.LoRA(rank=2, targets=r".*")
+  for cfg in (TINY_DIT_TEXT, TINY_MMDIT, TINY_FLUX):
+    x, t, cond = inputs(cfg, batch=1)
+    params = nn.unbox(models.build(cfg, lora=spec).init(jax.random.key(0), x, t, **cond))["params"]
+    paths = ["/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    kernels = {p.rsplit("/", 1)[0] for p in paths if p.endswith("/kernel")}
+    adapted = {p.rsplit("/", 1)[0] for p in paths if p.endswith("/lora_a")}
+    assert kernels and kernels == adapted, (cfg["name"], sorted(kernels - adapted))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -370,7 +384,7 @@ def test_rms_norm_equals_flax(x_dtype, dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_cpu_attention_layout_equals_jax_attention(dtype):
-  """On CPU, attention runs in [B, N, T, H] layout (layers._attention_heads_major); it computes
+  """On CPU, attention runs in [B, N, T, H] layout (layers.attention._attention_heads_major); it computes
   what jax.nn.dot_product_attention does, forward and backward."""
   q, k, v, cot = (jax.random.normal(key, (2, 40, 3, 16)).astype(dtype) for key in jax.random.split(jax.random.key(0), 4))
   k = k[:, :24]

@@ -1,7 +1,7 @@
 """Sharded forward passes on 8 fake CPU devices (see conftest.py) equal the single-device ones.
 
 Batch 4 puts one sample on each batch shard: without the explicit FSDP weight gather in
-models/layers.py, XLA's SPMD partitioner swaps batch elements there (docs/notes.md).
+models/layers/partitioning.py, XLA's SPMD partitioner swaps batch elements there (docs/notes.md).
 """
 
 import chex

@@ -7,16 +7,17 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 
-from jdiff.models import dit, flux, mmdit
+from jdiff.models import dit, flux, layers, mmdit
 
 MODELS = {"dit": dit.make, "mmdit": mmdit.make, "flux": flux.make}
 
 
-def build(model_cfg: Mapping[str, Any]) -> nn.Module:
-  """config.model -> Flax module. `name` picks the model; every other field is its argument."""
+def build(model_cfg: Mapping[str, Any], lora: layers.LoRA | None = None) -> nn.Module:
+  """config.model -> Flax module. `name` picks the model; every other field is its argument.
+  lora: adapters the model carries (None: a plain model)."""
   # Unset optional fields (None) leave the model's own defaults.
   kwargs = {k: v for k, v in dict(model_cfg).items() if v is not None}
   name = kwargs.pop("name")
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; expected one of {tuple(MODELS)}")
-  return MODELS[name](**kwargs)
+  return MODELS[name](**kwargs, lora=lora)

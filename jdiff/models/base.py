@@ -34,10 +34,14 @@ class PatchTransformer(nn.Module):
   remat: str = "none"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # Low-rank adapters on the Dense layers whose path matches lora.targets (None: none). Every
+  # layer the model builds gets it, so the adapted forward depends only on this field and
+  # the params.
+  lora: L.LoRA | None = None
 
   @property
   def _kw(self) -> dict[str, Any]:
-    return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
 
   def embed_inputs(self, x: jax.Array, t: jax.Array):
     """x [B, H, W, C], t [B] -> (tokens [B, N, D], conditioning c [B, D], patch grid (h, w))."""

@@ -44,11 +44,12 @@ class DiTBlock(nn.Module):
   attention: str = "default"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  lora: L.LoRA | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array):
     """x: [B, L, D]; c: [B, D] -> ([B, L, D], None)."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
     width = x.shape[-1]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = L.Modulation(
         6, width, name="adaLN", **kw)(c)

@@ -41,11 +41,12 @@ class SingleBlock(nn.Module):
   attention: str = "default"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  lora: L.LoRA | None = None
 
   @nn.compact
   def __call__(self, h: jax.Array, cond):
     c, rope = cond
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
     width = h.shape[-1]
     head_dim = L.check_divisible(width, self.num_heads)
     shift, scale, gate = L.Modulation(3, width, name="adaLN", **kw)(c)

@@ -47,6 +47,7 @@ class JointBlock(nn.Module):
   attention: str = "default"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  lora: L.LoRA | None = None
 
   @nn.compact
   def __call__(self, carry: tuple[jax.Array, jax.Array], cond):
@@ -54,7 +55,7 @@ class JointBlock(nn.Module):
     rotary tables for the joint sequence [image; text] (Flux's double-stream blocks)."""
     c, rope = cond if isinstance(cond, tuple) else (cond, None)
     x, ctx = carry
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
     width = x.shape[-1]
     head_dim = L.check_divisible(width, self.num_heads)
 

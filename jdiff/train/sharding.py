@@ -2,7 +2,7 @@
 
 The mesh has three axes: `data` (pure data parallelism), `fsdp` (data parallelism
 with parameters and optimizer state sharded) and `tensor` (heads and MLP hidden
-split across devices). Models name their axes logically (see models/layers.py);
+split across devices). Models name their axes logically (see models/layers/partitioning.py);
 `config.sharding.logical_rules` maps those names onto mesh axes, and everything
 below derives shardings from that one table.
 """

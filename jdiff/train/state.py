@@ -55,12 +55,20 @@ class Networks:
   latent: bool = False
   latent_scale: float = 1.0
   latent_shift: float = 0.0
-  lora: L.LoRA | None = None
   cached: Any = dataclasses.field(default=None, compare=False, hash=False)
 
   @property
   def patch_size(self) -> int:
     return self.denoiser.patch_size
+
+  @property
+  def lora(self) -> L.LoRA | None:
+    """The denoiser's adapters (None: a plain model)."""
+    return self.denoiser.lora
+
+  def without_lora(self) -> "Networks":
+    """The same networks with a plain denoiser (for params whose adapters were merged)."""
+    return dataclasses.replace(self, denoiser=self.denoiser.clone(lora=None))
 
   def encode(self, text_params: Any, tokens: jax.Array) -> dict[str, jax.Array]:
     """tokens [B, T] -> conditioning {'context': [B, T, D], 'pooled': [B, D]}."""
@@ -85,8 +93,7 @@ class Networks:
 
   def predict(self, denoiser_params: Any, x: jax.Array, t: jax.Array, cond: Mapping[str, jax.Array]):
     """x [B, H, W, C], t [B] -> prediction [B, H, W, C]."""
-    with L.use_lora(self.lora):
-      return self.denoiser.apply({"params": denoiser_params}, x, t, **cond)
+    return self.denoiser.apply({"params": denoiser_params}, x, t, **cond)
 
   def seq_len(self, height: int | None = None, width: int | None = None) -> int:
     """Image tokens for an H x W input (default: the training resolution)."""
@@ -107,19 +114,14 @@ class Networks:
     x = jnp.zeros((1, self.resolution, self.resolution, self.channels), jnp.float32)
     if self.denoiser.guidance_embed:
       cond["guidance"] = jnp.ones((1,))
-    with L.use_lora(self.lora):
-      out["denoiser"] = self.denoiser.init(k_model, x, jnp.zeros((1,)), **cond)["params"]
+    out["denoiser"] = self.denoiser.init(k_model, x, jnp.zeros((1,)), **cond)["params"]
     return out
 
 
 def build_networks(config) -> Networks:
-  """config -> Networks; the denoiser's conditioning widths follow the text encoder (or the cache)."""
-  lora_cfg = config.get("lora")
-  lora = L.LoRA(lora_cfg.rank, float(lora_cfg.alpha), lora_cfg.targets) if lora_cfg and lora_cfg.rank > 0 else None
-  return dataclasses.replace(_build_networks(config), lora=lora)
-
-
-def _build_networks(config) -> Networks:
+  """config -> Networks; the denoiser's conditioning widths follow the text encoder (or the
+  cache), and with config.lora.rank > 0 it carries LoRA adapters."""
+  lora = L.LoRA(config.lora.rank, float(config.lora.alpha), config.lora.targets) if config.lora.rank > 0 else None
   if config.text.encoder == "sd3":
     # Frozen SD3 encoders: conditioning comes precomputed (data/cache.py), inputs are VAE latents.
     from jdiff.data import cache  # pylint: disable=g-import-not-at-top
@@ -131,7 +133,7 @@ def _build_networks(config) -> Networks:
     if has_cache:
       meta = cache.read_meta(config.data.cache_dir)
       extra = dict(pooled_dim=meta["pooled_dim"], context_dim=meta["context_shape"][-1])
-    denoiser = models.build({**config.model, **extra})
+    denoiser = models.build({**config.model, **extra}, lora=lora)
     return Networks(denoiser, None, config.data.resolution // vae["factor"], vae["channels"], 0, latent=True,
                     latent_scale=vae["scaling_factor"], latent_shift=vae["shift_factor"],
                     cached=cache.read_conditioning(config.data.cache_dir) if has_cache else None)
@@ -139,7 +141,7 @@ def _build_networks(config) -> Networks:
   extra = dict(pooled_dim=text.width)
   if config.model.name in ("mmdit", "flux"):
     extra["context_dim"] = text.width
-  denoiser = models.build({**config.model, **extra})
+  denoiser = models.build({**config.model, **extra}, lora=lora)
   return Networks(denoiser, text, config.data.resolution, config.model.in_channels, config.text.max_len)
 
 

@@ -152,7 +152,7 @@ def load_parent(workdir: str, mesh, rules) -> tuple[step_lib.Frozen, Any, list[d
   ema, lineage, step = ckpt_lib.restore_ema(workdir, target)
   if networks.lora is not None:
     ema = jax.jit(functools.partial(L.merge_lora, spec=networks.lora))(ema)
-    networks = dataclasses.replace(networks, lora=None)
+    networks = networks.without_lora()
   return step_lib.Frozen(networks), ema, lineage, step
 
 
