@@ -31,7 +31,7 @@ from jdiff import bench
 from jdiff import config as config_lib
 from jdiff.data import pipeline as pipeline_lib
 from jdiff.train import state as state_lib
-from jdiff.train import step as step_lib
+from jdiff.train import objectives
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GEOMETRY = {
@@ -68,12 +68,12 @@ def bf16_vs_fp32(variant, geometry, tolerance=1e-2):
     p = pipeline_lib.make_pipeline(c32.data, global_batch=16, max_len=c32.text.max_len, seed=0)
     batch = {k: jnp.asarray(v) for k, v in next(p).items()}
   keys = jax.random.split(jax.random.key(3), 16)
-  x = step_lib.images_to_model_space(batch["image"])
+  x = objectives.images_to_model_space(batch["image"])
   t = jnp.linspace(0.05, 0.95, x.shape[0])
   losses, outs = [], []
   for c in (c32, c16):
     n = state_lib.build_networks(c)
-    loss = jax.jit(functools.partial(step_lib.loss_fn, networks=n, config=c))
+    loss = jax.jit(functools.partial(objectives.loss_fn, networks=n, config=c))
     losses.append(float(loss(params, batch, keys)[0]))
     f = jax.jit(lambda p, x, t, tok, n=n: n.predict(p["denoiser"], x, t, n.encode(p["text"], tok)))
     outs.append(f(params, x, t, batch["tokens"]).astype(jnp.float32))

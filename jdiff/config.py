@@ -22,11 +22,9 @@ from jdiff.models import layers, text
 from jdiff.train import optim
 
 STAGES = ("pretrain", "posttrain", "tune", "distill")
-# What each stage may optimise (config.objective); see jdiff/train/step.py.
+# What each stage may optimise (config.objective); the objectives are in jdiff/train/objectives.py.
 STAGE_OBJECTIVES = {"pretrain": ("flow",), "posttrain": ("flow", "dpo"), "tune": ("flow",),
                     "distill": ("guidance", "fewstep")}
-# Objectives that compare against a frozen copy of the init_from model (reference / teacher).
-FROZEN_OBJECTIVES = ("dpo", "guidance", "fewstep")
 
 # Logical axis -> mesh axes. Parameters are stored sharded over fsdp and gathered for use
 # (models/layers/partitioning.py); heads and MLP hidden units split over tensor; batch over data x fsdp.
@@ -297,15 +295,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of("data.shapes_split", c.data.shapes_split, ("train", "new_color"))
   if c.data.pairs_dir and c.data.source != "preference":
     raise ValueError(f"data.pairs_dir is set but data.source is {c.data.source!r}; pairs need 'preference'")
-  if c.objective in FROZEN_OBJECTIVES and not c.init_from:
-    raise ValueError(f"config.objective={c.objective!r} compares against a frozen reference/teacher: set "
-                     "config.init_from to the workdir of the model it starts from")
   if (c.objective == "dpo") != (c.data.source == "preference"):
     raise ValueError("config.objective='dpo' trains on preference pairs and only on them: set both "
                      f"objective='dpo' and data.source='preference' (got {c.objective!r}, {c.data.source!r})")
   if c.objective == "dpo" and c.dpo.beta <= 0:
     raise ValueError(f"config.dpo.beta={c.dpo.beta} must be > 0")
-  if c.objective == "guidance" and not c.model.get("guidance_embed"):
+  if c.objective == "guidance" and not c.model.guidance_embed:
     raise ValueError("config.objective='guidance' trains a student that embeds the guidance scale: set "
                      "config.model.guidance_embed=True")
   if not 0 <= c.distill.guidance_min <= c.distill.guidance_max:

@@ -7,7 +7,7 @@ import pytest
 from jdiff.train import optim
 
 CFG = dict(lr=1e-3, warmup_steps=4, schedule="constant", end_lr_factor=0.0, b1=0.9, b2=0.999, eps=1e-8,
-           weight_decay=0.1, grad_clip=1.0, ema_decay=0.999, ema_warmup=True)
+           weight_decay=0.1, grad_clip=1.0, ema_decay=0.999, ema_warmup=True, mu_dtype="", trainable="")
 
 
 def test_schedules_by_hand():

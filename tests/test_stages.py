@@ -18,7 +18,7 @@ from jdiff import convert, diffusion, stages
 from jdiff.data import pipeline as pipeline_lib
 from jdiff.train import optim
 from jdiff.train import state as state_lib
-from jdiff.train import step as step_lib
+from jdiff.train import objectives
 
 import helpers
 from test_train import get_config, restored
@@ -38,8 +38,8 @@ def test_dpo_loss_and_gradient_at_the_reference():
   params = helpers.perturb(nn.unbox(networks.init_params(jax.random.key(0))))
   batch = _batch(config)
   keys = jax.random.split(jax.random.key(3), 4)
-  frozen = step_lib.Frozen(networks)
-  loss_fn = functools.partial(step_lib.loss_fn, networks=networks, config=config, frozen=frozen)
+  frozen = objectives.Frozen(networks)
+  loss_fn = functools.partial(objectives.loss_fn, networks=networks, config=config, frozen=frozen)
   (loss, (per_sample, _, extra)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
       params, batch, keys, params)
   # Policy and reference are separate computations in one jitted graph: equal up to rounding.
@@ -167,7 +167,6 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
 
 @pytest.mark.parametrize("changes,message", [
     (dict(objective="dpo"), "not one of ('flow',)"),
-    (dict(stage="posttrain", objective="dpo"), "set config.init_from"),
     (dict(stage="posttrain", objective="dpo", init_from="x"), "data.source='preference'"),
     (dict(stage="distill", objective="guidance", init_from="x"), "guidance_embed=True"),
     (dict(stage="distill", objective="flow"), "not one of ('guidance', 'fewstep')"),
@@ -178,6 +177,19 @@ def test_stage_objective_validation(changes, message):
     config[k] = v
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
     config_lib.validate(config)
+
+
+@pytest.mark.parametrize("name", ["dpo", "guidance", "fewstep"])
+def test_objectives_with_a_frozen_model_need_init_from(name):
+  config = get_config()
+  config.objective = name
+  with pytest.raises(ValueError, match="set config.init_from"):
+    objectives.check(config)
+  config.init_from = "parent"
+  assert objectives.check(config) is objectives.OBJECTIVES[name] and objectives.OBJECTIVES[name].frozen
+  config.objective = "flow"
+  config.init_from = ""
+  assert not objectives.check(config).frozen
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -193,3 +205,26 @@ def test_pipeline_config_errors_name_the_problem(edit, message, tmp_path):
     edit(p)
   with pytest.raises(ValueError, match=message):
     stages.stage_configs(p, str(tmp_path))
+
+
+def test_noised_is_the_shared_opening_of_the_objectives():
+  """objectives.noised: x_t = (1 - t) x0 + t eps; the same keys draw the same t and eps
+  whichever image is noised (DPO's pair shares them); caption_dropout 1 and 0 replace every
+  caption by the empty one and none."""
+  config = get_config()
+  networks = state_lib.build_networks(config)
+  rng = np.random.default_rng(0)
+  res = config.data.resolution
+  batch = dict(image_w=rng.integers(0, 256, (6, res, res, 3), np.uint8),
+               image_l=rng.integers(0, 256, (6, res, res, 3), np.uint8),
+               tokens=rng.integers(2, 100, (6, config.text.max_len)).astype(np.int32))
+  keys = jax.random.split(jax.random.key(3), 6)
+  w = objectives.noised(batch, keys, networks, config, image="image_w", caption_dropout=0.0)
+  l = objectives.noised(batch, keys, networks, config, image="image_l", caption_dropout=1.0)
+  np.testing.assert_array_equal(w.t, l.t)
+  np.testing.assert_array_equal(w.eps, l.eps)
+  np.testing.assert_allclose(w.x0, batch["image_w"] / 127.5 - 1.0, atol=1e-6)
+  t = np.asarray(w.t)[:, None, None, None]
+  np.testing.assert_allclose(w.x_t, (1 - t) * np.asarray(w.x0) + t * np.asarray(w.eps), atol=1e-6)
+  np.testing.assert_array_equal(w.inputs["tokens"], batch["tokens"])
+  np.testing.assert_array_equal(l.inputs["tokens"], np.broadcast_to(networks.null_tokens(), batch["tokens"].shape))

@@ -76,9 +76,9 @@ def make_optimizer(optim_cfg: Mapping[str, Any], num_steps: int) -> optax.Gradie
       optax.clip_by_global_norm(optim_cfg["grad_clip"]),
       optax.adamw(learning_rate(optim_cfg, num_steps), b1=optim_cfg["b1"], b2=optim_cfg["b2"],
                   eps=optim_cfg["eps"], weight_decay=optim_cfg["weight_decay"], mask=decay_mask,
-                  mu_dtype=optim_cfg.get("mu_dtype") or None),
+                  mu_dtype=optim_cfg["mu_dtype"] or None),
   )
-  pattern = optim_cfg.get("trainable", "")
+  pattern = optim_cfg["trainable"]
   if pattern in ("", ".*"):
     return tx
   labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params, pattern))

@@ -37,6 +37,7 @@ from jdiff.train import checkpoint as ckpt_lib
 from jdiff.train import optim
 from jdiff.train import sharding as shard_lib
 from jdiff.train import state as state_lib
+from jdiff.train import objectives
 from jdiff.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -137,11 +138,11 @@ def batch_spec(config, networks) -> dict[str, tuple[tuple[int, ...], Any]]:
                 context=((b, *meta["context_shape"]), store), pooled=((b, meta["pooled_dim"]), np.float32))
   res = config.data.resolution
   image = ((b, res, res, config.model.in_channels), np.uint8)
-  images = dict(image_w=image, image_l=image) if config.data.source == "preference" else dict(image=image)
+  images = {key: image for key in objectives.get(config.objective).images}
   return dict(images, tokens=((b, config.text.max_len), np.int32))
 
 
-def load_parent(workdir: str, mesh, rules) -> tuple[step_lib.Frozen, Any, list[dict[str, Any]], int]:
+def load_parent(workdir: str, mesh, rules) -> tuple[objectives.Frozen, Any, list[dict[str, Any]], int]:
   """The model of an earlier stage's workdir, laid out on `mesh`: (Frozen(networks), its EMA
   params, lineage, step). Adapters of a LoRA stage are merged into their kernels, so the
   result is the plain model whose outputs the adapted one gave."""
@@ -153,7 +154,7 @@ def load_parent(workdir: str, mesh, rules) -> tuple[step_lib.Frozen, Any, list[d
   if networks.lora is not None:
     ema = jax.jit(functools.partial(L.merge_lora, spec=networks.lora))(ema)
     networks = networks.without_lora()
-  return step_lib.Frozen(networks), ema, lineage, step
+  return objectives.Frozen(networks), ema, lineage, step
 
 
 def compile_step(networks, tx, config, mesh, rules, state_shardings, abstract_state, frozen=None,
@@ -289,7 +290,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = ckpt_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
   # The init_from model is restored once: to start from (no checkpoint yet) and/or as the
   # frozen reference/teacher of the objective.
-  frozen_objective = config.objective in config_lib.FROZEN_OBJECTIVES
+  objective = objectives.check(config)
+  frozen_objective = objective.frozen
   parent = None
   if config.init_from and (ckpt.latest_step() is None or frozen_objective):
     parent = load_parent(config.init_from, mesh, rules)
@@ -308,8 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   frozen, frozen_params = None, None
   if frozen_objective:
     frozen, frozen_params, _, from_step = parent
-    log.info("objective %r: frozen %s from %s (step %d)", config.objective,
-             "reference" if config.objective == "dpo" else "teacher", config.init_from, from_step)
+    log.info("objective %r: frozen %s from %s (step %d)", config.objective, objective.frozen_role,
+             config.init_from, from_step)
   compiled, batch_sharding = compile_step(networks, tx, config, mesh, rules, shardings, abstract, frozen,
                                           frozen_params)
 

@@ -1,0 +1,231 @@
+"""What a stage optimises: every training objective, in one place.
+
+An objective is a per-sample loss
+  loss(params, batch, keys, frozen_params, *, networks, config, frozen) -> (loss [B], t [B], diagnostics)
+declared with the batch keys it reads and whether it compares against a frozen model (the
+init_from model, as the DPO reference or the distillation teacher). `noised` is the opening
+they share: the clean sample x0, the timestep t, the noise eps, and the conditioning inputs
+with captions dropped for classifier-free guidance, each sample drawn from its own key.
+
+Adding an objective: write its loss here, add it to OBJECTIVES, and add its name to the
+stages that may use it (jdiff.config.STAGE_OBJECTIVES).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jdiff import diffusion
+from jdiff.train.state import Networks
+
+
+def images_to_model_space(images: jax.Array) -> jax.Array:
+  """uint8 [B, H, W, C] in [0, 255] -> float32 in [-1, 1]."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def model_input(batch: Mapping[str, jax.Array], keys: jax.Array, networks: Networks, image: str = "image"
+                ) -> jax.Array:
+  """The clean sample x0 in model space [B, H, W, C]: pixels batch[image] in [-1, 1], or
+  scaled VAE latents z ~ N(mean, exp(logvar)) drawn with each sample's own key."""
+  if not networks.latent:
+    return images_to_model_space(batch[image])
+  mean, logvar = (batch[k].astype(jnp.float32) for k in ("latent_mean", "latent_logvar"))
+  noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys)
+  return (mean + jnp.exp(0.5 * logvar) * noise - networks.latent_shift) * networks.latent_scale
+
+
+def drop_captions(batch: Mapping[str, jax.Array], drop: jax.Array, networks: Networks) -> dict[str, jax.Array]:
+  """The conditioning inputs with the captions of samples where drop [B] is true replaced by the
+  empty caption (its tokens, or its cached embeddings)."""
+  out = {}
+  for key, null in networks.null_inputs().items():
+    mask = drop.reshape((-1,) + (1,) * (batch[key].ndim - 1))
+    out[key] = jnp.where(mask, jnp.asarray(null, batch[key].dtype)[None], batch[key])
+  return out
+
+
+def null_batch(batch: Mapping[str, jax.Array], networks: Networks) -> dict[str, jax.Array]:
+  """The empty caption's conditioning inputs, one per sample of `batch`."""
+  return drop_captions(batch, jnp.ones(jax.tree.leaves(batch)[0].shape[0], bool), networks)
+
+
+def streams(keys: jax.Array, n: int) -> list[jax.Array]:
+  """n independent [B] key streams from the per-sample keys."""
+  return [jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(n)]
+
+
+class Noised(NamedTuple):
+  """One noised batch: x_t = (1 - t) x0 + t eps."""
+
+  x0: jax.Array  # clean sample in model space [B, H, W, C]
+  eps: jax.Array  # standard normal noise [B, H, W, C]
+  t: jax.Array  # [B] in [0, 1], from config.diffusion.timesteps and its resolution shift
+  inputs: dict[str, jax.Array]  # conditioning inputs, some captions dropped
+
+  @property
+  def x_t(self) -> jax.Array:
+    return diffusion.interpolate(self.x0, self.eps, self.t)
+
+
+def noised(batch: Mapping[str, jax.Array], keys: jax.Array, networks: Networks, config, *, image: str = "image",
+           caption_dropout: float | None = None) -> Noised:
+  """Draws each sample's caption dropout, t, noise and latent (streams 0-3 of its key).
+
+  caption_dropout: P(caption -> empty); None reads config.data.caption_dropout. Calls with
+  the same keys draw the same t and eps (DPO's preferred and rejected images share them).
+  """
+  k_drop, k_t, k_eps, k_z = streams(keys, 4)
+  x0 = model_input(batch, k_z, networks, image)
+  _, h, w, _ = x0.shape
+  p = config.data.caption_dropout if caption_dropout is None else caption_dropout
+  drop = jax.vmap(lambda k: jax.random.bernoulli(k, p))(k_drop)
+  d = config.diffusion
+  t = diffusion.training_timesteps(k_t, networks.seq_len(h, w), d.timesteps, d.shift)
+  eps = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(k_eps)
+  return Noised(x0, eps, t, drop_captions(batch, drop, networks))
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+  """The frozen model of a dpo / guidance / fewstep stage (the init_from model): its networks
+  (static) and, passed to the step as an argument, its params. Used without gradient."""
+
+  networks: Networks
+
+  def velocity(self, params: Any, inputs: Mapping[str, jax.Array], null: Mapping[str, jax.Array] | None,
+               w: jax.Array | float, prediction: str):
+    """The frozen model's guided velocity field v(x, t) for conditioning `inputs` at scale w
+    (scalar or [B]): its embedded guidance (one forward) if it has one, else classifier-free
+    guidance with the null conditioning inputs `null` (two)."""
+    n = self.networks
+    model_fn = lambda x, t, c: n.predict(params["denoiser"], x, t, c)
+    cond = n.conditioning(params, inputs)
+    if n.denoiser.guidance_embed:
+      return diffusion.embedded_guidance_velocity(model_fn, cond, w, prediction)
+    w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (jax.tree.leaves(inputs)[0].shape[0],))
+    uncond = n.conditioning(params, null)
+    return lambda x, t: diffusion.cfg_target(model_fn, x, t, cond, uncond, w, prediction)
+
+
+def flow_loss(params, batch, keys, frozen_params, *, networks: Networks, config, frozen: Frozen | None):
+  """Flow matching (pretraining, SFT, tuning): noise the data to x_t = (1 - t) x0 + t eps with
+  t from the logit-normal (or configured) density under the resolution shift, predict with
+  the caption (dropped at rate caption_dropout), and regress the velocity eps - x0 (in the
+  configured prediction's parameterisation and weighting)."""
+  del frozen_params, frozen
+  d = config.diffusion
+  n = noised(batch, keys, networks, config)
+  pred = networks.predict(params["denoiser"], n.x_t, n.t, networks.conditioning(params, n.inputs))
+  return diffusion.flow_loss(pred, n.x0, n.eps, n.t, prediction=d.prediction, weighting=d.weighting), n.t, {}
+
+
+def dpo_loss(params, batch, keys, frozen_params, *, networks: Networks, config, frozen: Frozen):
+  """Diffusion-DPO (diffusion/preference.py) on {'image_w', 'image_l', 'tokens'}: the
+  preferred and the rejected image share t and noise; the policy's and the frozen
+  reference's flow errors on both give the margin; dpo.sft_weight adds the flow loss on the
+  preferred image. No caption dropout."""
+  d = config.diffusion
+  win = noised(batch, keys, networks, config, image="image_w", caption_dropout=0.0)
+  lose = noised(batch, keys, networks, config, image="image_l", caption_dropout=0.0)
+  pair = lambda a, b: jnp.concatenate([a, b], axis=0)
+  x0, eps, t = pair(win.x0, lose.x0), pair(win.eps, lose.eps), pair(win.t, lose.t)
+  x_t = diffusion.interpolate(x0, eps, t)
+  inputs = {"tokens": pair(batch["tokens"], batch["tokens"])}
+
+  def errors(nets: Networks, p):
+    pred = nets.predict(p["denoiser"], x_t, t, nets.conditioning(p, inputs))
+    return jnp.split(diffusion.flow_loss(pred, x0, eps, t, prediction=d.prediction, weighting=d.weighting), 2)
+
+  err_w, err_l = errors(networks, params)
+  ref_w, ref_l = jax.lax.stop_gradient(errors(frozen.networks, frozen_params))
+  loss, m = diffusion.dpo_loss(err_w, ref_w, err_l, ref_l, config.dpo.beta, config.dpo.positive)
+  loss = loss + config.dpo.sft_weight * err_w
+  return loss, win.t, dict(dpo_margin=m["margin"], dpo_accuracy=m["implicit_accuracy"], err_w=err_w, err_l=err_l)
+
+
+def guidance_loss(params, batch, keys, frozen_params, *, networks: Networks, config, frozen: Frozen):
+  """Guidance distillation (diffusion/distill.py): the student, given w ~ U[guidance_min,
+  guidance_max], regresses the frozen teacher's CFG velocity at the noised data."""
+  d, g = config.diffusion, config.distill
+  n = noised(batch, keys, networks, config)
+  (k_w,) = streams(keys, 5)[4:]
+  scale = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, g.guidance_min, g.guidance_max))(k_w)
+  teacher = frozen.velocity(frozen_params, n.inputs, null_batch(batch, frozen.networks), scale, d.prediction)
+  student_fn = lambda x, t, c: networks.predict(params["denoiser"], x, t, c)
+  per_sample = diffusion.guidance_distillation_loss(student_fn, teacher, n.x_t, n.t,
+                                                    networks.conditioning(params, n.inputs), scale, d.prediction)
+  return per_sample, n.t, dict(guidance=scale)
+
+
+def fewstep_loss(params, batch, keys, frozen_params, *, networks: Networks, config, frozen: Frozen):
+  """Few-step distillation (diffusion/distill.py): on a random interval k of the student's
+  K-step grid, the student's velocity at the noised data regresses the teacher's M-sub-step
+  guided jump. A student with a guidance embedding is given w = distill.cfg_scale. The
+  interval takes the place of the sampled t (its stream draws k)."""
+  d, g = config.diffusion, config.distill
+  n = noised(batch, keys, networks, config)
+  _, h, w, _ = n.x0.shape
+  coarse, fine = diffusion.few_step_grid(g.student_steps, g.teacher_substeps, networks.seq_len(h, w), d.shift)
+  k = jax.vmap(lambda key: jax.random.randint(key, (), 0, g.student_steps))(streams(keys, 2)[1])
+  teacher = frozen.velocity(frozen_params, n.inputs, null_batch(batch, frozen.networks), g.cfg_scale, d.prediction)
+  x_t, t, target = diffusion.few_step_target(teacher, n.x0, n.eps, k, coarse, fine)
+  cond = networks.conditioning(params, n.inputs)
+  if networks.denoiser.guidance_embed:
+    cond = dict(cond, guidance=jnp.full(t.shape, g.cfg_scale, jnp.float32))
+  v = diffusion.convert(networks.predict(params["denoiser"], x_t, t, cond), d.prediction, "v", x_t, t)
+  return diffusion.velocity_error(v, target), t, dict(interval=k.astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """A training objective: its per-sample loss, whether it needs the frozen init_from model,
+  and the pixel-space batch keys it reads (a latent cache supplies its own)."""
+
+  loss: Callable[..., tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+  frozen: bool = False
+  frozen_role: str = ""  # what the frozen model is, for logs: 'reference' or 'teacher'
+  images: tuple[str, ...] = ("image",)
+
+
+OBJECTIVES = {
+    "flow": Objective(flow_loss),
+    "dpo": Objective(dpo_loss, frozen=True, frozen_role="reference", images=("image_w", "image_l")),
+    "guidance": Objective(guidance_loss, frozen=True, frozen_role="teacher"),
+    "fewstep": Objective(fewstep_loss, frozen=True, frozen_role="teacher"),
+}
+
+
+def get(name: str) -> Objective:
+  if name not in OBJECTIVES:
+    raise ValueError(f"unknown objective {name!r}; expected one of {tuple(OBJECTIVES)}")
+  return OBJECTIVES[name]
+
+
+def check(config) -> Objective:
+  """config.objective's Objective, after checking what it needs of the run: a frozen model
+  needs config.init_from."""
+  objective = get(config.objective)
+  if objective.frozen and not config.init_from:
+    raise ValueError(f"config.objective={config.objective!r} compares against a frozen {objective.frozen_role}: "
+                     "set config.init_from to the workdir of the model it starts from")
+  return objective
+
+
+def loss_fn(params: Any, batch: Mapping[str, jax.Array], keys: jax.Array, frozen_params: Any = None, *,
+            networks: Networks, config, frozen: Frozen | None = None):
+  """Mean loss of config.objective and (per-sample loss [B], t [B], per-sample diagnostics).
+
+  batch: pixel space {'image': uint8 [B, H, W, C], 'tokens': int32 [B, T]} (dpo: 'image_w'
+  and 'image_l' instead of 'image'), or from a cache {'latent_mean', 'latent_logvar':
+  [B, h, w, c], 'context': [B, L, D], 'pooled': [B, P]}.
+  keys: [B] per-sample PRNG keys, so a sample is treated the same whatever micro-batch or
+  shard it lands in. frozen_params: the frozen model's params (dpo, guidance, fewstep).
+  """
+  per_sample, t, extra = get(config.objective).loss(params, batch, keys, frozen_params, networks=networks,
+                                                    config=config, frozen=frozen)
+  return per_sample.mean(), (per_sample, t, extra)
