@@ -29,8 +29,8 @@ import jax.numpy as jnp
 
 from jdiff import bench
 from jdiff import config as config_lib
+from jdiff import networks as networks_lib
 from jdiff.data import pipeline as pipeline_lib
-from jdiff.train import state as state_lib
 from jdiff.train import objectives
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ def bf16_vs_fp32(variant, geometry, tolerance=1e-2):
   """The same weights and batch in fp32 and in bf16 compute: loss and network output."""
   c32, c16 = (config(variant, geometry, {"model.dtype": dtype, "text.dtype": dtype, "train.batch_size": 16})
               for dtype in ("float32", "bfloat16"))
-  networks = state_lib.build_networks(c32)
+  networks = networks_lib.build_networks(c32)
   params = nn.unbox(networks.init_params(jax.random.key(0)))
   # Random non-zero weights so the comparison covers every layer (adaLN-Zero starts at 0).
   leaves, tree = jax.tree.flatten(params)
@@ -72,7 +72,7 @@ def bf16_vs_fp32(variant, geometry, tolerance=1e-2):
   t = jnp.linspace(0.05, 0.95, x.shape[0])
   losses, outs = [], []
   for c in (c32, c16):
-    n = state_lib.build_networks(c)
+    n = networks_lib.build_networks(c)
     loss = jax.jit(functools.partial(objectives.loss_fn, networks=n, config=c))
     losses.append(float(loss(params, batch, keys)[0]))
     f = jax.jit(lambda p, x, t, tok, n=n: n.predict(p["denoiser"], x, t, n.encode(p["text"], tok)))

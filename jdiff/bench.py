@@ -32,10 +32,19 @@ import time
 from typing import Any
 
 from absl import app, flags
+import flax.linen as nn
+import jax
 from ml_collections import config_flags
+import numpy as np
 
+from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
 from jdiff import config as config_lib
+from jdiff import networks as networks_lib
+from jdiff.train import optim
+from jdiff.train import sharding as shard_lib
+from jdiff.train import state as state_lib
+from jdiff.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mmdit_256.py:cpu.",
                                           lock_config=True)
@@ -138,11 +147,8 @@ def _text_flops(networks) -> float:
 def step_parts(config, devices=None):
   """(networks, tx, mesh, rules) of the config's train step, its mesh over `devices`
   (default: all): what jdiff.bench and the benchmark scripts compile or trace."""
-  from jdiff.train import optim  # pylint: disable=g-import-not-at-top
-  from jdiff.train import sharding as shard_lib  # pylint: disable=g-import-not-at-top
-  from jdiff.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
-  networks = state_lib.build_networks(config)
+  networks = networks_lib.build_networks(config)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
   return networks, tx, shard_lib.make_mesh(config.mesh, devices), shard_lib.rules_tuple(config.sharding.logical_rules)
 
@@ -161,13 +167,6 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir: str = "", profile
   """Compiles and times the config's train step; with profile_dir, then traces
   `profile_steps` more steps there (jax.profiler; summarise with benchmarks/profile_summary.py
   or open in TensorBoard/XProf)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  from jdiff.train import trainer  # pylint: disable=g-import-not-at-top
-  from jdiff.train import sharding as shard_lib  # pylint: disable=g-import-not-at-top
-  from jdiff.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
   if config.objective != "flow":
     raise ValueError(f"jdiff.bench times the flow objective's step; objective {config.objective!r} "
@@ -235,7 +234,7 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir: str = "", profile
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = config_lib.resolve(_CONFIG.value)
+  config = ckpt_lib.resolve_inherited(_CONFIG.value)
   config_lib.validate(config)
   cli.set_log_levels(logging.WARNING)
   print(json.dumps(run(config, _STEPS.value, _WARMUP.value, _PROFILE_DIR.value)))

@@ -1,4 +1,4 @@
-"""Precompute VAE latents and SD3 text embeddings of a dataset (see jdiff/data/cache.py).
+"""Precompute VAE latents and SD3 text embeddings of a dataset (the format: jdiff/data/cache.py).
 
   python -m jdiff.cache --config=configs/sd3_tune.py --config.init_from=runs/sd35_base \\
       --out=runs/cache_shapes_256 [--num_records=20000 --batch_size=16]
@@ -7,12 +7,22 @@ Then train with --config.data.source=cache --config.data.cache_dir=OUT.
 """
 
 import json
+import logging
+import os
+from typing import Any, Sequence
 
 from absl import app, flags
+import jax
 from ml_collections import config_flags
+import numpy as np
+import tqdm
 
+from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
-from jdiff import config as config_lib
+from jdiff.data import cache, pipeline, sources
+from jdiff.interop import sd3_pipeline
+
+log = logging.getLogger(__name__)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose data, autoencoder and text to use.",
                                           lock_config=True)
@@ -24,16 +34,83 @@ _DTYPE = flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "Storage 
 flags.mark_flags_as_required(["config", "out"])
 
 
+def _batches(source, indices: Sequence[int], batch_size: int, resolution: int):
+  """Yields (indices, images uint8 [b, R, R, 3], captions) of decodable records; logs the rest."""
+  keep, images, captions = [], [], []
+  for i in indices:
+    try:
+      record = source[int(i)]
+      caption = record["caption"]
+      caption = bytes(caption).decode("utf-8") if isinstance(caption, (bytes, np.bytes_)) else str(caption)
+      images.append(pipeline.to_rgb(record["image"], resolution))
+      captions.append(caption)
+      keep.append(int(i))
+    except Exception as e:  # a broken record is skipped, as in training
+      log.warning("skipping record %d: %r", i, e)
+    if len(keep) == batch_size:
+      yield keep, np.stack(images), captions
+      keep, images, captions = [], [], []
+  if keep:
+    yield keep, np.stack(images), captions
+
+
+def write(config, out_dir: str, *, split: str = "train", num_records: int | None = None, batch_size: int = 8,
+          records_per_file: int = 4096, dtype: str = "float16") -> dict[str, Any]:
+  """Encodes config.data's first `num_records` records (default: all) into `out_dir`."""
+  if not config.autoencoder.path or config.text.encoder != "sd3":
+    raise ValueError("the cache needs config.autoencoder.path (a VAE) and text.encoder='sd3' with "
+                     "text.pipeline (the SD3 text encoders)")
+  source = sources.make_source(config.data, split)
+  n = len(source) if num_records is None else min(num_records, len(source))
+  vae_model, vae_params = sd3_pipeline.load_vae(config.autoencoder.path, config.autoencoder.dtype)
+  text = sd3_pipeline.SD3TextEncoder.load(config.text.pipeline, t5_len=config.text.t5_len, dtype=config.text.dtype)
+  encode_images = jax.jit(lambda p, x: vae_model.apply(p, x.astype("float32") / 127.5 - 1.0,
+                                                       method=vae_model.encode))
+  os.makedirs(out_dir, exist_ok=True)
+  store = np.dtype(dtype)
+  records = cache.RecordWriter(out_dir, records_per_file)
+  bar = tqdm.tqdm(total=n, desc="cache", unit="img", dynamic_ncols=True)
+  try:
+    for idx, images, captions in _batches(source, range(n), batch_size, config.data.resolution):
+      mean, logvar = jax.device_get(encode_images(vae_params, images))
+      cond = text.encode(captions)
+      for j in range(len(idx)):
+        records.write(dict(latent_mean=mean[j].astype(store), latent_logvar=logvar[j].astype(store),
+                           context=cond["context"][j].astype(store), pooled=np.asarray(cond["pooled"][j])),
+                      captions[j], idx[j])
+      bar.update(idx[-1] + 1 - bar.n)
+  finally:
+    bar.close()
+    records.close()
+  written = records.written
+  if written == 0:
+    raise ValueError(f"no record of {n} could be decoded")
+  null = text.encode([""])
+  prompts = list(config.sample.prompts)
+  pc = text.encode(prompts) if prompts else dict(context=np.zeros((0,) + null["context"].shape[1:]),
+                                                 pooled=np.zeros((0,) + null["pooled"].shape[1:]))
+  np.savez(os.path.join(out_dir, cache.CONDITIONING), null_context=null["context"][0], null_pooled=null["pooled"][0],
+           prompts=np.array(prompts, dtype=np.str_), prompt_context=pc["context"], prompt_pooled=pc["pooled"])
+  meta = records.write_meta(
+      skipped=n - written, resolution=config.data.resolution,
+      latent_shape=list(mean.shape[1:]), context_shape=list(cond["context"].shape[1:]),
+      pooled_dim=int(cond["pooled"].shape[-1]), dtype=store.name,
+      scaling_factor=float(vae_model.scaling_factor), shift_factor=float(vae_model.shift_factor),
+      autoencoder=os.path.abspath(config.autoencoder.path), text_pipeline=os.path.abspath(config.text.pipeline),
+      t5_len=config.text.t5_len, data=json.loads(config.data.to_json_best_effort()), split=split,
+  )
+  log.info("cached %d records (%d skipped) in %s", written, n - written, out_dir)
+  return meta
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.set_log_levels()
-  from jdiff.data import cache  # pylint: disable=g-import-not-at-top
-
-  config = config_lib.resolve(_CONFIG.value)
+  config = ckpt_lib.resolve_inherited(_CONFIG.value)
   if config.data.source == "cache":
     raise app.UsageError("config.data.source names the cache itself; set the source to read (e.g. shapes)")
-  meta = cache.write(config, _OUT.value, split=_SPLIT.value, num_records=_NUM.value, batch_size=_BATCH.value,
+  meta = write(config, _OUT.value, split=_SPLIT.value, num_records=_NUM.value, batch_size=_BATCH.value,
                      dtype=_DTYPE.value)
   print(json.dumps({k: meta[k] for k in ("num_records", "skipped", "latent_shape", "context_shape", "pooled_dim")}))
 

@@ -3,28 +3,42 @@
 Config files (configs/*.py) call `base()` and override what differs; `validate` runs
 before any compute, so an unknown name or a bad value fails at start with a message that
 names the field. Unknown keys are rejected by ml_collections itself (configs are locked).
+
+This module imports nothing of jdiff and nothing heavier than ml_collections, so loading
+a config file is cheap. It lists the allowed value of every mode string; the modules that
+implement them (models, data, diffusion, train) are checked against these lists by the
+tests. What needs files on disk (a latent cache's meta.json, a VAE's geometry) is checked
+where it is read, by jdiff.networks.build_networks.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
-import logging
 import os
 from typing import Any, Iterable
 
 import ml_collections
 from ml_collections import config_dict
 
-from jdiff import diffusion, models
-from jdiff.data import cache, pipeline, sources
-from jdiff.models import layers, text
-from jdiff.train import optim
-
 STAGES = ("pretrain", "posttrain", "tune", "distill")
 # What each stage may optimise (config.objective); the objectives are in jdiff/train/objectives.py.
 STAGE_OBJECTIVES = {"pretrain": ("flow",), "posttrain": ("flow", "dpo"), "tune": ("flow",),
                     "distill": ("guidance", "fewstep")}
+
+# The allowed values of the mode strings, each beside the registry that implements it.
+MODELS = ("dit", "mmdit", "flux")  # jdiff.models.MODELS ('inherit': see checkpoint.resolve_inherited)
+ATTENTION = ("default", "xla", "cudnn")  # jdiff.models.layers.ATTENTION_IMPLS, and 'splash[:<block>]'
+REMAT = ("none", "full", "dots", "dots_no_batch", "dots_no_batch_attention",
+         "dots_no_batch_attention_mlp")  # jdiff.models.layers.REMAT_POLICIES
+TEXT_ENCODERS = ("bytes", "sd3")  # jdiff.models.text.TEXT_ENCODERS, and the frozen SD3 encoders (cached)
+DATA_SOURCES = ("shapes", "preference", "tfds", "arrayrecord", "cache")  # jdiff.data.sources.SOURCES
+PREDICTIONS = ("v", "eps", "x0")  # jdiff.diffusion.PREDICTIONS
+WEIGHTINGS = ("none", "eps", "x0", "sigma_sqrt", "cosmap")  # jdiff.diffusion.WEIGHTINGS
+TIMESTEP_KINDS = ("uniform", "logit_normal", "mode", "cosmap")  # jdiff.diffusion.TIMESTEP_KINDS
+SHIFT_KINDS = ("sd3", "flux", "fixed", "none")  # jdiff.diffusion.SHIFT_KINDS
+SAMPLERS = ("euler", "heun")  # jdiff.diffusion.METHODS
+SCHEDULES = ("constant", "cosine")  # jdiff.train.optim.SCHEDULES
 
 # Logical axis -> mesh axes. Parameters are stored sharded over fsdp and gathered for use
 # (models/layers/partitioning.py); heads and MLP hidden units split over tensor; batch over data x fsdp.
@@ -243,54 +257,21 @@ INHERITED = ("model", "text", "autoencoder")
 RUNTIME_FIELDS = ("dtype", "param_dtype", "attention", "remat", "t5_len")
 
 
-def resolve(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """model.name='inherit': take the architecture (the model, text and autoencoder sections,
-  except RUNTIME_FIELDS) from the config of the init_from workdir (e.g. one written by
-  `python -m jdiff.convert import`), so a tune config need not restate an imported model.
-  Other configs are returned as they are."""
-  if c.model.name != "inherit":
-    return c
-  if not c.init_from:
-    raise ValueError("config.model.name='inherit' takes the model from config.init_from, which is not set")
-  from jdiff.train import checkpoint  # pylint: disable=g-import-not-at-top
-
-  parent = checkpoint.load_config(c.init_from)
-  c = ml_collections.ConfigDict(c.to_dict())  # an unlocked copy
-  for section in INHERITED:
-    for key, value in parent[section].items():
-      if key not in RUNTIME_FIELDS:
-        c[section][key] = value
-  c.lock()
-  return c
-
-
-def model_resolution(c: ml_collections.ConfigDict) -> int:
-  """The side of the denoiser's input: data.resolution in pixel space, its latent size otherwise."""
-  if c.autoencoder.path:
-    from jdiff.interop import sd3_pipeline  # pylint: disable=g-import-not-at-top
-
-    factor = sd3_pipeline.vae_geometry(c.autoencoder.path)["factor"]
-    if c.data.resolution % factor:
-      raise ValueError(f"config.data.resolution={c.data.resolution} is not divisible by the VAE's factor {factor}")
-    return c.data.resolution // factor
-  return c.data.resolution
-
-
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks every enumerated and numeric field; raises ValueError naming the field."""
   _one_of("stage", c.stage, STAGES)
   if c.model.name == "inherit":
-    raise ValueError("config.model.name='inherit' must be resolved first (jdiff.config.resolve)")
-  _one_of("model.name", c.model.name, models.MODELS)
+    raise ValueError("config.model.name='inherit' must be resolved first (jdiff.checkpoint.resolve_inherited)")
+  _one_of("model.name", c.model.name, MODELS)
   if not c.model.attention.startswith("splash"):
-    _one_of("model.attention", c.model.attention, layers.ATTENTION_IMPLS)
+    _one_of("model.attention", c.model.attention, ATTENTION)
   elif c.model.attention != "splash" and not (c.model.attention[7:].isdigit() and int(c.model.attention[7:]) % 128 == 0
                                               and c.model.attention[6] == ":"):
     raise ValueError(f"config.model.attention={c.model.attention!r}: expected 'splash' or 'splash:<block>' with a "
                      "block that is a multiple of 128")
-  _one_of("model.remat", c.model.remat, layers.REMAT_POLICIES)
-  _one_of("text.encoder", c.text.encoder, tuple(text.TEXT_ENCODERS) + ("sd3",))
-  _one_of("data.source", c.data.source, sources.SOURCES)
+  _one_of("model.remat", c.model.remat, REMAT)
+  _one_of("text.encoder", c.text.encoder, TEXT_ENCODERS)
+  _one_of("data.source", c.data.source, DATA_SOURCES)
   _one_of("objective", c.objective, STAGE_OBJECTIVES[c.stage])
   _one_of("data.shapes_split", c.data.shapes_split, ("train", "new_color"))
   if c.data.pairs_dir and c.data.source != "preference":
@@ -306,14 +287,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if not 0 <= c.distill.guidance_min <= c.distill.guidance_max:
     raise ValueError(f"config.distill.guidance_min={c.distill.guidance_min} and guidance_max="
                      f"{c.distill.guidance_max} must satisfy 0 <= min <= max")
-  _one_of("diffusion.prediction", c.diffusion.prediction, diffusion.PREDICTIONS)
-  _one_of("diffusion.weighting", c.diffusion.weighting, diffusion.WEIGHTINGS)
-  _one_of("diffusion.timesteps.kind", c.diffusion.timesteps.kind, diffusion.TIMESTEP_KINDS)
-  _one_of("diffusion.shift.kind", c.diffusion.shift.kind, diffusion.SHIFT_KINDS)
-  _one_of("optim.schedule", c.optim.schedule, optim.SCHEDULES)
+  _one_of("diffusion.prediction", c.diffusion.prediction, PREDICTIONS)
+  _one_of("diffusion.weighting", c.diffusion.weighting, WEIGHTINGS)
+  _one_of("diffusion.timesteps.kind", c.diffusion.timesteps.kind, TIMESTEP_KINDS)
+  _one_of("diffusion.shift.kind", c.diffusion.shift.kind, SHIFT_KINDS)
+  _one_of("optim.schedule", c.optim.schedule, SCHEDULES)
   _one_of("optim.mu_dtype", c.optim.mu_dtype, ("", "float32", "bfloat16"))
-  _one_of("sample.method", c.sample.method, diffusion.METHODS)
-  _one_of("eval.method", c.eval.method, diffusion.METHODS)
+  _one_of("sample.method", c.sample.method, SAMPLERS)
+  _one_of("eval.method", c.eval.method, SAMPLERS)
   for dtype_field in ("model.dtype", "model.param_dtype", "text.dtype", "text.param_dtype"):
     section, key = dtype_field.split(".")
     _one_of(dtype_field, c[section][key], ("float32", "bfloat16", "float16"))
@@ -324,7 +305,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
                "distill.student_steps", "distill.teacher_substeps", "data.worker_chunk"):
     section, key = name.split(".")
     _positive(name, c[section][key])
-  pipeline.read_threads(c.data)  # >= 0, or -1 (by source)
+  if c.data.read_threads < -1:
+    raise ValueError(f"config.data.read_threads={c.data.read_threads}: expected >= 0, or -1 (by source)")
   if c.data.num_workers < 0:
     raise ValueError(f"config.data.num_workers={c.data.num_workers} must be >= 0")
   if c.lora.rank < 0:
@@ -338,40 +320,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.train.batch_size % c.train.grad_accum:
     raise ValueError(f"config.train.batch_size={c.train.batch_size} is not divisible by "
                      f"train.grad_accum={c.train.grad_accum}")
-  resolution = model_resolution(c)
-  if resolution % c.model.patch_size:
-    raise ValueError(f"the model's input size {resolution} (data.resolution, or its latent size) is not "
-                     f"divisible by model.patch_size={c.model.patch_size}")
-  grid = resolution // c.model.patch_size
-  if grid > c.model.pos_embed_max_size and c.model.name != "flux":
-    raise ValueError(f"the patch grid ({grid}) exceeds config.model.pos_embed_max_size="
-                     f"{c.model.pos_embed_max_size}")
   if c.sample.cfg_scale < 0 or c.eval.cfg_scale < 0:
     raise ValueError("config.sample.cfg_scale and config.eval.cfg_scale must be >= 0")
   if c.text.max_len % c.text.downsample:
     raise ValueError(f"config.text.max_len={c.text.max_len} is not divisible by text.downsample="
                      f"{c.text.downsample}")
   if c.data.source == "cache":
-    meta = cache.read_meta(c.data.cache_dir)
     if c.text.encoder != "sd3" or not c.autoencoder.path:
       raise ValueError("data.source='cache' holds SD3 text embeddings and VAE latents: set text.encoder='sd3' "
                        "and autoencoder.path")
-    if c.model.in_channels != meta["latent_shape"][-1]:
-      raise ValueError(f"config.model.in_channels={c.model.in_channels} but the cache holds "
-                       f"{meta['latent_shape'][-1]}-channel latents")
-    if meta["resolution"] != c.data.resolution:
-      raise ValueError(f"config.data.resolution={c.data.resolution} but the cache in {c.data.cache_dir} was "
-                       f"written at {meta['resolution']}")
+    if not c.data.cache_dir:
+      raise ValueError("data.source='cache' needs data.cache_dir")
     if c.objective == "dpo":
       raise ValueError("objective='dpo' reads embedded pixel-space pairs (data.source='preference'), not a cache")
   elif c.text.encoder == "sd3" or c.autoencoder.path:
     raise ValueError("text.encoder='sd3' and autoencoder.path train on precomputed embeddings and latents: "
                      "write them with `python -m jdiff.cache` and set data.source='cache', data.cache_dir")
-  model = models.build(dict(c.model))  # resolves the variant's size table (no weights)
-  patch_dim = model.patch_size**2 * c.model.in_channels
-  if patch_dim > model.width:
-    # The noise in a patch then cannot pass the patch embedding, so v = eps - x0 is not
-    # learnable: seen as a loss stuck at ~0.43 for every t (32x32 pixels, patch 8, width 128).
-    logging.warning("a patch holds %d values but the model width is %d: the network cannot see all "
-                    "of a patch's noise and v/eps prediction will plateau; use a smaller patch or a "
-                    "wider model", patch_dim, model.width)

@@ -25,8 +25,16 @@ import shutil
 from typing import Any
 
 from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
 
+from jdiff import checkpoint
 from jdiff import cli
+from jdiff import config as config_lib
+from jdiff import inference
+from jdiff.interop import flux, mapping, sd3, sd3_pipeline
+from jdiff.models import layers
 
 log = logging.getLogger("jdiff.convert")  # not __name__: "__main__" under python -m
 
@@ -46,19 +54,12 @@ MODEL_FIELDS = ("depth", "width", "num_heads", "patch_size", "in_channels", "out
 
 
 def _io(family: str):
-  from jdiff.interop import flux, sd3  # pylint: disable=g-import-not-at-top
 
   return {"mmdit": sd3, "flux": flux}[family]
 
 
 def import_dir(src: str, workdir: str, scan: bool = False):
   """Converts `src` and writes `workdir` (config.json + a step-0 weights checkpoint). Returns the config."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  from jdiff import config as config_lib  # pylint: disable=g-import-not-at-top
-  from jdiff.interop import mapping, sd3_pipeline  # pylint: disable=g-import-not-at-top
-  from jdiff.train import checkpoint  # pylint: disable=g-import-not-at-top
 
   tdir = sd3_pipeline.component_dir(src, "transformer")
   tconfig = mapping.read_config(tdir)
@@ -110,11 +111,6 @@ def _denoiser_kwargs(model) -> tuple[Any, dict[str, Any]]:
 def export_dir(workdir: str, out: str, pipeline: str | None = None, step: int | None = None) -> dict[str, Any]:
   """Writes `workdir`'s EMA denoiser as a diffusers transformer (and, given a pipeline, the
   rest of the pipeline beside it). Returns {'transformer': dir, 'pipeline': dir or None, 'step'}."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  from jdiff import inference  # pylint: disable=g-import-not-at-top
-  from jdiff.interop import mapping  # pylint: disable=g-import-not-at-top
 
   model = inference.load(workdir, step)
   family = model.config.model.name
@@ -122,7 +118,6 @@ def export_dir(workdir: str, out: str, pipeline: str | None = None, step: int | 
   dconfig = io.diffusers_config(kwargs)
   params = jax.device_get(model.params["denoiser"])
   if model.networks.lora is not None:  # fold the adapters into the weights
-    from jdiff.models import layers  # pylint: disable=g-import-not-at-top
 
     params = layers.merge_lora(params, model.networks.lora)
   params = jax.tree.map(np.asarray, params)
@@ -154,12 +149,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_
 def export_lora_dir(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
   """Writes the EMA LoRA adapters of `workdir` to out/pytorch_lora_weights.safetensors in
   diffusers/PEFT naming (mapping.export_lora). Returns {'file', 'step', 'num_tensors', 'rank'}."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-
-  from jdiff import inference  # pylint: disable=g-import-not-at-top
-  from jdiff.interop import mapping  # pylint: disable=g-import-not-at-top
 
   model = inference.load(workdir, step)
   lora = model.networks.lora

@@ -10,6 +10,8 @@ import json
 from absl import app, flags
 
 from jdiff import cli
+from jdiff import inference
+from jdiff.eval import benchmark
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Prompts per split (default: config.eval).")
@@ -24,8 +26,6 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   del argv
   cli.set_log_levels()
-  from jdiff import inference  # pylint: disable=g-import-not-at-top
-  from jdiff.eval import benchmark  # pylint: disable=g-import-not-at-top
 
   model = inference.load(_WORKDIR.value, _STEP.value)
   result = benchmark.evaluate(model, num_samples=_NUM_SAMPLES.value, num_steps=_NUM_STEPS.value,

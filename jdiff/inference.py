@@ -21,10 +21,11 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from jdiff import checkpoint as ckpt_lib
 from jdiff import diffusion
-from jdiff.models import text as text_lib
-from jdiff.train import checkpoint as ckpt_lib
-from jdiff.train import state as state_lib
+from jdiff import networks as networks_lib
+from jdiff import tokens
+from jdiff.interop import sd3_pipeline
 
 
 @dataclasses.dataclass
@@ -36,7 +37,7 @@ class Model:
   config.text.pipeline; both are loaded on first use.
   """
 
-  networks: state_lib.Networks
+  networks: networks_lib.Networks
   params: Any
   config: ml_collections.ConfigDict
   step: int | None = None
@@ -45,7 +46,6 @@ class Model:
 
   def _encoder(self):
     if self.text_encoder is None:
-      from jdiff.interop import sd3_pipeline  # pylint: disable=g-import-not-at-top
 
       if not self.config.text.pipeline:
         raise ValueError("these prompts are not in the cache and config.text.pipeline is not set")
@@ -56,7 +56,7 @@ class Model:
   def inputs(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
     """The conditioning inputs of `prompts`, batched: {'tokens'} or {'context', 'pooled'}."""
     if self.networks.text is not None:
-      return dict(tokens=text_lib.tokenize(list(prompts), self.networks.max_len))
+      return dict(tokens=tokens.tokenize(list(prompts), self.networks.max_len))
     cached = self.networks.cached
     if cached is not None and all(p in cached["prompts"] for p in prompts):
       idx = [cached["prompts"].index(p) for p in prompts]
@@ -74,7 +74,6 @@ class Model:
     if not self.networks.latent:
       return np.asarray(x)
     if self.vae is None:
-      from jdiff.interop import sd3_pipeline  # pylint: disable=g-import-not-at-top
 
       module, params = sd3_pipeline.load_vae(self.config.autoencoder.path, self.config.autoencoder.dtype)
       self.vae = (jax.jit(lambda p, z: module.apply(p, z, method=module.decode)), params)
@@ -86,7 +85,7 @@ class Model:
 def load(workdir: str, step: int | None = None) -> Model:
   """The EMA weights of `workdir`'s latest (or given) checkpoint, on the default device."""
   config = ckpt_lib.load_config(workdir)
-  networks = state_lib.build_networks(config)
+  networks = networks_lib.build_networks(config)
   abstract = jax.eval_shape(lambda: nn.unbox(networks.init_params(jax.random.key(0))))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
@@ -95,7 +94,7 @@ def load(workdir: str, step: int | None = None) -> Model:
 
 
 @functools.lru_cache(maxsize=8)
-def _sampler(networks: state_lib.Networks, num_steps: int, method: str, cfg_scale: float,
+def _sampler(networks: networks_lib.Networks, num_steps: int, method: str, cfg_scale: float,
              prediction: str, shift_cfg: tuple, resolution: int):
   """A jitted (params, inputs, null inputs, keys [B]) -> model-space samples [B, H, W, C]."""
   times = diffusion.inference_times(num_steps, networks.seq_len(resolution, resolution), dict(shift_cfg))
@@ -116,7 +115,7 @@ def _sampler(networks: state_lib.Networks, num_steps: int, method: str, cfg_scal
   return run
 
 
-def forwards_per_image(networks: state_lib.Networks, num_steps: int, cfg_scale: float, method: str) -> int:
+def forwards_per_image(networks: networks_lib.Networks, num_steps: int, cfg_scale: float, method: str) -> int:
   """Network evaluations per image: steps x (2 with classifier-free guidance, else 1) x
   (2 for Heun)."""
   branches = 2 if cfg_scale != 1.0 and not networks.denoiser.guidance_embed else 1

@@ -16,8 +16,11 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
+from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
 from jdiff import config as config_lib
+from jdiff import distributed
+from jdiff.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mmdit_256.py:cpu.",
                                           lock_config=True)
@@ -32,13 +35,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = config_lib.resolve(_CONFIG.value)
+  config = ckpt_lib.resolve_inherited(_CONFIG.value)
   config_lib.validate(config)  # before JAX starts any work
   cli.set_log_levels()
-  from jdiff import distributed  # pylint: disable=g-import-not-at-top
 
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from jdiff.train import trainer  # pylint: disable=g-import-not-at-top
 
   summary = trainer.train_and_evaluate(config, _WORKDIR.value)
   print(json.dumps({"step": summary["step"], "stopped_by": summary["stopped_by"],

@@ -25,18 +25,18 @@ from typing import Any
 import numpy as np
 
 from jdiff import cli
-from jdiff.data import shapes
+from jdiff import inference
+from jdiff.data import shapes, sources
+from jdiff.eval import adherence
 
 log = logging.getLogger("jdiff.pairs")
 
-FILE = "pairs.npz"
+FILE = sources.PAIRS_FILE
 
 
 def generate(workdir: str, out: str, *, num: int = 2048, num_steps: int | None = None,
              cfg_scale: float | None = None, seed: int = 0, batch: int = 256) -> dict[str, Any]:
   """Writes the pairs of `workdir`'s model to `out`; returns the meta dict."""
-  from jdiff import inference  # pylint: disable=g-import-not-at-top
-  from jdiff.eval import adherence  # pylint: disable=g-import-not-at-top
 
   model = inference.load(workdir)
   data = model.config.data
@@ -75,36 +75,6 @@ def generate(workdir: str, out: str, *, num: int = 2048, num_steps: int | None =
   np.savez(tmp, index=np.array(keep_index, np.int64), image_l=np.stack(keep_images), wrong=np.stack(keep_wrong))
   os.replace(tmp, os.path.join(out, FILE))
   return meta
-
-
-class GeneratedPairsSource:
-  """grain random-access source over a pairs directory: record i -> {'image_w': the
-  caption's render, 'image_l': the model's wrong sample, 'caption', 'changed': the wrong
-  attributes joined by ','}."""
-
-  def __init__(self, directory: str, resolution: int):
-    path = os.path.join(directory, FILE)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"no {FILE} in {directory!r}: write it with `python -m jdiff.pairs --out={directory}`")
-    with open(os.path.join(directory, "meta.json")) as f:
-      self.meta = json.load(f)
-    if self.meta["resolution"] != resolution:
-      raise ValueError(f"pairs in {directory} are {self.meta['resolution']}px samples; data.resolution is {resolution}")
-    with np.load(path) as z:
-      self.index, self.image_l, self.wrong = z["index"], z["image_l"], z["wrong"]
-    self.resolution = resolution
-
-  def __len__(self) -> int:
-    return len(self.index)
-
-  def __getitem__(self, i: int) -> dict[str, Any]:
-    scene, text = shapes.scene_for(self.meta["shapes_seed"], self.meta["split"], int(self.index[i]))
-    changed = ",".join(a for a, w in zip(shapes.ATTRIBUTES, self.wrong[i]) if w)
-    return dict(image_w=shapes.render(scene, self.resolution), image_l=self.image_l[i], caption=text,
-                changed=changed)
-
-  def __repr__(self) -> str:
-    return f"GeneratedPairsSource({len(self)} pairs of {self.meta['workdir']} step {self.meta['step']})"
 
 
 def main(argv):

@@ -12,6 +12,7 @@ import os
 from absl import app, flags
 
 from jdiff import cli
+from jdiff import inference
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
 _PROMPTS = flags.DEFINE_multi_string("prompt", None, "Caption; repeat the flag for several.")
@@ -29,7 +30,6 @@ flags.mark_flags_as_required(["workdir", "prompt"])
 def main(argv):
   del argv
   cli.set_log_levels()
-  from jdiff import inference  # pylint: disable=g-import-not-at-top
 
   model = inference.load(_WORKDIR.value, _STEP.value)
   prompts = [p for p in _PROMPTS.value for _ in range(_NUM_IMAGES.value)]

@@ -25,8 +25,13 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
+from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
 from jdiff import config as config_lib
+from jdiff import inference
+from jdiff import pairs as pairs_lib
+from jdiff.eval import benchmark
+from jdiff.train import trainer
 
 log = logging.getLogger("jdiff.stages")  # not __name__: "__main__" under python -m
 
@@ -78,7 +83,6 @@ def _pair_stages(pipeline: ml_collections.ConfigDict) -> list[str]:
 
 def finished(stage_dir: str, num_steps: int) -> bool:
   """Whether `stage_dir` holds a checkpoint at (or past) num_steps."""
-  from jdiff.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 
   if not os.path.isdir(ckpt_lib.checkpoint_dir(stage_dir)):
     return False
@@ -90,8 +94,6 @@ def finished(stage_dir: str, num_steps: int) -> bool:
 
 def train_all(pipeline: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, str, Any]]:
   """Trains every stage that is not finished; returns stage_configs."""
-  from jdiff import pairs as pairs_lib  # pylint: disable=g-import-not-at-top
-  from jdiff.train import trainer  # pylint: disable=g-import-not-at-top
 
   stages = stage_configs(pipeline, workdir)
   on_policy = _pair_stages(pipeline)
@@ -113,8 +115,6 @@ def train_all(pipeline: ml_collections.ConfigDict, workdir: str) -> list[tuple[s
 
 def _row(label: str, model, config, num_samples: int, num_steps: int | None = None) -> dict[str, Any]:
   """One table row: `model` (a loaded stage) scored with its eval sampler (num_steps: override)."""
-  from jdiff import inference  # pylint: disable=g-import-not-at-top
-  from jdiff.eval import benchmark  # pylint: disable=g-import-not-at-top
 
   e = model.config.eval
   num_steps = num_steps or e.num_steps
@@ -128,7 +128,6 @@ def _row(label: str, model, config, num_samples: int, num_steps: int | None = No
 
 def evaluate_all(pipeline: ml_collections.ConfigDict, stages: list[tuple[str, str, Any]]) -> list[dict[str, Any]]:
   """The table's rows: each stage with its own eval sampler, plus the teacher row."""
-  from jdiff import inference  # pylint: disable=g-import-not-at-top
 
   t = pipeline.table
   rows = []

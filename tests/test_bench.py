@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from jdiff import bench
-from jdiff.train import state as state_lib
+from jdiff import networks as networks_lib
 
 from helpers import benchmark_module
 from test_train import get_config
@@ -35,7 +35,7 @@ def xla_forward_flops(networks, batch):
 ])
 def test_analytic_flops_match_xla_within_elementwise_overhead(name, overrides):
   config = get_config(name, model__dtype="float32", model__attention="xla", **overrides)
-  networks = state_lib.build_networks(config)
+  networks = networks_lib.build_networks(config)
   batch = 2
   flops = bench.model_flops(networks, batch, networks.seq_len())
   analytic = flops["denoiser_forward"] + flops["text_forward"]
@@ -58,7 +58,7 @@ def test_run_reports_consistent_numbers_and_its_profile_summarises(tmp_path):
   import flax.linen as nn
   config = get_config("mmdit_256")
   r = bench.run(config, steps=2, warmup=1, profile_dir=str(tmp_path))
-  networks = state_lib.build_networks(config)
+  networks = networks_lib.build_networks(config)
   b = config.train.batch_size
   assert r["batch"] == b and r["image_tokens"] == networks.seq_len()
   assert r["images_per_s"] == pytest.approx(b / r["step_time_s"])
@@ -150,7 +150,7 @@ def test_analytic_flops_match_an_exact_count_of_the_traced_steps_matmuls(name):
     config = get_config(name, model__dtype="float32", model__attention="xla", model__scan=scan, model__remat=remat,
                         **base)
     counts[scan, remat] = _traced_matmul_flops(gc, config)
-  networks = state_lib.build_networks(config)
+  networks = networks_lib.build_networks(config)
   analytic = bench.model_flops(networks, config.train.batch_size, networks.seq_len())["train_step"]
   total, gemms = counts[False, "none"]
   assert 0.985 * analytic <= total <= 1.015 * analytic, (total, analytic)
@@ -164,7 +164,7 @@ def test_gemm_ceiling_times_every_matmul_and_sums_consistently():
   gc = benchmark_module("gemm_ceiling")
   config = get_config("mmdit_256")
   s = gc.measure(config, reps=2, top=5)
-  networks = state_lib.build_networks(config)
+  networks = networks_lib.build_networks(config)
   assert s["train_flops"] == bench.model_flops(networks, config.train.batch_size, networks.seq_len())["train_step"]
   assert s["gemm_flops_per_s"] == pytest.approx(s["gemm_flops"] / s["gemm_time_s"])
   # Everything the analytic count covers is a weight GEMM or an attention product.

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jdiff import tokens
 from jdiff.data import pipeline, shapes, sources
 from jdiff.eval import adherence
-from jdiff.models import text
 
 DATA = dict(source="shapes", resolution=32, shapes_size=1_000_000, shapes_seed=0, read_threads=1,
             prefetch=8, num_workers=0, worker_chunk=32, tfds_name="", tfds_split="train",
@@ -112,10 +112,10 @@ def test_benchmark_prompts():
 
 
 def test_tokenizer():
-  toks = text.tokenize(["ab", ""], 5)
+  toks = tokens.tokenize(["ab", ""], 5)
   np.testing.assert_array_equal(toks, [[1, 99, 100, 0, 0], [1, 0, 0, 0, 0]])
-  assert text.detokenize(text.tokenize("a red circle", 64)) == "a red circle"
-  assert text.tokenize("x" * 100, 8).tolist() == [1] + [ord("x") + 2] * 7
+  assert tokens.detokenize(tokens.tokenize("a red circle", 64)) == "a red circle"
+  assert tokens.tokenize("x" * 100, 8).tolist() == [1] + [ord("x") + 2] * 7
 
 
 def _take(p, n):
@@ -198,7 +198,7 @@ def test_processes_read_disjoint_shards_covering_an_epoch():
   for pi in range(2):
     p = pipeline.make_pipeline(cfg, global_batch=4, max_len=64, seed=0, process_index=pi, process_count=2)
     batches = _take(p, 6)  # 6 batches of 2 = 12 records = half an epoch each
-    seen.append({text.detokenize(t) + str(img.tobytes()) for b in batches for t, img in zip(b["tokens"], b["image"])})
+    seen.append({tokens.detokenize(t) + str(img.tobytes()) for b in batches for t, img in zip(b["tokens"], b["image"])})
   assert len(seen[0]) == len(seen[1]) == 12  # no repeats within a process's half epoch
   assert not seen[0] & seen[1]  # and none across processes: together they cover all 24
 
@@ -247,7 +247,7 @@ def test_arrayrecord_source_decodes_resizes_and_skips_corrupt_records(tmp_path):
     assert batch["image"].shape == (4, 8, 8, 3)
     got = {tuple(int(v) for v in img[4, 4]) for img in batch["image"]}
     assert got == set(colors)
-    assert {text.detokenize(t) for t in batch["tokens"]} == {f"caption {i}" for i in range(4)}
+    assert {tokens.detokenize(t) for t in batch["tokens"]} == {f"caption {i}" for i in range(4)}
     assert p.skipped == 2, overrides
     p.iterator.close()
 
@@ -287,7 +287,7 @@ def test_tfds_source_on_a_dataset_the_test_writes(tmp_path):
   batch = next(p)
   values = sorted(int(img[0, 0, 0]) for img in batch["image"])
   assert values == [0, 40, 80, 120, 160, 200]
-  by_value = {int(img[0, 0, 0]): text.detokenize(t) for img, t in zip(batch["image"], batch["tokens"])}
+  by_value = {int(img[0, 0, 0]): tokens.detokenize(t) for img, t in zip(batch["image"], batch["tokens"])}
   assert by_value[80] == "image 2"
 
 
@@ -359,12 +359,11 @@ def _write_pairs(directory, resolution=16, indices=(3, 7, 11)):
 def test_generated_pairs_source_pairs_the_caption_render_with_the_stored_sample(tmp_path):
   """data.pairs_dir: record i = (render of the caption of training record index[i], the
   model's stored sample for it); the wrong attributes travel as 'changed'."""
-  from jdiff import pairs
   image_l = _write_pairs(tmp_path / "p")
   data_cfg = dict(source="preference", pairs_dir=str(tmp_path / "p"), resolution=16, shapes_split="train",
                   shapes_size=100, shapes_seed=0)
   src = sources.make_source(data_cfg)
-  assert isinstance(src, pairs.GeneratedPairsSource) and len(src) == 3
+  assert isinstance(src, sources.GeneratedPairsSource) and len(src) == 3
   rec = src[1]
   scene, caption = shapes.scene_for(0, "train", 7)
   np.testing.assert_array_equal(rec["image_w"], shapes.render(scene, 16))

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from jdiff import checkpoint as ckpt_lib
 from jdiff import inference
 from jdiff.interop import mapping, sd3, sd3_pipeline
 from jdiff.models import mmdit
-from jdiff.train import checkpoint as ckpt_lib
 
 import helpers
 import sd3_fixture

@@ -15,10 +15,10 @@ import pytest
 
 from jdiff import config as config_lib
 from jdiff import convert, diffusion, stages
+from jdiff import networks as networks_lib
 from jdiff.data import pipeline as pipeline_lib
-from jdiff.train import optim
-from jdiff.train import state as state_lib
 from jdiff.train import objectives
+from jdiff.train import optim
 
 import helpers
 from test_train import get_config, restored
@@ -34,7 +34,7 @@ def test_dpo_loss_and_gradient_at_the_reference():
   beta/2 * grad(mean(err_w - err_l)) (d/dm -log sigmoid(-beta m) = beta sigmoid(beta m))."""
   config = get_config(data__source="preference")
   config.stage, config.objective, config.dpo.beta = "posttrain", "dpo", 50.0
-  networks = state_lib.build_networks(config)
+  networks = networks_lib.build_networks(config)
   params = helpers.perturb(nn.unbox(networks.init_params(jax.random.key(0))))
   batch = _batch(config)
   keys = jax.random.split(jax.random.key(3), 4)
@@ -212,7 +212,7 @@ def test_noised_is_the_shared_opening_of_the_objectives():
   whichever image is noised (DPO's pair shares them); caption_dropout 1 and 0 replace every
   caption by the empty one and none."""
   config = get_config()
-  networks = state_lib.build_networks(config)
+  networks = networks_lib.build_networks(config)
   rng = np.random.default_rng(0)
   res = config.data.resolution
   batch = dict(image_w=rng.integers(0, 256, (6, res, res, 3), np.uint8),

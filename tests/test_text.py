@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jdiff import tokens as tokens_lib
 from jdiff.models import text
 
 
@@ -17,7 +18,7 @@ def _encoder(**kw):
 
 
 def test_word_pooling_by_hand():
-  tokens = jnp.asarray(text.tokenize(["a red  circle", ""], 16))
+  tokens = jnp.asarray(tokens_lib.tokenize(["a red  circle", ""], 16))
   x = jnp.arange(16, dtype=jnp.float32)[None, :, None].repeat(2, 0)
   words, valid = text._pool_words_impl(tokens, x, 5)
   # BOS at 0; 'a' at 1; 'red' at 3..5; 'circle' at 8..13 (two spaces skipped).
@@ -26,7 +27,7 @@ def test_word_pooling_by_hand():
 
 
 def test_word_hashes_depend_on_the_word_only():
-  tokens = jnp.asarray(text.tokenize(["a red circle", "red circle, a", "red"], 32))
+  tokens = jnp.asarray(tokens_lib.tokenize(["a red circle", "red circle, a", "red"], 32))
   h = np.asarray(text.word_hashes(tokens, 6))
   assert h[0, 1] == h[1, 3]  # 'a' first or last
   assert h[0, 2] == h[1, 1] == h[2, 1]  # 'red'
@@ -37,8 +38,8 @@ def test_word_hashes_depend_on_the_word_only():
 @pytest.mark.parametrize("kw", [dict(), dict(max_words=0, downsample=2), dict(max_words=0, conv_kernel=0)])
 def test_padding_does_not_change_the_output(kw):
   enc = _encoder(**kw)
-  short = jnp.asarray(text.tokenize(["a large red circle in the top left", ""], 40))
-  longer = jnp.asarray(text.tokenize(["a large red circle in the top left", ""], 48))
+  short = jnp.asarray(tokens_lib.tokenize(["a large red circle in the top left", ""], 40))
+  longer = jnp.asarray(tokens_lib.tokenize(["a large red circle in the top left", ""], 48))
   params = nn.unbox(enc.init(jax.random.key(0), longer))
   params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), params)
   a, b = enc.apply(params, short), enc.apply(params, longer)
@@ -49,7 +50,7 @@ def test_padding_does_not_change_the_output(kw):
 
 def test_captions_are_told_apart_and_lengths_checked():
   enc = _encoder()
-  tokens = jnp.asarray(text.tokenize(["a red circle", "a blue circle"], 48))
+  tokens = jnp.asarray(tokens_lib.tokenize(["a red circle", "a blue circle"], 48))
   params = nn.unbox(enc.init(jax.random.key(0), tokens))
   out = enc.apply(params, tokens)
   assert out["context"].shape == (2, 8, 32) and out["pooled"].shape == (2, 32)

@@ -12,14 +12,15 @@ import numpy as np
 import optax
 import pytest
 
+from jdiff import checkpoint as ckpt_lib
 from jdiff import config as config_lib
+from jdiff import networks as networks_lib
 from jdiff.data import pipeline as pipeline_lib
 from jdiff.models import layers as L
-from jdiff.train import checkpoint as ckpt_lib
+from jdiff.train import objectives
 from jdiff.train import optim, trainer
 from jdiff.train import sharding as shard_lib
 from jdiff.train import state as state_lib
-from jdiff.train import objectives
 from jdiff.train import step as step_lib
 
 import helpers
@@ -40,7 +41,7 @@ def run(config, workdir):
 
 def restored(workdir, config):
   """(state, data iterator state) of the latest checkpoint in `workdir`, on one device."""
-  networks = state_lib.build_networks(config)
+  networks = networks_lib.build_networks(config)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
   mesh = shard_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   abstract, shardings = state_lib.state_shardings(networks, tx, mesh, shard_lib.rules_tuple(config.sharding.logical_rules))
@@ -75,7 +76,7 @@ def test_resumed_equals_uninterrupted(tmp_path):
 
 
 def _tiny_state_and_batch(config, mesh, seed=0):
-  networks = state_lib.build_networks(config)
+  networks = networks_lib.build_networks(config)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
   rules = shard_lib.rules_tuple(config.sharding.logical_rules)
   state, shardings = state_lib.create_state(networks, tx, mesh, rules, seed)
@@ -126,7 +127,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   run(config, tmp_path)
   saved, _, _ = restored(tmp_path, config)
   config.mesh.update(data=2, fsdp=2, tensor=2)
-  networks = state_lib.build_networks(config)
+  networks = networks_lib.build_networks(config)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
   mesh = shard_lib.make_mesh(config.mesh)
   rules = shard_lib.rules_tuple(config.sharding.logical_rules)
@@ -290,7 +291,7 @@ def test_config_load_equals_the_config_flag():
 
 def test_dit_config_trains():
   config = get_config("dit_256", train__num_steps=2, train__sample_every=0)
-  networks = state_lib.build_networks(config)
+  networks = networks_lib.build_networks(config)
   assert type(networks.denoiser).__name__ == "DiT"
   one = shard_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   state, metrics = _step_on(one, config)

@@ -25,12 +25,10 @@ import json
 import logging
 import os
 import threading
-from typing import Any, Sequence
+from typing import Any
 
-import jax
 import numpy as np
 import safetensors.numpy
-import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -108,28 +106,6 @@ class CacheSource:
     return f"CacheSource({self._records!r})"
 
 
-def _batches(source, indices: Sequence[int], batch_size: int, resolution: int):
-  """Yields (indices, images uint8 [b, R, R, 3], captions) of decodable records; logs the rest."""
-  from jdiff.data import pipeline  # pylint: disable=g-import-not-at-top
-
-  keep, images, captions = [], [], []
-  for i in indices:
-    try:
-      record = source[int(i)]
-      caption = record["caption"]
-      caption = bytes(caption).decode("utf-8") if isinstance(caption, (bytes, np.bytes_)) else str(caption)
-      images.append(pipeline.to_rgb(record["image"], resolution))
-      captions.append(caption)
-      keep.append(int(i))
-    except Exception as e:  # a broken record is skipped, as in training
-      log.warning("skipping record %d: %r", i, e)
-    if len(keep) == batch_size:
-      yield keep, np.stack(images), captions
-      keep, images, captions = [], [], []
-  if keep:
-    yield keep, np.stack(images), captions
-
-
 class RecordWriter:
   """Appends records (RECORD_FORMAT) to out_dir/records-NNNNN.array_record,
   `records_per_file` per file; `files` lists the files written (for meta.json)."""
@@ -164,55 +140,3 @@ class RecordWriter:
     with open(os.path.join(self.out_dir, META), "w") as f:
       json.dump(meta, f, indent=2)
     return meta
-
-
-def write(config, out_dir: str, *, split: str = "train", num_records: int | None = None, batch_size: int = 8,
-          records_per_file: int = 4096, dtype: str = "float16") -> dict[str, Any]:
-  """Encodes config.data's first `num_records` records (default: all) into `out_dir`."""
-  from jdiff.data import sources  # pylint: disable=g-import-not-at-top
-  from jdiff.interop import sd3_pipeline  # pylint: disable=g-import-not-at-top
-
-  if not config.autoencoder.path or config.text.encoder != "sd3":
-    raise ValueError("the cache needs config.autoencoder.path (a VAE) and text.encoder='sd3' with "
-                     "text.pipeline (the SD3 text encoders)")
-  source = sources.make_source(config.data, split)
-  n = len(source) if num_records is None else min(num_records, len(source))
-  vae_model, vae_params = sd3_pipeline.load_vae(config.autoencoder.path, config.autoencoder.dtype)
-  text = sd3_pipeline.SD3TextEncoder.load(config.text.pipeline, t5_len=config.text.t5_len, dtype=config.text.dtype)
-  encode_images = jax.jit(lambda p, x: vae_model.apply(p, x.astype("float32") / 127.5 - 1.0,
-                                                       method=vae_model.encode))
-  os.makedirs(out_dir, exist_ok=True)
-  store = np.dtype(dtype)
-  records = RecordWriter(out_dir, records_per_file)
-  bar = tqdm.tqdm(total=n, desc="cache", unit="img", dynamic_ncols=True)
-  try:
-    for idx, images, captions in _batches(source, range(n), batch_size, config.data.resolution):
-      mean, logvar = jax.device_get(encode_images(vae_params, images))
-      cond = text.encode(captions)
-      for j in range(len(idx)):
-        records.write(dict(latent_mean=mean[j].astype(store), latent_logvar=logvar[j].astype(store),
-                           context=cond["context"][j].astype(store), pooled=np.asarray(cond["pooled"][j])),
-                      captions[j], idx[j])
-      bar.update(idx[-1] + 1 - bar.n)
-  finally:
-    bar.close()
-    records.close()
-  written = records.written
-  if written == 0:
-    raise ValueError(f"no record of {n} could be decoded")
-  null = text.encode([""])
-  prompts = list(config.sample.prompts)
-  pc = text.encode(prompts) if prompts else dict(context=np.zeros((0,) + null["context"].shape[1:]),
-                                                 pooled=np.zeros((0,) + null["pooled"].shape[1:]))
-  np.savez(os.path.join(out_dir, CONDITIONING), null_context=null["context"][0], null_pooled=null["pooled"][0],
-           prompts=np.array(prompts, dtype=np.str_), prompt_context=pc["context"], prompt_pooled=pc["pooled"])
-  meta = records.write_meta(
-      skipped=n - written, resolution=config.data.resolution,
-      latent_shape=list(mean.shape[1:]), context_shape=list(cond["context"].shape[1:]),
-      pooled_dim=int(cond["pooled"].shape[-1]), dtype=store.name,
-      scaling_factor=float(vae_model.scaling_factor), shift_factor=float(vae_model.shift_factor),
-      autoencoder=os.path.abspath(config.autoencoder.path), text_pipeline=os.path.abspath(config.text.pipeline),
-      t5_len=config.text.t5_len, data=json.loads(config.data.to_json_best_effort()), split=split,
-  )
-  log.info("cached %d records (%d skipped) in %s", written, n - written, out_dir)
-  return meta

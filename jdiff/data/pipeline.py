@@ -21,8 +21,8 @@ import jax
 import numpy as np
 from PIL import Image
 
+from jdiff import tokens
 from jdiff.data import sources
-from jdiff.models import text
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class Preprocess(grain.transforms.MapWithIndex):
       images = {k: to_rgb(record[k], self.resolution) for k in IMAGE_KEYS if k in record}
       if not images:
         raise KeyError(f"no image field among {IMAGE_KEYS}")
-      return dict(images, tokens=text.tokenize(str(caption), self.max_len))
+      return dict(images, tokens=tokens.tokenize(str(caption), self.max_len))
     except Exception as e:  # undecodable image, missing field, bad text
       return Corrupt(int(index), f"decode: {e!r}")
 

@@ -8,14 +8,18 @@ when they are built, so a missing dataset fails before any compute.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from typing import Any, Mapping
 
 import grain
+import numpy as np
 
+from jdiff.data import cache
 from jdiff.data import shapes
 
 SOURCES = ("shapes", "preference", "tfds", "arrayrecord", "cache")
+PAIRS_FILE = "pairs.npz"  # in a pairs directory written by `python -m jdiff.pairs`
 
 
 class ArrayRecordExamples:
@@ -77,13 +81,41 @@ class TfdsExamples:
     return f"TfdsExamples({self._source!r})"
 
 
+class GeneratedPairsSource:
+  """grain random-access source over a pairs directory: record i -> {'image_w': the
+  caption's render, 'image_l': the model's wrong sample, 'caption', 'changed': the wrong
+  attributes joined by ','}."""
+
+  def __init__(self, directory: str, resolution: int):
+    path = os.path.join(directory, PAIRS_FILE)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"no {PAIRS_FILE} in {directory!r}: write it with `python -m jdiff.pairs --out={directory}`")
+    with open(os.path.join(directory, "meta.json")) as f:
+      self.meta = json.load(f)
+    if self.meta["resolution"] != resolution:
+      raise ValueError(f"pairs in {directory} are {self.meta['resolution']}px samples; data.resolution is {resolution}")
+    with np.load(path) as z:
+      self.index, self.image_l, self.wrong = z["index"], z["image_l"], z["wrong"]
+    self.resolution = resolution
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    scene, text = shapes.scene_for(self.meta["shapes_seed"], self.meta["split"], int(self.index[i]))
+    changed = ",".join(a for a, w in zip(shapes.ATTRIBUTES, self.wrong[i]) if w)
+    return dict(image_w=shapes.render(scene, self.resolution), image_l=self.image_l[i], caption=text,
+                changed=changed)
+
+  def __repr__(self) -> str:
+    return f"GeneratedPairsSource({len(self)} pairs of {self.meta['workdir']} step {self.meta['step']})"
+
+
 def make_source(data_cfg: Mapping[str, Any], split: str = "train"):
   """config.data -> a random-access source (len and getitem)."""
   kind = data_cfg["source"]
   if kind == "preference" and data_cfg.get("pairs_dir") and split == "train":
-    from jdiff import pairs  # pylint: disable=g-import-not-at-top
-
-    return pairs.GeneratedPairsSource(data_cfg["pairs_dir"], data_cfg["resolution"])
+    return GeneratedPairsSource(data_cfg["pairs_dir"], data_cfg["resolution"])
   if kind in ("shapes", "preference"):
     cls = shapes.ShapesSource if kind == "shapes" else shapes.PreferencePairsSource
     split = data_cfg.get("shapes_split", "train") if split == "train" else split
@@ -94,7 +126,6 @@ def make_source(data_cfg: Mapping[str, Any], split: str = "train"):
     return TfdsExamples(data_cfg["tfds_name"], data_cfg["tfds_split"] if split == "train" else split,
                         data_cfg["tfds_data_dir"], data_cfg["image_key"], data_cfg["caption_key"])
   if kind == "cache":
-    from jdiff.data import cache  # pylint: disable=g-import-not-at-top
 
     if not data_cfg["cache_dir"]:
       raise ValueError("data.source='cache' needs data.cache_dir")

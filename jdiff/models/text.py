@@ -1,43 +1,21 @@
 """Text encoders. `ByteEncoder` is the trainable default for the embedded data: UTF-8
-bytes in, no vocabulary file, token embeddings and a pooled vector out.
-
-Tokens: 0 = padding, 1 = BOS (always first, so the empty caption of classifier-free
-guidance is a valid one-token sequence), 2 + b for byte b.
+bytes in (jdiff/tokens.py), no vocabulary file, token embeddings and a pooled vector out.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdiff import tokens
 from jdiff.models import layers as L
 
-PAD, BOS, BYTE_OFFSET = 0, 1, 2
-VOCAB_SIZE = 256 + BYTE_OFFSET
-SPACE = ord(" ") + BYTE_OFFSET
-
-
-def tokenize(captions: Sequence[str] | str, max_len: int) -> np.ndarray:
-  """Captions -> int32 [N, max_len] (or [max_len] for one string): BOS, UTF-8 bytes, padding.
-
-  Longer captions are cut at max_len tokens.
-  """
-  single = isinstance(captions, str)
-  out = np.zeros((1 if single else len(captions), max_len), np.int32)
-  for i, text in enumerate([captions] if single else captions):
-    ids = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)[: max_len - 1] + BYTE_OFFSET
-    out[i, 0] = BOS
-    out[i, 1 : 1 + len(ids)] = ids
-  return out[0] if single else out
-
-
-def detokenize(tokens: np.ndarray) -> str:
-  ids = np.asarray(tokens)
-  return bytes((ids[ids >= BYTE_OFFSET] - BYTE_OFFSET).astype(np.uint8)).decode("utf-8", "replace")
+VOCAB_SIZE = tokens.VOCAB_SIZE
+PAD, BOS, SPACE = tokens.PAD, tokens.BOS, tokens.SPACE
 
 
 class EncoderBlock(nn.Module):

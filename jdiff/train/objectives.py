@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jdiff import diffusion
-from jdiff.train.state import Networks
+from jdiff.networks import Networks
 
 
 def images_to_model_space(images: jax.Array) -> jax.Array:

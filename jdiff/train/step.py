@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jdiff.networks import Networks
 from jdiff.train import objectives, optim
 from jdiff.train.objectives import Frozen
-from jdiff.train.state import Networks, TrainState
+from jdiff.train.state import TrainState
 
 NUM_T_BINS = 10
 

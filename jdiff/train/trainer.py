@@ -28,16 +28,18 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from jdiff import checkpoint as ckpt_lib
 from jdiff import config as config_lib
 from jdiff import inference
+from jdiff import networks as networks_lib
 from jdiff.data import cache as cache_lib
 from jdiff.data import pipeline as pipeline_lib
+from jdiff.eval import benchmark
 from jdiff.models import layers as L
-from jdiff.train import checkpoint as ckpt_lib
+from jdiff.train import objectives
 from jdiff.train import optim
 from jdiff.train import sharding as shard_lib
 from jdiff.train import state as state_lib
-from jdiff.train import objectives
 from jdiff.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -147,7 +149,7 @@ def load_parent(workdir: str, mesh, rules) -> tuple[objectives.Frozen, Any, list
   params, lineage, step). Adapters of a LoRA stage are merged into their kernels, so the
   result is the plain model whose outputs the adapted one gave."""
   parent_config = ckpt_lib.load_config(workdir)
-  networks = state_lib.build_networks(parent_config)
+  networks = networks_lib.build_networks(parent_config)
   boxed = jax.eval_shape(lambda: networks.init_params(jax.random.key(0)))
   target = state_lib.abstract_with_shardings(nn.unbox(boxed), shard_lib.tree_shardings(boxed, mesh, rules))
   ema, lineage, step = ckpt_lib.restore_ema(workdir, target)
@@ -258,7 +260,6 @@ def write_samples(config, networks, params, workdir: str, step: int, writer: Met
 def run_benchmark(config, networks, params, workdir: str, step: int, writer: MetricWriter) -> dict[str, Any]:
   """Caption adherence of `params` (the EMA) on the shapes benchmark, logged and appended
   to workdir/eval.jsonl."""
-  from jdiff.eval import benchmark  # pylint: disable=g-import-not-at-top
 
   t0 = time.time()
   result = benchmark.evaluate(inference.Model(networks, jax.device_get(params), config, step))
@@ -276,14 +277,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns a summary: {'step', 'stopped_by', 'last_metrics', 'samples', 'eval'}.
   """
-  config = config_lib.resolve(config)
+  config = ckpt_lib.resolve_inherited(config)
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     ckpt_lib.write_config(workdir, config)
   rules = shard_lib.rules_tuple(config.sharding.logical_rules)
   mesh = shard_lib.make_mesh(config.mesh)
-  networks = state_lib.build_networks(config)
+  networks = networks_lib.build_networks(config)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
   pipeline = pipeline_lib.make_pipeline(config.data, global_batch=config.train.batch_size,
                                         max_len=config.text.max_len, seed=config.seed)
@@ -298,15 +299,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state, shardings, abstract, lineage = initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline,
                                                       parent)
   log.info("mesh %s; %s denoiser params, %s text params", dict(mesh.shape),
-           f"{state_lib.param_count(state.params['denoiser']):,}",
-           f"{state_lib.param_count(state.params.get('text', {})):,}")
+           f"{networks_lib.param_count(state.params['denoiser']):,}",
+           f"{networks_lib.param_count(state.params.get('text', {})):,}")
   mask = optim.trainable_mask(state.params, config.optim.trainable)
   n_train = sum(int(np.prod(x.shape)) for x, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(mask)) if m)
   if n_train == 0:
     raise ValueError(f"config.optim.trainable={config.optim.trainable!r} matches no parameter path "
                      "(paths look like 'denoiser/blocks_0/x_qkv/q/kernel')")
   log.info("%s of %s parameters train (optim.trainable=%r)", f"{n_train:,}",
-           f"{state_lib.param_count(state.params):,}", config.optim.trainable)
+           f"{networks_lib.param_count(state.params):,}", config.optim.trainable)
   frozen, frozen_params = None, None
   if frozen_objective:
     frozen, frozen_params, _, from_step = parent

@@ -22,6 +22,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jdiff import config as config_lib
+
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data", "config", "lineage")
@@ -164,3 +166,22 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   path = epath.Path(workdir) / "config.json"
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(config.to_json_best_effort(indent=2))
+
+
+def resolve_inherited(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """model.name='inherit': take the architecture (the model, text and autoencoder sections,
+  except config.RUNTIME_FIELDS) from the config of the init_from workdir (e.g. one written by
+  `python -m jdiff.convert import`), so a tune config need not restate an imported model.
+  Other configs are returned as they are."""
+  if config.model.name != "inherit":
+    return config
+  if not config.init_from:
+    raise ValueError("config.model.name='inherit' takes the model from config.init_from, which is not set")
+  parent = load_config(config.init_from)
+  out = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
+  for section in config_lib.INHERITED:
+    for key, value in parent[section].items():
+      if key not in config_lib.RUNTIME_FIELDS:
+        out[section][key] = value
+  out.lock()
+  return out
