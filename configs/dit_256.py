@@ -2,7 +2,7 @@
 
 Default (GPU/TPU), 256x256, DiT-B/8:
   python -m jdiff.main --config=configs/dit_256.py --workdir=runs/dit_256
-CPU demo (24x24, DiT-S/4 shapes at width 128 and depth 4, about 8 minutes):
+CPU demo (24x24, DiT-S/4 shapes at width 128 and depth 4, the MMDiT demo's budget):
   python -m jdiff.main --config=configs/dit_256.py:cpu --workdir=runs/dit_demo
 """
 

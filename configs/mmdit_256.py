@@ -2,7 +2,7 @@
 
 Default (GPU/TPU), 256x256, d12, patch 8:
   python -m jdiff.main --config=configs/mmdit_256.py --workdir=runs/mmdit_256
-CPU demo for a 2-core machine (README's first command), 24x24, about 9 minutes:
+CPU demo for a 2-core machine (README's first command), 24x24 (BENCHMARKS.md has its time):
   python -m jdiff.main --config=configs/mmdit_256.py:cpu --workdir=runs/demo
 Seconds-long smoke run (tests):
   python -m jdiff.main --config=configs/mmdit_256.py:test --workdir=/tmp/jdiff_test
@@ -28,7 +28,7 @@ def get_config(arg: str | None = None):
   c.data.update(prefetch=64)
   c.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.999)
   if variant == "cpu":
-    # Sized for 2 cores and ~9 minutes (BENCHMARKS.md): 24x24 pixels, patch 4 (36 image
+    # Sized for 2 cores and about ten minutes: 24x24 pixels, patch 4 (36 image
     # tokens), width 128 with depth 4, byte text pooled into <= 16 word tokens.
     c.model.update(variant="d2", depth=4, patch_size=4, pos_embed_max_size=16)
     c.text.update(width=128, depth=2, num_heads=4)

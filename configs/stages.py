@@ -12,7 +12,7 @@
   fewstep   distill: few-step distillation of the guidance student, 4 steps instead of 20
 
 Each stage starts from the previous one's EMA weights (jdiff/stages.py). CPU demo (2 cores,
-about 30 minutes; README "The whole pipeline"):
+BENCHMARKS.md has its time and table):
   python -m jdiff.stages --config=configs/stages.py:cpu --workdir=runs/stages
 Seconds-long variant for the tests: configs/stages.py:test. GPU/TPU sizes: configs/stages.py:gpu.
 """

@@ -96,14 +96,14 @@ def base() -> ml_collections.ConfigDict:
       dtype="bfloat16",  # compute dtype
       param_dtype="float32",  # storage dtype of params and optimizer state
       attention="default",  # default | xla | cudnn | splash[:block] (TPU Pallas kernel, block 512)
-      # Unrolled blocks: the GPU step is ~7-8% faster than under nn.scan, which copies every
-      # saved activation into its stacked buffer (benchmarks/hlo_cost.py, BENCHMARKS.md), at
-      # 2-4x the compile time; scan=True keeps compile time flat in depth (deep models).
+      # Unrolled blocks: a faster GPU step, since under nn.scan XLA copies every saved
+      # activation into its stacked buffer (benchmarks/hlo_cost.py shows the copies), at a
+      # compile time that grows with depth; scan=True keeps compile time flat (deep models).
       scan=False,
       # none | full | dots | dots_no_batch | dots_no_batch_attention (+ cuDNN attention's
       # outputs) | dots_no_batch_attention_mlp (+ the MLP activations and LayerNorm statistics:
-      # fastest on GPU; +9 GiB for d24 at batch 128. Near the memory limit XLA recomputes on
-      # its own, slower: then take dots_no_batch_attention)
+      # the fastest GPU step, at the most memory. Near the memory limit XLA recomputes on its
+      # own, which is slower: then take dots_no_batch_attention)
       remat="dots_no_batch_attention_mlp",
       qk_norm=True,  # RMSNorm on queries and keys
       guidance_embed=config_dict.placeholder(bool),  # embed a guidance scale (guidance-distilled students)

@@ -54,7 +54,6 @@ MODEL_FIELDS = ("depth", "width", "num_heads", "patch_size", "in_channels", "out
 
 
 def _io(family: str):
-
   return {"mmdit": sd3, "flux": flux}[family]
 
 
@@ -118,7 +117,6 @@ def export_dir(workdir: str, out: str, pipeline: str | None = None, step: int | 
   dconfig = io.diffusers_config(kwargs)
   params = jax.device_get(model.params["denoiser"])
   if model.networks.lora is not None:  # fold the adapters into the weights
-
     params = layers.merge_lora(params, model.networks.lora)
   params = jax.tree.map(np.asarray, params)
   tensors = io.to_diffusers(dconfig, io.unrolled_layout(params))

@@ -111,6 +111,23 @@ def test_sd3_exported_directory_loads_in_diffusers(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, again, params)
 
 
+def test_a_from_scratch_mmdit_exports_with_its_position_grid(tmp_path):
+  """A jdiff MMDiT trained from scratch has no pos_embed_base_size (unit-spaced positions).
+  It exports as sample_size = pos_embed_max_size * patch_size, whose diffusers table is the
+  same grid: the loaded transformer gives jdiff's outputs."""
+  ref_model = reference("sd3.5-large", seed=4)
+  params = sd3.to_jdiff(dict(ref_model.config), state_dict(ref_model))
+  kwargs = dict(sd3.model_kwargs(dict(ref_model.config)), pos_embed_base_size=None)
+  export_config = sd3.diffusers_config(kwargs)
+  assert export_config["sample_size"] == TINY["pos_embed_max_size"] * TINY["patch_size"]
+  mapping.save_safetensors(sd3.to_diffusers(export_config, params), str(tmp_path), export_config)
+  loaded = SD3Transformer2DModel.from_pretrained(str(tmp_path)).eval()
+  x, t, context, pooled = inputs((8, 8), seed=6)
+  ours = mmdit.MMDiT(**kwargs, attention="xla").apply({"params": jax.tree.map(jnp.asarray, params)}, x, t,
+                                                      context=context, pooled=pooled)
+  assert_parity(np.asarray(ours), torch_forward(loaded, x, t, context, pooled))
+
+
 def test_sd3_mismatched_weights_fail_with_the_keys_named():
   ref_model = reference("sd3")
   sd = state_dict(ref_model)

@@ -37,11 +37,10 @@ CONDITIONING = "conditioning.npz"
 RECORD_KEYS = ("latent_mean", "latent_logvar", "context", "pooled")
 
 
-# Records are safetensors bytes in uncompressed ArrayRecord files. For SD3's 256 px shapes
-# (2.8 MB a record, mostly the 333x4096 float16 context) that reads 5.8x faster than the
-# first format, npz in ArrayRecord's default compression (which saved 8%): 0.9 against
-# 5.0 ms a record (BENCHMARKS.md). Caches of that format (meta without 'record_format')
-# still read.
+# Records are safetensors bytes in uncompressed ArrayRecord files: large float16 records
+# barely compress, and safetensors parses without the copies and zip checks of npz, whose
+# header parsing is also not thread-safe. Caches of the first format (npz in ArrayRecord's
+# default compression; meta without 'record_format') still read.
 RECORD_FORMAT = "safetensors"
 WRITER_OPTIONS = "group_size:1,uncompressed"
 # np.load parses each npz member's header with ast.literal_eval, and CPython 3.11's AST

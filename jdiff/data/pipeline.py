@@ -59,8 +59,8 @@ def to_rgb(image: Any, resolution: int) -> np.ndarray:
   (bicubic, antialiased), centre-crop.
 
   A JPEG at least twice the target size is decoded at 1/2, 1/4 or 1/8 scale in the DCT
-  domain (Pillow's `draft`; still at least the target size): a 1920x1080 photo to 256 px in
-  1.4 instead of 14 ms. Downscaling by less than 2x resamples only the crop (Pillow's `box`:
+  domain (Pillow's `draft`; still at least the target size), which is most of the decode
+  time saved for large photos. Downscaling by less than 2x resamples only the crop (Pillow's `box`:
   the sample positions of resizing the whole image, within one level of rounding); from 2x
   down (reduced by an integer factor first, on the whole image's grid) and upscaling resize
   the whole image, then crop.
@@ -173,9 +173,8 @@ WORKER_CHUNK_BYTES = 16 * 2**20
 
 def worker_chunk(configured: int, element: Any) -> int:
   """Elements per worker transfer: data.worker_chunk, fewer if that many `element`s would
-  exceed WORKER_CHUNK_BYTES (large records, e.g. 2.8 MB latent-cache records: 5, where 32
-  would move 90 MB chunks through shared memory and, with several workers and their
-  prefetch buffers, exhaust it)."""
+  exceed WORKER_CHUNK_BYTES (large records such as latent-cache records, whose full chunks
+  would, with several workers and their prefetch buffers, exhaust shared memory)."""
   if isinstance(element, Corrupt):
     return configured
   size = sum(np.asarray(v).nbytes for v in element.values())
@@ -298,8 +297,8 @@ def read_threads(data_cfg: Mapping[str, Any]) -> int:
   """config.data.read_threads, with -1 resolved by source.
 
   The embedded sources render in short NumPy calls that hold the GIL, so one read thread
-  (beside the training loop) is fastest: 256 px shapes on 2 cores gave 3.3-3.6k images/s
-  with 1 thread against 2.0k with 8 (BENCHMARKS.md). Files and image decoders release it,
+  (beside the training loop) is fastest: more threads contend for it and run slower. Files
+  and image decoders release it,
   so tfds / arrayrecord / cache reads get 8.
   """
   n = data_cfg["read_threads"]

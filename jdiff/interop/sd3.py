@@ -45,9 +45,10 @@ def model_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
 def diffusers_config(kwargs: Mapping[str, Any]) -> dict[str, Any]:
   """jdiff MMDiT keyword arguments -> diffusers SD3Transformer2DModel config."""
   width, heads = kwargs["width"], kwargs["num_heads"]
-  base = kwargs.get("pos_embed_base_size")
-  if base is None:
-    raise ValueError("diffusers' SD3 needs pos_embed_base_size (sample_size // patch_size)")
+  # diffusers scales the position grid by base / max_size with base = sample_size // patch_size;
+  # jdiff's unscaled grid (pos_embed_base_size None, a model trained from scratch) is that
+  # grid at base = max_size, so it exports as sample_size = max_size * patch_size.
+  base = kwargs.get("pos_embed_base_size") or kwargs["pos_embed_max_size"]
   if float(kwargs.get("time_scale", 1000.0)) != 1000.0:
     raise ValueError("diffusers' SD3 embeds timesteps in [0, 1000]: time_scale must be 1000")
   return {

@@ -76,9 +76,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
                      train_mask)
   # A select between new and old values, not a lax.cond: XLA:GPU fuses the select into the
   # update's elementwise kernels (in place on the donated buffers), while a cond's outputs are
-  # copied back into them: 65 GB of copies per step for d24, ~23 ms on an H100
-  # (benchmarks/hlo_cost.py, BENCHMARKS.md). XLA:CPU copies under the select instead, at no
-  # measured cost in step time.
+  # copied back into them, every state buffer every step (benchmarks/hlo_cost.py shows it).
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
   params, ema, opt_state = keep(params, state.params), keep(ema, state.ema_params), keep(opt_state, state.opt_state)
   new_state = state.replace(

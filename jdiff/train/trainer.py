@@ -183,7 +183,7 @@ def compile_step(networks, tx, config, mesh, rules, state_shardings, abstract_st
   recomputed = xla_rematerialized(compiled.as_text())
   if recomputed:
     log.warning("XLA recomputes %d instructions of the train step to fit it in device memory, which slows "
-                "the step (by 21%% for d24 in BENCHMARKS.md): lower train.batch_size, or save fewer "
+                "the step: lower train.batch_size, or save fewer "
                 "activations (model.remat=dots_no_batch_attention or dots_no_batch)", recomputed)
   mem = compiled.memory_analysis()
   if mem is not None:

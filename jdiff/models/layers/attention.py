@@ -24,8 +24,8 @@ ATTENTION_IMPLS = {"default": None, "xla": "xla", "cudnn": "cudnn"}
 def dot_product_attention(q, k, v, implementation: str = "default") -> jax.Array:
   """Softmax attention with scale 1/sqrt(head_dim).  q: [B, T, N, H]; k, v: [B, S, N, H].
 
-  'default' takes cuDNN's fused kernel on GPU for 16-bit inputs (2.1x faster than XLA's
-  attention for the default config on an H100, BENCHMARKS.md) and XLA elsewhere.
+  'default' takes cuDNN's fused kernel on GPU for 16-bit inputs (faster than XLA's attention
+  there) and XLA elsewhere.
   'splash' or 'splash:<block>' runs the Pallas splash-attention kernel (TPU; interpreted
   elsewhere, for tests) with query/key blocks of <block> tokens (default 512).
   """
@@ -54,7 +54,7 @@ def _attention_heads_major(q, k, v) -> jax.Array:
   o = (exp(s - max s) @ v) / l with l the row sums, so the [T, S] probabilities are never
   divided, and the backward needs no [T, S] reduction: with P = exp(s - max s) / l,
   dS = P * (dO v^T - rowsum(dO * o)). The scale goes onto q (exact for power-of-4 head
-  sizes). BENCHMARKS.md has what this saved.
+  sizes).
   """
   return _attention_heads_major_fwd(q, k, v)[0]
 

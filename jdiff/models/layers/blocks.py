@@ -33,7 +33,7 @@ REMAT_POLICIES = {
     # and the MLP's GELU output (fc2's input), so the backward does not run the GELU again
     # ([B, T, 4D] more per block), and the adaLN LayerNorms' statistics (mean and 1/sigma,
     # f32 [B, T] each): recomputed, XLA:GPU writes the normalised x in f32 between the
-    # backward's row and column reductions (d24 H100 estimate -7 ms a step, BENCHMARKS.md)
+    # backward's row and column reductions
     "dots_no_batch_attention_mlp": jax.checkpoint_policies.save_from_both_policies(
         _DOTS_NO_BATCH_ATTENTION, jax.checkpoint_policies.save_only_these_names("mlp_activation", "norm_stats")),
 }

@@ -47,8 +47,8 @@ class Dense(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(self.init, self.axes),
                         (x.shape[-1], self.features), self.param_dtype)
     # As a 2D matmul over all leading axes: for [B, L, D] inputs XLA:CPU otherwise transposes
-    # the backward's residual gradient for each weight gradient inside huge loop fusions
-    # (1.7x slower training step on CPU; BENCHMARKS.md). A bitcast on every backend.
+    # the backward's residual gradient for each weight gradient inside huge loop fusions (a
+    # much slower CPU step). A bitcast on every backend.
     x2 = x.astype(self.dtype).reshape(-1, x.shape[-1])
     y = jnp.dot(x2, gathered(kernel.astype(self.dtype), self.axes))
     spec = self.lora
@@ -88,9 +88,8 @@ def embed(table: jax.Array, ids: jax.Array, dtype: Dtype, axes: tuple[str, str] 
   """Rows of a trainable table [V, D] (logical `axes`) for integer ids [...] -> [..., D].
 
   one_hot=None picks by backend: on GPU/TPU a one-hot matmul, since a gather's gradient is a
-  scatter-add whose atomic updates serialise on repeated ids (the byte encoder's 2048
-  word-bucket lookups took 14 ms of a 495 ms d24 step on an H100, BENCHMARKS.md) while the
-  one-hot product's gradient is a dense matmul; on CPU a gather, which costs less there.
+  scatter-add whose atomic updates serialise on repeated ids (the byte encoder's word-bucket
+  lookups repeat ids in every batch) while the one-hot product's gradient is a dense matmul; on CPU a gather, which costs less there.
   Both give the same values (one non-zero term per row).
   """
   w = gathered(table.astype(dtype), axes)
