@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 
+import jax
+
 log = logging.getLogger(__name__)
 
 
@@ -32,8 +34,6 @@ def _detected() -> str | None:
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> bool:
   """Starts jax.distributed when this is one of several processes. Returns whether it did."""
-  import jax  # pylint: disable=g-import-not-at-top
-
   env = os.environ
   coordinator_address = coordinator_address or env.get("JDIFF_COORDINATOR_ADDRESS")
   if num_processes is None and "JDIFF_NUM_PROCESSES" in env:

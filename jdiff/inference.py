@@ -46,7 +46,6 @@ class Model:
 
   def _encoder(self):
     if self.text_encoder is None:
-
       if not self.config.text.pipeline:
         raise ValueError("these prompts are not in the cache and config.text.pipeline is not set")
       self.text_encoder = sd3_pipeline.SD3TextEncoder.load(self.config.text.pipeline, self.config.text.t5_len,
@@ -74,7 +73,6 @@ class Model:
     if not self.networks.latent:
       return np.asarray(x)
     if self.vae is None:
-
       module, params = sd3_pipeline.load_vae(self.config.autoencoder.path, self.config.autoencoder.dtype)
       self.vae = (jax.jit(lambda p, z: module.apply(p, z, method=module.decode)), params)
     decode, params = self.vae

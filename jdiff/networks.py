@@ -45,6 +45,7 @@ class Networks:
   latent_scale: float = 1.0
   latent_shift: float = 0.0
   cached: Any = dataclasses.field(default=None, compare=False, hash=False)
+  cache_meta: Any = dataclasses.field(default=None, compare=False, hash=False)  # the cache's meta.json
 
   @property
   def patch_size(self) -> int:
@@ -134,7 +135,7 @@ def _latent_networks(config, lora: L.LoRA | None) -> Networks:
     raise ValueError(f"config.data.resolution={config.data.resolution} is not divisible by the VAE's factor "
                      f"{vae['factor']}")
   has_cache = bool(config.data.cache_dir) and os.path.exists(os.path.join(config.data.cache_dir, cache.META))
-  extra, cached = {}, None
+  extra, cached, meta = {}, None, None
   if has_cache:
     meta = cache.read_meta(config.data.cache_dir)
     if config.model.in_channels != meta["latent_shape"][-1]:
@@ -147,7 +148,8 @@ def _latent_networks(config, lora: L.LoRA | None) -> Networks:
     cached = cache.read_conditioning(config.data.cache_dir)
   denoiser = models.build({**config.model, **extra}, lora=lora)
   return Networks(denoiser, None, config.data.resolution // vae["factor"], vae["channels"], 0, latent=True,
-                  latent_scale=vae["scaling_factor"], latent_shift=vae["shift_factor"], cached=cached)
+                  latent_scale=vae["scaling_factor"], latent_shift=vae["shift_factor"], cached=cached,
+                  cache_meta=meta)
 
 
 def _check_geometry(networks: Networks, config) -> None:

@@ -126,7 +126,6 @@ def make_source(data_cfg: Mapping[str, Any], split: str = "train"):
     return TfdsExamples(data_cfg["tfds_name"], data_cfg["tfds_split"] if split == "train" else split,
                         data_cfg["tfds_data_dir"], data_cfg["image_key"], data_cfg["caption_key"])
   if kind == "cache":
-
     if not data_cfg["cache_dir"]:
       raise ValueError("data.source='cache' needs data.cache_dir")
     return cache.CacheSource(data_cfg["cache_dir"])

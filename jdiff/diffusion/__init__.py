@@ -1,6 +1,6 @@
 """Flow-matching math: the path, its views, training times, the shift and the samplers.
 
-Every formula lives here once; see DESIGN.md "Math conventions".
+Every formula lives here once; docs/design.md ("Math conventions") states them.
 """
 
 from jdiff.diffusion.flow import (

@@ -1,6 +1,6 @@
 """Training-time samplers for t and the resolution-aware time shift.
 
-Convention (DESIGN.md): t in [0, 1], t = 0 is data, t = 1 is noise.
+Convention (docs/design.md): t in [0, 1], t = 0 is data, t = 1 is noise.
 
 The shift t' = s*t / (1 + (s-1)*t) moves mass towards noise for s > 1. Larger
 images keep more signal at the same t (neighbouring pixels are correlated), so

@@ -14,6 +14,12 @@ from jdiff.eval import adherence
 SPLITS = {"seen": "train", "held_out": "held_out", "new_color": "new_color"}
 
 
+def applies(config) -> bool:
+  """Whether the benchmark can score a run: a model trained on the embedded shapes data (or
+  its preference pairs) with the byte text encoder, whose prompts it can encode."""
+  return config.data.source in ("shapes", "preference") and config.text.encoder == "bytes"
+
+
 def evaluate(model: inference.Model, *, num_samples: int | None = None, num_steps: int | None = None,
              cfg_scale: float | None = None, method: str | None = None, seed: int | None = None
              ) -> dict[str, Any]:

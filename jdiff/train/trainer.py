@@ -32,7 +32,6 @@ from jdiff import checkpoint as ckpt_lib
 from jdiff import config as config_lib
 from jdiff import inference
 from jdiff import networks as networks_lib
-from jdiff.data import cache as cache_lib
 from jdiff.data import pipeline as pipeline_lib
 from jdiff.eval import benchmark
 from jdiff.models import layers as L
@@ -133,7 +132,10 @@ def batch_spec(config, networks) -> dict[str, tuple[tuple[int, ...], Any]]:
   """name -> (global shape, dtype) of a training batch."""
   b = config.train.batch_size
   if networks.text is None:
-    meta = cache_lib.read_meta(config.data.cache_dir)
+    meta = networks.cache_meta
+    if meta is None:
+      raise ValueError(f"no latent cache in data.cache_dir={config.data.cache_dir!r}: write one with "
+                       "`python -m jdiff.cache`")
     store = np.dtype(meta["dtype"])
     latent = (b, *meta["latent_shape"])
     return dict(latent_mean=(latent, store), latent_logvar=(latent, store),
@@ -321,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = int(jax.device_get(state.step))
   run_rng = jnp.copy(state.rng)
   history, last_metrics, stopped_by, samples, evals = [], {}, "num_steps", [], []
-  benchmark_on = config.data.source in ("shapes", "preference") and config.text.encoder == "bytes"
+  benchmark_on = benchmark.applies(config)
   last_saved = start if ckpt.latest_step() == start else None
   bar = tqdm.tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
