@@ -28,6 +28,7 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 
 from jdiff import checkpoint
 from jdiff import cli
@@ -147,7 +148,6 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_
 def export_lora_dir(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
   """Writes the EMA LoRA adapters of `workdir` to out/pytorch_lora_weights.safetensors in
   diffusers/PEFT naming (mapping.export_lora). Returns {'file', 'step', 'num_tensors', 'rank'}."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
   model = inference.load(workdir, step)
   lora = model.networks.lora
@@ -160,7 +160,7 @@ def export_lora_dir(workdir: str, out: str, step: int | None = None) -> dict[str
     tensors = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, LORA_FILE)
-  save_file(tensors, path, metadata={"format": "pt"})
+  safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"})
   log.info("exported %d LoRA tensors of %s (step %s) to %s", len(tensors), workdir, model.step, path)
   return dict(file=path, step=model.step, num_tensors=len(tensors), rank=lora.rank)
 

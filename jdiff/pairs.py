@@ -22,6 +22,7 @@ import os
 import time
 from typing import Any
 
+from absl import app, flags
 import numpy as np
 
 from jdiff import cli
@@ -86,8 +87,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-
   _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the model whose samples are rejected.")
   _OUT = flags.DEFINE_string("out", None, "Directory to write pairs.npz and meta.json to.")
   _NUM = flags.DEFINE_integer("num", 2048, "Captions to sample (training records 0..num-1).")

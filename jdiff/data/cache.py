@@ -27,6 +27,8 @@ import os
 import threading
 from typing import Any
 
+from array_record.python import array_record_module
+import grain
 import numpy as np
 import safetensors.numpy
 
@@ -84,8 +86,6 @@ class CacheSource:
   'context' [L, D], 'pooled' [P]} in the cache's storage dtype."""
 
   def __init__(self, cache_dir: str):
-    import grain  # pylint: disable=g-import-not-at-top
-
     self.meta = read_meta(cache_dir)
     paths = [os.path.join(cache_dir, p) for p in self.meta["files"]]
     missing = [p for p in paths if not os.path.exists(p)]
@@ -116,8 +116,6 @@ class RecordWriter:
     self._writer = None
 
   def write(self, arrays: dict[str, np.ndarray], caption: str, index: int) -> None:
-    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-
     if self._writer is None or self.written % self.records_per_file == 0:
       self.close()
       self.files.append(f"records-{len(self.files):05d}.array_record")

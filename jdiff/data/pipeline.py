@@ -16,6 +16,7 @@ import logging
 import math
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from absl import flags
 import grain
 import jax
 import numpy as np
@@ -339,8 +340,6 @@ def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: in
   skip = SkipCorrupt()
   local_batch, threads, chunk = global_batch // pc, read_threads(data_cfg), 0
   if data_cfg["num_workers"] > 0:
-    from absl import flags  # pylint: disable=g-import-not-at-top
-
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside app.run (notebooks) use defaults
       flags.FLAGS.mark_as_parsed()
     chunk = worker_chunk(data_cfg["worker_chunk"], ds[0])  # sized by the stream's first element

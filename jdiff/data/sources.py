@@ -40,6 +40,7 @@ class ArrayRecordExamples:
     return len(self._records)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
+    # tensorflow_datasets takes seconds to import: only the sources that read its formats load it.
     from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
 
     features = tf_example_pb2.Example.FromString(self._records[index]).features.feature
@@ -58,7 +59,7 @@ class TfdsExamples:
   """
 
   def __init__(self, name: str, split: str, data_dir: str | None, image_key: str, caption_key: str):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # slow to import: see above
 
     try:
       self._source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,

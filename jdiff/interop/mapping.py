@@ -12,7 +12,10 @@ import json
 import os
 from typing import Any, Callable, Iterable, Mapping
 
+import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+import safetensors.flax
 
 def _unpack_rows(w: np.ndarray, shape) -> np.ndarray:
   """Rows ordered (C, p_row, p_col) -> (p_row, p_col, C); shape = (p, p, C)."""
@@ -195,8 +198,6 @@ def load_safetensors(model_dir: str) -> dict[str, np.ndarray]:
 
   bfloat16 tensors come back as ml_dtypes.bfloat16 numpy arrays (no precision change).
   """
-  from safetensors import safe_open
-
   files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
   if not files:
     raise FileNotFoundError(f"no .safetensors files in {model_dir}")
@@ -211,11 +212,8 @@ def load_safetensors(model_dir: str) -> dict[str, np.ndarray]:
 def save_safetensors(tensors: Mapping[str, np.ndarray], model_dir: str, config: Mapping[str, Any],
                      filename: str = "diffusion_pytorch_model.safetensors") -> None:
   """Writes a diffusers model directory: config.json and one safetensors file."""
-  from safetensors.flax import save_file
-  import jax.numpy as jnp
-
   os.makedirs(model_dir, exist_ok=True)
   with open(os.path.join(model_dir, "config.json"), "w") as f:
     json.dump(dict(config), f, indent=2)
-  save_file({k: jnp.asarray(v) for k, v in tensors.items()}, os.path.join(model_dir, filename),
+  safetensors.flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()}, os.path.join(model_dir, filename),
             metadata={"format": "pt"})
