@@ -206,10 +206,14 @@ def base() -> ml_collections.ConfigDict:
           "a small yellow circle at the top",  # held-out pair
       ),
   ))
-  # Shapes caption-adherence benchmark (data.source='shapes' only): every N steps (0: never)
-  # and at the end of training; results go to metrics and workdir/eval.jsonl.
+  # Shapes caption-adherence benchmark and validation loss (eval/validation.py), for runs
+  # the benchmark applies to (eval.benchmark.applies): every N steps (0: never) and at the
+  # end of training; results go to metrics, workdir/eval.jsonl and the learning curve
+  # workdir/learning_curve.png.
   c.eval = ml_collections.ConfigDict(dict(num_samples=64, num_steps=28, cfg_scale=5.0, method="euler", seed=0,
-                                          every=0, at_end=True))
+                                          every=0, at_end=True,
+                                          val_examples=128,  # validation images (shapes, another seed)
+                                          val_times=8))  # evenly spaced t of the validation loss
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(logical_rules=LOGICAL_RULES))
   return c
@@ -302,7 +306,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
                "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                "train.max_nonfinite", "sample.num_steps", "eval.num_steps", "eval.num_samples",
                "text.max_len", "optim.grad_clip", "model.patch_size", "sample.batch_size",
-               "distill.student_steps", "distill.teacher_substeps", "data.worker_chunk"):
+               "distill.student_steps", "distill.teacher_substeps", "data.worker_chunk", "eval.val_examples",
+               "eval.val_times"):
     section, key = name.split(".")
     _positive(name, c[section][key])
   if c.data.read_threads < -1:

@@ -42,9 +42,11 @@ def main(argv):
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
   summary = trainer.train_and_evaluate(config, _WORKDIR.value)
+  evaluation = dict(summary["eval"] or {})
+  val_loss = evaluation.pop("val_loss", None)
   print(json.dumps({"step": summary["step"], "stopped_by": summary["stopped_by"],
-                    "loss": summary["last_metrics"].get("loss"), "samples": summary["samples"][-1:],
-                    "adherence": summary["eval"]}))
+                    "loss": summary["last_metrics"].get("loss"), "val_loss": val_loss,
+                    "samples": summary["samples"][-1:], "adherence": evaluation or None}))
 
 
 if __name__ == "__main__":

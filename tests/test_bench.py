@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from jdiff import bench
+from jdiff import flops as flops_lib
 from jdiff import networks as networks_lib
 
 from helpers import benchmark_module
@@ -37,7 +38,7 @@ def test_analytic_flops_match_xla_within_elementwise_overhead(name, overrides):
   config = get_config(name, model__dtype="float32", model__attention="xla", **overrides)
   networks = networks_lib.build_networks(config)
   batch = 2
-  flops = bench.model_flops(networks, batch, networks.seq_len())
+  flops = flops_lib.model_flops(networks, batch, networks.seq_len())
   analytic = flops["denoiser_forward"] + flops["text_forward"]
   xla = xla_forward_flops(networks, batch)
   # XLA also counts normalisation, activations and softmax: a few percent on top of the matmuls.
@@ -64,7 +65,7 @@ def test_run_reports_consistent_numbers_and_its_profile_summarises(tmp_path):
   assert r["images_per_s"] == pytest.approx(b / r["step_time_s"])
   assert r["tokens_per_s"] == pytest.approx(b * networks.seq_len() / r["step_time_s"])
   assert r["step_time_min_s"] <= r["step_time_s"]
-  assert r["flops_per_step"] == bench.model_flops(networks, b, networks.seq_len())["train_step"]
+  assert r["flops_per_step"] == flops_lib.model_flops(networks, b, networks.seq_len())["train_step"]
   # Without remat XLA counts the same matmuls plus elementwise work and the optimizer update.
   assert r["flops_per_step"] <= r["xla_flops_per_step"] <= 1.3 * r["flops_per_step"]
   params = jax.eval_shape(lambda: nn.unbox(networks.init_params(jax.random.key(0))))
@@ -151,7 +152,7 @@ def test_analytic_flops_match_an_exact_count_of_the_traced_steps_matmuls(name):
                         **base)
     counts[scan, remat] = _traced_matmul_flops(gc, config)
   networks = networks_lib.build_networks(config)
-  analytic = bench.model_flops(networks, config.train.batch_size, networks.seq_len())["train_step"]
+  analytic = flops_lib.model_flops(networks, config.train.batch_size, networks.seq_len())["train_step"]
   total, gemms = counts[False, "none"]
   assert 0.985 * analytic <= total <= 1.015 * analytic, (total, analytic)
   assert counts[True, "none"] == pytest.approx((total, gemms), rel=1e-9)
@@ -165,7 +166,7 @@ def test_gemm_ceiling_times_every_matmul_and_sums_consistently():
   config = get_config("mmdit_256")
   s = gc.measure(config, reps=2, top=5)
   networks = networks_lib.build_networks(config)
-  assert s["train_flops"] == bench.model_flops(networks, config.train.batch_size, networks.seq_len())["train_step"]
+  assert s["train_flops"] == flops_lib.model_flops(networks, config.train.batch_size, networks.seq_len())["train_step"]
   assert s["gemm_flops_per_s"] == pytest.approx(s["gemm_flops"] / s["gemm_time_s"])
   # Everything the analytic count covers is a weight GEMM or an attention product.
   assert s["gemm_flops"] + s["batched_dot_flops"] == pytest.approx(s["train_flops"], rel=0.02)

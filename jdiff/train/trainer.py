@@ -34,6 +34,8 @@ from jdiff import inference
 from jdiff import networks as networks_lib
 from jdiff.data import pipeline as pipeline_lib
 from jdiff.eval import benchmark
+from jdiff.eval import curves
+from jdiff.eval import validation
 from jdiff.models import layers as L
 from jdiff.train import objectives
 from jdiff.train import optim
@@ -260,18 +262,23 @@ def write_samples(config, networks, params, workdir: str, step: int, writer: Met
 
 
 def run_benchmark(config, networks, params, workdir: str, step: int, writer: MetricWriter) -> dict[str, Any]:
-  """Caption adherence of `params` (the EMA) on the shapes benchmark, logged and appended
-  to workdir/eval.jsonl."""
+  """Caption adherence and validation loss of `params` (the EMA) on the shapes benchmark,
+  logged, appended to workdir/eval.jsonl and drawn into workdir/learning_curve.png."""
 
   t0 = time.time()
-  result = benchmark.evaluate(inference.Model(networks, jax.device_get(params), config, step))
-  log.info("step %d adherence (%.0fs): %s", step, time.time() - t0, json.dumps(result))
+  params = jax.device_get(params)
+  result = benchmark.evaluate(inference.Model(networks, params, config, step))
+  val = validation.loss(networks, params, config)
+  log.info("step %d validation loss %.5f, adherence (%.0fs): %s", step, val["val_loss"], time.time() - t0,
+           json.dumps(result))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
-      f.write(json.dumps({"step": step, **result}) + "\n")
-    writer.scalars(step, {f"adherence/{split}/{k}": v for split, r in result.items() for k, v in r.items()
-                          if k != "n"})
-  return result
+      f.write(json.dumps({"step": step, **result, **val}) + "\n")
+    writer.scalars(step, {**{f"adherence/{split}/{k}": v for split, r in result.items() for k, v in r.items()
+                             if k != "n"}, **val})
+    _, image = curves.write(workdir)
+    writer.image(step, "learning_curve", image)
+  return dict(result, val_loss=val["val_loss"])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
