@@ -27,6 +27,10 @@ def get_config(arg: str | None = None):
   c.sample.update(num_steps=20, cfg_scale=3.0, batch_size=8)
   c.eval.update(num_samples=48, num_steps=20, cfg_scale=3.0)
   if variant == "cpu":
+    # As in configs/mmdit_256.py:cpu: a frozen byte encoder (a jointly trained one erases the
+    # position words, docs/notes.md) and clean-image prediction.
+    c.optim.trainable = "denoiser/.*"
+    c.diffusion.prediction = "x0"
     c.model.update(variant="S/4", depth=4, width=128, num_heads=2)
     c.train.update(batch_size=32, num_steps=4000, log_every=100, checkpoint_every=1000,
                    sample_every=1000, keep_checkpoints=2)
