@@ -43,8 +43,8 @@ def get_config(arg: str | None = None):
     # Batch 16 with a cosine decay: at equal compute, twice the steps of batch 32 learn shape
     # and size much better (docs/notes.md).
     c.optim.schedule = "cosine"
-    c.train.update(batch_size=16, num_steps=4000, log_every=100, checkpoint_every=1000,
-                   sample_every=2000, keep_checkpoints=2)
+    c.train.update(batch_size=16, num_steps=4800, log_every=100, checkpoint_every=1200,
+                   sample_every=2400, keep_checkpoints=2)
     c.sample.update(num_steps=20, cfg_scale=3.0, batch_size=8)
     c.eval.update(num_samples=48, num_steps=20, cfg_scale=3.0)
   else:  # test
