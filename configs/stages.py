@@ -1,6 +1,6 @@
 """The whole training pipeline on the embedded shapes data (`python -m jdiff.stages`):
 
-  pretrain  flow matching from scratch (configs/mmdit_256.py)
+  pretrain  flow matching from scratch (configs/mmdit_256.py; cpu: the README demo)
   sft       posttrain: supervised fine-tuning at a higher resolution (the timestep shift
             follows the new token count, in training and sampling alike)
   dpo       posttrain: Diffusion-DPO against the frozen sft model, on on-policy pairs: the
@@ -36,7 +36,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"unknown variant {variant!r} of configs/stages.py; expected one of {VARIANTS}")
   base = _base(variant)
   # Training steps of pretrain, then of each later stage; the resolution after sft.
-  pretrain_steps, stage_steps = dict(gpu=(400_000, 4000), cpu=(4000, 400), test=(3, 2))[variant]
+  pretrain_steps, stage_steps = dict(gpu=(400_000, 4000), cpu=(4800, 400), test=(3, 2))[variant]
   high_res = dict(gpu=512, cpu=32, test=24)[variant]
   lr = dict(gpu=1e-5, cpu=1e-4, test=1e-4)[variant]  # later stages: short runs from a trained model
 
