@@ -100,10 +100,6 @@ STUDIES = {
         equal_compute=True),
 }
 
-_STUDY = flags.DEFINE_enum("study", None, list(STUDIES), "Which study to run.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per variant (config.seed = 0 .. seeds-1).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the study's runs and table.")
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/mmdit_256.py:cpu", "Base config.", lock_config=True)
 
 
 def _resolve(base: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -289,19 +285,33 @@ def _slug(name: str) -> str:
   return "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip("_")
 
 
-def main(argv):
+def _define_flags() -> dict[str, Any]:
+  """The CLI's flags, defined only when run as a program (the library is imported by tests
+  and notebooks next to other jdiff CLIs that define --workdir and --config too)."""
+  return dict(
+      study=flags.DEFINE_enum("study", None, list(STUDIES), "Which study to run."),
+      seeds=flags.DEFINE_integer("seeds", 3, "Seeds per variant (config.seed = 0 .. seeds-1)."),
+      workdir=flags.DEFINE_string("workdir", None, "Directory of the study's runs and table."),
+      config=config_flags.DEFINE_config_file("config", "configs/mmdit_256.py:cpu", "Base config.",
+                                             lock_config=True),
+  )
+
+
+def main(argv, values: dict[str, Any]):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _STUDY.value or not _WORKDIR.value:
+  name, workdir, seeds = values["study"].value, values["workdir"].value, values["seeds"].value
+  if not name or not workdir:
     raise app.UsageError("--study and --workdir are required")
-  if _SEEDS.value < 1:
+  if seeds < 1:
     raise app.UsageError("--seeds must be >= 1")
-  config = ckpt_lib.resolve_inherited(_CONFIG.value)
+  config = ckpt_lib.resolve_inherited(values["config"].value)
   config_lib.validate(config)
   cli.set_log_levels()
-  out = run(_STUDY.value, config, _WORKDIR.value, _SEEDS.value)
-  print(markdown(_STUDY.value, out["summary"]), end="")
+  out = run(name, config, workdir, seeds)
+  print(markdown(name, out["summary"]), end="")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _values = _define_flags()
+  app.run(lambda argv: main(argv, _values))

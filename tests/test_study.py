@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -150,3 +152,13 @@ def test_study_runs_resumes_and_writes_its_table(tmp_path, monkeypatch):
   assert "| cosmap | 1 | 2 |" in (tmp_path / "study.md").read_text()
   monkeypatch.setattr(study.trainer, "train_and_evaluate", lambda *a: pytest.fail("trained again"))
   assert study.run("tiny", base, str(tmp_path), seeds=1)["summary"] == out["summary"]
+
+
+def test_study_imports_next_to_the_other_clis_and_parses_its_flags(tmp_path):
+  """The library defines no flags at import (tests import it beside jdiff.convert, which
+  defines --workdir too); the program does, and checks them before any work."""
+  code = "import jdiff.convert, jdiff.bench, jdiff.study"
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+  out = subprocess.run([sys.executable, "-m", "jdiff.study", f"--workdir={tmp_path}"], cwd=ROOT,
+                       capture_output=True, text=True)
+  assert out.returncode != 0 and "--study and --workdir are required" in out.stderr
