@@ -33,6 +33,7 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
+import scipy.stats
 
 from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
@@ -101,7 +102,6 @@ STUDIES = {
 }
 
 
-
 def _resolve(base: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> dict[str, Any]:
   """The study's base overrides as absolute values: 'data.resolution' is a factor of the base
   config's resolution (the model's patch grid and shift base stay those of the base)."""
@@ -116,33 +116,19 @@ def variant_config(base: ml_collections.ConfigDict, study: Study, variant: str, 
   """The config of one run: base + the study's overrides + the variant's + seed (locked)."""
   overrides = {k: v(base) if callable(v) else v for k, v in dict(study.variants)[variant].items()}
   config = copy.deepcopy(base)
-  with config.unlocked():
-    for key, value in {**_resolve(base, study.base), **overrides, "seed": seed}.items():
-      _set(config, key, value)
-    # Scored after training by the study itself (several sampler settings).
-    config.eval.at_end = False
-    config.eval.every = 0
+  config.lock()  # an override naming no config field fails (KeyError)
+  # eval.*: scored after training by the study itself (several sampler settings).
+  config.update_from_flattened_dict({**_resolve(base, study.base), **overrides, "seed": seed,
+                                     "eval.at_end": False, "eval.every": 0})
   if study.equal_compute and variant != study.variants[0][0]:
     reference = variant_config(base, study, study.variants[0][0], seed)
     ratio = train_flops(reference) / train_flops(config)
-    with config.unlocked():
-      config.train.num_steps = max(1, int(round(config.train.num_steps * ratio)))
-  config.lock()
+    config.train.num_steps = max(1, int(round(config.train.num_steps * ratio)))
   return config
 
 
-def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-  *path, key = dotted.split(".")
-  node = config
-  for part in path:
-    node = node[part]
-  if key not in node:
-    raise KeyError(f"study override {dotted!r} names no config field")
-  node[key] = value
-
-
 def train_flops(config: ml_collections.ConfigDict) -> float:
-  """Analytic training FLOPs of a whole run: steps x jdiff.bench's flops per step."""
+  """Analytic training FLOPs of a whole run: steps x jdiff.flops' count per step."""
   networks = networks_lib.build_networks(config)
   per_step = flops_lib.model_flops(networks, config.train.batch_size, networks.seq_len())["train_step"]
   return float(per_step) * config.train.num_steps
@@ -157,8 +143,7 @@ def score(config: ml_collections.ConfigDict, workdir: str, study: Study) -> dict
     sampled = model
     if s.shift is not None:
       cfg = copy.deepcopy(model.config)
-      with cfg.unlocked():
-        cfg.diffusion.shift.update(dict(s.shift))
+      cfg.diffusion.shift.update(dict(s.shift))  # existing fields only: a typo fails
       sampled = dataclasses.replace(model, config=cfg)
     out["adherence"][s.name] = benchmark.evaluate(sampled, num_steps=s.num_steps)
   return out
@@ -196,7 +181,7 @@ def collect(study_name: str, workdir: str) -> list[dict[str, Any]]:
   rows = []
   for variant, _ in study.variants:
     vdir = os.path.join(workdir, _slug(variant))
-    seeds = sorted(d for d in os.listdir(vdir) if d.startswith("seed")) if os.path.isdir(vdir) else []
+    seeds = [d for d in os.listdir(vdir) if d.startswith("seed")] if os.path.isdir(vdir) else []
     for d in sorted(seeds, key=lambda s: int(s[4:])):
       path = os.path.join(vdir, d, "result.json")
       if os.path.exists(path):
@@ -229,20 +214,11 @@ def summarize(study_name: str, rows: Sequence[Mapping[str, Any]]) -> list[dict[s
   for name, _, higher_better in metrics:
     means = np.array([e["metrics"][name]["mean"] for e in table])
     order = -means if higher_better else means
-    ranks = _ranks(order)
-    for e, rank in zip(table, ranks):
+    for e, rank in zip(table, scipy.stats.rankdata(order)):  # 1 = best; ties share their mean rank
       e["metrics"][name]["rank"] = float(rank)
   for e in table:
     e["average_rank"] = float(np.mean([m["rank"] for m in e["metrics"].values()]))
   return table
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-  """1-based ranks, ties sharing their average rank."""
-  ranks = np.empty(len(values))
-  for i, v in enumerate(values):
-    ranks[i] = 1 + np.sum(values < v) + 0.5 * (np.sum(values == v) - 1)
-  return ranks
 
 
 def write_table(study_name: str, workdir: str, seeds: int) -> dict[str, Any]:
