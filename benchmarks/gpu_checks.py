@@ -31,6 +31,7 @@ from jdiff import bench
 from jdiff import config as config_lib
 from jdiff import networks as networks_lib
 from jdiff.data import pipeline as pipeline_lib
+from jdiff.data import pixels
 from jdiff.train import objectives
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +69,7 @@ def bf16_vs_fp32(variant, geometry, tolerance=1e-2):
     p = pipeline_lib.make_pipeline(c32.data, global_batch=16, max_len=c32.text.max_len, seed=0)
     batch = {k: jnp.asarray(v) for k, v in next(p).items()}
   keys = jax.random.split(jax.random.key(3), 16)
-  x = objectives.images_to_model_space(batch["image"])
+  x = pixels.from_uint8(batch["image"])
   t = jnp.linspace(0.05, 0.95, x.shape[0])
   losses, outs = [], []
   for c in (c32, c16):

@@ -19,7 +19,7 @@ import tqdm
 
 from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
-from jdiff.data import cache, pipeline, sources
+from jdiff.data import cache, pipeline, pixels, sources
 from jdiff.interop import sd3_pipeline
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def write(config, out_dir: str, *, split: str = "train", num_records: int | None
   n = len(source) if num_records is None else min(num_records, len(source))
   vae_model, vae_params = sd3_pipeline.load_vae(config.autoencoder.path, config.autoencoder.dtype)
   text = sd3_pipeline.SD3TextEncoder.load(config.text.pipeline, t5_len=config.text.t5_len, dtype=config.text.dtype)
-  encode_images = jax.jit(lambda p, x: vae_model.apply(p, x.astype("float32") / 127.5 - 1.0,
+  encode_images = jax.jit(lambda p, x: vae_model.apply(p, pixels.from_uint8(x),
                                                        method=vae_model.encode))
   os.makedirs(out_dir, exist_ok=True)
   store = np.dtype(dtype)

@@ -25,6 +25,7 @@ from jdiff import checkpoint as ckpt_lib
 from jdiff import diffusion
 from jdiff import networks as networks_lib
 from jdiff import tokens
+from jdiff.data import pixels
 from jdiff.interop import sd3_pipeline
 
 
@@ -120,11 +121,6 @@ def forwards_per_image(networks: networks_lib.Networks, num_steps: int, cfg_scal
   return num_steps * branches * (2 if method == "heun" else 1)
 
 
-def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
-  """[-1, 1] floats -> uint8 [0, 255]."""
-  return np.asarray(np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255), np.uint8)
-
-
 def generate(model: Model, prompts: Sequence[str], *, num_steps: int | None = None,
              cfg_scale: float | None = None, method: str | None = None, seed: int = 0,
              batch_size: int | None = None, resolution: int | None = None) -> np.ndarray:
@@ -156,7 +152,7 @@ def generate(model: Model, prompts: Sequence[str], *, num_steps: int | None = No
     batch = {k: jnp.asarray(v[idx]) for k, v in inputs.items()}
     nulls = {k: jnp.asarray(np.broadcast_to(v, (batch_size,) + v.shape)) for k, v in null.items()}
     samples = run(model.params, batch, nulls, keys)
-    out.append(to_uint8(model.decode(samples))[: stop - start])
+    out.append(pixels.to_uint8(model.decode(samples))[: stop - start])
   return np.concatenate(out)
 
 

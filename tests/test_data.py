@@ -11,12 +11,26 @@ import pytest
 from PIL import Image
 
 from jdiff import tokens
-from jdiff.data import pipeline, shapes, sources
+from jdiff.data import pipeline, pixels, shapes, sources
 from jdiff.eval import adherence
 
 DATA = dict(source="shapes", resolution=32, shapes_size=1_000_000, shapes_seed=0, read_threads=1,
             prefetch=8, num_workers=0, worker_chunk=32, tfds_name="", tfds_split="train",
             tfds_data_dir="", arrayrecord_pattern="", image_key="image", caption_key="caption")
+
+
+def test_pixel_conversions_are_exact_inverses_in_numpy_and_under_jit():
+  import jax
+  values = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+  model = pixels.from_uint8(values)
+  assert model.dtype == np.float32 and model.min() == -1.0 and model.max() == 1.0
+  np.testing.assert_allclose(model.ravel()[[0, 128, 255]], [-1.0, 128 / 127.5 - 1.0, 1.0], atol=1e-7)
+  jitted = np.asarray(jax.jit(pixels.from_uint8)(values))  # XLA multiplies by 1/127.5: 1 ulp
+  np.testing.assert_allclose(jitted, model, rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(pixels.to_uint8(model), values)
+  np.testing.assert_array_equal(pixels.to_uint8(jitted), values)
+  # Out-of-range model outputs clip; values between levels round to the nearest.
+  np.testing.assert_array_equal(pixels.to_uint8(np.array([-1.5, 1.5, 2 / 255 - 1 + 0.4 / 127.5])), [0, 255, 1])
 
 
 def test_shapes_are_a_pure_function_of_the_index():

@@ -16,8 +16,8 @@ from jdiff import checkpoint as ckpt_lib
 from jdiff import config as config_lib
 from jdiff import networks as networks_lib
 from jdiff.data import pipeline as pipeline_lib
+from jdiff.data import pixels
 from jdiff.models import layers as L
-from jdiff.train import objectives
 from jdiff.train import optim, trainer
 from jdiff.train import sharding as shard_lib
 from jdiff.train import state as state_lib
@@ -197,7 +197,7 @@ def test_nan_batch_is_skipped_without_touching_params():
 def test_trainer_stops_after_max_nonfinite(tmp_path, monkeypatch):
   config = get_config(train__num_steps=10, train__log_every=1, train__max_nonfinite=2, train__sample_every=0)
   # Every image becomes NaN inside the compiled step.
-  monkeypatch.setattr(objectives, "images_to_model_space", lambda images: jnp.full(images.shape, jnp.nan))
+  monkeypatch.setattr(pixels, "from_uint8", lambda images: jnp.full(images.shape, jnp.nan))
   with pytest.raises(trainer.NonFiniteError, match="2 consecutive non-finite steps"):
     run(config, tmp_path)
 

@@ -21,6 +21,7 @@ import numpy as np
 from jdiff import diffusion
 from jdiff import networks as networks_lib
 from jdiff import tokens
+from jdiff.data import pixels
 from jdiff.data import shapes
 
 # Added to config.data.shapes_seed: the validation images are never training images.
@@ -32,7 +33,7 @@ def _examples(seed: int, resolution: int, num: int, max_len: int) -> tuple[np.nd
   """(images in model space float32 [num, R, R, 3], tokens int32 [num, max_len])."""
   source = shapes.ShapesSource(resolution, "train", size=num, seed=seed)
   records = [source[i] for i in range(num)]
-  images = np.stack([r["image"] for r in records]).astype(np.float32) / 127.5 - 1.0
+  images = pixels.from_uint8(np.stack([r["image"] for r in records]))
   return images, tokens.tokenize([r["caption"] for r in records], max_len)
 
 

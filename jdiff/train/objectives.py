@@ -20,12 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from jdiff import diffusion
+from jdiff.data import pixels
 from jdiff.networks import Networks
-
-
-def images_to_model_space(images: jax.Array) -> jax.Array:
-  """uint8 [B, H, W, C] in [0, 255] -> float32 in [-1, 1]."""
-  return images.astype(jnp.float32) / 127.5 - 1.0
 
 
 def model_input(batch: Mapping[str, jax.Array], keys: jax.Array, networks: Networks, image: str = "image"
@@ -33,7 +29,7 @@ def model_input(batch: Mapping[str, jax.Array], keys: jax.Array, networks: Netwo
   """The clean sample x0 in model space [B, H, W, C]: pixels batch[image] in [-1, 1], or
   scaled VAE latents z ~ N(mean, exp(logvar)) drawn with each sample's own key."""
   if not networks.latent:
-    return images_to_model_space(batch[image])
+    return pixels.from_uint8(batch[image])
   mean, logvar = (batch[k].astype(jnp.float32) for k in ("latent_mean", "latent_logvar"))
   noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys)
   return (mean + jnp.exp(0.5 * logvar) * noise - networks.latent_shift) * networks.latent_scale
