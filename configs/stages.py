@@ -36,7 +36,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"unknown variant {variant!r} of configs/stages.py; expected one of {VARIANTS}")
   base = _base(variant)
   # Training steps of pretrain, then of each later stage; the resolution after sft.
-  pretrain_steps, stage_steps = dict(gpu=(400_000, 4000), cpu=(4800, 400), test=(3, 2))[variant]
+  pretrain_steps, stage_steps = dict(gpu=(400_000, 4000), cpu=(base.train.num_steps, 400), test=(3, 2))[variant]
   high_res = dict(gpu=512, cpu=32, test=24)[variant]
   lr = dict(gpu=1e-5, cpu=1e-4, test=1e-4)[variant]  # later stages: short runs from a trained model
 
