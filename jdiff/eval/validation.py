@@ -45,7 +45,11 @@ def times(num_times: int) -> np.ndarray:
 @functools.lru_cache(maxsize=4)
 def _error_fn(networks: networks_lib.Networks, prediction: str):
   @jax.jit
-  def error(params, x0, eps, t, toks):
+  def error(params, x0, base_key, time_index, example_index, t, toks):
+    # Example j's noise at time i: a key folded from (i, j), so the draws do not depend on
+    # the batching, and are made inside the compiled function.
+    keys = jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(base_key, time_index), j))(example_index)
+    eps = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(keys)
     x_t = diffusion.interpolate(x0, eps, t)
     cond = networks.conditioning(params, {"tokens": toks})
     pred = networks.predict(params["denoiser"], x_t, t, cond)
@@ -77,9 +81,8 @@ def loss(networks: networks_lib.Networks, params: Any, config, *, num_examples: 
     errs = []
     for start in range(0, num_examples, batch_size):
       idx = np.arange(start, start + batch_size).clip(max=num_examples - 1)  # full batches: one compile
-      keys = jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(base, i), j))(jnp.asarray(idx))
-      eps = jax.vmap(lambda k: jax.random.normal(k, x0_all.shape[1:], jnp.float32))(keys)
-      e = error(params, jnp.asarray(x0_all[idx]), eps, jnp.full((batch_size,), t), jnp.asarray(toks_all[idx]))
+      e = error(params, jnp.asarray(x0_all[idx]), base, i, jnp.asarray(idx), jnp.full((batch_size,), t),
+                jnp.asarray(toks_all[idx]))
       errs.append(np.asarray(e)[: min(batch_size, num_examples - start)])
     per_time.append(float(np.mean(np.concatenate(errs))))
     out[f"val_loss/t={t:.2f}"] = per_time[-1]
