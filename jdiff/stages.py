@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -127,15 +128,19 @@ def _row(label: str, model, config, num_samples: int, num_steps: int | None = No
 
 
 def evaluate_all(pipeline: ml_collections.ConfigDict, stages: list[tuple[str, str, Any]]) -> list[dict[str, Any]]:
-  """The table's rows: each stage with its own eval sampler, plus the teacher row."""
+  """The table's rows: each stage with its own eval sampler (and `parent`, the stage it
+  started from), plus the teacher row."""
 
   t = pipeline.table
   rows = []
+  parent = None
   for name, stage_dir, config in stages:
     model = inference.load(stage_dir)
-    rows.append(_row(name, model, config, t.num_samples))
+    rows.append(dict(_row(name, model, config, t.num_samples), parent=parent))
     if name == t.teacher:
-      rows.append(_row(f"{name} @ {t.teacher_steps} steps", model, config, t.num_samples, t.teacher_steps))
+      rows.append(dict(_row(f"{name} @ {t.teacher_steps} steps", model, config, t.num_samples, t.teacher_steps),
+                       parent=name))
+    parent = name
   return rows
 
 
@@ -143,18 +148,54 @@ def _mean(r: dict[str, float]) -> float:
   return sum(r[a] for a in ("color", "shape", "size", "position")) / 4
 
 
+def standard_error(p: float, n: int) -> float:
+  """Binomial standard error of a fraction p of n images."""
+  return math.sqrt(p * (1.0 - p) / n) if n else float("nan")
+
+
+def _estimate(split: dict[str, float], key: str = "all") -> tuple[float, float]:
+  return split[key], standard_error(split[key], split["n"])
+
+
+def effect(row: dict[str, Any], parent: dict[str, Any], split: str, key: str = "all") -> tuple[float, float]:
+  """(change of `key` on `split` from the parent stage's row to this one, its standard
+  error). The stages are scored on the same prompts with the same noise, so their errors are
+  positively correlated and sqrt(se^2 + se'^2) overstates the difference's error: a
+  conservative bound."""
+  (a, se_a), (b, se_b) = _estimate(row["adherence"][split], key), _estimate(parent["adherence"][split], key)
+  return a - b, math.sqrt(se_a**2 + se_b**2)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-  """The table in Markdown: 'all' = every attribute right; 'attr' = mean per-attribute accuracy."""
-  head = ("| stage | objective | train steps | resolution | sampling (steps x forwards) | forwards/image | seen all | seen attr "
-          "| held-out all | held-out attr | new colour: colour | new colour all |")
+  """The table in Markdown: 'all' = every attribute right (± its standard error); 'attr' =
+  mean per-attribute accuracy; 'effect' = the change of 'all' from the stage it started from."""
+  head = ("| stage | objective | train steps | resolution | sampling (steps x forwards) | forwards/image "
+          "| seen all | effect | seen attr | held-out all | effect | held-out attr | new colour: colour | effect |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  by_name = {r["name"]: r for r in rows}
+
+  def cell(r, split, key="all"):
+    value, se = _estimate(r["adherence"][split], key)
+    return f"{value:.3f} ± {se:.3f}"
+
+  def change(r, split, key="all"):
+    if r.get("parent") not in by_name:
+      return ""
+    d, se = effect(r, by_name[r["parent"]], split, key)
+    return f"{d:+.3f} ± {se:.3f}"
+
   for r in rows:
     a = r["adherence"]
     lines.append(f"| {r['name']} | {r['objective']} | {r['train_steps']} | {r['resolution']} | {r['sampler']} | {r['forwards']} | "
-                 f"{a['seen']['all']:.3f} | {_mean(a['seen']):.3f} | {a['held_out']['all']:.3f} | "
-                 f"{_mean(a['held_out']):.3f} | {a['new_color']['color']:.3f} | {a['new_color']['all']:.3f} |")
+                 f"{cell(r, 'seen')} | {change(r, 'seen')} | {_mean(a['seen']):.3f} | "
+                 f"{cell(r, 'held_out')} | {change(r, 'held_out')} | {_mean(a['held_out']):.3f} | "
+                 f"{cell(r, 'new_color', 'color')} | {change(r, 'new_color', 'color')} |")
   n = rows[0]["adherence"]["seen"]["n"] if rows else 0
-  return "\n".join(lines) + f"\n\n{n} prompts per split; guided samplers use CFG (2 forwards) unless guidance is embedded.\n"
+  return "\n".join(lines) + (
+      f"\n\n{n} prompts per split; ± one standard error (binomial). Effect: the change from the stage "
+      "it started from (the teacher row: from the same model with its own sampler); its error adds "
+      "both stages' in quadrature, which overstates it, since every stage is scored on the same "
+      "prompts and noise. Guided samplers use CFG (2 forwards) unless guidance is embedded.\n")
 
 
 def run(pipeline: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict[str, Any]], str]:

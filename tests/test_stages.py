@@ -4,6 +4,7 @@ their validation."""
 
 import functools
 import json
+import math
 import os
 
 import chex
@@ -151,6 +152,8 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   assert by_name["guidance"]["forwards"] == p.base.eval.num_steps  # embedded guidance: one
   assert by_name["fewstep"]["forwards"] == 2 and by_name["fewstep"]["sampler"] == "2 x 1"
   assert table.count("\n| ") == len(rows) and os.path.exists(tmp_path / "stages.json")
+  # Each row's effect is measured from the stage it started from; the teacher row from its own stage.
+  assert [r["parent"] for r in rows] == [None, "pretrain", "sft", "dpo", "tune", "tune", "guidance"]
 
   # Running the command again: finished stages are skipped (an interrupted one resumes from
   # its checkpoint: the trainer's resume tests); a longer stage continues where it stopped.
@@ -163,6 +166,22 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
              for name, (d, _) in configs.items() if name != "fewstep")
   assert os.path.getmtime(os.path.join(pairs_dir, "pairs.npz")) == mtimes["pairs"]  # sampled once
   assert json.loads(open(os.path.join(configs["fewstep"][0], "metrics.jsonl")).readlines()[-1])["step"] == 3
+
+
+def test_stage_effects_carry_binomial_standard_errors():
+  def row(name, parent, seen_all, colour):
+    split = dict(color=1.0, shape=1.0, size=1.0, position=1.0, all=seen_all, n=100)
+    return dict(name=name, parent=parent, objective="flow", train_steps=1, resolution=8, sampler="2 x 2",
+                forwards=4, adherence=dict(seen=split, held_out=split, new_color=dict(split, color=colour)))
+  rows = [row("a", None, 0.7, 0.5), row("b", "a", 0.8, 0.9)]
+  assert stages.standard_error(0.7, 100) == pytest.approx(math.sqrt(0.21 / 100))
+  d, se = stages.effect(rows[1], rows[0], "seen")
+  assert d == pytest.approx(0.1) and se == pytest.approx(math.sqrt(0.0021 + 0.0016))
+  d, se = stages.effect(rows[1], rows[0], "new_color", "color")
+  assert d == pytest.approx(0.4) and se == pytest.approx(math.sqrt(0.0025 + 0.0009))
+  table = stages.markdown(rows).splitlines()
+  assert "| 0.800 ± 0.040 | +0.100 ± 0.061 |" in table[3] and "| 0.900 ± 0.030 | +0.400 ± 0.058 |" in table[3]
+  assert "| 0.700 ± 0.046 |  |" in table[2]  # the first stage has no effect
 
 
 @pytest.mark.parametrize("changes,message", [

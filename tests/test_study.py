@@ -44,7 +44,7 @@ def test_validation_loss_is_the_velocity_error_at_fixed_times_and_noise():
   src = shapes.ShapesSource(config.data.resolution, "train", size=5,
                             seed=config.data.shapes_seed + validation.SEED_OFFSET)
   records = [src[j] for j in range(5)]
-  x0 = jnp.asarray(np.stack([r["image"] for r in records]), jnp.float32) / 127.5 - 1.0
+  x0 = jnp.asarray(np.stack([r["image"] for r in records]), jnp.float32) / 127.5 - 1.0  # by hand
   toks = jnp.asarray(tokens.tokenize([r["caption"] for r in records], config.text.max_len))
   per_t = []
   for i, t in enumerate(validation.times(3)):
@@ -56,6 +56,15 @@ def test_validation_loss_is_the_velocity_error_at_fixed_times_and_noise():
     per_t.append(float(jnp.mean((v - (eps - x0)) ** 2)))
   np.testing.assert_allclose([out[f"val_loss/t={t:.2f}"] for t in validation.times(3)], per_t, rtol=1e-5)
   np.testing.assert_allclose(out["val_loss"], np.mean(per_t), rtol=1e-5)
+  # A guidance-embedding student made from this model (its embedding starts at zero) is
+  # scored at w = 1: the same loss as its teacher.
+  student_config = get_config(eval__val_examples=5, eval__val_times=3, model__guidance_embed=True)
+  student_networks = networks_lib.build_networks(student_config)
+  student = nn.unbox(student_networks.init_params(jax.random.key(1)))
+  student["text"] = params["text"]
+  student["denoiser"] = dict(params["denoiser"], guidance_embed=student["denoiser"]["guidance_embed"])
+  np.testing.assert_allclose(validation.loss(student_networks, student, student_config, batch_size=2)["val_loss"],
+                             out["val_loss"], rtol=1e-6)
   # Not a training image: the held-apart seed draws other scenes.
   train = shapes.ShapesSource(config.data.resolution, "train", size=5, seed=config.data.shapes_seed)
   assert [train[j]["caption"] for j in range(5)] != [r["caption"] for r in records]

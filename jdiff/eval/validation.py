@@ -52,6 +52,10 @@ def _error_fn(networks: networks_lib.Networks, prediction: str):
     eps = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(keys)
     x_t = diffusion.interpolate(x0, eps, t)
     cond = networks.conditioning(params, {"tokens": toks})
+    if networks.denoiser.guidance_embed:
+      # A guidance-distilled student at w = 1 is its teacher's conditional prediction: the
+      # same quantity as every other model's loss.
+      cond["guidance"] = jnp.ones_like(t)
     pred = networks.predict(params["denoiser"], x_t, t, cond)
     v = diffusion.convert(pred, prediction, "v", x_t, t)
     return diffusion.velocity_error(v, eps - x0)
@@ -63,6 +67,7 @@ def loss(networks: networks_lib.Networks, params: Any, config, *, num_examples: 
   """{'val_loss': mean over t, 'val_loss/t=0.06': mean at that t, ...} of `params` (pixel-space
   models with the byte text encoder on the shapes data; see eval.benchmark.applies).
 
+  Guidance-embedding students are scored at guidance scale 1 (their conditional prediction).
   The noise of example j at time i is fixed (a key folded from (i, j)), so two calls on the
   same params agree exactly and two models are compared on the same draws.
   """
