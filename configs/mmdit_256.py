@@ -46,8 +46,8 @@ def get_config(arg: str | None = None):
     # and size much better (docs/notes.md). Held-out colour-shape pairs are learned after
     # the seen ones, so every step the ten-minute budget allows counts.
     c.optim.schedule = "cosine"
-    c.train.update(batch_size=16, num_steps=6000, log_every=100, checkpoint_every=1500,
-                   sample_every=3000, keep_checkpoints=2)
+    c.train.update(batch_size=16, num_steps=8000, log_every=100, checkpoint_every=2000,
+                   sample_every=4000, keep_checkpoints=2)
     c.sample.update(num_steps=20, cfg_scale=3.0, batch_size=8)
     c.eval.update(num_samples=48, num_steps=20, cfg_scale=3.0)
     if variant == "cpu_long":

@@ -163,6 +163,7 @@ def main(argv):
   config = ckpt_lib.resolve_inherited(_CONFIG.value)
   config_lib.validate(config)
   cli.set_log_levels(logging.WARNING)
+  cli.reuse_host_memory()
   print(json.dumps(run(config, _STEPS.value, _WARMUP.value, _PROFILE_DIR.value)))
 
 

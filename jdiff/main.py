@@ -40,6 +40,7 @@ def main(argv):
   cli.set_log_levels()
 
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  cli.reuse_host_memory()
 
   summary = trainer.train_and_evaluate(config, _WORKDIR.value)
   evaluation = dict(summary["eval"] or {})

@@ -215,6 +215,7 @@ def main(argv, pipeline_flag, workdir_flag):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.set_log_levels()
+  cli.reuse_host_memory()
   _, table = run(pipeline_flag.value, workdir_flag.value)
   print(table)
 

@@ -284,6 +284,7 @@ def main(argv, values: dict[str, Any]):
   config = ckpt_lib.resolve_inherited(values["config"].value)
   config_lib.validate(config)
   cli.set_log_levels()
+  cli.reuse_host_memory()
   out = run(name, config, workdir, seeds)
   print(markdown(name, out["summary"]), end="")
 

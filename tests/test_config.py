@@ -1,9 +1,11 @@
-"""The config module: its allowed values agree with the registries that implement them, and
-loading a config file imports nothing heavier than ml_collections."""
+"""The config module (its allowed values agree with the registries that implement them, and
+loading a config file imports nothing heavier than ml_collections) and the entry points' shared set-up."""
 
 import os
 import subprocess
 import sys
+
+import pytest
 
 from jdiff import config as config_lib
 from jdiff import diffusion, models
@@ -37,3 +39,40 @@ def test_loading_and_validating_a_config_file_imports_no_jax():
           "print(heavy); assert not heavy, heavy")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr + out.stdout
+
+
+def test_reuse_host_memory_stops_the_page_faults_of_repeated_large_allocations():
+  """A 64 MiB buffer allocated, touched and freed over and over (as XLA:CPU does with a
+  step's temporaries): with glibc's defaults every round faults all its pages in again;
+  after cli.reuse_host_memory() the rounds reuse the same heap memory. In a subprocess: the
+  setting is process-wide."""
+  code = r"""
+import ctypes, resource
+from jdiff import cli
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def faults():
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(5):
+    p = libc.malloc(64 << 20)  # plain malloc, as XLA's allocator (NumPy asks for huge pages)
+    ctypes.memset(p, 1, 64 << 20)
+    libc.free(p)
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+default = faults()
+changed = cli.reuse_host_memory()
+faults()  # the first round grows the heap
+print(changed, default, faults())
+"""
+  if not sys.platform.startswith("linux"):
+    pytest.skip("glibc's malloc: Linux only")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr
+  changed, default, reused = out.stdout.split()
+  assert changed == "True"
+  pages = 5 * (64 << 20) // 4096
+  assert int(default) > 0.9 * pages and int(reused) < 0.02 * pages, (default, reused)
+  off = subprocess.run([sys.executable, "-c", "from jdiff import cli; print(cli.reuse_host_memory())"], cwd=ROOT,
+                       capture_output=True, text=True, env=dict(os.environ, JDIFF_MALLOC="system"))
+  assert off.stdout.strip() == "False", off.stderr
