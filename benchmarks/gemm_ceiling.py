@@ -154,6 +154,7 @@ def measure(config, reps: int = 20, top: int = 25) -> dict[str, Any]:
 
   from jdiff import bench  # pylint: disable=g-import-not-at-top
   from jdiff import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from jdiff.train import optim  # pylint: disable=g-import-not-at-top
 
   jaxpr, networks = step_jaxpr(config)
   rows = sorted(((op, n, time_op(op, reps)) for op, n in collect_matmuls(jaxpr).items()), key=lambda r: -r[1] * r[2])
@@ -165,7 +166,8 @@ def measure(config, reps: int = 20, top: int = 25) -> dict[str, Any]:
     print(f"{kind:<6} {operands:<44} {n:>5} {1e3 * t:>8.3f} {op.flops / t / 1e12:>8.1f} {1e3 * n * t:>9.2f}")
   gemm_flops = sum(op.flops * n for op, n, _ in gemm)
   gemm_time = sum(n * t for _, n, t in gemm)
-  train_flops = flops_lib.model_flops(networks, config.train.batch_size, networks.seq_len())["train_step"]
+  train_flops = flops_lib.model_flops(networks, config.train.batch_size, networks.seq_len(),
+                                      optim.trains_text(networks, config.optim.trainable))["train_step"]
   device = jax.devices()[0]
   peak = bench.peak_flops(device.device_kind, config.model.dtype)
   summary = dict(

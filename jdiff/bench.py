@@ -94,6 +94,8 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir: str = "", profile
   `profile_steps` more steps there (jax.profiler; summarise with benchmarks/profile_summary.py
   or open in TensorBoard/XProf)."""
 
+  if steps < 1 or warmup < 0:
+    raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")
   if config.objective != "flow":
     raise ValueError(f"jdiff.bench times the flow objective's step; objective {config.objective!r} "
                      "needs a frozen model (time it with jdiff.main's step log)")
@@ -118,8 +120,8 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir: str = "", profile
   run_rng = jax.device_put(np.zeros(2, np.uint32), shard_lib.replicated(mesh))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for _ in range(warmup):
-      state, metrics = compiled(state, batch, run_rng, None)
-    jax.block_until_ready(metrics)
+      state, _ = compiled(state, batch, run_rng, None)
+    jax.block_until_ready(state)
     times = []
     for _ in range(steps):
       t0 = time.perf_counter()
@@ -138,7 +140,7 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir: str = "", profile
 
   b = config.train.batch_size
   image_tokens = networks.seq_len()
-  flops = flops_lib.model_flops(networks, b, image_tokens)
+  flops = flops_lib.model_flops(networks, b, image_tokens, optim.trains_text(networks, config.optim.trainable))
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   n_dev = mesh.devices.size  # cost analysis and peak rate are per device of the step's mesh

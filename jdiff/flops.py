@@ -14,8 +14,9 @@ def _attention(batch: float, q_len: float, kv_len: float, width: float) -> float
   return 4.0 * batch * q_len * kv_len * width
 
 
-def model_flops(networks, batch: int, image_tokens: int) -> dict[str, float]:
-  """Forward FLOPs of the denoiser (and the trainable text encoder), by formula.
+def model_flops(networks, batch: int, image_tokens: int, text_trainable: bool = True) -> dict[str, float]:
+  """Forward FLOPs of the denoiser and the byte text encoder, by formula, and a training
+  step's (text_trainable=False: the frozen encoder runs forward only).
 
   With D the width, r the MLP ratio, N image tokens and M text tokens per sample:
     joint/double block  2(N+M)(4D^2 + 2rD^2)  [QKV + out, MLP; both streams]
@@ -26,7 +27,7 @@ def model_flops(networks, batch: int, image_tokens: int) -> dict[str, float]:
     DiT block           2N(4D^2 + 2rD^2) + 4N^2 D
     stems               patch embed 2N p^2C D, output 2N D p^2C, context embed 2M C_ctx D;
                         per-sample adaLN and embedding MLPs are counted too.
-  Training = 3 x forward (backward = 2 x forward).
+  Training = 3 x forward (backward = 2 x forward); a frozen text encoder counts once.
   """
   m = networks.denoiser
   d, r = float(m.width), float(m.mlp_ratio)
@@ -58,7 +59,7 @@ def model_flops(networks, batch: int, image_tokens: int) -> dict[str, float]:
   fwd += per_sample
   text = _text_flops(networks)
   return dict(denoiser_forward=batch * fwd, text_forward=batch * text,
-              train_step=3.0 * batch * (fwd + text), text_tokens=text_tokens)
+              train_step=batch * (3.0 * fwd + (3.0 if text_trainable else 1.0) * text), text_tokens=text_tokens)
 
 
 def _text_len(networks) -> int:

@@ -43,6 +43,7 @@ from jdiff import inference
 from jdiff import networks as networks_lib
 from jdiff.eval import benchmark
 from jdiff.eval import validation
+from jdiff.train import optim
 from jdiff.train import trainer
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,8 @@ def variant_config(base: ml_collections.ConfigDict, study: Study, variant: str, 
 def train_flops(config: ml_collections.ConfigDict) -> float:
   """Analytic training FLOPs of a whole run: steps x jdiff.flops' count per step."""
   networks = networks_lib.build_networks(config)
-  per_step = flops_lib.model_flops(networks, config.train.batch_size, networks.seq_len())["train_step"]
+  per_step = flops_lib.model_flops(networks, config.train.batch_size, networks.seq_len(),
+                                   optim.trains_text(networks, config.optim.trainable))["train_step"]
   return float(per_step) * config.train.num_steps
 
 

@@ -7,6 +7,7 @@ import pytest
 from jdiff import bench
 from jdiff import flops as flops_lib
 from jdiff import networks as networks_lib
+from jdiff.train import optim
 
 from helpers import benchmark_module
 from test_train import get_config
@@ -44,6 +45,22 @@ def test_analytic_flops_match_xla_within_elementwise_overhead(name, overrides):
   # XLA also counts normalisation, activations and softmax: a few percent on top of the matmuls.
   assert analytic <= xla <= 1.05 * analytic, (analytic, xla)
   assert flops["train_step"] == pytest.approx(3 * analytic)
+
+
+def test_a_frozen_text_encoder_counts_forward_only():
+  config = get_config("mmdit_256")
+  networks = networks_lib.build_networks(config)
+  assert optim.trains_text(networks, "") and optim.trains_text(networks, "text/.*")
+  assert not optim.trains_text(networks, "denoiser/.*") and not optim.trains_text(networks, ".*lora_.*")
+  full = flops_lib.model_flops(networks, 4, networks.seq_len())
+  frozen = flops_lib.model_flops(networks, 4, networks.seq_len(), text_trainable=False)
+  assert frozen["text_forward"] == full["text_forward"] > 0
+  assert frozen["train_step"] == pytest.approx(3 * full["denoiser_forward"] + full["text_forward"])
+  assert full["train_step"] - frozen["train_step"] == pytest.approx(2 * full["text_forward"])
+  # bench counts what the run trains.
+  config.optim.trainable = "denoiser/.*"
+  r = bench.run(config, steps=1, warmup=0)  # no warm-up is allowed
+  assert r["flops_per_step"] == pytest.approx(frozen["train_step"] * config.train.batch_size / 4)
 
 
 def test_peak_table():

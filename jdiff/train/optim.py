@@ -64,6 +64,14 @@ def trainable_mask(params: Any, pattern: str) -> Any:
                                           is_leaf=_is_box)
 
 
+def trains_text(networks, pattern: str) -> bool:
+  """Whether `pattern` (optim.trainable) lets any parameter of the networks' text encoder train."""
+  if networks.text is None:
+    return False
+  shapes = jax.eval_shape(lambda: networks.init_params(jax.random.key(0)))
+  return any(jax.tree.leaves(trainable_mask({"text": shapes["text"]}, pattern), is_leaf=_is_box))
+
+
 def _is_box(x) -> bool:
   return hasattr(x, "unbox") and hasattr(x, "names")
 
