@@ -242,14 +242,14 @@ def markdown(study_name: str, table: Sequence[Mapping[str, Any]]) -> str:
   if not table:
     return f"# Study: {study.description}\n\nNo finished runs yet.\n"
   names = list(table[0]["metrics"])
-  head = ["variant", "seeds", "steps", "train PFLOP"] + names + ["average rank"]
+  head = ["variant", "seeds", "steps", "train FLOP"] + names + ["average rank"]
   lines = [f"# Study: {study.description}", "",
            "Mean ± standard deviation over seeds; (rank) among the variants, 1 = best. "
            "val_loss: velocity error at 8 evenly spaced t on held-apart images (lower is better); "
            "'all': fraction of benchmark images with colour, shape, size and position all right.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for e in table:
-    cells = [e["variant"], str(e["seeds"]), str(e["num_steps"]), f"{e['train_flops'] / 1e15:.2f}"]
+    cells = [e["variant"], str(e["seeds"]), str(e["num_steps"]), f"{e['train_flops']:.3g}"]
     for n in names:
       m = e["metrics"][n]
       digits = 4 if n == "val_loss" else 2
