@@ -12,6 +12,7 @@ jdiff.train.trainer.train_and_evaluate(config, workdir).
 """
 
 import json
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -20,6 +21,7 @@ from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
 from jdiff import config as config_lib
 from jdiff import distributed
+from jdiff.train import lock as lock_lib
 from jdiff.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mmdit_256.py:cpu.",
@@ -42,7 +44,10 @@ def main(argv):
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   cli.reuse_host_memory()
 
-  summary = trainer.train_and_evaluate(config, _WORKDIR.value)
+  try:
+    summary = trainer.train_and_evaluate(config, _WORKDIR.value)
+  except lock_lib.WorkdirInUse as e:
+    sys.exit(f"error: {e}")
   evaluation = dict(summary["eval"] or {})
   val_loss = evaluation.pop("val_loss", None)
   print(json.dumps({"step": summary["step"], "stopped_by": summary["stopped_by"],

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import sys
 from typing import Any
 
 from absl import app, flags
@@ -32,6 +33,7 @@ from jdiff import config as config_lib
 from jdiff import inference
 from jdiff import pairs as pairs_lib
 from jdiff.eval import benchmark
+from jdiff.train import lock as lock_lib
 from jdiff.train import trainer
 
 log = logging.getLogger("jdiff.stages")  # not __name__: "__main__" under python -m
@@ -216,7 +218,10 @@ def main(argv, pipeline_flag, workdir_flag):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.set_log_levels()
   cli.reuse_host_memory()
-  _, table = run(pipeline_flag.value, workdir_flag.value)
+  try:
+    _, table = run(pipeline_flag.value, workdir_flag.value)
+  except lock_lib.WorkdirInUse as e:
+    sys.exit(f"error: {e}")
   print(table)
 
 

@@ -37,6 +37,7 @@ from jdiff.eval import benchmark
 from jdiff.eval import curves
 from jdiff.eval import validation
 from jdiff.models import layers as L
+from jdiff.train import lock as lock_lib
 from jdiff.train import objectives
 from jdiff.train import optim
 from jdiff.train import sharding as shard_lib
@@ -289,6 +290,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = ckpt_lib.resolve_inherited(config)
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
+  with lock_lib.hold(workdir):  # one run per workdir
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if jax.process_index() == 0:
     ckpt_lib.write_config(workdir, config)
   rules = shard_lib.rules_tuple(config.sharding.logical_rules)
