@@ -283,7 +283,8 @@ def run_benchmark(config, networks, params, workdir: str, step: int, writer: Met
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains until config.train.num_steps (resuming if workdir holds a checkpoint).
+  """Trains until config.train.num_steps (resuming if workdir holds a checkpoint), holding
+  the workdir's lock (jdiff.train.lock: raises WorkdirInUse if another run holds it).
 
   Returns a summary: {'step', 'stopped_by', 'last_metrics', 'samples', 'eval'}.
   """
