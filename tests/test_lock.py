@@ -88,3 +88,17 @@ def test_a_second_jdiff_main_into_a_running_workdir_fails_at_once(tmp_path):
   finally:
     first.kill()
     first.wait()
+
+
+def test_an_unreadable_lock_is_removed_only_once_it_is_old(tmp_path):
+  path = tmp_path / lock.FILE
+  path.write_text("{not json")  # a lock being written, or a damaged one
+  with pytest.raises(lock.WorkdirInUse, match="could not take the lock"):
+    lock.acquire(str(tmp_path))  # fresh: it may be another run's lock being created
+  assert path.read_text() == "{not json"
+  old = time.time() - 120
+  os.utime(path, (old, old))
+  me = lock.acquire(str(tmp_path))
+  assert json.load(open(path))["pid"] == os.getpid()
+  lock.release(str(tmp_path), me)
+  assert os.listdir(tmp_path) == []

@@ -96,9 +96,7 @@ def acquire(workdir: str) -> dict[str, Any]:
       if holder is None:  # vanished or unreadable: released meanwhile, or damaged
         if os.path.exists(path) and time.time() - os.path.getmtime(path) > 60:
           log.warning("workdir %s: removing the unreadable lock file %s", workdir, path)
-          aside = _set_aside(path, me)
-          if aside:
-            os.remove(aside)
+          _remove_if_still(path, None, me)
         continue
       state = alive(holder)
       if state is None:
@@ -109,26 +107,25 @@ def acquire(workdir: str) -> dict[str, Any]:
                            "choose another --workdir")
       log.warning("workdir %s: taking over the lock of %s, which is no longer running", workdir,
                   _describe(holder))
-      aside = _set_aside(path, me)
-      if aside and _read(aside) != holder:  # a live run's lock replaced the stale one meanwhile: put it back
-        with contextlib.suppress(OSError):
-          os.link(aside, path)
-      if aside:
-        os.remove(aside)
+      _remove_if_still(path, holder, me)
     raise WorkdirInUse(f"workdir {workdir}: could not take the lock {path} (other runs are starting there)")
   finally:
     os.remove(tmp)
 
 
-def _set_aside(path: str, me: dict[str, Any]) -> str | None:
-  """Renames the lock out of the way (atomic: of two processes, one succeeds); returns its
-  new path, or None if another process moved it first."""
+def _remove_if_still(path: str, expected: dict[str, Any] | None, me: dict[str, Any]) -> None:
+  """Removes the lock file if it still holds `expected` (None: unreadable). It is first
+  renamed aside (atomic: of two processes, one succeeds); if what moved is another run's
+  lock that replaced the expected one meanwhile, it is put back."""
   aside = f"{path}.stale.{me['host']}.{me['pid']}"
   try:
     os.rename(path, aside)
-  except FileNotFoundError:
-    return None
-  return aside
+  except FileNotFoundError:  # another process moved it first
+    return
+  if _read(aside) != expected:
+    with contextlib.suppress(OSError):
+      os.link(aside, path)
+  os.remove(aside)
 
 
 def release(workdir: str, me: dict[str, Any]) -> None:
