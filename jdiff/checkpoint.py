@@ -7,14 +7,25 @@
 
 Restoring takes an abstract state whose leaves carry the *current* mesh's shardings, so
 a checkpoint written on one mesh restores onto another.
+
+Integrity. Every checkpoint carries CHECKSUMS (size and CRC-32 of each of its files), written
+into Orbax's temporary directory before the atomic rename that commits it, so a committed
+checkpoint always has them and a save killed midway leaves only a temporary directory that
+Orbax ignores. Restoring checks them first: a truncated, missing or changed file is found
+before any of it is used. A run resumes from the newest checkpoint that restores; newer ones
+that do not are moved to WORKDIR/checkpoints_aside/ (never deleted) with one log line each.
+A write error during an asynchronous save (a full disk) is reported when the next save or
+the end of the run finds it; the failed step is never committed.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
-from typing import Any
+import zlib
+from typing import Any, Callable
 
 import grain
 import jax
@@ -27,10 +38,83 @@ from jdiff import config as config_lib
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data", "config", "lineage")
+CHECKSUMS = "jdiff_checksums.json"
+MAX_FAILED_SAVES = 3  # consecutive failed saves (a full disk) after which a run stops
+_ORBAX_TMP = ".orbax-checkpoint-tmp"  # Orbax's name for a step being written: STEP + this
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be written or restored; the message is one line for the user."""
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / "checkpoints"
+
+
+def aside_dir(workdir: str) -> epath.Path:
+  """Where checkpoints that do not restore (or that an explicit restore_step supersedes) go."""
+  return epath.Path(workdir) / "checkpoints_aside"
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 22):  # zlib releases the GIL on large buffers
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+# Step-level files that Orbax writes or rewrites when it commits, after the checksums.
+_WRITTEN_AT_COMMIT = frozenset({CHECKSUMS, "_CHECKPOINT_METADATA", "commit_success.txt"})
+
+
+def _files(root: str) -> list[str]:
+  """The files of a checkpoint that its checksums cover: all of its items' files."""
+  rels = (os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+  return sorted(rel for rel in rels if rel not in _WRITTEN_AT_COMMIT)
+
+
+def write_checksums(step_dir: str) -> None:
+  """Records the size and CRC-32 of every file under `step_dir` in step_dir/CHECKSUMS."""
+  sums = {rel: [os.path.getsize(os.path.join(step_dir, rel)), _crc32(os.path.join(step_dir, rel))]
+          for rel in _files(step_dir)}
+  tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"algorithm": "crc32", "files": sums}, f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+
+
+def verify_checksums(step_dir: str) -> str | None:
+  """What is wrong with the files of a checkpoint against its CHECKSUMS (None: nothing;
+  a checkpoint written before checksums existed is not checked)."""
+  path = os.path.join(step_dir, CHECKSUMS)
+  if not os.path.exists(path):
+    return None if os.path.isdir(step_dir) else f"{step_dir} does not exist"
+  try:
+    with open(path) as f:
+      sums = json.load(f)["files"]
+  except (OSError, ValueError, KeyError) as e:
+    return f"its checksum file is unreadable ({e})"
+  for rel, (size, crc) in sums.items():
+    full = os.path.join(step_dir, rel)
+    if not os.path.exists(full):
+      return f"{rel} is missing"
+    if os.path.getsize(full) != size:
+      return f"{rel} has {os.path.getsize(full)} bytes, {size} when written (truncated or overwritten)"
+    if _crc32(full) != crc:
+      return f"{rel} has changed since it was written (checksum mismatch)"
+  return None
+
+
+def _one_line(e: BaseException) -> str:
+  """An exception as one line; a long one keeps its start and its end, where TensorStore and
+  the OS put the cause (e.g. 'No space left on device')."""
+  text = " ".join(str(e).split())
+  if len(text) > 400:
+    text = f"{text[:150]} ... {text[-250:]}"
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 class _Drop(logging.Filter):
@@ -44,6 +128,30 @@ class _Drop(logging.Filter):
     return not record.getMessage().startswith(self.prefix)
 
 
+class _OneLineSaveErrors(logging.Filter):
+  """Orbax logs a failed background save (a full disk) as several tracebacks, one per thread
+  that saw it; this keeps the first, as one line naming the step, and drops the rest (the
+  next save or the end of the run reports the failure again as a CheckpointError)."""
+
+  def __init__(self, owner: "Checkpoints"):
+    super().__init__()
+    self.owner = owner
+    self.reported: int | None = None
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+      return True
+    step = self.owner._saving
+    if self.reported == step:
+      return False
+    self.reported = step
+    error = record.exc_info[1] if record.exc_info else None
+    record.msg, record.args = "checkpoint step %s could not be written: %s", (
+        step, _one_line(error) if error is not None else record.getMessage())
+    record.exc_info = record.exc_text = None
+    return True
+
+
 class Checkpoints:
   """Saves and restores the four items of a run in `workdir`/checkpoints."""
 
@@ -55,21 +163,42 @@ class Checkpoints:
     quiet = _Drop("Given directory is read only")
     if read_only:
       absl_log.addFilter(quiet)
+    self.read_only = read_only
+    self.async_save = async_save
+    self._saving: int | None = None  # the step of the save in flight
+    self.failed_in_a_row = 0
     try:
       self.manager = ocp.CheckpointManager(
           checkpoint_dir(self.workdir),
           item_names=ITEMS,
           # read_only: what Orbax would reset (with a warning each) is not set at all.
-          options=ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
-                                               save_interval_steps=0 if read_only else 1,
-                                               enable_async_checkpointing=async_save,
-                                               create=not read_only, read_only=read_only),
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=None if read_only else keep,
+              save_interval_steps=0 if read_only else 1,
+              enable_async_checkpointing=async_save,
+              async_options=ocp.AsyncOptions(post_finalization_callback=self._seal) if async_save else None,
+              # A save that a kill or a full disk interrupted leaves a temporary directory.
+              cleanup_tmp_directories=not read_only,
+              create=not read_only, read_only=read_only),
       )
     finally:
       absl_log.removeFilter(quiet)
+    self._save_errors = _OneLineSaveErrors(self)
+    absl_log.addFilter(self._save_errors)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def _seal(self) -> None:
+    """Writes the checksums of the step being saved, after its files are complete and
+    before Orbax commits it (called by Orbax's save thread; the first process writes)."""
+    if self._saving is None or jax.process_index() != 0:
+      return
+    root = checkpoint_dir(self.workdir)
+    pending = sorted(root.glob(f"{self._saving}{_ORBAX_TMP}*"))
+    # Storage without atomic rename (object stores) writes the step in place.
+    step_dir = pending[-1] if pending else root / str(self._saving)
+    write_checksums(os.fspath(step_dir))
 
   def save(self, step: int, state: Any, data_iterator: Any, config: ml_collections.ConfigDict,
            lineage: list[dict[str, Any]], force: bool = False) -> bool:
@@ -80,24 +209,129 @@ class Checkpoints:
         config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
         lineage=ocp.args.JsonSave({"stages": lineage}),
     )
-    return self.manager.save(step, args=args, force=force)
+    # The previous save's fate is known here (and _seal must not see the new step before).
+    self._count(self._finish_previous())
+    self._saving = step
+    try:
+      started = self.manager.save(step, args=args, force=force)
+      if not self.async_save and started and jax.process_index() == 0:
+        write_checksums(os.fspath(checkpoint_dir(self.workdir) / str(step)))
+    except Exception as e:  # noqa: BLE001 -- a write error before the save went to the background
+      self._saving = None
+      self._discard_partial(step)
+      self._count(CheckpointError(f"saving checkpoint step {step} in {checkpoint_dir(self.workdir)} failed "
+                                  f"({_one_line(e)}); the earlier checkpoints are intact (latest: step "
+                                  f"{self.latest_step()})"))
+      return False
+    return started
+
+  def _finish_previous(self) -> CheckpointError | bool | None:
+    """Waits for the save in flight: None if there was none, True if it committed, else its error."""
+    had = self._saving is not None
+    try:
+      self.wait()
+    except CheckpointError as e:
+      return e
+    return True if had else None
+
+  def _count(self, outcome: CheckpointError | bool | None) -> None:
+    """Counts failed saves in a row: logs a failure, and after MAX_FAILED_SAVES raises it."""
+    if outcome is True:
+      self.failed_in_a_row = 0
+    elif isinstance(outcome, CheckpointError):
+      self.failed_in_a_row += 1
+      if self.failed_in_a_row >= MAX_FAILED_SAVES:
+        raise CheckpointError(f"{outcome}; {self.failed_in_a_row} saves in a row failed, so the run stops")
+      log.error("%s; training continues and saves again at the next checkpoint step", outcome)
 
   def restore(self, abstract_state: Any, data_iterator: Any, step: int | None = None):
-    """Restores (state, lineage) at `step` (default: latest) and rewinds `data_iterator`."""
-    step = self.latest_step() if step is None else step
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator),
-        lineage=ocp.args.JsonRestore(),
-    ))
-    return restored.state, restored.lineage["stages"]
+    """Restores (state, lineage, step) from the newest checkpoint that restores completely
+    (or exactly `step`) and rewinds `data_iterator` to its position."""
+    def restore_items(s):
+      restored = self.manager.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=grain.checkpoint.CheckpointRestore(data_iterator),
+          lineage=ocp.args.JsonRestore(),
+      ))
+      return restored.state, restored.lineage["stages"]
+    (state, lineage), step = self.first_restorable(restore_items, step)
+    return state, lineage, step
+
+  def first_restorable(self, restore: Callable[[int], Any], step: int | None = None) -> tuple[Any, int]:
+    """(restore(s), s) for the newest step s whose checksums hold and whose restore succeeds,
+    or for exactly `step`. Newer checkpoints are moved aside (unless read-only), each with
+    one log line saying why; if none restores, raises CheckpointError listing what was tried."""
+    where = checkpoint_dir(self.workdir)
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if step is not None and step not in steps:
+      raise CheckpointError(f"there is no checkpoint at step {step} in {where} (steps: "
+                            f"{', '.join(map(str, steps)) or 'none'})")
+    failed = []
+    for s in ([step] if step is not None else steps):
+      problem = verify_checksums(os.fspath(where / str(s)))
+      if problem is None:
+        try:
+          result = restore(s)
+        except Exception as e:  # noqa: BLE001 -- whatever Orbax, TensorStore or json raise for bad files
+          problem = _one_line(e)
+      if problem is not None:
+        failed.append((s, problem))
+        continue
+      reasons = dict(failed)
+      for newer in [x for x in steps if x > s]:
+        why = reasons.get(newer, f"superseded by the requested step {s}")
+        if self.read_only:
+          log.error("checkpoint step %d in %s is not used: %s", newer, where, why)
+        else:
+          moved = self._set_aside(newer, "corrupt" if newer in reasons else "superseded")
+          log.error("checkpoint step %d in %s is not used (%s): moved to %s", newer, where, why, moved)
+      return result, s
+    tried = "; ".join(f"step {s}: {p}" for s, p in failed)
+    if step is not None:
+      raise CheckpointError(f"checkpoint step {step} in {where} cannot be restored: {tried}")
+    raise CheckpointError(f"no checkpoint in {where} restores ({tried}); they are left in place: "
+                          "move them away to start afresh, or set train.restore_step")
+
+  def _discard_partial(self, step: int | None) -> None:
+    """Removes what a failed save of `step` wrote (never committed, so never a checkpoint),
+    freeing the space a full disk needs for the next save."""
+    if step is not None and jax.process_index() == 0:
+      for partial in checkpoint_dir(self.workdir).glob(f"{step}{_ORBAX_TMP}*"):
+        partial.rmtree(missing_ok=True)
+    self.manager.reload()
+
+  def _set_aside(self, step: int, why: str) -> epath.Path:
+    """Moves checkpoint `step` to aside_dir (first process; the others wait for it)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    dest = aside_dir(self.workdir) / f"{step}.{why}.{stamp}"
+    if jax.process_index() == 0:
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      os.rename(checkpoint_dir(self.workdir) / str(step), dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"jdiff checkpoint aside {step}")
+    self.manager.reload()
+    return dest
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the save in flight; raises CheckpointError if it failed (never committed)."""
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001 -- a write error of the save thread, e.g. a full disk
+      step, self._saving = self._saving, None
+      self._discard_partial(step)
+      raise CheckpointError(f"saving checkpoint step {step} in {checkpoint_dir(self.workdir)} failed "
+                            f"({_one_line(e)}); it was not committed, the earlier checkpoints are intact "
+                            f"(latest: step {self.latest_step()})") from e
+    self._saving = None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+      logging.getLogger("absl").removeFilter(self._save_errors)
 
 
 def save_weights(workdir: str, params: Any, config: ml_collections.ConfigDict, lineage: list[dict[str, Any]],
@@ -111,22 +345,23 @@ def save_weights(workdir: str, params: Any, config: ml_collections.ConfigDict, l
       config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
       lineage=ocp.args.JsonSave({"stages": lineage}),
   ))
+  if jax.process_index() == 0:
+    write_checksums(os.fspath(checkpoint_dir(workdir) / str(step)))
   ckpt.close()
 
 
 def _restore_subtree(workdir: str, subtree: dict[str, Any], step: int | None = None):
   """Restores only the named parts of a state checkpoint (e.g. EMA params), onto the
   shardings of `subtree`'s ShapeDtypeStructs. Returns (restored subtree, lineage, step)."""
-  ckpt = Checkpoints(workdir, read_only=True)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint found in {checkpoint_dir(workdir)}")
+  ckpt = _open_read_only(workdir)
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), subtree)
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=subtree, restore_args=restore_args, partial_restore=True),
-      lineage=ocp.args.JsonRestore(),
-  ))
-  ckpt.close()
+  try:
+    restored, step = ckpt.first_restorable(lambda s: ckpt.manager.restore(s, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=subtree, restore_args=restore_args, partial_restore=True),
+        lineage=ocp.args.JsonRestore(),
+    )), step)
+  finally:
+    ckpt.close()
   # A partial restore hands back the abstract value of anything the checkpoint lacks.
   missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(restored.state)
              if isinstance(leaf, jax.ShapeDtypeStruct)]
@@ -145,13 +380,21 @@ def restore_ema(workdir: str, abstract_params: Any, step: int | None = None):
 
 def read_lineage(workdir: str, step: int | None = None) -> list[dict[str, Any]]:
   """The stage lineage stored with `workdir`'s latest (or given) checkpoint."""
+  ckpt = _open_read_only(workdir)
+  try:
+    restored, _ = ckpt.first_restorable(
+        lambda s: ckpt.manager.restore(s, args=ocp.args.Composite(lineage=ocp.args.JsonRestore())), step)
+  finally:
+    ckpt.close()
+  return restored.lineage["stages"]
+
+
+def _open_read_only(workdir: str) -> Checkpoints:
   ckpt = Checkpoints(workdir, read_only=True)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
+  if ckpt.latest_step() is None:
+    ckpt.close()
     raise FileNotFoundError(f"no checkpoint found in {checkpoint_dir(workdir)}")
-  lineage = ckpt.manager.restore(step, args=ocp.args.Composite(lineage=ocp.args.JsonRestore())).lineage
-  ckpt.close()
-  return lineage["stages"]
+  return ckpt
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -160,6 +403,25 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a jdiff workdir?")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def check_same_model(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume `workdir` with a config whose model differs from the one its
+  checkpoints hold (the architecture fields of config.INHERITED), before any restore."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    return
+  stored = json.loads(path.read_text())
+  differ = []
+  for section in config_lib.INHERITED:  # compared as JSON: tuples and lists alike
+    old, new = stored.get(section, {}), json.loads(config[section].to_json_best_effort())
+    for key in sorted(set(old) | set(new)):
+      if key not in config_lib.RUNTIME_FIELDS and old.get(key) != new.get(key):
+        differ.append(f"{section}.{key}: {old.get(key)!r} there, {new.get(key)!r} now")
+  if differ:
+    raise CheckpointError(f"{workdir} holds checkpoints of another model ({'; '.join(differ)}): resume with "
+                          "the same model fields, use a new workdir, or start a new workdir from this one's "
+                          f"weights with --config.init_from={workdir}")
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -190,6 +190,9 @@ def base() -> ml_collections.ConfigDict:
       log_every=100,
       checkpoint_every=5000,
       keep_checkpoints=3,
+      # Resume from this step instead of the newest checkpoint that restores; newer ones are
+      # moved to WORKDIR/checkpoints_aside/ (e.g. to go back before a divergence).
+      restore_step=config_dict.placeholder(int),
       sample_every=5000,  # 0 disables sample grids
       max_nonfinite=10,  # stop after this many consecutive non-finite steps
   ))

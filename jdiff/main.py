@@ -46,7 +46,7 @@ def main(argv):
 
   try:
     summary = trainer.train_and_evaluate(config, _WORKDIR.value)
-  except lock_lib.WorkdirInUse as e:
+  except (lock_lib.WorkdirInUse, ckpt_lib.CheckpointError) as e:
     sys.exit(f"error: {e}")
   evaluation = dict(summary["eval"] or {})
   val_loss = evaluation.pop("val_loss", None)

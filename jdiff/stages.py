@@ -220,7 +220,7 @@ def main(argv, pipeline_flag, workdir_flag):
   cli.reuse_host_memory()
   try:
     _, table = run(pipeline_flag.value, workdir_flag.value)
-  except lock_lib.WorkdirInUse as e:
+  except (lock_lib.WorkdirInUse, ckpt_lib.CheckpointError) as e:
     sys.exit(f"error: {e}")
   print(table)
 

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import logging
 import os
 import signal
 
@@ -48,7 +49,7 @@ def restored(workdir, config):
   p = pipeline_lib.make_pipeline(config.data, global_batch=config.train.batch_size,
                                  max_len=config.text.max_len, seed=config.seed)
   ckpt = ckpt_lib.Checkpoints(str(workdir), read_only=True)
-  state, lineage = ckpt.restore(state_lib.abstract_with_shardings(abstract, shardings), p.iterator)
+  state, lineage, _ = ckpt.restore(state_lib.abstract_with_shardings(abstract, shardings), p.iterator)
   ckpt.close()
   return jax.device_get(state), p.iterator.get_state(), lineage
 
@@ -73,6 +74,38 @@ def test_resumed_equals_uninterrupted(tmp_path):
   assert [l["step"] for l in lines] == [2, 4, 6]
   assert all(np.isfinite(l["loss"]) and l["loss"] > 0 for l in lines)
   assert any(k.startswith("loss_t") for k in lines[0])
+
+
+def test_run_resumes_past_a_damaged_checkpoint_to_the_uninterrupted_result(tmp_path, caplog):
+  """The newest checkpoint truncated (a failed copy, a full disk during a sync): the restart
+  sets it aside, resumes from the one before, and ends where an uninterrupted run ends."""
+  config = get_config(train__num_steps=6, train__checkpoint_every=2, train__sample_every=0)
+  run(config, tmp_path / "full")
+  run(get_config(train__num_steps=4, train__checkpoint_every=2, train__sample_every=0), tmp_path / "resumed")
+  state_dir = os.path.join(ckpt_lib.checkpoint_dir(str(tmp_path / "resumed")), "4", "state")
+  largest = max((os.path.join(d, f) for d, _, fs in os.walk(state_dir) for f in fs), key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 3)
+  with caplog.at_level(logging.INFO):
+    assert run(config, tmp_path / "resumed")["step"] == 6
+  assert any("checkpoint step 4" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+  assert any("resuming from" in r.getMessage() and "at step 2" in r.getMessage() for r in caplog.records)
+  assert os.listdir(ckpt_lib.aside_dir(str(tmp_path / "resumed")))[0].startswith("4.corrupt.")
+  a, a_data, _ = restored(tmp_path / "full", config)
+  b, b_data, _ = restored(tmp_path / "resumed", config)
+  chex.assert_trees_all_equal(a, b)
+  assert a_data == b_data
+
+
+def test_resume_with_another_model_is_refused_and_leaves_the_workdir_as_it_was(tmp_path):
+  work = tmp_path / "w"
+  run(get_config(train__num_steps=2, train__sample_every=0), work)
+  before = {name: open(work / name, "rb").read() for name in ("config.json", "metrics.jsonl")}
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"text.width: 32 there, 48 now.*init_from="):
+    run(get_config(train__num_steps=4, text__width=48, train__sample_every=0), work)
+  assert {name: open(work / name, "rb").read() for name in before} == before
+  # Fields that say how to run, not what the model is, may change on resume.
+  assert run(get_config(train__num_steps=4, train__sample_every=0, model__remat="full"), work)["step"] == 4
 
 
 def _tiny_state_and_batch(config, mesh, seed=0):
@@ -134,7 +167,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   abstract, shardings = state_lib.state_shardings(networks, tx, mesh, rules)
   p = pipeline_lib.make_pipeline(config.data, global_batch=8, max_len=config.text.max_len, seed=0)
   ckpt = ckpt_lib.Checkpoints(str(tmp_path), read_only=True)
-  state, _ = ckpt.restore(state_lib.abstract_with_shardings(abstract, shardings), p.iterator)
+  state, _, _ = ckpt.restore(state_lib.abstract_with_shardings(abstract, shardings), p.iterator)
   ckpt.close()
   kernel = state.params["denoiser"]["last_block"]["x_mlp"]["fc1"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
@@ -242,6 +275,11 @@ def test_cli_train_sample_evaluate(tmp_path):
   assert result["step"] == 4 and len(result["images"]) == 2
   from PIL import Image
   assert np.asarray(Image.open(result["images"][0])).shape == (16, 16, 3)
+  proc = _cli("jdiff.main", "--config=configs/mmdit_256.py:test", f"--workdir={work}",
+              "--config.train.restore_step=3", "--config.train.num_steps=6", check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: there is no checkpoint at step 3 in "), \
+      proc.stderr[-2000:]
   out = _cli("jdiff.evaluate", f"--workdir={work}", "--num_samples=3", "--num_steps=2")
   scores = json.loads(out.stdout.strip().splitlines()[-1])
   assert set(scores) == {"seen", "held_out", "new_color"}

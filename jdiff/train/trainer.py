@@ -217,11 +217,13 @@ def initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline, pa
   """
   abstract, shardings = state_lib.state_shardings(networks, tx, mesh, rules)
   if ckpt.latest_step() is not None:
-    step = ckpt.latest_step()
-    log.info("resuming from %s at step %d", ckpt.workdir, step)
     target = state_lib.abstract_with_shardings(abstract, shardings)
-    state, lineage = ckpt.restore(target, pipeline.iterator, step)
+    state, lineage, step = ckpt.restore(target, pipeline.iterator, config.train.restore_step)
+    log.info("resuming from %s at step %d", ckpt.workdir, step)
     return state, shardings, abstract, lineage
+  if config.train.restore_step is not None:
+    raise ckpt_lib.CheckpointError(f"train.restore_step={config.train.restore_step}: there is no checkpoint in "
+                                   f"{ckpt_lib.checkpoint_dir(workdir)}")
   state, _ = state_lib.create_state(networks, tx, mesh, rules, config.seed)
   if config.init_from:
     _, ema, parent_lineage, from_step = parent
@@ -296,8 +298,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  if jax.process_index() == 0:
-    ckpt_lib.write_config(workdir, config)
   rules = shard_lib.rules_tuple(config.sharding.logical_rules)
   mesh = shard_lib.make_mesh(config.mesh)
   networks = networks_lib.build_networks(config)
@@ -305,6 +305,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   pipeline = pipeline_lib.make_pipeline(config.data, global_batch=config.train.batch_size,
                                         max_len=config.text.max_len, seed=config.seed)
   ckpt = ckpt_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    ckpt_lib.check_same_model(config, workdir)
   # The init_from model is restored once: to start from (no checkpoint yet) and/or as the
   # frozen reference/teacher of the objective.
   objective = objectives.check(config)
@@ -314,6 +316,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     parent = load_parent(config.init_from, mesh, rules)
   state, shardings, abstract, lineage = initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline,
                                                       parent)
+  if jax.process_index() == 0:  # only now: a start that fails leaves the workdir as it was
+    ckpt_lib.write_config(workdir, config)
   log.info("mesh %s; %s denoiser params, %s text params", dict(mesh.shape),
            f"{networks_lib.param_count(state.params['denoiser']):,}",
            f"{networks_lib.param_count(state.params.get('text', {})):,}")
