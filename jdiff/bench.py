@@ -40,6 +40,7 @@ import numpy as np
 from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
 from jdiff import config as config_lib
+from jdiff import errors
 from jdiff import flops as flops_lib
 from jdiff import networks as networks_lib
 from jdiff.train import optim
@@ -49,8 +50,8 @@ from jdiff.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mmdit_256.py:cpu.",
                                           lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.", lower_bound=0)
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "If set, trace 2 more steps there with jax.profiler.")
 
 # Peak dense FLOP/s per device by (device-kind substring, compute dtype). bf16: tensor-core /
@@ -95,9 +96,9 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir: str = "", profile
   or open in TensorBoard/XProf)."""
 
   if steps < 1 or warmup < 0:
-    raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")
+    raise errors.InvalidArgument(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")
   if config.objective != "flow":
-    raise ValueError(f"jdiff.bench times the flow objective's step; objective {config.objective!r} "
+    raise errors.InvalidArgument(f"jdiff.bench times the flow objective's step; objective {config.objective!r} "
                      "needs a frozen model (time it with jdiff.main's step log)")
   networks, tx, mesh, rules = step_parts(config)
   state, shardings = state_lib.create_state(networks, tx, mesh, rules, config.seed)
@@ -170,4 +171,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

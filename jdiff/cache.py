@@ -20,6 +20,7 @@ import tqdm
 from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
 from jdiff.data import cache, pipeline, pixels, sources
+from jdiff import errors
 from jdiff.interop import sd3_pipeline
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,8 @@ log = logging.getLogger(__name__)
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose data, autoencoder and text to use.",
                                           lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
-_NUM = flags.DEFINE_integer("num_records", None, "Records to encode (default: all of the source).")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Images per encoder call.")
+_NUM = flags.DEFINE_integer("num_records", None, "Records to encode (default: all of the source).", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Images per encoder call.", lower_bound=1)
 _SPLIT = flags.DEFINE_string("split", "train", "Source split.")
 _DTYPE = flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "Storage dtype of latents and context.")
 flags.mark_flags_as_required(["config", "out"])
@@ -58,7 +59,7 @@ def write(config, out_dir: str, *, split: str = "train", num_records: int | None
           records_per_file: int = 4096, dtype: str = "float16") -> dict[str, Any]:
   """Encodes config.data's first `num_records` records (default: all) into `out_dir`."""
   if not config.autoencoder.path or config.text.encoder != "sd3":
-    raise ValueError("the cache needs config.autoencoder.path (a VAE) and text.encoder='sd3' with "
+    raise errors.InvalidArgument("the cache needs config.autoencoder.path (a VAE) and text.encoder='sd3' with "
                      "text.pipeline (the SD3 text encoders)")
   source = sources.make_source(config.data, split)
   n = len(source) if num_records is None else min(num_records, len(source))
@@ -84,7 +85,7 @@ def write(config, out_dir: str, *, split: str = "train", num_records: int | None
     records.close()
   written = records.written
   if written == 0:
-    raise ValueError(f"no record of {n} could be decoded")
+    raise errors.InvalidArgument(f"no record of {n} could be decoded")
   null = text.encode([""])
   prompts = list(config.sample.prompts)
   pc = text.encode(prompts) if prompts else dict(context=np.zeros((0,) + null["context"].shape[1:]),
@@ -116,4 +117,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

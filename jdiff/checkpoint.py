@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jdiff import config as config_lib
+from jdiff import errors
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ MAX_FAILED_SAVES = 3  # consecutive failed saves (a full disk) after which a run
 _ORBAX_TMP = ".orbax-checkpoint-tmp"  # Orbax's name for a step being written: STEP + this
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
   """A checkpoint that cannot be written or restored; the message is one line for the user."""
 
 
@@ -128,6 +129,20 @@ class _Drop(logging.Filter):
     return not record.getMessage().startswith(self.prefix)
 
 
+_NOISY_LOGGERS = ("absl", "asyncio")  # where a failed save's tracebacks are logged while it runs
+
+
+def _drop_unretrieved_save_futures(record: logging.LogRecord) -> bool:
+  """asyncio reports the futures of a failed save's other writes, when they are collected
+  (often after the run ended), as 'exception was never retrieved' with a traceback each; the
+  failure itself was already reported as one line."""
+  text = record.getMessage()
+  return not ("exception was never retrieved" in text and _ORBAX_TMP in text)
+
+
+logging.getLogger("asyncio").addFilter(_drop_unretrieved_save_futures)
+
+
 class _OneLineSaveErrors(logging.Filter):
   """Orbax logs a failed background save (a full disk) as several tracebacks, one per thread
   that saw it; this keeps the first, as one line naming the step, and drops the rest (the
@@ -139,7 +154,12 @@ class _OneLineSaveErrors(logging.Filter):
     self.reported: int | None = None
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+    if record.levelno < logging.ERROR:
+      return True
+    # Orbax's own records, and asyncio's 'Future exception was never retrieved' for the
+    # futures of Orbax's writes that failed alongside.
+    if "orbax" not in record.pathname and not (record.name == "asyncio" and
+                                               self.owner.directory in record.getMessage()):
       return True
     step = self.owner._saving
     if self.reported == step:
@@ -183,8 +203,10 @@ class Checkpoints:
       )
     finally:
       absl_log.removeFilter(quiet)
+    self.directory = os.fspath(checkpoint_dir(self.workdir))
     self._save_errors = _OneLineSaveErrors(self)
-    absl_log.addFilter(self._save_errors)
+    for name in _NOISY_LOGGERS:
+      logging.getLogger(name).addFilter(self._save_errors)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -220,8 +242,8 @@ class Checkpoints:
       self._saving = None
       self._discard_partial(step)
       self._count(CheckpointError(f"saving checkpoint step {step} in {checkpoint_dir(self.workdir)} failed "
-                                  f"({_one_line(e)}); the earlier checkpoints are intact (latest: step "
-                                  f"{self.latest_step()})"))
+                                  f"({_one_line(e)}); the earlier checkpoints are intact "
+                                  f"({self._latest_text()})"))
       return False
     return started
 
@@ -292,6 +314,10 @@ class Checkpoints:
     raise CheckpointError(f"no checkpoint in {where} restores ({tried}); they are left in place: "
                           "move them away to start afresh, or set train.restore_step")
 
+  def _latest_text(self) -> str:
+    latest = self.latest_step()
+    return "none yet" if latest is None else f"latest: step {latest}"
+
   def _discard_partial(self, step: int | None) -> None:
     """Removes what a failed save of `step` wrote (never committed, so never a checkpoint),
     freeing the space a full disk needs for the next save."""
@@ -323,7 +349,7 @@ class Checkpoints:
       self._discard_partial(step)
       raise CheckpointError(f"saving checkpoint step {step} in {checkpoint_dir(self.workdir)} failed "
                             f"({_one_line(e)}); it was not committed, the earlier checkpoints are intact "
-                            f"(latest: step {self.latest_step()})") from e
+                            f"({self._latest_text()})") from e
     self._saving = None
 
   def close(self) -> None:
@@ -331,7 +357,8 @@ class Checkpoints:
       self.wait()
     finally:
       self.manager.close()
-      logging.getLogger("absl").removeFilter(self._save_errors)
+      for name in _NOISY_LOGGERS:
+        logging.getLogger(name).removeFilter(self._save_errors)
 
 
 def save_weights(workdir: str, params: Any, config: ml_collections.ConfigDict, lineage: list[dict[str, Any]],
@@ -366,7 +393,7 @@ def _restore_subtree(workdir: str, subtree: dict[str, Any], step: int | None = N
   missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(restored.state)
              if isinstance(leaf, jax.ShapeDtypeStruct)]
   if missing:
-    raise ValueError(f"{checkpoint_dir(workdir)} step {step} has no {', '.join(missing[:5])}"
+    raise errors.InvalidArgument(f"{checkpoint_dir(workdir)} step {step} has no {', '.join(missing[:5])}"
                      f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''}: the checkpoint was "
                      "written for another model layout or version")
   return restored.state, restored.lineage["stages"], step
@@ -393,7 +420,7 @@ def _open_read_only(workdir: str) -> Checkpoints:
   ckpt = Checkpoints(workdir, read_only=True)
   if ckpt.latest_step() is None:
     ckpt.close()
-    raise FileNotFoundError(f"no checkpoint found in {checkpoint_dir(workdir)}")
+    raise errors.NotFound(f"no checkpoint found in {checkpoint_dir(workdir)}")
   return ckpt
 
 
@@ -401,7 +428,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was started with (workdir/config.json)."""
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
-    raise FileNotFoundError(f"{path} not found: is {workdir!r} a jdiff workdir?")
+    raise errors.NotFound(f"{path} not found: is {workdir!r} a jdiff workdir?")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
@@ -438,7 +465,7 @@ def resolve_inherited(config: ml_collections.ConfigDict) -> ml_collections.Confi
   if config.model.name != "inherit":
     return config
   if not config.init_from:
-    raise ValueError("config.model.name='inherit' takes the model from config.init_from, which is not set")
+    raise errors.InvalidArgument("config.model.name='inherit' takes the model from config.init_from, which is not set")
   parent = load_config(config.init_from)
   out = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
   for section in config_lib.INHERITED:

@@ -6,9 +6,94 @@ import ctypes
 import logging
 import os
 import sys
+from typing import Any, Callable, NoReturn, Sequence
 
-from absl import flags
+from absl import app, flags
 from absl import logging as absl_logging
+
+from jdiff import errors
+
+# Exit statuses of the entry points (README, "Exit status").
+EXIT_USER_ERROR = 2  # a mistake in the command, its flags, config or files: one line on stderr
+EXIT_RESUMABLE = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint (sysexits' EX_TEMPFAIL)
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) before training started, as shells report it
+
+
+class Resumable(Exception):
+  """Work stopped early with its progress saved: one line, exit status EXIT_RESUMABLE."""
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+  """absl's app.run for jdiff's entry points. A mistake of the user's -- a flag or config
+  override that does not parse, a config file that does not load, an errors.UserError or
+  app.UsageError raised by `main` -- is printed as one line, `error: ...`, with exit status 2;
+  Ctrl-C exits with 130 and no traceback. Anything else is a bug and keeps its traceback."""
+
+  def parse(argv: Sequence[str]) -> list[str]:
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      _fail(_one_line(str(e)) + " (--helpfull lists the flags)")
+    except (AttributeError, KeyError) as e:  # ml_collections: an override naming no config field
+      _fail(_unknown_field(e, argv))
+
+  def guarded(argv: list[str]) -> Any:
+    try:
+      return main(argv)
+    except (errors.UserError, app.UsageError) as e:
+      _fail(_one_line(str(e)))
+    except Resumable as e:
+      print(f"stopped: {e}", file=sys.stderr)
+      sys.exit(EXIT_RESUMABLE)
+    except OSError as e:
+      if "Failed loading config file" not in str(e):  # ml_collections loads --config on first use
+        raise
+      _fail(_config_not_loaded(str(e)))
+    except KeyboardInterrupt:
+      print("interrupted", file=sys.stderr)
+      sys.exit(EXIT_INTERRUPTED)
+
+  try:
+    app.run(guarded, flags_parser=parse)
+  except KeyboardInterrupt:  # during absl's start-up, before main
+    print("interrupted", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def _fail(message: str) -> NoReturn:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _one_line(text: str) -> str:
+  """A message as one line; a message holding a traceback (a config file that raised) keeps
+  its first line and the traceback's last, the exception itself."""
+  lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
+  if any(l.startswith("Traceback (most recent call last)") for l in lines):
+    return f"{lines[0].rstrip(':')}: {lines[-1]}"
+  return " ".join(lines)
+
+
+def _config_not_loaded(text: str) -> str:
+  """ml_collections' 'Failed loading config file ... Attempted [...]: PATH / REASON' as one line."""
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  attempted = next((i for i, l in enumerate(lines) if l.startswith("Attempted")), None)
+  if attempted is None or attempted + 2 >= len(lines):
+    return _one_line(text)
+  return f"cannot load config file {lines[attempted + 1]}: {lines[-1]}"
+
+
+def _unknown_field(e: BaseException, argv: Sequence[str]) -> str:
+  """'--config.train.num_stepz: no such config field (did you mean "num_steps" ...?)' from
+  ml_collections' KeyError('\'num_stepz\'\nDid you mean ...') (wrapped in AttributeError)."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+  first, _, hint = text.partition("\n")
+  key = first.strip("'\"")
+  flag = next((a.split("=", 1)[0] for a in argv[1:] if a.split("=", 1)[0].endswith("." + key)), key)
+  hint = hint.strip()
+  return f"{flag}: no such config field" + (f" ({hint[0].lower()}{hint[1:]})" if hint else "")
 
 
 def set_log_levels(jdiff_level: int = logging.INFO) -> None:

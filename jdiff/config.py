@@ -21,6 +21,8 @@ from typing import Any, Iterable
 import ml_collections
 from ml_collections import config_dict
 
+from jdiff import errors
+
 STAGES = ("pretrain", "posttrain", "tune", "distill")
 # What each stage may optimise (config.objective); the objectives are in jdiff/train/objectives.py.
 STAGE_OBJECTIVES = {"pretrain": ("flow",), "posttrain": ("flow", "dpo"), "tune": ("flow",),
@@ -240,7 +242,7 @@ def load(spec: str) -> ml_collections.ConfigDict:
   jdiff.main, for notebooks, benchmarks and tests."""
   path, sep, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"no config file {path!r} (from {spec!r})")
+    raise errors.NotFound(f"no config file {path!r} (from {spec!r})")
   module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -251,12 +253,12 @@ def load(spec: str) -> ml_collections.ConfigDict:
 
 def _one_of(name: str, value: Any, allowed) -> None:
   if value not in allowed:
-    raise ValueError(f"config.{name}={value!r} is not one of {tuple(allowed)}")
+    raise errors.InvalidArgument(f"config.{name}={value!r} is not one of {tuple(allowed)}")
 
 
 def _positive(name: str, value: Any) -> None:
   if not value > 0:
-    raise ValueError(f"config.{name}={value!r} must be > 0")
+    raise errors.InvalidArgument(f"config.{name}={value!r} must be > 0")
 
 
 INHERITED = ("model", "text", "autoencoder")
@@ -268,13 +270,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   """Checks every enumerated and numeric field; raises ValueError naming the field."""
   _one_of("stage", c.stage, STAGES)
   if c.model.name == "inherit":
-    raise ValueError("config.model.name='inherit' must be resolved first (jdiff.checkpoint.resolve_inherited)")
+    raise errors.InvalidArgument("config.model.name='inherit' must be resolved first (jdiff.checkpoint.resolve_inherited)")
   _one_of("model.name", c.model.name, MODELS)
   if not c.model.attention.startswith("splash"):
     _one_of("model.attention", c.model.attention, ATTENTION)
   elif c.model.attention != "splash" and not (c.model.attention[7:].isdigit() and int(c.model.attention[7:]) % 128 == 0
                                               and c.model.attention[6] == ":"):
-    raise ValueError(f"config.model.attention={c.model.attention!r}: expected 'splash' or 'splash:<block>' with a "
+    raise errors.InvalidArgument(f"config.model.attention={c.model.attention!r}: expected 'splash' or 'splash:<block>' with a "
                      "block that is a multiple of 128")
   _one_of("model.remat", c.model.remat, REMAT)
   _one_of("text.encoder", c.text.encoder, TEXT_ENCODERS)
@@ -282,17 +284,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of("objective", c.objective, STAGE_OBJECTIVES[c.stage])
   _one_of("data.shapes_split", c.data.shapes_split, ("train", "new_color"))
   if c.data.pairs_dir and c.data.source != "preference":
-    raise ValueError(f"data.pairs_dir is set but data.source is {c.data.source!r}; pairs need 'preference'")
+    raise errors.InvalidArgument(f"data.pairs_dir is set but data.source is {c.data.source!r}; pairs need 'preference'")
   if (c.objective == "dpo") != (c.data.source == "preference"):
-    raise ValueError("config.objective='dpo' trains on preference pairs and only on them: set both "
+    raise errors.InvalidArgument("config.objective='dpo' trains on preference pairs and only on them: set both "
                      f"objective='dpo' and data.source='preference' (got {c.objective!r}, {c.data.source!r})")
   if c.objective == "dpo" and c.dpo.beta <= 0:
-    raise ValueError(f"config.dpo.beta={c.dpo.beta} must be > 0")
+    raise errors.InvalidArgument(f"config.dpo.beta={c.dpo.beta} must be > 0")
   if c.objective == "guidance" and not c.model.guidance_embed:
-    raise ValueError("config.objective='guidance' trains a student that embeds the guidance scale: set "
+    raise errors.InvalidArgument("config.objective='guidance' trains a student that embeds the guidance scale: set "
                      "config.model.guidance_embed=True")
   if not 0 <= c.distill.guidance_min <= c.distill.guidance_max:
-    raise ValueError(f"config.distill.guidance_min={c.distill.guidance_min} and guidance_max="
+    raise errors.InvalidArgument(f"config.distill.guidance_min={c.distill.guidance_min} and guidance_max="
                      f"{c.distill.guidance_max} must satisfy 0 <= min <= max")
   _one_of("diffusion.prediction", c.diffusion.prediction, PREDICTIONS)
   _one_of("diffusion.weighting", c.diffusion.weighting, WEIGHTINGS)
@@ -314,33 +316,33 @@ def validate(c: ml_collections.ConfigDict) -> None:
     section, key = name.split(".")
     _positive(name, c[section][key])
   if c.data.read_threads < -1:
-    raise ValueError(f"config.data.read_threads={c.data.read_threads}: expected >= 0, or -1 (by source)")
+    raise errors.InvalidArgument(f"config.data.read_threads={c.data.read_threads}: expected >= 0, or -1 (by source)")
   if c.data.num_workers < 0:
-    raise ValueError(f"config.data.num_workers={c.data.num_workers} must be >= 0")
+    raise errors.InvalidArgument(f"config.data.num_workers={c.data.num_workers} must be >= 0")
   if c.lora.rank < 0:
-    raise ValueError(f"config.lora.rank={c.lora.rank} must be >= 0")
+    raise errors.InvalidArgument(f"config.lora.rank={c.lora.rank} must be >= 0")
   if c.optim.lr < 0:
-    raise ValueError(f"config.optim.lr={c.optim.lr} must be >= 0")
+    raise errors.InvalidArgument(f"config.optim.lr={c.optim.lr} must be >= 0")
   if not 0.0 <= c.data.caption_dropout < 1.0:
-    raise ValueError(f"config.data.caption_dropout={c.data.caption_dropout} must lie in [0, 1)")
+    raise errors.InvalidArgument(f"config.data.caption_dropout={c.data.caption_dropout} must lie in [0, 1)")
   if not 0.0 <= c.optim.ema_decay < 1.0:
-    raise ValueError(f"config.optim.ema_decay={c.optim.ema_decay} must lie in [0, 1)")
+    raise errors.InvalidArgument(f"config.optim.ema_decay={c.optim.ema_decay} must lie in [0, 1)")
   if c.train.batch_size % c.train.grad_accum:
-    raise ValueError(f"config.train.batch_size={c.train.batch_size} is not divisible by "
+    raise errors.InvalidArgument(f"config.train.batch_size={c.train.batch_size} is not divisible by "
                      f"train.grad_accum={c.train.grad_accum}")
   if c.sample.cfg_scale < 0 or c.eval.cfg_scale < 0:
-    raise ValueError("config.sample.cfg_scale and config.eval.cfg_scale must be >= 0")
+    raise errors.InvalidArgument("config.sample.cfg_scale and config.eval.cfg_scale must be >= 0")
   if c.text.max_len % c.text.downsample:
-    raise ValueError(f"config.text.max_len={c.text.max_len} is not divisible by text.downsample="
+    raise errors.InvalidArgument(f"config.text.max_len={c.text.max_len} is not divisible by text.downsample="
                      f"{c.text.downsample}")
   if c.data.source == "cache":
     if c.text.encoder != "sd3" or not c.autoencoder.path:
-      raise ValueError("data.source='cache' holds SD3 text embeddings and VAE latents: set text.encoder='sd3' "
+      raise errors.InvalidArgument("data.source='cache' holds SD3 text embeddings and VAE latents: set text.encoder='sd3' "
                        "and autoencoder.path")
     if not c.data.cache_dir:
-      raise ValueError("data.source='cache' needs data.cache_dir")
+      raise errors.InvalidArgument("data.source='cache' needs data.cache_dir")
     if c.objective == "dpo":
-      raise ValueError("objective='dpo' reads embedded pixel-space pairs (data.source='preference'), not a cache")
+      raise errors.InvalidArgument("objective='dpo' reads embedded pixel-space pairs (data.source='preference'), not a cache")
   elif c.text.encoder == "sd3" or c.autoencoder.path:
-    raise ValueError("text.encoder='sd3' and autoencoder.path train on precomputed embeddings and latents: "
+    raise errors.InvalidArgument("text.encoder='sd3' and autoencoder.path train on precomputed embeddings and latents: "
                      "write them with `python -m jdiff.cache` and set data.source='cache', data.cache_dir")

@@ -33,6 +33,7 @@ import safetensors.numpy
 from jdiff import checkpoint
 from jdiff import cli
 from jdiff import config as config_lib
+from jdiff import errors
 from jdiff import inference
 from jdiff.interop import flux, mapping, sd3, sd3_pipeline
 from jdiff.models import layers
@@ -44,7 +45,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The jdiff workdir (written by i
 _OUT = flags.DEFINE_string("out", None, "export: the diffusers directory to write.")
 _PIPELINE = flags.DEFINE_string("pipeline", None, "export: pipeline to copy the other components from "
                                 "(default: config.text.pipeline; '' for transformer/ only).")
-_STEP = flags.DEFINE_integer("step", None, "export: checkpoint step (default: latest).")
+_STEP = flags.DEFINE_integer("step", None, "export: checkpoint step (default: latest).", lower_bound=0)
 _SCAN = flags.DEFINE_boolean("scan", False, "import: store blocks for model.scan=True (else unrolled, the "
                              "default config's layout; a run with the other setting converts at init_from).")
 
@@ -65,7 +66,7 @@ def import_dir(src: str, workdir: str, scan: bool = False):
   tconfig = mapping.read_config(tdir)
   family = FAMILIES.get(tconfig.get("_class_name"))
   if family is None:
-    raise ValueError(f"{tdir}: unsupported transformer class {tconfig.get('_class_name')!r}; "
+    raise errors.InvalidArgument(f"{tdir}: unsupported transformer class {tconfig.get('_class_name')!r}; "
                      f"expected one of {tuple(FAMILIES)}")
   io = _io(family)
   kwargs = io.model_kwargs(tconfig)
@@ -101,7 +102,7 @@ def _denoiser_kwargs(model) -> tuple[Any, dict[str, Any]]:
   """(interop module, the jdiff model arguments its rules take) of a loaded jdiff model."""
   family = model.config.model.name
   if family not in ("mmdit", "flux"):
-    raise ValueError(f"model {family!r} has no diffusers counterpart (mmdit -> SD3, flux -> Flux)")
+    raise errors.InvalidArgument(f"model {family!r} has no diffusers counterpart (mmdit -> SD3, flux -> Flux)")
   denoiser = model.networks.denoiser
   fields = MODEL_FIELDS + (("single_depth", "guidance_embed", "axes_dims", "time_scale") if family == "flux"
                            else ("time_scale",))
@@ -125,7 +126,7 @@ def export_dir(workdir: str, out: str, pipeline: str | None = None, step: int | 
     pipeline = model.config.text.pipeline if family == "mmdit" else ""
   if pipeline:
     if not os.path.exists(os.path.join(pipeline, "model_index.json")):
-      raise FileNotFoundError(f"{pipeline!r} is not a diffusers pipeline directory (no model_index.json)")
+      raise errors.NotFound(f"{pipeline!r} is not a diffusers pipeline directory (no model_index.json)")
     os.makedirs(out, exist_ok=True)
     for name in sorted(os.listdir(pipeline)):
       src = os.path.join(pipeline, name)
@@ -152,7 +153,7 @@ def export_lora_dir(workdir: str, out: str, step: int | None = None) -> dict[str
   model = inference.load(workdir, step)
   lora = model.networks.lora
   if lora is None:
-    raise ValueError(f"{workdir} was not trained with LoRA adapters (config.lora.rank = 0)")
+    raise errors.InvalidArgument(f"{workdir} was not trained with LoRA adapters (config.lora.rank = 0)")
   io, kwargs = _denoiser_kwargs(model)
   params = jax.tree.map(np.asarray, jax.device_get(model.params["denoiser"]))
   tensors = mapping.export_lora(io.rules(kwargs), io.unrolled_layout(params), lora.scale)
@@ -186,4 +187,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -17,6 +17,8 @@ import os
 
 import jax
 
+from jdiff import errors
+
 log = logging.getLogger(__name__)
 
 
@@ -45,7 +47,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if not explicit and detected is None:
     return False
   if explicit and (coordinator_address is None or num_processes is None or process_id is None):
-    raise ValueError("multi-process runs need all of coordinator_address, num_processes and process_id "
+    raise errors.InvalidArgument("multi-process runs need all of coordinator_address, num_processes and process_id "
                      f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
   if (env.get("JAX_PLATFORMS") or "").startswith("cpu"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -7,19 +7,19 @@
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from jdiff import cli
 from jdiff import inference
 from jdiff.eval import benchmark
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Prompts per split (default: config.eval).")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Sampler steps (default: config.eval).")
-_CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: config.eval).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Prompts per split (default: config.eval).", lower_bound=1)
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Sampler steps (default: config.eval).", lower_bound=1)
+_CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: config.eval).", lower_bound=0)
 _METHOD = flags.DEFINE_enum("method", None, ["euler", "heun"], "ODE solver (default: config.eval).")
 _SEED = flags.DEFINE_integer("seed", None, "Noise seed (default: config.eval).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", lower_bound=0)
 flags.mark_flag_as_required("workdir")
 
 
@@ -34,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import Any, Sequence
 
@@ -23,10 +24,14 @@ from PIL import Image
 
 from jdiff import checkpoint as ckpt_lib
 from jdiff import diffusion
+from jdiff import errors
 from jdiff import networks as networks_lib
 from jdiff import tokens
 from jdiff.data import pixels
+from jdiff.models import layers
 from jdiff.interop import sd3_pipeline
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -48,7 +53,7 @@ class Model:
   def _encoder(self):
     if self.text_encoder is None:
       if not self.config.text.pipeline:
-        raise ValueError("these prompts are not in the cache and config.text.pipeline is not set")
+        raise errors.InvalidArgument("these prompts are not in the cache and config.text.pipeline is not set")
       self.text_encoder = sd3_pipeline.SD3TextEncoder.load(self.config.text.pipeline, self.config.text.t5_len,
                                                            self.config.text.dtype)
     return self.text_encoder
@@ -56,6 +61,12 @@ class Model:
   def inputs(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
     """The conditioning inputs of `prompts`, batched: {'tokens'} or {'context', 'pooled'}."""
     if self.networks.text is not None:
+      room = self.networks.max_len - 1  # after BOS
+      for p in dict.fromkeys(prompts):
+        if len(p.encode("utf-8")) > room:
+          log.warning("prompt %r is %d bytes, longer than the text encoder reads (text.max_len=%d): it is cut "
+                      "to %r", p, len(p.encode("utf-8")), self.networks.max_len,
+                      p.encode("utf-8")[:room].decode("utf-8", "ignore"))
       return dict(tokens=tokens.tokenize(list(prompts), self.networks.max_len))
     cached = self.networks.cached
     if cached is not None and all(p in cached["prompts"] for p in prompts):
@@ -84,6 +95,11 @@ class Model:
 def load(workdir: str, step: int | None = None) -> Model:
   """The EMA weights of `workdir`'s latest (or given) checkpoint, on the default device."""
   config = ckpt_lib.load_config(workdir)
+  try:
+    layers.check_backend(config.model.attention)
+  except errors.InvalidArgument:  # trained on a GPU, sampled elsewhere: same numbers, other kernel
+    log.info("sampling with attention 'default': %s trained with 'cudnn', which needs a GPU", workdir)
+    config.model.attention = "default"
   networks = networks_lib.build_networks(config)
   abstract = jax.eval_shape(lambda: nn.unbox(networks.init_params(jax.random.key(0))))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -131,8 +147,10 @@ def generate(model: Model, prompts: Sequence[str], *, num_steps: int | None = No
   guidance-distilled model (model.guidance_embed) cfg_scale is its guidance input. Image i's
   noise comes from fold_in(key(seed), i), so an image does not depend on its batch.
   """
+  if not len(prompts):
+    raise errors.InvalidArgument("no prompts to sample")
   s = model.config.sample
-  num_steps = num_steps or s.num_steps
+  num_steps = s.num_steps if num_steps is None else num_steps
   cfg_scale = s.cfg_scale if cfg_scale is None else cfg_scale
   method = method or s.method
   batch_size = batch_size or s.batch_size

@@ -21,7 +21,6 @@ from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
 from jdiff import config as config_lib
 from jdiff import distributed
-from jdiff.train import lock as lock_lib
 from jdiff.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mmdit_256.py:cpu.",
@@ -44,16 +43,15 @@ def main(argv):
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   cli.reuse_host_memory()
 
-  try:
-    summary = trainer.train_and_evaluate(config, _WORKDIR.value)
-  except (lock_lib.WorkdirInUse, ckpt_lib.CheckpointError) as e:
-    sys.exit(f"error: {e}")
+  summary = trainer.train_and_evaluate(config, _WORKDIR.value)
   evaluation = dict(summary["eval"] or {})
   val_loss = evaluation.pop("val_loss", None)
   print(json.dumps({"step": summary["step"], "stopped_by": summary["stopped_by"],
                     "loss": summary["last_metrics"].get("loss"), "val_loss": val_loss,
                     "samples": summary["samples"][-1:], "adherence": evaluation or None}))
+  if summary["stopped_by"] != "num_steps":  # a signal: saved, and the same command resumes
+    sys.exit(cli.EXIT_RESUMABLE)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

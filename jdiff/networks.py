@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdiff import errors
 from jdiff import models
 from jdiff import tokens
 from jdiff.data import cache
@@ -74,7 +75,7 @@ class Networks:
     """The empty caption, the unconditional input of classifier-free guidance (no batch axis)."""
     if self.text is None:
       if self.cached is None:
-        raise ValueError("no cached embedding of the empty caption: set data.cache_dir to a cache")
+        raise errors.InvalidArgument("no cached embedding of the empty caption: set data.cache_dir to a cache")
       return dict(self.cached["null"])
     return dict(tokens=tokens.tokenize("", self.max_len))
 
@@ -132,17 +133,17 @@ def _latent_networks(config, lora: L.LoRA | None) -> Networks:
 
   vae = sd3_pipeline.vae_geometry(config.autoencoder.path)
   if config.data.resolution % vae["factor"]:
-    raise ValueError(f"config.data.resolution={config.data.resolution} is not divisible by the VAE's factor "
+    raise errors.InvalidArgument(f"config.data.resolution={config.data.resolution} is not divisible by the VAE's factor "
                      f"{vae['factor']}")
   has_cache = bool(config.data.cache_dir) and os.path.exists(os.path.join(config.data.cache_dir, cache.META))
   extra, cached, meta = {}, None, None
   if has_cache:
     meta = cache.read_meta(config.data.cache_dir)
     if config.model.in_channels != meta["latent_shape"][-1]:
-      raise ValueError(f"config.model.in_channels={config.model.in_channels} but the cache holds "
+      raise errors.InvalidArgument(f"config.model.in_channels={config.model.in_channels} but the cache holds "
                        f"{meta['latent_shape'][-1]}-channel latents")
     if meta["resolution"] != config.data.resolution:
-      raise ValueError(f"config.data.resolution={config.data.resolution} but the cache in {config.data.cache_dir} "
+      raise errors.InvalidArgument(f"config.data.resolution={config.data.resolution} but the cache in {config.data.cache_dir} "
                        f"was written at {meta['resolution']}")
     extra = dict(pooled_dim=meta["pooled_dim"], context_dim=meta["context_shape"][-1])
     cached = cache.read_conditioning(config.data.cache_dir)
@@ -156,11 +157,11 @@ def _check_geometry(networks: Networks, config) -> None:
   """The denoiser's input (pixels or latents) must split into patches its position table covers."""
   resolution, patch = networks.resolution, networks.patch_size
   if resolution % patch:
-    raise ValueError(f"the model's input size {resolution} (data.resolution, or its latent size) is not "
+    raise errors.InvalidArgument(f"the model's input size {resolution} (data.resolution, or its latent size) is not "
                      f"divisible by model.patch_size={patch}")
   grid = resolution // patch
   if config.model.name != "flux" and grid > config.model.pos_embed_max_size:
-    raise ValueError(f"the patch grid ({grid}) exceeds config.model.pos_embed_max_size="
+    raise errors.InvalidArgument(f"the patch grid ({grid}) exceeds config.model.pos_embed_max_size="
                      f"{config.model.pos_embed_max_size}")
   patch_dim = patch**2 * networks.channels
   if patch_dim > networks.denoiser.width:

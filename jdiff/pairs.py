@@ -22,10 +22,11 @@ import os
 import time
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
 from jdiff import cli
+from jdiff import errors
 from jdiff import inference
 from jdiff.data import shapes, sources
 from jdiff.eval import adherence
@@ -42,9 +43,9 @@ def generate(workdir: str, out: str, *, num: int = 2048, num_steps: int | None =
   model = inference.load(workdir)
   data = model.config.data
   if data.source not in ("shapes", "preference"):
-    raise ValueError(f"{workdir} trained on data.source={data.source!r}; on-policy pairs need the shapes data")
+    raise errors.InvalidArgument(f"{workdir} trained on data.source={data.source!r}; on-policy pairs need the shapes data")
   split = data.shapes_split
-  num_steps = num_steps or model.config.eval.num_steps
+  num_steps = model.config.eval.num_steps if num_steps is None else num_steps
   cfg_scale = model.config.eval.cfg_scale if cfg_scale is None else cfg_scale
   keep_index, keep_images, keep_wrong = [], [], []
   hits = np.zeros(len(shapes.ATTRIBUTES))
@@ -63,7 +64,7 @@ def generate(workdir: str, out: str, *, num: int = 2048, num_steps: int | None =
         keep_wrong.append(wrong)
     log.info("pairs: sampled %d/%d, kept %d (%.0f s)", idx[-1] + 1, num, len(keep_index), time.time() - t0)
   if not keep_index:
-    raise ValueError(f"every one of the {num} samples matched its caption: no rejected images to pair")
+    raise errors.InvalidArgument(f"every one of the {num} samples matched its caption: no rejected images to pair")
   os.makedirs(out, exist_ok=True)
   meta = dict(workdir=os.path.abspath(workdir), step=model.step, split=split, shapes_seed=data.shapes_seed,
               resolution=int(keep_images[0].shape[0]), num_sampled=num, num_pairs=len(keep_index),
@@ -89,9 +90,9 @@ def main(argv):
 if __name__ == "__main__":
   _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the model whose samples are rejected.")
   _OUT = flags.DEFINE_string("out", None, "Directory to write pairs.npz and meta.json to.")
-  _NUM = flags.DEFINE_integer("num", 2048, "Captions to sample (training records 0..num-1).")
-  _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Sampler steps (default: config.eval).")
-  _CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: config.eval).")
+  _NUM = flags.DEFINE_integer("num", 2048, "Captions to sample (training records 0..num-1).", lower_bound=1)
+  _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Sampler steps (default: config.eval).", lower_bound=1)
+  _CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: config.eval).", lower_bound=0)
   _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  cli.run(main)

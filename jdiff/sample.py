@@ -9,21 +9,21 @@ Writes OUT/<index>.png per image and OUT/grid.png; prints the paths as JSON.
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
 from jdiff import cli
 from jdiff import inference
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
 _PROMPTS = flags.DEFINE_multi_string("prompt", None, "Caption; repeat the flag for several.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 1, "Images per prompt (different noise).")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Sampler steps (default: config.sample).")
-_CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: config.sample).")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 1, "Images per prompt (different noise).", lower_bound=1)
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Sampler steps (default: config.sample).", lower_bound=1)
+_CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: config.sample).", lower_bound=0)
 _METHOD = flags.DEFINE_enum("method", None, ["euler", "heun"], "ODE solver (default: config.sample).")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed; image i uses fold_in(seed, i).")
-_RESOLUTION = flags.DEFINE_integer("resolution", None, "Output size (default: training resolution).")
+_RESOLUTION = flags.DEFINE_integer("resolution", None, "Output size (default: training resolution).", lower_bound=1)
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/generated).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", lower_bound=0)
 flags.mark_flags_as_required(["workdir", "prompt"])
 
 
@@ -49,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import sys
 from typing import Any
 
 from absl import app, flags
@@ -30,10 +29,10 @@ from ml_collections import config_flags
 from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
 from jdiff import config as config_lib
+from jdiff import errors
 from jdiff import inference
 from jdiff import pairs as pairs_lib
 from jdiff.eval import benchmark
-from jdiff.train import lock as lock_lib
 from jdiff.train import trainer
 
 log = logging.getLogger("jdiff.stages")  # not __name__: "__main__" under python -m
@@ -43,7 +42,7 @@ def _apply(config: ml_collections.ConfigDict, overrides: Any, where: str) -> Non
   """Sets every field of `overrides` (nested) in `config`; a field the config lacks fails."""
   for key, value in overrides.items():
     if key not in config:
-      raise ValueError(f"{where}.{key}: no such config field")
+      raise errors.InvalidArgument(f"{where}.{key}: no such config field")
     if isinstance(value, (dict, ml_collections.ConfigDict)):
       _apply(config[key], value, f"{where}.{key}")
     else:
@@ -54,16 +53,16 @@ def stage_configs(pipeline: ml_collections.ConfigDict, workdir: str) -> list[tup
   """[(name, stage workdir, training config)] in pipeline order, init_from chained."""
   order = [s.strip() for s in pipeline.order.split(",") if s.strip()]
   if not order:
-    raise ValueError("config.order names no stage")
+    raise errors.InvalidArgument("config.order names no stage")
   missing = [s for s in order if s not in pipeline.stages]
   if missing:
-    raise ValueError(f"config.order names stages {missing} that config.stages does not define")
+    raise errors.InvalidArgument(f"config.order names stages {missing} that config.stages does not define")
   on_policy = _pair_stages(pipeline)
   unknown = [s for s in on_policy if s not in order]
   if unknown:
-    raise ValueError(f"config.pairs.stages names {unknown}, which config.order does not run")
+    raise errors.InvalidArgument(f"config.pairs.stages names {unknown}, which config.order does not run")
   if order[0] in on_policy:
-    raise ValueError(f"config.pairs.stages: the first stage {order[0]!r} has no parent model to sample pairs from")
+    raise errors.InvalidArgument(f"config.pairs.stages: the first stage {order[0]!r} has no parent model to sample pairs from")
   out, previous = [], ""
   for name in order:
     c = ml_collections.ConfigDict(pipeline.base.to_dict())
@@ -112,7 +111,8 @@ def train_all(pipeline: ml_collections.ConfigDict, workdir: str) -> list[tuple[s
                config.init_from)
     summary = trainer.train_and_evaluate(config, stage_dir)
     if summary["stopped_by"] != "num_steps":
-      raise RuntimeError(f"stage {name} stopped early ({summary['stopped_by']}); run the command again to resume")
+      raise cli.Resumable(f"stage {name} stopped early ({summary['stopped_by']}) after saving a checkpoint; "
+                          "run the command again to resume")
   return stages
 
 
@@ -120,7 +120,7 @@ def _row(label: str, model, config, num_samples: int, num_steps: int | None = No
   """One table row: `model` (a loaded stage) scored with its eval sampler (num_steps: override)."""
 
   e = model.config.eval
-  num_steps = num_steps or e.num_steps
+  num_steps = e.num_steps if num_steps is None else num_steps
   result = benchmark.evaluate(model, num_samples=num_samples, num_steps=num_steps, cfg_scale=e.cfg_scale)
   forwards = inference.forwards_per_image(model.networks, num_steps, e.cfg_scale, e.method)
   return dict(name=label, stage=config.stage, objective=config.objective, train_steps=config.train.num_steps,
@@ -218,10 +218,7 @@ def main(argv, pipeline_flag, workdir_flag):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.set_log_levels()
   cli.reuse_host_memory()
-  try:
-    _, table = run(pipeline_flag.value, workdir_flag.value)
-  except (lock_lib.WorkdirInUse, ckpt_lib.CheckpointError) as e:
-    sys.exit(f"error: {e}")
+  _, table = run(pipeline_flag.value, workdir_flag.value)
   print(table)
 
 
@@ -231,4 +228,4 @@ if __name__ == "__main__":
                                             lock_config=True)
   _workdir = flags.DEFINE_string("workdir", None, "Root directory; each stage trains in workdir/<name>.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(lambda argv: main(argv, _config, _workdir))
+  cli.run(lambda argv: main(argv, _config, _workdir))

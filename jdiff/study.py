@@ -38,6 +38,7 @@ import scipy.stats
 from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
 from jdiff import config as config_lib
+from jdiff import errors
 from jdiff import flops as flops_lib
 from jdiff import inference
 from jdiff import networks as networks_lib
@@ -155,7 +156,7 @@ def run(study_name: str, base: ml_collections.ConfigDict, workdir: str, seeds: i
   """Trains and scores every (variant, seed) not yet done, rewriting the table after each."""
   study = STUDIES[study_name]
   if not benchmark.applies(base):
-    raise ValueError("a study scores runs on the shapes benchmark: the base config must train on "
+    raise errors.InvalidArgument("a study scores runs on the shapes benchmark: the base config must train on "
                      "data.source='shapes' with text.encoder='bytes'")
   os.makedirs(workdir, exist_ok=True)
   for seed in range(seeds):  # seed-major: a partial study has every variant at the first seeds
@@ -168,7 +169,8 @@ def run(study_name: str, base: ml_collections.ConfigDict, workdir: str, seeds: i
       log.info("study %s: %s, seed %d (%d steps) in %s", study_name, variant, seed, config.train.num_steps, run_dir)
       summary = trainer.train_and_evaluate(config, run_dir)
       if summary["stopped_by"] != "num_steps":
-        raise RuntimeError(f"run {run_dir} stopped early ({summary['stopped_by']}); run the study again to resume")
+        raise cli.Resumable(f"run {run_dir} stopped early ({summary['stopped_by']}) after saving a checkpoint; "
+                            "run the study again to resume")
       result = dict(variant=variant, seed=seed, **score(config, run_dir, study))
       with open(result_path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
@@ -268,7 +270,7 @@ def _define_flags() -> dict[str, Any]:
   and notebooks next to other jdiff CLIs that define --workdir and --config too)."""
   return dict(
       study=flags.DEFINE_enum("study", None, list(STUDIES), "Which study to run."),
-      seeds=flags.DEFINE_integer("seeds", 3, "Seeds per variant (config.seed = 0 .. seeds-1)."),
+      seeds=flags.DEFINE_integer("seeds", 3, "Seeds per variant (config.seed = 0 .. seeds-1).", lower_bound=1),
       workdir=flags.DEFINE_string("workdir", None, "Directory of the study's runs and table."),
       config=config_flags.DEFINE_config_file("config", "configs/mmdit_256.py:cpu", "Base config.",
                                              lock_config=True),
@@ -293,4 +295,4 @@ def main(argv, values: dict[str, Any]):
 
 if __name__ == "__main__":
   _values = _define_flags()
-  app.run(lambda argv: main(argv, _values))
+  cli.run(lambda argv: main(argv, _values))

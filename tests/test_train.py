@@ -277,7 +277,7 @@ def test_cli_train_sample_evaluate(tmp_path):
   assert np.asarray(Image.open(result["images"][0])).shape == (16, 16, 3)
   proc = _cli("jdiff.main", "--config=configs/mmdit_256.py:test", f"--workdir={work}",
               "--config.train.restore_step=3", "--config.train.num_steps=6", check=False)
-  assert proc.returncode == 1
+  assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("error: there is no checkpoint at step 3 in "), \
       proc.stderr[-2000:]
   out = _cli("jdiff.evaluate", f"--workdir={work}", "--num_samples=3", "--num_steps=2")

@@ -32,6 +32,8 @@ import grain
 import numpy as np
 import safetensors.numpy
 
+from jdiff import errors
+
 log = logging.getLogger(__name__)
 
 META = "meta.json"
@@ -66,7 +68,7 @@ def _from_bytes(data: bytes, record_format: str) -> dict[str, np.ndarray]:
 def read_meta(cache_dir: str) -> dict[str, Any]:
   path = os.path.join(cache_dir, META)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: data.cache_dir must be a directory written by "
+    raise errors.NotFound(f"{path} not found: data.cache_dir must be a directory written by "
                             "`python -m jdiff.cache`")
   with open(path) as f:
     return json.load(f)
@@ -90,7 +92,7 @@ class CacheSource:
     paths = [os.path.join(cache_dir, p) for p in self.meta["files"]]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
-      raise FileNotFoundError(f"cache {cache_dir!r} is incomplete: missing {missing[:3]}")
+      raise errors.NotFound(f"cache {cache_dir!r} is incomplete: missing {missing[:3]}")
     self._records = grain.sources.ArrayRecordDataSource(paths)
     self._format = self.meta.get("record_format", "npz")
 

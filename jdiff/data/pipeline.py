@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from jdiff import errors
 from jdiff import tokens
 from jdiff.data import sources
 
@@ -306,7 +307,7 @@ def read_threads(data_cfg: Mapping[str, Any]) -> int:
   if n == -1:
     return 1 if data_cfg["source"] in EMBEDDED_SOURCES else 8
   if n < 0:
-    raise ValueError(f"data.read_threads={n}: expected >= 0, or -1 (by source)")
+    raise errors.InvalidArgument(f"data.read_threads={n}: expected >= 0, or -1 (by source)")
   return n
 
 
@@ -326,10 +327,10 @@ def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: in
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   if global_batch % pc:
-    raise ValueError(f"batch size {global_batch} is not divisible by {pc} processes")
+    raise errors.InvalidArgument(f"batch size {global_batch} is not divisible by {pc} processes")
   source = sources.make_source(data_cfg, split)
   if len(source) < pc:
-    raise ValueError(f"{source!r} has {len(source)} records, fewer than {pc} processes")
+    raise errors.InvalidArgument(f"{source!r} has {len(source)} records, fewer than {pc} processes")
   ds = grain.MapDataset.source(_Guarded(source)).seed(seed).shuffle().repeat(None)
   ds = ProcessRows(ds, pi, pc, global_batch // pc)
   if data_cfg["source"] == "cache":

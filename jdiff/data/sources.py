@@ -17,6 +17,7 @@ import numpy as np
 
 from jdiff.data import cache
 from jdiff.data import shapes
+from jdiff import errors
 
 SOURCES = ("shapes", "preference", "tfds", "arrayrecord", "cache")
 PAIRS_FILE = "pairs.npz"  # in a pairs directory written by `python -m jdiff.pairs`
@@ -32,7 +33,7 @@ class ArrayRecordExamples:
   def __init__(self, pattern: str, image_key: str = "image", caption_key: str = "caption"):
     paths = sorted(glob.glob(pattern))
     if not paths:
-      raise FileNotFoundError(f"no ArrayRecord files match data.arrayrecord_pattern={pattern!r}")
+      raise errors.NotFound(f"no ArrayRecord files match data.arrayrecord_pattern={pattern!r}")
     self._records = grain.sources.ArrayRecordDataSource(paths)
     self._image_key, self._caption_key = image_key, caption_key
 
@@ -66,7 +67,7 @@ class TfdsExamples:
                                       decoders={image_key: tfds.decode.SkipDecoding()})
     except Exception as e:  # TFDS raises several types for a missing or unprepared dataset.
       where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
-      raise FileNotFoundError(
+      raise errors.NotFound(
           f"TFDS dataset {name!r} (split {split!r}) is not available under {where}: {e}. "
           "Prepare it with file_format='array_record', or set data.tfds_data_dir.") from e
     self._image_key, self._caption_key = image_key, caption_key
@@ -90,11 +91,11 @@ class GeneratedPairsSource:
   def __init__(self, directory: str, resolution: int):
     path = os.path.join(directory, PAIRS_FILE)
     if not os.path.exists(path):
-      raise FileNotFoundError(f"no {PAIRS_FILE} in {directory!r}: write it with `python -m jdiff.pairs --out={directory}`")
+      raise errors.NotFound(f"no {PAIRS_FILE} in {directory!r}: write it with `python -m jdiff.pairs --out={directory}`")
     with open(os.path.join(directory, "meta.json")) as f:
       self.meta = json.load(f)
     if self.meta["resolution"] != resolution:
-      raise ValueError(f"pairs in {directory} are {self.meta['resolution']}px samples; data.resolution is {resolution}")
+      raise errors.InvalidArgument(f"pairs in {directory} are {self.meta['resolution']}px samples; data.resolution is {resolution}")
     with np.load(path) as z:
       self.index, self.image_l, self.wrong = z["index"], z["image_l"], z["wrong"]
     self.resolution = resolution
@@ -123,13 +124,13 @@ def make_source(data_cfg: Mapping[str, Any], split: str = "train"):
     return cls(data_cfg["resolution"], split, size=data_cfg["shapes_size"], seed=data_cfg["shapes_seed"])
   if kind == "tfds":
     if not data_cfg["tfds_name"]:
-      raise ValueError("data.source='tfds' needs data.tfds_name")
+      raise errors.InvalidArgument("data.source='tfds' needs data.tfds_name")
     return TfdsExamples(data_cfg["tfds_name"], data_cfg["tfds_split"] if split == "train" else split,
                         data_cfg["tfds_data_dir"], data_cfg["image_key"], data_cfg["caption_key"])
   if kind == "cache":
     if not data_cfg["cache_dir"]:
-      raise ValueError("data.source='cache' needs data.cache_dir")
+      raise errors.InvalidArgument("data.source='cache' needs data.cache_dir")
     return cache.CacheSource(data_cfg["cache_dir"])
   if kind == "arrayrecord":
     return ArrayRecordExamples(data_cfg["arrayrecord_pattern"], data_cfg["image_key"], data_cfg["caption_key"])
-  raise ValueError(f"unknown data.source {kind!r}; expected one of {SOURCES}")
+  raise errors.InvalidArgument(f"unknown data.source {kind!r}; expected one of {SOURCES}")

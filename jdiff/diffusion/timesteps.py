@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jdiff import errors
+
 SHIFT_KINDS = ("sd3", "flux", "fixed", "none")
 TIMESTEP_KINDS = ("uniform", "logit_normal", "mode", "cosmap")
 
@@ -68,11 +70,11 @@ def resolution_shift(
     return jnp.exp(base_shift + slope * (n - base_seq_len))
   if kind == "fixed":
     if shift <= 0:
-      raise ValueError(f"fixed shift must be > 0, got {shift}")
+      raise errors.InvalidArgument(f"fixed shift must be > 0, got {shift}")
     return jnp.full_like(n, shift)
   if kind == "none":
     return jnp.ones_like(n)
-  raise ValueError(f"unknown shift kind {kind!r}; expected one of {SHIFT_KINDS}")
+  raise errors.InvalidArgument(f"unknown shift kind {kind!r}; expected one of {SHIFT_KINDS}")
 
 
 def sample_timesteps(
@@ -105,11 +107,11 @@ def sample_timesteps(
     return u
   if kind == "mode":
     if not -1.0 <= scale <= 2.0 / (math.pi - 2.0):
-      raise ValueError(f"mode scale must lie in [-1, {2 / (math.pi - 2):.4f}], got {scale}")
+      raise errors.InvalidArgument(f"mode scale must lie in [-1, {2 / (math.pi - 2):.4f}], got {scale}")
     return 1.0 - u - scale * (jnp.cos(math.pi * u / 2) ** 2 - 1.0 + u)
   if kind == "cosmap":
     return 1.0 - 1.0 / (jnp.tan(math.pi * u / 2) + 1.0)
-  raise ValueError(f"unknown timestep kind {kind!r}; expected one of {TIMESTEP_KINDS}")
+  raise errors.InvalidArgument(f"unknown timestep kind {kind!r}; expected one of {TIMESTEP_KINDS}")
 
 
 def sampling_times(num_steps: int, shift: jax.Array | float = 1.0) -> jax.Array:
@@ -125,7 +127,7 @@ def sampling_times(num_steps: int, shift: jax.Array | float = 1.0) -> jax.Array:
     float32 [N+1], times[0] = 1, times[N] = 0.
   """
   if num_steps < 1:
-    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    raise errors.InvalidArgument(f"num_steps must be >= 1, got {num_steps}")
   return time_shift(jnp.linspace(1.0, 0.0, num_steps + 1, dtype=jnp.float32), shift)
 
 

@@ -20,12 +20,14 @@ from typing import Any, Iterator
 
 import jax
 
+from jdiff import errors
+
 log = logging.getLogger(__name__)
 
 FILE = "jdiff.lock"
 
 
-class WorkdirInUse(RuntimeError):
+class WorkdirInUse(errors.UserError, RuntimeError):
   """Another live run holds the workdir's lock."""
 
 

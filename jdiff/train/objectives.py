@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jdiff import diffusion
 from jdiff.data import pixels
+from jdiff import errors
 from jdiff.networks import Networks
 
 
@@ -198,7 +199,7 @@ OBJECTIVES = {
 
 def get(name: str) -> Objective:
   if name not in OBJECTIVES:
-    raise ValueError(f"unknown objective {name!r}; expected one of {tuple(OBJECTIVES)}")
+    raise errors.InvalidArgument(f"unknown objective {name!r}; expected one of {tuple(OBJECTIVES)}")
   return OBJECTIVES[name]
 
 
@@ -207,7 +208,7 @@ def check(config) -> Objective:
   needs config.init_from."""
   objective = get(config.objective)
   if objective.frozen and not config.init_from:
-    raise ValueError(f"config.objective={config.objective!r} compares against a frozen {objective.frozen_role}: "
+    raise errors.InvalidArgument(f"config.objective={config.objective!r} compares against a frozen {objective.frozen_role}: "
                      "set config.init_from to the workdir of the model it starts from")
   return objective
 

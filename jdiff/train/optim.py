@@ -9,6 +9,8 @@ from typing import Any, Mapping
 import jax
 import optax
 
+from jdiff import errors
+
 SCHEDULES = ("constant", "cosine")
 
 
@@ -26,7 +28,7 @@ def learning_rate(optim_cfg: Mapping[str, Any], num_steps: int) -> optax.Schedul
   elif kind == "cosine":
     after = optax.cosine_decay_schedule(lr, max(num_steps - warmup, 1), alpha=optim_cfg["end_lr_factor"])
   else:
-    raise ValueError(f"unknown optim.schedule {kind!r}; expected one of {SCHEDULES}")
+    raise errors.InvalidArgument(f"unknown optim.schedule {kind!r}; expected one of {SCHEDULES}")
   if warmup <= 0:
     return after
   return optax.join_schedules([optax.linear_schedule(lr / warmup, lr, warmup - 1), after], [warmup - 1])

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jdiff import errors
+
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = Sequence[tuple[str, Any]]
 
@@ -25,14 +27,14 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, ...]
   """Sizes of (data, fsdp, tensor); at most one may be -1, meaning 'all remaining devices'."""
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh sizes must be positive with at most one -1, got {dict(mesh_cfg)}")
+    raise errors.InvalidArgument(f"mesh sizes must be positive with at most one -1, got {dict(mesh_cfg)}")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"{num_devices} devices cannot fill mesh {dict(mesh_cfg)}")
+      raise errors.InvalidArgument(f"{num_devices} devices cannot fill mesh {dict(mesh_cfg)}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+    raise errors.InvalidArgument(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                      f"have {num_devices}")
   return tuple(sizes)
 

@@ -30,6 +30,7 @@ import tqdm
 
 from jdiff import checkpoint as ckpt_lib
 from jdiff import config as config_lib
+from jdiff import errors
 from jdiff import inference
 from jdiff import networks as networks_lib
 from jdiff.data import pipeline as pipeline_lib
@@ -137,7 +138,7 @@ def batch_spec(config, networks) -> dict[str, tuple[tuple[int, ...], Any]]:
   if networks.text is None:
     meta = networks.cache_meta
     if meta is None:
-      raise ValueError(f"no latent cache in data.cache_dir={config.data.cache_dir!r}: write one with "
+      raise errors.InvalidArgument(f"no latent cache in data.cache_dir={config.data.cache_dir!r}: write one with "
                        "`python -m jdiff.cache`")
     store = np.dtype(meta["dtype"])
     latent = (b, *meta["latent_shape"])
@@ -244,7 +245,7 @@ def _overlay(base, new, path=""):
   if isinstance(base, dict):
     return {k: _overlay(v, new[k], f"{path}/{k}") if k in new else v for k, v in base.items()}
   if base.shape != new.shape:
-    raise ValueError(f"parameter {path.lstrip('/')} has shape {new.shape} in config.init_from but "
+    raise errors.InvalidArgument(f"parameter {path.lstrip('/')} has shape {new.shape} in config.init_from but "
                      f"{base.shape} in this config")
   return jax.device_put(jnp.array(new, dtype=base.dtype, copy=True), base.sharding)
 
@@ -300,6 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   rules = shard_lib.rules_tuple(config.sharding.logical_rules)
   mesh = shard_lib.make_mesh(config.mesh)
+  L.check_backend(config.model.attention)
   networks = networks_lib.build_networks(config)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
   pipeline = pipeline_lib.make_pipeline(config.data, global_batch=config.train.batch_size,
@@ -324,7 +326,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   mask = optim.trainable_mask(state.params, config.optim.trainable)
   n_train = sum(int(np.prod(x.shape)) for x, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(mask)) if m)
   if n_train == 0:
-    raise ValueError(f"config.optim.trainable={config.optim.trainable!r} matches no parameter path "
+    raise errors.InvalidArgument(f"config.optim.trainable={config.optim.trainable!r} matches no parameter path "
                      "(paths look like 'denoiser/blocks_0/x_qkv/q/kernel')")
   log.info("%s of %s parameters train (optim.trainable=%r)", f"{n_train:,}",
            f"{networks_lib.param_count(state.params):,}", config.optim.trainable)

@@ -22,7 +22,7 @@ Activation axes:  activation_batch, activation_length, activation_embed,
 Model code imports this package as `L` and uses the names below.
 """
 
-from jdiff.models.layers.attention import (ATTENTION_IMPLS, QKV, attention_out, check_divisible,
+from jdiff.models.layers.attention import (ATTENTION_IMPLS, QKV, attention_out, check_backend, check_divisible,
                                            dot_product_attention, splash_attention)
 from jdiff.models.layers.blocks import (REMAT_POLICIES, match_layout, run_blocks, stack_groups, stack_unrolled,
                                         unstack_groups, unstack_scanned)
@@ -35,7 +35,7 @@ from jdiff.models.layers.norms import (Modulation, RMSNorm, affine_layer_norm, m
 from jdiff.models.layers.partitioning import STORAGE_ONLY_AXES, compute_rules, constrain, gathered
 
 __all__ = [
-    "ATTENTION_IMPLS", "QKV", "attention_out", "check_divisible", "dot_product_attention", "splash_attention",
+    "ATTENTION_IMPLS", "QKV", "attention_out", "check_backend", "check_divisible", "dot_product_attention", "splash_attention",
     "REMAT_POLICIES", "match_layout", "run_blocks", "stack_groups", "stack_unrolled", "unstack_groups",
     "unstack_scanned", "MLP", "CondMLP", "Dense", "as_dtype", "dense", "embed", "xavier", "zeros", "PatchEmbed",
     "TimestepEmbed", "apply_rope", "cropped_sincos_2d", "patchify", "rope_tables", "sincos_1d",

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdiff import errors
 from jdiff.models.layers.dense import dense
 from jdiff.models.layers.lora import LoRA
 from jdiff.models.layers.norms import rms_norm
@@ -19,6 +20,15 @@ from jdiff.models.layers.partitioning import compute_rules, constrain
 Dtype = Any
 
 ATTENTION_IMPLS = {"default": None, "xla": "xla", "cudnn": "cudnn"}
+
+
+def check_backend(implementation: str) -> None:
+  """Fails at start-up, not at compilation, for an attention kernel this platform lacks
+  (tracing cuDNN's kernel elsewhere is allowed: tests and cost analyses do)."""
+  backend = jax.default_backend()
+  if ATTENTION_IMPLS.get(implementation) == "cudnn" and backend != "gpu":
+    raise errors.InvalidArgument(f"config.model.attention='cudnn' needs an NVIDIA GPU, and this run's JAX "
+                                 f"backend is {backend!r}: use 'default' (cuDNN where it helps) or 'xla'")
 
 
 def dot_product_attention(q, k, v, implementation: str = "default") -> jax.Array:
@@ -33,7 +43,7 @@ def dot_product_attention(q, k, v, implementation: str = "default") -> jax.Array
   if name == "splash":
     return splash_attention(q, k, v, int(arg) if arg else 512)
   if implementation not in ATTENTION_IMPLS:
-    raise ValueError(f"unknown attention implementation {implementation!r}; "
+    raise errors.InvalidArgument(f"unknown attention implementation {implementation!r}; "
                      f"expected one of {tuple(ATTENTION_IMPLS) + ('splash', 'splash:<block>')}")
   impl = ATTENTION_IMPLS[implementation]
   backend = jax.default_backend()
@@ -115,7 +125,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = 512)
   by XLA. Off TPU the kernel runs in Pallas interpret mode.
   """
   if block % 128:
-    raise ValueError(f"splash attention blocks must be multiples of 128, got {block}")
+    raise errors.InvalidArgument(f"splash attention blocks must be multiples of 128, got {block}")
   length, head_dim = q.shape[1], q.shape[-1]
   block = min(block, _round_up(length, 128))
   padded = _round_up(length, block)
@@ -174,5 +184,5 @@ def attention_out(x: jax.Array, width: int, *, name: str, dtype: Dtype, param_dt
 def check_divisible(width: int, num_heads: int) -> int:
   """head_dim for a width split into num_heads heads, with a clear error if it does not divide."""
   if width % num_heads:
-    raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+    raise errors.InvalidArgument(f"width {width} is not divisible by num_heads {num_heads}")
   return width // num_heads

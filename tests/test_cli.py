@@ -1,0 +1,86 @@
+"""A user's mistakes on the command line: one line `error: ...`, exit status 2, no
+traceback (jdiff.cli.run); tracebacks are for bugs."""
+
+import os
+
+import pytest
+
+import helpers
+
+TEST = "--config=configs/mmdit_256.py:test"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A finished tiny run, for the commands that read one."""
+  work = str(tmp_path_factory.mktemp("cli") / "w")
+  helpers.cli("jdiff.main", TEST, f"--workdir={work}", "--config.train.sample_every=0")
+  return work
+
+
+CASES = [
+    # (command, expected fragment of the one line); WORK stands for the finished run
+    (["jdiff.main", TEST, "--workdir=WORK2", "--config.train.num_stepz=5"],
+     '--config.train.num_stepz: no such config field (did you mean "num_steps"'),
+    (["jdiff.main", TEST, "--workdir=WORK2", "--config.train.batch_size=-4"], "config.train.batch_size=-4 must be > 0"),
+    (["jdiff.main", "--config=configs/nope.py", "--workdir=WORK2"],
+     "cannot load config file configs/nope.py: [Errno 2] No such file or directory"),
+    (["jdiff.main", "--config=configs/mmdit_256.py:nosuch", "--workdir=WORK2"], "unknown variant 'nosuch'"),
+    (["jdiff.main", TEST, "--workdir=WORK2", "--config.mesh.data=8"], "needs 8 devices, have 1"),
+    (["jdiff.main", TEST, "--workdir=WORK2", "--config.model.attention=cudnn"], "needs an NVIDIA GPU"),
+    (["jdiff.main", TEST, "--workdir=WORK2", "--config.data.resolution=17"], "not divisible by model.patch_size=4"),
+    (["jdiff.sample", "--workdir=NOWHERE", "--prompt=x"], "is 'NOWHERE' a jdiff workdir?"),
+    (["jdiff.sample", "--workdir=WORK", "--prompt=x", "--step=1234"], "no checkpoint at step 1234 in WORK/checkpoints (steps: 4, 2)"),
+    (["jdiff.sample", "--workdir=WORK", "--prompt=x", "--num_images=0"], "--num_images=0: 0 is not a positive integer"),
+    (["jdiff.sample", "--workdir=WORK", "--prompt=x", "--num_steps=0"], "--num_steps=0: 0 is not a positive integer"),
+    (["jdiff.evaluate", "--workdir=WORK", "--num_samples=0"], "--num_samples=0: 0 is not a positive integer"),
+    (["jdiff.stages", "--config=configs/stages.py:test", "--workdir=WORK2", "--config.nope=1"],
+     "--config.nope: no such config field"),
+]
+
+
+@pytest.mark.parametrize("args, expected", CASES, ids=[" ".join(a[:1] + a[2:])[:60] for a, _ in CASES])
+def test_user_error_is_one_line_with_status_2(workdir, tmp_path, args, expected):
+  where = dict(WORK=workdir, WORK2=str(tmp_path / "w2"), NOWHERE=str(tmp_path / "nowhere"))
+  fill = lambda text: next((text.replace(k, v) for k, v in where.items() if k in text), text)
+  proc = helpers.cli(*[fill(a) for a in args], check=False)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert len(errors) == 1 and fill(expected) in errors[0], proc.stderr[-3000:]
+  assert not os.path.exists(tmp_path / "w2" / "config.json")  # a failed start leaves no trace
+
+
+def test_a_long_prompt_is_cut_with_a_warning(workdir, tmp_path):
+  prompt = "a large red circle " * 10  # 190 bytes; the test config's text.max_len is smaller
+  proc = helpers.cli("jdiff.sample", f"--workdir={workdir}", f"--prompt={prompt}", "--num_steps=1",
+                     f"--out={tmp_path}")
+  assert "longer than the text encoder reads (text.max_len=" in proc.stderr and "it is cut to" in proc.stderr
+
+
+def test_sigterm_saves_and_exits_with_the_resumable_status(tmp_path):
+  """SIGTERM (a scheduler's preemption) during training: the checkpoint of the step reached
+  is saved, the summary printed, and the exit status is 75, which says 'run me again'."""
+  import json
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  from jdiff import checkpoint as ckpt_lib
+
+  work = tmp_path / "w"
+  proc = subprocess.Popen([sys.executable, "-m", "jdiff.main", TEST, f"--workdir={work}",
+                           "--config.train.num_steps=100000", "--config.train.log_every=1",
+                           "--config.train.checkpoint_every=100000", "--config.train.sample_every=0"],
+                          cwd=helpers.ROOT, env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (work / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 75, err[-3000:]
+  summary = json.loads(out.strip().splitlines()[-1])
+  assert summary["stopped_by"] == "signal 15" and summary["step"] > 0
+  assert ckpt_lib.Checkpoints(str(work), read_only=True).latest_step() == summary["step"]
