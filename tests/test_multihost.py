@@ -53,3 +53,42 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path):
   assert loss_1[0] != loss_1[-1]  # it trains
   np.testing.assert_allclose(loss_2, loss_1, rtol=1e-5)
   np.testing.assert_allclose(grad_2, grad_1, rtol=1e-4)
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+  """A preemption notice reaches one host: both processes save the same step and exit with
+  the resumable status (75), and the run resumes from that step to the end."""
+  import time
+
+  from jdiff import checkpoint as ckpt_lib
+
+  work = str(tmp_path / "multi")
+  flags = [*COMMON[:1], "--config.train.num_steps=100000", *COMMON[2:]]
+
+  def start(steps_flag):
+    port = _free_port()
+    args = [a for a in flags if not a.startswith("--config.train.num_steps")] + [steps_flag]
+    return [subprocess.Popen([sys.executable, "-m", "jdiff.main", *args, f"--workdir={work}",
+                              f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+                             cwd=helpers.ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+
+  procs = start("--config.train.num_steps=100000")
+  metrics = os.path.join(work, "metrics.jsonl")
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3) and time.time() < deadline:
+    assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
+    time.sleep(0.2)
+  procs[1].send_signal(15)  # SIGTERM to the second process only
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 75, err[-3000:]
+  summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  stopped = summaries[0]["step"]
+  assert summaries[1]["step"] == stopped and all(s["stopped_by"] == "signal 15" for s in summaries)
+  assert ckpt_lib.Checkpoints(work, read_only=True).latest_step() == stopped
+  procs = start(f"--config.train.num_steps={stopped + 2}")
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert [json.loads(out.strip().splitlines()[-1])["step"] for out, _ in outs] == [stopped + 2] * 2

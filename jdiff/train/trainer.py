@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import flax.linen as nn
 import ml_collections
@@ -53,15 +54,24 @@ class NonFiniteError(RuntimeError):
 
 
 class _StopFlag:
-  """Set by SIGTERM/SIGINT; the loop saves a checkpoint and returns at the next step."""
+  """Stops training at a step boundary after SIGTERM/SIGINT; the loop then saves a checkpoint.
+
+  One process: Python handlers set the flag. Several processes: a signal reaches one host at a
+  time, and a host that stopped alone would leave the others waiting in a collective, so
+  SIGTERM is left to JAX's preemption notifier (jax.distributed installs it) and every
+  process asks the coordination service each step whether a preemption notice has arrived
+  (`reached_preemption_sync_point`): all of them stop at the same step. SIGINT (Ctrl-C)
+  keeps its default there.
+  """
 
   def __init__(self):
     self.signal: int | None = None
     self._previous = {}
+    self._synced = jax.process_count() > 1
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      for sig in (() if self._synced else (signal.SIGTERM, signal.SIGINT)):
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
@@ -69,6 +79,14 @@ class _StopFlag:
     del frame
     log.warning("received signal %d: saving a checkpoint and stopping", signum)
     self.signal = signum
+
+  def stop_before(self, step: int) -> bool:
+    """Whether to stop before running `step` (every process gets the same answer)."""
+    if self._synced and multihost_utils.reached_preemption_sync_point(step):
+      log.warning("preemption notice (SIGTERM to a process of the job): every process saves at step %d and "
+                  "stops", step)
+      self.signal = signal.SIGTERM
+    return self.signal is not None
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -358,7 +376,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   try:
     with _StopFlag() as stop:
       for step in range(start, t.num_steps):
-        if stop.signal is not None:
+        if stop.stop_before(step):
           stopped_by = f"signal {stop.signal}"
           break
         batch = pipeline_lib.to_global(next(pipeline), batch_sharding)
