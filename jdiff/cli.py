@@ -5,7 +5,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable, NoReturn, Sequence
 
 from absl import app, flags
@@ -49,15 +51,50 @@ def run(main: Callable[[list[str]], Any]) -> None:
       if "Failed loading config file" not in str(e):  # ml_collections loads --config on first use
         raise
       _fail(_config_not_loaded(str(e)))
-    except KeyboardInterrupt:
-      print("interrupted", file=sys.stderr)
-      sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:  # before training (during it, the trainer saves and stops)
+      _interrupted()
 
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, _on_sigint)
+    sys.unraisablehook = _drop_lost_interrupts
   try:
     app.run(guarded, flags_parser=parse)
   except KeyboardInterrupt:  # during absl's start-up, before main
-    print("interrupted", file=sys.stderr)
-    sys.exit(EXIT_INTERRUPTED)
+    _interrupted()
+
+
+_interrupt_pending = False
+
+
+def _on_sigint(signum, frame) -> None:
+  """Python's own Ctrl-C behaviour, remembered: a KeyboardInterrupt raised while a garbage
+  collector callback runs (JAX has one) is swallowed, so the trainer checks
+  `interrupt_pending` before it starts training."""
+  del signum, frame
+  global _interrupt_pending
+  _interrupt_pending = True
+  raise KeyboardInterrupt
+
+
+def _drop_lost_interrupts(unraisable) -> None:
+  """A KeyboardInterrupt that Python could not raise (inside a gc callback) is acted on
+  through interrupt_pending; its 'Exception ignored' traceback would only alarm."""
+  if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+    sys.__unraisablehook__(unraisable)
+
+
+def interrupt_pending() -> bool:
+  """Whether Ctrl-C was pressed since the entry point started (even if its exception was lost)."""
+  return _interrupt_pending
+
+
+def _interrupted() -> NoReturn:
+  """Exits at once once `finally` blocks (the workdir lock) have run: an interpreter shut
+  down while XLA's or Orbax's threads are still busy can crash in their teardown."""
+  print("interrupted", file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(EXIT_INTERRUPTED)
 
 
 def _fail(message: str) -> NoReturn:

@@ -32,6 +32,7 @@ from jdiff.models import layers
 from jdiff.interop import sd3_pipeline
 
 log = logging.getLogger(__name__)
+_WARNED_CUT: set[tuple[str, int]] = set()  # (prompt, room): warn once per process, not every sampling
 
 
 @dataclasses.dataclass
@@ -63,7 +64,8 @@ class Model:
     if self.networks.text is not None:
       room = self.networks.max_len - 1  # after BOS
       for p in dict.fromkeys(prompts):
-        if len(p.encode("utf-8")) > room:
+        if len(p.encode("utf-8")) > room and (p, room) not in _WARNED_CUT:
+          _WARNED_CUT.add((p, room))
           log.warning("prompt %r is %d bytes, longer than the text encoder reads (text.max_len=%d): it is cut "
                       "to %r", p, len(p.encode("utf-8")), self.networks.max_len,
                       p.encode("utf-8")[:room].decode("utf-8", "ignore"))

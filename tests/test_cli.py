@@ -84,3 +84,31 @@ def test_sigterm_saves_and_exits_with_the_resumable_status(tmp_path):
   summary = json.loads(out.strip().splitlines()[-1])
   assert summary["stopped_by"] == "signal 15" and summary["step"] > 0
   assert ckpt_lib.Checkpoints(str(work), read_only=True).latest_step() == summary["step"]
+
+
+def test_ctrl_c_before_training_exits_130_without_a_traceback(tmp_path):
+  """SIGINT while the run starts up (here: once it logged that it starts from scratch, i.e.
+  during compilation): one word, status 130, the workdir lock released, no crash."""
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  # The test runner may start children with SIGINT ignored (a background job); restore it.
+  wrap = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+          "sys.argv = ['jdiff.main'] + sys.argv[1:]; runpy.run_module('jdiff.main', run_name='__main__')")
+  work = tmp_path / "w"
+  with open(tmp_path / "stderr", "w") as err_file:
+    proc = subprocess.Popen([sys.executable, "-c", wrap, TEST, f"--workdir={work}", "--config.train.num_steps=100000",
+                             "-v", "0"], cwd=helpers.ROOT, env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"),
+                            stdout=subprocess.DEVNULL, stderr=err_file, text=True)
+    deadline = time.time() + 300
+    while "starting from scratch" not in open(tmp_path / "stderr").read() and time.time() < deadline:
+      assert proc.poll() is None
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=300)
+  err = open(tmp_path / "stderr").read()
+  assert proc.returncode == 130, err[-3000:]
+  assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err[-3000:]
+  assert not os.path.exists(work / "jdiff.lock")

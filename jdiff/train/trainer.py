@@ -30,6 +30,7 @@ import numpy as np
 import tqdm
 
 from jdiff import checkpoint as ckpt_lib
+from jdiff import cli
 from jdiff import config as config_lib
 from jdiff import errors
 from jdiff import inference
@@ -70,6 +71,8 @@ class _StopFlag:
     self._synced = jax.process_count() > 1
 
   def __enter__(self):
+    if cli.interrupt_pending():  # Ctrl-C during start-up whose KeyboardInterrupt got lost
+      raise KeyboardInterrupt
     if threading.current_thread() is threading.main_thread():
       for sig in (() if self._synced else (signal.SIGTERM, signal.SIGINT)):
         self._previous[sig] = signal.signal(sig, self._handle)
