@@ -10,6 +10,7 @@ import sys
 import time
 
 import chex
+import pytest
 
 import helpers
 from jdiff import checkpoint as ckpt_lib
@@ -80,3 +81,26 @@ def test_full_disk_stops_the_run_with_one_line_and_commits_nothing(tmp_path):
   assert last.startswith("error: saving checkpoint step 3 ") and "3 saves in a row failed" in last, last
   assert "File too large" in last
   assert [n for n in os.listdir(ckpt_lib.checkpoint_dir(str(work))) if not n.startswith(".")] == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "remove_item"])
+def test_damaged_latest_checkpoint_through_the_cli(tmp_path, damage):
+  """The newest checkpoint damaged between two runs of the same command: the second run
+  names it in one line, sets it aside, resumes from the one before and ends bit-identical
+  to an uninterrupted run."""
+  import test_checkpoint
+
+  flags = [a for a in FLAGS if "num_steps" not in a and "checkpoint_every" not in a]
+  flags += ["--config.train.checkpoint_every=2"]
+  helpers.cli("jdiff.main", *flags, "--config.train.num_steps=6", f"--workdir={tmp_path / 'straight'}")
+  work = tmp_path / "damaged"
+  helpers.cli("jdiff.main", *flags, "--config.train.num_steps=4", f"--workdir={work}")
+  getattr(test_checkpoint, f"_{damage}")(os.path.join(ckpt_lib.checkpoint_dir(str(work)), "4"))
+  proc = helpers.cli("jdiff.main", *flags, "--config.train.num_steps=6", f"--workdir={work}")
+  named = [l for l in proc.stderr.splitlines() if "checkpoint step 4" in l]
+  assert len(named) == 1 and "checkpoints_aside" in named[0], proc.stderr[-3000:]
+  config = get_config(train__num_steps=6)
+  a, a_data, _ = restored(tmp_path / "straight", config)
+  b, b_data, _ = restored(work, config)
+  chex.assert_trees_all_equal(a, b)
+  assert a_data == b_data
