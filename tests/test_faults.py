@@ -83,16 +83,26 @@ def test_full_disk_stops_the_run_with_one_line_and_commits_nothing(tmp_path):
   assert [n for n in os.listdir(ckpt_lib.checkpoint_dir(str(work))) if not n.startswith(".")] == []
 
 
+EVERY_2 = [a for a in FLAGS if "num_steps" not in a and "checkpoint_every" not in a] + [
+    "--config.train.checkpoint_every=2"]
+
+
+@pytest.fixture(scope="module")
+def straight_6(tmp_path_factory):
+  """An uninterrupted 6-step run with checkpoints every 2 steps."""
+  work = tmp_path_factory.mktemp("straight") / "w"
+  helpers.cli("jdiff.main", *EVERY_2, "--config.train.num_steps=6", f"--workdir={work}")
+  return work
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "remove_item"])
-def test_damaged_latest_checkpoint_through_the_cli(tmp_path, damage):
+def test_damaged_latest_checkpoint_through_the_cli(tmp_path, straight_6, damage):
   """The newest checkpoint damaged between two runs of the same command: the second run
   names it in one line, sets it aside, resumes from the one before and ends bit-identical
   to an uninterrupted run."""
   import test_checkpoint
 
-  flags = [a for a in FLAGS if "num_steps" not in a and "checkpoint_every" not in a]
-  flags += ["--config.train.checkpoint_every=2"]
-  helpers.cli("jdiff.main", *flags, "--config.train.num_steps=6", f"--workdir={tmp_path / 'straight'}")
+  flags = EVERY_2
   work = tmp_path / "damaged"
   helpers.cli("jdiff.main", *flags, "--config.train.num_steps=4", f"--workdir={work}")
   getattr(test_checkpoint, f"_{damage}")(os.path.join(ckpt_lib.checkpoint_dir(str(work)), "4"))
@@ -100,7 +110,7 @@ def test_damaged_latest_checkpoint_through_the_cli(tmp_path, damage):
   named = [l for l in proc.stderr.splitlines() if "checkpoint step 4" in l]
   assert len(named) == 1 and "checkpoints_aside" in named[0], proc.stderr[-3000:]
   config = get_config(train__num_steps=6)
-  a, a_data, _ = restored(tmp_path / "straight", config)
+  a, a_data, _ = restored(straight_6, config)
   b, b_data, _ = restored(work, config)
   chex.assert_trees_all_equal(a, b)
   assert a_data == b_data
