@@ -99,7 +99,7 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir: str = "", profile
     raise errors.InvalidArgument(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")
   if config.objective != "flow":
     raise errors.InvalidArgument(f"jdiff.bench times the flow objective's step; objective {config.objective!r} "
-                     "needs a frozen model (time it with jdiff.main's step log)")
+                                 "needs a frozen model (time it with jdiff.main's step log)")
   networks, tx, mesh, rules = step_parts(config)
   state, shardings = state_lib.create_state(networks, tx, mesh, rules, config.seed)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)

@@ -60,7 +60,7 @@ def write(config, out_dir: str, *, split: str = "train", num_records: int | None
   """Encodes config.data's first `num_records` records (default: all) into `out_dir`."""
   if not config.autoencoder.path or config.text.encoder != "sd3":
     raise errors.InvalidArgument("the cache needs config.autoencoder.path (a VAE) and text.encoder='sd3' with "
-                     "text.pipeline (the SD3 text encoders)")
+                                 "text.pipeline (the SD3 text encoders)")
   source = sources.make_source(config.data, split)
   n = len(source) if num_records is None else min(num_records, len(source))
   vae_model, vae_params = sd3_pipeline.load_vae(config.autoencoder.path, config.autoencoder.dtype)

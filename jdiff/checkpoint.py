@@ -394,8 +394,8 @@ def _restore_subtree(workdir: str, subtree: dict[str, Any], step: int | None = N
              if isinstance(leaf, jax.ShapeDtypeStruct)]
   if missing:
     raise errors.InvalidArgument(f"{checkpoint_dir(workdir)} step {step} has no {', '.join(missing[:5])}"
-                     f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''}: the checkpoint was "
-                     "written for another model layout or version")
+                                 f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''}: the checkpoint was "
+                                 "written for another model layout or version")
   return restored.state, restored.lineage["stages"], step
 
 

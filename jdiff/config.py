@@ -270,14 +270,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
   """Checks every enumerated and numeric field; raises ValueError naming the field."""
   _one_of("stage", c.stage, STAGES)
   if c.model.name == "inherit":
-    raise errors.InvalidArgument("config.model.name='inherit' must be resolved first (jdiff.checkpoint.resolve_inherited)")
+    raise errors.InvalidArgument(
+        "config.model.name='inherit' must be resolved first (jdiff.checkpoint.resolve_inherited)")
   _one_of("model.name", c.model.name, MODELS)
   if not c.model.attention.startswith("splash"):
     _one_of("model.attention", c.model.attention, ATTENTION)
   elif c.model.attention != "splash" and not (c.model.attention[7:].isdigit() and int(c.model.attention[7:]) % 128 == 0
                                               and c.model.attention[6] == ":"):
-    raise errors.InvalidArgument(f"config.model.attention={c.model.attention!r}: expected 'splash' or 'splash:<block>' with a "
-                     "block that is a multiple of 128")
+    raise errors.InvalidArgument(
+        f"config.model.attention={c.model.attention!r}: expected 'splash' or 'splash:<block>' with a "
+        "block that is a multiple of 128")
   _one_of("model.remat", c.model.remat, REMAT)
   _one_of("text.encoder", c.text.encoder, TEXT_ENCODERS)
   _one_of("data.source", c.data.source, DATA_SOURCES)
@@ -286,16 +288,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.data.pairs_dir and c.data.source != "preference":
     raise errors.InvalidArgument(f"data.pairs_dir is set but data.source is {c.data.source!r}; pairs need 'preference'")
   if (c.objective == "dpo") != (c.data.source == "preference"):
-    raise errors.InvalidArgument("config.objective='dpo' trains on preference pairs and only on them: set both "
-                     f"objective='dpo' and data.source='preference' (got {c.objective!r}, {c.data.source!r})")
+    raise errors.InvalidArgument(
+        "config.objective='dpo' trains on preference pairs and only on them: set both objective='dpo' and "
+        f"data.source='preference' (got {c.objective!r}, {c.data.source!r})")
   if c.objective == "dpo" and c.dpo.beta <= 0:
     raise errors.InvalidArgument(f"config.dpo.beta={c.dpo.beta} must be > 0")
   if c.objective == "guidance" and not c.model.guidance_embed:
     raise errors.InvalidArgument("config.objective='guidance' trains a student that embeds the guidance scale: set "
-                     "config.model.guidance_embed=True")
+                                 "config.model.guidance_embed=True")
   if not 0 <= c.distill.guidance_min <= c.distill.guidance_max:
     raise errors.InvalidArgument(f"config.distill.guidance_min={c.distill.guidance_min} and guidance_max="
-                     f"{c.distill.guidance_max} must satisfy 0 <= min <= max")
+                                 f"{c.distill.guidance_max} must satisfy 0 <= min <= max")
   _one_of("diffusion.prediction", c.diffusion.prediction, PREDICTIONS)
   _one_of("diffusion.weighting", c.diffusion.weighting, WEIGHTINGS)
   _one_of("diffusion.timesteps.kind", c.diffusion.timesteps.kind, TIMESTEP_KINDS)
@@ -329,20 +332,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise errors.InvalidArgument(f"config.optim.ema_decay={c.optim.ema_decay} must lie in [0, 1)")
   if c.train.batch_size % c.train.grad_accum:
     raise errors.InvalidArgument(f"config.train.batch_size={c.train.batch_size} is not divisible by "
-                     f"train.grad_accum={c.train.grad_accum}")
+                                 f"train.grad_accum={c.train.grad_accum}")
   if c.sample.cfg_scale < 0 or c.eval.cfg_scale < 0:
     raise errors.InvalidArgument("config.sample.cfg_scale and config.eval.cfg_scale must be >= 0")
   if c.text.max_len % c.text.downsample:
     raise errors.InvalidArgument(f"config.text.max_len={c.text.max_len} is not divisible by text.downsample="
-                     f"{c.text.downsample}")
+                                 f"{c.text.downsample}")
   if c.data.source == "cache":
     if c.text.encoder != "sd3" or not c.autoencoder.path:
-      raise errors.InvalidArgument("data.source='cache' holds SD3 text embeddings and VAE latents: set text.encoder='sd3' "
-                       "and autoencoder.path")
+      raise errors.InvalidArgument(
+          "data.source='cache' holds SD3 text embeddings and VAE latents: set text.encoder='sd3' "
+          "and autoencoder.path")
     if not c.data.cache_dir:
       raise errors.InvalidArgument("data.source='cache' needs data.cache_dir")
     if c.objective == "dpo":
-      raise errors.InvalidArgument("objective='dpo' reads embedded pixel-space pairs (data.source='preference'), not a cache")
+      raise errors.InvalidArgument(
+          "objective='dpo' reads embedded pixel-space pairs (data.source='preference'), not a cache")
   elif c.text.encoder == "sd3" or c.autoencoder.path:
     raise errors.InvalidArgument("text.encoder='sd3' and autoencoder.path train on precomputed embeddings and latents: "
-                     "write them with `python -m jdiff.cache` and set data.source='cache', data.cache_dir")
+                                 "write them with `python -m jdiff.cache` and set data.source='cache', data.cache_dir")

@@ -67,7 +67,7 @@ def import_dir(src: str, workdir: str, scan: bool = False):
   family = FAMILIES.get(tconfig.get("_class_name"))
   if family is None:
     raise errors.InvalidArgument(f"{tdir}: unsupported transformer class {tconfig.get('_class_name')!r}; "
-                     f"expected one of {tuple(FAMILIES)}")
+                                 f"expected one of {tuple(FAMILIES)}")
   io = _io(family)
   kwargs = io.model_kwargs(tconfig)
   params = jax.tree.map(jnp.asarray, io.to_jdiff(tconfig, mapping.load_safetensors(tdir)))

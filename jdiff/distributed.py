@@ -48,7 +48,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return False
   if explicit and (coordinator_address is None or num_processes is None or process_id is None):
     raise errors.InvalidArgument("multi-process runs need all of coordinator_address, num_processes and process_id "
-                     f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
+                                 f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
   if (env.get("JAX_PLATFORMS") or "").startswith("cpu"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if explicit:

@@ -133,18 +133,20 @@ def _latent_networks(config, lora: L.LoRA | None) -> Networks:
 
   vae = sd3_pipeline.vae_geometry(config.autoencoder.path)
   if config.data.resolution % vae["factor"]:
-    raise errors.InvalidArgument(f"config.data.resolution={config.data.resolution} is not divisible by the VAE's factor "
-                     f"{vae['factor']}")
+    raise errors.InvalidArgument(
+        f"config.data.resolution={config.data.resolution} is not divisible by the VAE's factor "
+        f"{vae['factor']}")
   has_cache = bool(config.data.cache_dir) and os.path.exists(os.path.join(config.data.cache_dir, cache.META))
   extra, cached, meta = {}, None, None
   if has_cache:
     meta = cache.read_meta(config.data.cache_dir)
     if config.model.in_channels != meta["latent_shape"][-1]:
       raise errors.InvalidArgument(f"config.model.in_channels={config.model.in_channels} but the cache holds "
-                       f"{meta['latent_shape'][-1]}-channel latents")
+                                   f"{meta['latent_shape'][-1]}-channel latents")
     if meta["resolution"] != config.data.resolution:
-      raise errors.InvalidArgument(f"config.data.resolution={config.data.resolution} but the cache in {config.data.cache_dir} "
-                       f"was written at {meta['resolution']}")
+      raise errors.InvalidArgument(
+          f"config.data.resolution={config.data.resolution} but the cache in {config.data.cache_dir} "
+          f"was written at {meta['resolution']}")
     extra = dict(pooled_dim=meta["pooled_dim"], context_dim=meta["context_shape"][-1])
     cached = cache.read_conditioning(config.data.cache_dir)
   denoiser = models.build({**config.model, **extra}, lora=lora)
@@ -158,11 +160,11 @@ def _check_geometry(networks: Networks, config) -> None:
   resolution, patch = networks.resolution, networks.patch_size
   if resolution % patch:
     raise errors.InvalidArgument(f"the model's input size {resolution} (data.resolution, or its latent size) is not "
-                     f"divisible by model.patch_size={patch}")
+                                 f"divisible by model.patch_size={patch}")
   grid = resolution // patch
   if config.model.name != "flux" and grid > config.model.pos_embed_max_size:
     raise errors.InvalidArgument(f"the patch grid ({grid}) exceeds config.model.pos_embed_max_size="
-                     f"{config.model.pos_embed_max_size}")
+                                 f"{config.model.pos_embed_max_size}")
   patch_dim = patch**2 * networks.channels
   if patch_dim > networks.denoiser.width:
     # The noise in a patch then cannot pass the patch embedding, so v = eps - x0 is not

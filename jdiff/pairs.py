@@ -43,7 +43,8 @@ def generate(workdir: str, out: str, *, num: int = 2048, num_steps: int | None =
   model = inference.load(workdir)
   data = model.config.data
   if data.source not in ("shapes", "preference"):
-    raise errors.InvalidArgument(f"{workdir} trained on data.source={data.source!r}; on-policy pairs need the shapes data")
+    raise errors.InvalidArgument(
+        f"{workdir} trained on data.source={data.source!r}; on-policy pairs need the shapes data")
   split = data.shapes_split
   num_steps = model.config.eval.num_steps if num_steps is None else num_steps
   cfg_scale = model.config.eval.cfg_scale if cfg_scale is None else cfg_scale

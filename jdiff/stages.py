@@ -62,7 +62,8 @@ def stage_configs(pipeline: ml_collections.ConfigDict, workdir: str) -> list[tup
   if unknown:
     raise errors.InvalidArgument(f"config.pairs.stages names {unknown}, which config.order does not run")
   if order[0] in on_policy:
-    raise errors.InvalidArgument(f"config.pairs.stages: the first stage {order[0]!r} has no parent model to sample pairs from")
+    raise errors.InvalidArgument(
+        f"config.pairs.stages: the first stage {order[0]!r} has no parent model to sample pairs from")
   out, previous = [], ""
   for name in order:
     c = ml_collections.ConfigDict(pipeline.base.to_dict())

@@ -157,7 +157,7 @@ def run(study_name: str, base: ml_collections.ConfigDict, workdir: str, seeds: i
   study = STUDIES[study_name]
   if not benchmark.applies(base):
     raise errors.InvalidArgument("a study scores runs on the shapes benchmark: the base config must train on "
-                     "data.source='shapes' with text.encoder='bytes'")
+                                 "data.source='shapes' with text.encoder='bytes'")
   os.makedirs(workdir, exist_ok=True)
   for seed in range(seeds):  # seed-major: a partial study has every variant at the first seeds
     for variant, _ in study.variants:

@@ -69,7 +69,7 @@ def read_meta(cache_dir: str) -> dict[str, Any]:
   path = os.path.join(cache_dir, META)
   if not os.path.exists(path):
     raise errors.NotFound(f"{path} not found: data.cache_dir must be a directory written by "
-                            "`python -m jdiff.cache`")
+                          "`python -m jdiff.cache`")
   with open(path) as f:
     return json.load(f)
 

@@ -91,11 +91,13 @@ class GeneratedPairsSource:
   def __init__(self, directory: str, resolution: int):
     path = os.path.join(directory, PAIRS_FILE)
     if not os.path.exists(path):
-      raise errors.NotFound(f"no {PAIRS_FILE} in {directory!r}: write it with `python -m jdiff.pairs --out={directory}`")
+      raise errors.NotFound(
+          f"no {PAIRS_FILE} in {directory!r}: write it with `python -m jdiff.pairs --out={directory}`")
     with open(os.path.join(directory, "meta.json")) as f:
       self.meta = json.load(f)
     if self.meta["resolution"] != resolution:
-      raise errors.InvalidArgument(f"pairs in {directory} are {self.meta['resolution']}px samples; data.resolution is {resolution}")
+      raise errors.InvalidArgument(
+          f"pairs in {directory} are {self.meta['resolution']}px samples; data.resolution is {resolution}")
     with np.load(path) as z:
       self.index, self.image_l, self.wrong = z["index"], z["image_l"], z["wrong"]
     self.resolution = resolution

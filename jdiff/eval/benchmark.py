@@ -27,10 +27,11 @@ def evaluate(model: inference.Model, *, num_samples: int | None = None, num_step
   unset settings come from config.eval."""
   e = model.config.eval
   num_samples = e.num_samples if num_samples is None else num_samples
+  num_steps = e.num_steps if num_steps is None else num_steps
   out = {}
   for name, split in SPLITS.items():
     prompts = shapes.benchmark(split, num_samples)
-    images = inference.generate(model, [p for p, _ in prompts], num_steps=e.num_steps if num_steps is None else num_steps,
+    images = inference.generate(model, [p for p, _ in prompts], num_steps=num_steps,
                                 cfg_scale=e.cfg_scale if cfg_scale is None else cfg_scale,
                                 method=method or e.method, seed=e.seed if seed is None else seed)
     out[name] = adherence.score(images, [a for _, a in prompts])

@@ -208,8 +208,9 @@ def check(config) -> Objective:
   needs config.init_from."""
   objective = get(config.objective)
   if objective.frozen and not config.init_from:
-    raise errors.InvalidArgument(f"config.objective={config.objective!r} compares against a frozen {objective.frozen_role}: "
-                     "set config.init_from to the workdir of the model it starts from")
+    raise errors.InvalidArgument(
+        f"config.objective={config.objective!r} compares against a frozen {objective.frozen_role}: "
+        "set config.init_from to the workdir of the model it starts from")
   return objective
 
 

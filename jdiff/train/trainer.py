@@ -160,7 +160,7 @@ def batch_spec(config, networks) -> dict[str, tuple[tuple[int, ...], Any]]:
     meta = networks.cache_meta
     if meta is None:
       raise errors.InvalidArgument(f"no latent cache in data.cache_dir={config.data.cache_dir!r}: write one with "
-                       "`python -m jdiff.cache`")
+                                   "`python -m jdiff.cache`")
     store = np.dtype(meta["dtype"])
     latent = (b, *meta["latent_shape"])
     return dict(latent_mean=(latent, store), latent_logvar=(latent, store),
@@ -267,7 +267,7 @@ def _overlay(base, new, path=""):
     return {k: _overlay(v, new[k], f"{path}/{k}") if k in new else v for k, v in base.items()}
   if base.shape != new.shape:
     raise errors.InvalidArgument(f"parameter {path.lstrip('/')} has shape {new.shape} in config.init_from but "
-                     f"{base.shape} in this config")
+                                 f"{base.shape} in this config")
   return jax.device_put(jnp.array(new, dtype=base.dtype, copy=True), base.sharding)
 
 
@@ -348,7 +348,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   n_train = sum(int(np.prod(x.shape)) for x, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(mask)) if m)
   if n_train == 0:
     raise errors.InvalidArgument(f"config.optim.trainable={config.optim.trainable!r} matches no parameter path "
-                     "(paths look like 'denoiser/blocks_0/x_qkv/q/kernel')")
+                                 "(paths look like 'denoiser/blocks_0/x_qkv/q/kernel')")
   log.info("%s of %s parameters train (optim.trainable=%r)", f"{n_train:,}",
            f"{networks_lib.param_count(state.params):,}", config.optim.trainable)
   frozen, frozen_params = None, None

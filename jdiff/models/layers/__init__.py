@@ -35,8 +35,9 @@ from jdiff.models.layers.norms import (Modulation, RMSNorm, affine_layer_norm, m
 from jdiff.models.layers.partitioning import STORAGE_ONLY_AXES, compute_rules, constrain, gathered
 
 __all__ = [
-    "ATTENTION_IMPLS", "QKV", "attention_out", "check_backend", "check_divisible", "dot_product_attention", "splash_attention",
-    "REMAT_POLICIES", "match_layout", "run_blocks", "stack_groups", "stack_unrolled", "unstack_groups",
+    "ATTENTION_IMPLS", "QKV", "attention_out", "check_backend", "check_divisible", "dot_product_attention",
+    "splash_attention", "REMAT_POLICIES", "match_layout", "run_blocks", "stack_groups", "stack_unrolled",
+    "unstack_groups",
     "unstack_scanned", "MLP", "CondMLP", "Dense", "as_dtype", "dense", "embed", "xavier", "zeros", "PatchEmbed",
     "TimestepEmbed", "apply_rope", "cropped_sincos_2d", "patchify", "rope_tables", "sincos_1d",
     "timestep_features", "unpatchify", "LoRA", "merge_lora", "Modulation", "RMSNorm", "affine_layer_norm",

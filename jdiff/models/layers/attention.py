@@ -44,7 +44,7 @@ def dot_product_attention(q, k, v, implementation: str = "default") -> jax.Array
     return splash_attention(q, k, v, int(arg) if arg else 512)
   if implementation not in ATTENTION_IMPLS:
     raise errors.InvalidArgument(f"unknown attention implementation {implementation!r}; "
-                     f"expected one of {tuple(ATTENTION_IMPLS) + ('splash', 'splash:<block>')}")
+                                 f"expected one of {tuple(ATTENTION_IMPLS) + ('splash', 'splash:<block>')}")
   impl = ATTENTION_IMPLS[implementation]
   backend = jax.default_backend()
   if implementation == "default" and backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
