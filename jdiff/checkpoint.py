@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import grain
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
@@ -129,9 +130,6 @@ class _Drop(logging.Filter):
     return not record.getMessage().startswith(self.prefix)
 
 
-_NOISY_LOGGERS = ("absl", "asyncio")  # where a failed save's tracebacks are logged while it runs
-
-
 def _drop_unretrieved_save_futures(record: logging.LogRecord) -> bool:
   """asyncio reports the futures of a failed save's other writes, when they are collected
   (often after the run ended), as 'exception was never retrieved' with a traceback each; the
@@ -154,12 +152,7 @@ class _OneLineSaveErrors(logging.Filter):
     self.reported: int | None = None
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno < logging.ERROR:
-      return True
-    # Orbax's own records, and asyncio's 'Future exception was never retrieved' for the
-    # futures of Orbax's writes that failed alongside.
-    if "orbax" not in record.pathname and not (record.name == "asyncio" and
-                                               self.owner.directory in record.getMessage()):
+    if record.levelno < logging.ERROR or "orbax" not in record.pathname:
       return True
     step = self.owner._saving
     if self.reported == step:
@@ -177,6 +170,7 @@ class Checkpoints:
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
     self.workdir = os.path.abspath(workdir)
+    self.directory = checkpoint_dir(self.workdir)
     # Read-only opens (sampling, evaluation, init_from) are what was asked for: Orbax's
     # warning that the directory is read-only says nothing to the user, so it is dropped.
     absl_log = logging.getLogger("absl")
@@ -189,7 +183,7 @@ class Checkpoints:
     self.failed_in_a_row = 0
     try:
       self.manager = ocp.CheckpointManager(
-          checkpoint_dir(self.workdir),
+          self.directory,
           item_names=ITEMS,
           # read_only: what Orbax would reset (with a warning each) is not set at all.
           options=ocp.CheckpointManagerOptions(
@@ -203,10 +197,8 @@ class Checkpoints:
       )
     finally:
       absl_log.removeFilter(quiet)
-    self.directory = os.fspath(checkpoint_dir(self.workdir))
     self._save_errors = _OneLineSaveErrors(self)
-    for name in _NOISY_LOGGERS:
-      logging.getLogger(name).addFilter(self._save_errors)
+    absl_log.addFilter(self._save_errors)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -216,7 +208,7 @@ class Checkpoints:
     before Orbax commits it (called by Orbax's save thread; the first process writes)."""
     if self._saving is None or jax.process_index() != 0:
       return
-    root = checkpoint_dir(self.workdir)
+    root = self.directory
     pending = sorted(root.glob(f"{self._saving}{_ORBAX_TMP}*"))
     # Storage without atomic rename (object stores) writes the step in place.
     step_dir = pending[-1] if pending else root / str(self._saving)
@@ -231,17 +223,22 @@ class Checkpoints:
         config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
         lineage=ocp.args.JsonSave({"stages": lineage}),
     )
+    return self._save(step, args, force)
+
+  def _save(self, step: int, args: ocp.args.Composite, force: bool = False) -> bool:
+    """Starts saving `args` at `step`, after learning the fate of the previous save; a
+    synchronous save gets its checksums here, an asynchronous one in _seal."""
     # The previous save's fate is known here (and _seal must not see the new step before).
     self._count(self._finish_previous())
     self._saving = step
     try:
       started = self.manager.save(step, args=args, force=force)
       if not self.async_save and started and jax.process_index() == 0:
-        write_checksums(os.fspath(checkpoint_dir(self.workdir) / str(step)))
+        write_checksums(os.fspath(self.directory / str(step)))
     except Exception as e:  # noqa: BLE001 -- a write error before the save went to the background
       self._saving = None
       self._discard_partial(step)
-      self._count(CheckpointError(f"saving checkpoint step {step} in {checkpoint_dir(self.workdir)} failed "
+      self._count(CheckpointError(f"saving checkpoint step {step} in {self.directory} failed "
                                   f"({_one_line(e)}); the earlier checkpoints are intact "
                                   f"({self._latest_text()})"))
       return False
@@ -283,7 +280,7 @@ class Checkpoints:
     """(restore(s), s) for the newest step s whose checksums hold and whose restore succeeds,
     or for exactly `step`. Newer checkpoints are moved aside (unless read-only), each with
     one log line saying why; if none restores, raises CheckpointError listing what was tried."""
-    where = checkpoint_dir(self.workdir)
+    where = self.directory
     steps = sorted(self.manager.all_steps(), reverse=True)
     if step is not None and step not in steps:
       raise CheckpointError(f"there is no checkpoint at step {step} in {where} (steps: "
@@ -322,7 +319,7 @@ class Checkpoints:
     """Removes what a failed save of `step` wrote (never committed, so never a checkpoint),
     freeing the space a full disk needs for the next save."""
     if step is not None and jax.process_index() == 0:
-      for partial in checkpoint_dir(self.workdir).glob(f"{step}{_ORBAX_TMP}*"):
+      for partial in self.directory.glob(f"{step}{_ORBAX_TMP}*"):
         partial.rmtree(missing_ok=True)
     self.manager.reload()
 
@@ -332,9 +329,8 @@ class Checkpoints:
     dest = aside_dir(self.workdir) / f"{step}.{why}.{stamp}"
     if jax.process_index() == 0:
       dest.parent.mkdir(parents=True, exist_ok=True)
-      os.rename(checkpoint_dir(self.workdir) / str(step), dest)
+      os.rename(self.directory / str(step), dest)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"jdiff checkpoint aside {step}")
     self.manager.reload()
     return dest
@@ -347,7 +343,7 @@ class Checkpoints:
     except Exception as e:  # noqa: BLE001 -- a write error of the save thread, e.g. a full disk
       step, self._saving = self._saving, None
       self._discard_partial(step)
-      raise CheckpointError(f"saving checkpoint step {step} in {checkpoint_dir(self.workdir)} failed "
+      raise CheckpointError(f"saving checkpoint step {step} in {self.directory} failed "
                             f"({_one_line(e)}); it was not committed, the earlier checkpoints are intact "
                             f"({self._latest_text()})") from e
     self._saving = None
@@ -357,8 +353,7 @@ class Checkpoints:
       self.wait()
     finally:
       self.manager.close()
-      for name in _NOISY_LOGGERS:
-        logging.getLogger(name).removeFilter(self._save_errors)
+      logging.getLogger("absl").removeFilter(self._save_errors)
 
 
 def save_weights(workdir: str, params: Any, config: ml_collections.ConfigDict, lineage: list[dict[str, Any]],
@@ -367,13 +362,11 @@ def save_weights(workdir: str, params: Any, config: ml_collections.ConfigDict, l
   runs start from with config.init_from; written by `python -m jdiff.convert import`."""
   write_config(workdir, config)
   ckpt = Checkpoints(workdir, async_save=False)
-  ckpt.manager.save(step, args=ocp.args.Composite(
+  ckpt._save(step, ocp.args.Composite(
       state=ocp.args.StandardSave({"step": step, "params": params, "ema_params": params}),
       config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
       lineage=ocp.args.JsonSave({"stages": lineage}),
   ))
-  if jax.process_index() == 0:
-    write_checksums(os.fspath(checkpoint_dir(workdir) / str(step)))
   ckpt.close()
 
 
@@ -424,9 +417,13 @@ def _open_read_only(workdir: str) -> Checkpoints:
   return ckpt
 
 
+def _config_path(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / "config.json"
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was started with (workdir/config.json)."""
-  path = epath.Path(workdir) / "config.json"
+  path = _config_path(workdir)
   if not path.exists():
     raise errors.NotFound(f"{path} not found: is {workdir!r} a jdiff workdir?")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -435,7 +432,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def check_same_model(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses to resume `workdir` with a config whose model differs from the one its
   checkpoints hold (the architecture fields of config.INHERITED), before any restore."""
-  path = epath.Path(workdir) / "config.json"
+  path = _config_path(workdir)
   if not path.exists():
     return
   stored = json.loads(path.read_text())
@@ -452,7 +449,7 @@ def check_same_model(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  path = epath.Path(workdir) / "config.json"
+  path = _config_path(workdir)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(config.to_json_best_effort(indent=2))
 
