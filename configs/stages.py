@@ -6,6 +6,8 @@
   dpo       posttrain: Diffusion-DPO against the frozen sft model, on on-policy pairs: the
             caption's render (preferred) vs the sft model's own sample for it, where the
             adherence analyser finds an attribute wrong (rejected; jdiff/pairs.py)
+  grpo      posttrain: online RL (Flow-GRPO) from the sft model, beside dpo: groups of SDE
+            samples per prompt, rewarded by the adherence analyser; tune continues from it
   tune      LoRA (rank 8, attention and MLP projections of every block) teaching a colour
             word never seen before ('pink', data split new_color); the base stays frozen
   guidance  distill: guidance distillation, one forward per step instead of CFG's two
@@ -52,7 +54,7 @@ def get_config(arg: str | None = None):
 
   p = ml_collections.ConfigDict()
   p.base = base
-  p.order = "pretrain,sft,dpo,tune,guidance,fewstep"
+  p.order = "pretrain,sft,dpo,grpo,tune,guidance,fewstep"
   p.stages = ml_collections.ConfigDict(dict(
       pretrain=dict(train=dict(num_steps=pretrain_steps)),
       sft=later(stage="posttrain"),
@@ -61,6 +63,9 @@ def get_config(arg: str | None = None):
       dpo=later(stage="posttrain", objective="dpo", dpo=dict(beta=2000.0, positive=100.0),
                 data=dict(source="preference"),
                 diffusion=dict(timesteps=dict(mean=1.0))),
+      # Online RL from the sft model (a branch beside dpo; tune continues from it): groups of
+      # images per prompt from the SDE sampler, scored by the adherence analyser (jdiff/train/grpo.py).
+      grpo=later(stage="posttrain", objective="grpo", init_from="sft"),
       tune=later(stage="tune", lora=dict(rank=8, alpha=8.0), optim=dict(trainable=".*lora_.*", lr=10 * lr),
                  data=dict(shapes_split="new_color")),
       # The students distill on the new_color split too, so the tuned colour carries over.
@@ -70,6 +75,10 @@ def get_config(arg: str | None = None):
                     data=dict(shapes_split="new_color"), distill=dict(student_steps=4),
                     sample=dict(num_steps=4), eval=dict(num_steps=4)),
   ))
+  # grpo: train.batch_size prompts a step, group_size images each (test: brightness, since the
+  # tiny model's 32 caption tokens cut the captions the adherence reward reads).
+  p.stages.grpo.train.update(batch_size=dict(gpu=32, cpu=4, test=2)[variant])
+  p.stages.grpo.grpo = dict(gpu=dict(), cpu=dict(), test=dict(group_size=2, num_steps=2, reward="brightness"))[variant]
   # On-policy preference data: before a listed stage trains, its parent (the sft model) is
   # sampled for `num` training captions and every sample the analyser finds wrong becomes
   # a rejected image against the caption's render (jdiff/pairs.py). '' = embedded pairs.

@@ -76,7 +76,7 @@ def step_parts(config, devices=None):
   (default: all): what jdiff.bench and the benchmark scripts compile or trace."""
 
   networks = networks_lib.build_networks(config)
-  tx = optim.make_optimizer(config.optim, config.train.num_steps)
+  tx = optim.make_optimizer(config.optim, optim.num_updates(config))
   return networks, tx, shard_lib.make_mesh(config.mesh, devices), shard_lib.rules_tuple(config.sharding.logical_rules)
 
 

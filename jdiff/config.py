@@ -25,7 +25,7 @@ from jdiff import errors
 
 STAGES = ("pretrain", "posttrain", "tune", "distill")
 # What each stage may optimise (config.objective); the objectives are in jdiff/train/objectives.py.
-STAGE_OBJECTIVES = {"pretrain": ("flow",), "posttrain": ("flow", "dpo"), "tune": ("flow",),
+STAGE_OBJECTIVES = {"pretrain": ("flow",), "posttrain": ("flow", "dpo", "grpo"), "tune": ("flow", "grpo"),
                     "distill": ("guidance", "fewstep")}
 
 # The allowed values of the mode strings, each beside the registry that implements it.
@@ -38,6 +38,9 @@ DATA_SOURCES = ("shapes", "preference", "tfds", "arrayrecord", "cache")  # jdiff
 PREDICTIONS = ("v", "eps", "x0")  # jdiff.diffusion.PREDICTIONS
 WEIGHTINGS = ("none", "eps", "x0", "sigma_sqrt", "cosmap")  # jdiff.diffusion.WEIGHTINGS
 TIMESTEP_KINDS = ("uniform", "logit_normal", "mode", "cosmap")  # jdiff.diffusion.TIMESTEP_KINDS
+REWARDS = ("adherence", "adherence_all", "brightness")  # jdiff.eval.rewards.REWARDS
+# Tokens (BOS + bytes) that hold every shapes caption up to its last attribute word.
+SHAPES_CAPTION_TOKENS = 57
 SHIFT_KINDS = ("sd3", "flux", "fixed", "none")  # jdiff.diffusion.SHIFT_KINDS
 SAMPLERS = ("euler", "heun")  # jdiff.diffusion.METHODS
 SCHEDULES = ("constant", "cosine")  # jdiff.train.optim.SCHEDULES
@@ -72,13 +75,28 @@ def base() -> ml_collections.ConfigDict:
   c.stage = "pretrain"  # one of STAGES; recorded in the checkpoint lineage
   c.init_from = ""  # workdir of an earlier stage: start from its EMA params, fresh optimizer
   # flow: flow matching (pretrain, SFT, tuning); dpo: Diffusion-DPO on preference pairs
-  # (posttrain); guidance / fewstep: distillation (distill). dpo, guidance and fewstep keep
-  # a frozen copy of the init_from model as the reference / teacher.
+  # (posttrain); grpo: online RL with a reward (posttrain, tune); guidance / fewstep:
+  # distillation (distill). dpo, grpo, guidance and fewstep keep a frozen copy of the
+  # init_from model as the reference / teacher.
   c.objective = "flow"
   # Diffusion-DPO: beta scales the error margin (it absorbs the paper's beta*T); positive is
   # DPO-Positive's lambda (penalises a preferred error above the reference's); sft_weight adds
   # that multiple of the preferred sample's flow loss. See diffusion/preference.py.
   c.dpo = ml_collections.ConfigDict(dict(beta=1000.0, positive=0.0, sft_weight=0.0))
+  # Online RL with a verifiable reward (objective 'grpo', Flow-GRPO; diffusion/grpo.py): each
+  # step draws group_size images for each of train.batch_size prompts with the SDE that has the
+  # flow ODE's marginals (num_steps Euler-Maruyama steps on the shifted sampling grid, noise
+  # sigma_t = noise_level * sqrt(t / (1 - t)), classifier-free guidance cfg_scale), scores them
+  # with `reward` (jdiff.eval.rewards), standardises the rewards within each group, and makes
+  # updates_per_rollout AdamW updates on equal slices of the images with PPO's clipped ratio
+  # (clip_range; log-probabilities are per dimension, hence the small range) plus kl_weight x the
+  # KL to the frozen init_from model, over train_timesteps of each trajectory's steps (drawn per
+  # image; None: all). Evaluation samples with the usual ODE sampler (config.eval).
+  c.grpo = ml_collections.ConfigDict(dict(
+      reward="adherence", group_size=8, num_steps=10, noise_level=0.7, cfg_scale=3.0,
+      train_timesteps=config_dict.placeholder(int), updates_per_rollout=2, clip_range=1e-4, kl_weight=0.04,
+      adv_clip=5.0,
+  ))
   c.distill = ml_collections.ConfigDict(dict(
       guidance_min=1.0, guidance_max=6.0,  # guidance: student's w ~ U[min, max]
       cfg_scale=3.0,  # fewstep: the teacher's guidance scale (CFG, or its embedded guidance)
@@ -293,6 +311,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"data.source='preference' (got {c.objective!r}, {c.data.source!r})")
   if c.objective == "dpo" and c.dpo.beta <= 0:
     raise errors.InvalidArgument(f"config.dpo.beta={c.dpo.beta} must be > 0")
+  if c.objective == "grpo":
+    _validate_grpo(c)
   if c.objective == "guidance" and not c.model.guidance_embed:
     raise errors.InvalidArgument("config.objective='guidance' trains a student that embeds the guidance scale: set "
                                  "config.model.guidance_embed=True")
@@ -351,3 +371,36 @@ def validate(c: ml_collections.ConfigDict) -> None:
   elif c.text.encoder == "sd3" or c.autoencoder.path:
     raise errors.InvalidArgument("text.encoder='sd3' and autoencoder.path train on precomputed embeddings and latents: "
                                  "write them with `python -m jdiff.cache` and set data.source='cache', data.cache_dir")
+
+
+def _validate_grpo(c: ml_collections.ConfigDict) -> None:
+  g = c.grpo
+  _one_of("grpo.reward", g.reward, REWARDS)
+  for name in ("num_steps", "updates_per_rollout", "noise_level", "clip_range", "adv_clip"):
+    _positive(f"grpo.{name}", g[name])
+  if g.group_size < 2:
+    raise errors.InvalidArgument(f"config.grpo.group_size={g.group_size}: advantages compare images of one prompt, "
+                                 "so a group needs >= 2")
+  if g.kl_weight < 0 or g.cfg_scale < 0:
+    raise errors.InvalidArgument("config.grpo.kl_weight and config.grpo.cfg_scale must be >= 0")
+  steps = g.num_steps if g.train_timesteps is None else g.train_timesteps
+  if not 1 <= steps <= g.num_steps:
+    raise errors.InvalidArgument(f"config.grpo.train_timesteps={g.train_timesteps} must lie in [1, grpo.num_steps="
+                                 f"{g.num_steps}]")
+  images = c.train.batch_size * g.group_size
+  if images % g.updates_per_rollout or (images // g.updates_per_rollout * steps) % c.train.grad_accum:
+    raise errors.InvalidArgument(
+        f"config.grpo: train.batch_size x group_size = {images} images must split into updates_per_rollout="
+        f"{g.updates_per_rollout} equal slices whose {steps} steps each split into train.grad_accum="
+        f"{c.train.grad_accum} micro-batches")
+  if c.text.encoder != "bytes" or c.autoencoder.path or c.data.source == "cache":
+    raise errors.InvalidArgument("objective='grpo' samples pixel-space images from the byte text encoder's prompts; "
+                                 "latent-space models (autoencoder.path, text.encoder='sd3', data.source='cache') "
+                                 "are not supported by it yet")
+  if g.reward in ("adherence", "adherence_all") and c.data.source != "shapes":
+    raise errors.InvalidArgument(f"config.grpo.reward={g.reward!r} scores shapes captions: set data.source='shapes' "
+                                 f"(got {c.data.source!r})")
+  if g.reward in ("adherence", "adherence_all") and c.text.max_len < SHAPES_CAPTION_TOKENS:
+    raise errors.InvalidArgument(f"config.grpo.reward={g.reward!r} reads the attributes back from the caption tokens: "
+                                 f"text.max_len={c.text.max_len} cuts shapes captions, set it to >= "
+                                 f"{SHAPES_CAPTION_TOKENS}")

@@ -4,7 +4,8 @@
 
 The pipeline config (configs/stages.py) holds a base training config and, per stage, the
 fields that differ from it. Stage i trains in workdir/<name> with init_from = the previous
-stage's workdir (its EMA weights, a fresh optimizer, the lineage recorded). A stage whose
+stage's workdir (its EMA weights, a fresh optimizer, the lineage recorded), or the workdir of
+the earlier stage its own init_from names (a branch: e.g. dpo and grpo both from sft). A stage whose
 workdir holds a checkpoint at its last step is done and skipped; an interrupted one resumes
 from its latest checkpoint, so re-running the command continues where it stopped.
 
@@ -64,12 +65,16 @@ def stage_configs(pipeline: ml_collections.ConfigDict, workdir: str) -> list[tup
   if order[0] in on_policy:
     raise errors.InvalidArgument(
         f"config.pairs.stages: the first stage {order[0]!r} has no parent model to sample pairs from")
-  out, previous = [], ""
+  out, previous, dirs = [], "", {}
   for name in order:
     c = ml_collections.ConfigDict(pipeline.base.to_dict())
     _apply(c, pipeline.stages[name], f"config.stages.{name}")
-    c.init_from = previous
-    stage_dir = os.path.join(workdir, name)
+    parent = pipeline.stages[name].get("init_from", "")
+    if parent and parent not in dirs:
+      raise errors.InvalidArgument(f"config.stages.{name}.init_from={parent!r} names no stage that config.order runs "
+                                   f"before it (earlier: {list(dirs)})")
+    c.init_from = dirs[parent] if parent else previous
+    stage_dir = dirs[name] = os.path.join(workdir, name)
     if name in on_policy:  # sampled from the parent by train_all before the stage trains
       c.data.pairs_dir = os.path.join(stage_dir, "pairs")
     c.lock()
@@ -136,14 +141,13 @@ def evaluate_all(pipeline: ml_collections.ConfigDict, stages: list[tuple[str, st
 
   t = pipeline.table
   rows = []
-  parent = None
+  names = {stage_dir: name for name, stage_dir, _ in stages}
   for name, stage_dir, config in stages:
     model = inference.load(stage_dir)
-    rows.append(dict(_row(name, model, config, t.num_samples), parent=parent))
+    rows.append(dict(_row(name, model, config, t.num_samples), parent=names.get(config.init_from)))
     if name == t.teacher:
       rows.append(dict(_row(f"{name} @ {t.teacher_steps} steps", model, config, t.num_samples, t.teacher_steps),
                        parent=name))
-    parent = name
   return rows
 
 

@@ -99,8 +99,8 @@ def _flat(params):
 
 
 def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_table(tmp_path):
-  """configs/stages.py:test end to end: pretrain -> SFT at a higher resolution -> DPO ->
-  LoRA -> guidance -> few-step,
+  """configs/stages.py:test end to end: pretrain -> SFT at a higher resolution -> DPO, and
+  GRPO beside it from SFT -> LoRA -> guidance -> few-step,
   each from the previous one's EMA weights, lineage recorded; a finished stage is skipped
   when the command runs again; the table prices each sampler in forwards."""
   p = _pipeline()
@@ -109,7 +109,11 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   states = {name: restored(d, c) for name, (d, c) in configs.items()}
   lineage = states["fewstep"][2]
   assert [e["stage"] for e in lineage] == ["pretrain", "posttrain", "posttrain", "tune", "distill", "distill"]
-  assert [os.path.basename(e["workdir"]) for e in lineage] == list(configs)
+  # grpo branches from sft beside dpo; tune continues from grpo.
+  assert [os.path.basename(e["workdir"]) for e in lineage] == [n for n in configs if n != "dpo"]
+  assert [os.path.basename(e["workdir"]) for e in states["dpo"][2]] == ["pretrain", "sft", "dpo"]
+  grpo_log = [json.loads(line) for line in open(os.path.join(configs["grpo"][0], "metrics.jsonl"))]
+  assert all(0.0 <= m["reward"] <= 1.0 and m["kl"] >= 0.0 for m in grpo_log if "reward" in m)
   dpo = json.loads(open(os.path.join(configs["dpo"][0], "metrics.jsonl")).readlines()[-1])
   assert 0.0 <= dpo["dpo_accuracy"] <= 1.0 and dpo["err_w"] > 0 and np.isfinite(dpo["dpo_margin"])
   # dpo trained on on-policy pairs: the sft model's own wrong samples, sampled before it trained.
@@ -121,8 +125,8 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   with np.load(os.path.join(pairs_dir, "pairs.npz")) as z:
     assert z["wrong"].any(1).all() and len(z["index"]) == meta["num_pairs"]
 
-  # tune: only the adapters moved; the base is the DPO model, bit for bit.
-  tuned, dpo_model = _flat(states["tune"][0].params), _flat(states["dpo"][0].ema_params)
+  # tune: only the adapters moved; the base is the GRPO model, bit for bit.
+  tuned, dpo_model = _flat(states["tune"][0].params), _flat(states["grpo"][0].ema_params)
   lora = [k for k in tuned if "lora_" in k]
   assert lora and set(tuned) - set(lora) == set(dpo_model)
   for k, v in dpo_model.items():
@@ -146,14 +150,14 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   assert set(student) - set(dpo_model) and all("guidance_embed" in k for k in set(student) - set(dpo_model))
 
   by_name = {r["name"]: r for r in rows}
-  assert list(by_name) == ["pretrain", "sft", "dpo", "tune", "tune @ 3 steps", "guidance", "fewstep"]
-  assert [r["resolution"] for r in rows] == [16] + [24] * 6  # sft moved to 24x24
+  assert list(by_name) == ["pretrain", "sft", "dpo", "grpo", "tune", "tune @ 3 steps", "guidance", "fewstep"]
+  assert [r["resolution"] for r in rows] == [16] + [24] * 7  # sft moved to 24x24
   assert by_name["tune @ 3 steps"]["forwards"] == 3 * 2  # CFG: two forwards per step
   assert by_name["guidance"]["forwards"] == p.base.eval.num_steps  # embedded guidance: one
   assert by_name["fewstep"]["forwards"] == 2 and by_name["fewstep"]["sampler"] == "2 x 1"
   assert table.count("\n| ") == len(rows) and os.path.exists(tmp_path / "stages.json")
   # Each row's effect is measured from the stage it started from; the teacher row from its own stage.
-  assert [r["parent"] for r in rows] == [None, "pretrain", "sft", "dpo", "tune", "tune", "guidance"]
+  assert [r["parent"] for r in rows] == [None, "pretrain", "sft", "sft", "grpo", "tune", "tune", "guidance"]
 
   # Running the command again: finished stages are skipped (an interrupted one resumes from
   # its checkpoint: the trainer's resume tests); a longer stage continues where it stopped.
@@ -217,6 +221,7 @@ def test_objectives_with_a_frozen_model_need_init_from(name):
     (lambda p: p.pairs.update(stages="dpo,nope"), "which config.order does not run"),
     (lambda p: p.pairs.update(stages="pretrain"), "no parent model"),
     (lambda p: p.pairs.update(stages="sft"), "data.pairs_dir is set but data.source is 'shapes'"),
+    (lambda p: p.stages.dpo.update(init_from="tune"), "names no stage that config.order runs before it"),
 ])
 def test_pipeline_config_errors_name_the_problem(edit, message, tmp_path):
   p = _pipeline()

@@ -88,6 +88,27 @@ def caption(scene: Scene, template: str = BENCHMARK_TEMPLATE) -> str:
                          where=_PHRASES[scene.position], background=scene.background)
 
 
+def parse_caption(text: str) -> dict[str, str] | None:
+  """The attributes a caption names (colour, shape, size, position), read back from any of the
+  caption templates; None when one of them is missing or ambiguous (e.g. a caption cut before
+  its position phrase)."""
+  words = text.lower().replace(",", " ").split()
+  found = {}
+  for attribute, names in (("color", ALL_COLORS), ("shape", SHAPES), ("size", SIZES)):
+    hits = {w for w in words if w in names}
+    if len(hits) != 1:
+      return None
+    found[attribute] = hits.pop()
+  padded = " " + " ".join(words) + " "
+  # The longest phrase first: "in the top left" also holds "the top".
+  where = [p for p, phrase in _PHRASES.items() if f" {phrase} " in padded]
+  where = [p for p in where if not any(_PHRASES[p] != _PHRASES[q] and _PHRASES[p] in _PHRASES[q] for q in where)]
+  if len(where) != 1:
+    return None
+  found["position"] = where[0]
+  return found
+
+
 def coverage(shape: str, center: tuple[float, float], half_extent: float,
              height: int, width: int) -> np.ndarray:
   """Fraction of each pixel [H, W] (float32 in [0, 1]) inside the shape.

@@ -3,6 +3,7 @@
 Every formula lives here once; docs/design.md ("Math conventions") states them.
 """
 
+from jdiff.diffusion import grpo
 from jdiff.diffusion.flow import (
     PREDICTIONS,
     VIEWS,
@@ -31,6 +32,7 @@ from jdiff.diffusion.timesteps import (
 )
 
 __all__ = [
+    "grpo",
     "PREDICTIONS", "VIEWS", "WEIGHTINGS", "METHODS", "SHIFT_KINDS", "TIMESTEP_KINDS",
     "convert", "flow_loss", "from_x0_eps", "interpolate", "loss_weight", "to_x0_eps",
     "velocity_target", "dpo_loss", "cfg_target", "guidance_distillation_loss", "few_step_grid",

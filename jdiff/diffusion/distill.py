@@ -34,11 +34,7 @@ from jdiff.diffusion.sampling import ModelFn, VelocityFn
 def cfg_target(teacher_fn: ModelFn, x_t: jax.Array, t: jax.Array, cond: Any, uncond: Any, w: jax.Array,
                prediction: str = "v") -> jax.Array:
   """The teacher's guided velocity [B, ...] with a per-sample scale w [B] (no gradient)."""
-  both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
-  x2, t2 = jnp.concatenate([x_t, x_t], axis=0), jnp.concatenate([t, t], axis=0)
-  v_c, v_u = jnp.split(flow.convert(teacher_fn(x2, t2, both), prediction, "v", x2, t2), 2)
-  w = w.reshape((-1,) + (1,) * (x_t.ndim - 1))
-  return jax.lax.stop_gradient(v_u + w * (v_c - v_u))
+  return jax.lax.stop_gradient(sampling.guided_velocity(teacher_fn, cond, uncond, w, prediction)(x_t, t))
 
 
 def velocity_error(v: jax.Array, target: jax.Array) -> jax.Array:

@@ -36,13 +36,14 @@ def guided_velocity(
     model_fn: the network; returns its prediction in view `prediction`.
     cond: conditioning pytree, leaves with leading batch axis B.
     uncond: the null conditioning (same structure as `cond`); required when cfg_scale != 1.
-    cfg_scale: guidance weight w; 1 means no guidance (one forward of size B).
+    cfg_scale: guidance weight w, a number or one per sample [B]; the number 1 means no
+      guidance (one forward of size B).
     prediction: 'v', 'eps' or 'x0'; the prediction is converted to velocity.
 
   Returns:
-    velocity(x [B, ...], t [B]) -> v [B, ...].
+    velocity(x [B, ...], t [B]) -> v [B, ...], differentiable in the model's parameters.
   """
-  if cfg_scale == 1.0:
+  if isinstance(cfg_scale, (int, float)) and cfg_scale == 1.0:
     return lambda x, t: flow.convert(model_fn(x, t, cond), prediction, "v", x, t)
   if uncond is None:
     raise ValueError("classifier-free guidance (cfg_scale != 1) needs `uncond`")
@@ -51,7 +52,8 @@ def guided_velocity(
   def velocity(x, t):
     x2, t2 = jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0)
     v_c, v_u = jnp.split(flow.convert(model_fn(x2, t2, both), prediction, "v", x2, t2), 2)
-    return v_u + cfg_scale * (v_c - v_u)
+    w = jnp.asarray(cfg_scale, jnp.float32)
+    return v_u + w.reshape(w.shape + (1,) * (x.ndim - w.ndim)) * (v_c - v_u)
 
   return velocity
 

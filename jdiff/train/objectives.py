@@ -96,17 +96,22 @@ class Frozen:
 
   def velocity(self, params: Any, inputs: Mapping[str, jax.Array], null: Mapping[str, jax.Array] | None,
                w: jax.Array | float, prediction: str):
-    """The frozen model's guided velocity field v(x, t) for conditioning `inputs` at scale w
-    (scalar or [B]): its embedded guidance (one forward) if it has one, else classifier-free
-    guidance with the null conditioning inputs `null` (two)."""
-    n = self.networks
-    model_fn = lambda x, t, c: n.predict(params["denoiser"], x, t, c)
-    cond = n.conditioning(params, inputs)
-    if n.denoiser.guidance_embed:
-      return diffusion.embedded_guidance_velocity(model_fn, cond, w, prediction)
-    w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (jax.tree.leaves(inputs)[0].shape[0],))
-    uncond = n.conditioning(params, null)
-    return lambda x, t: diffusion.cfg_target(model_fn, x, t, cond, uncond, w, prediction)
+    """The frozen model's guided velocity field (see `guided_velocity`)."""
+    return guided_velocity(self.networks, params, inputs, null, w, prediction)
+
+
+def guided_velocity(networks: Networks, params: Any, inputs: Mapping[str, jax.Array],
+                    null: Mapping[str, jax.Array] | None, w: jax.Array | float, prediction: str):
+  """A model's guided velocity field v(x, t) for conditioning `inputs` at scale w (scalar or
+  [B]): its embedded guidance (one forward) if it has one, else classifier-free guidance with
+  the null conditioning inputs `null` (two; one when w is the constant 1)."""
+  n = networks
+  model_fn = lambda x, t, c: n.predict(params["denoiser"], x, t, c)
+  cond = n.conditioning(params, inputs)
+  if n.denoiser.guidance_embed:
+    return diffusion.embedded_guidance_velocity(model_fn, cond, w, prediction)
+  uncond = None if isinstance(w, (int, float)) and w == 1.0 else n.conditioning(params, null)
+  return diffusion.guided_velocity(model_fn, cond, uncond, w, prediction)
 
 
 def flow_loss(params, batch, keys, frozen_params, *, networks: Networks, config, frozen: Frozen | None):
@@ -178,6 +183,35 @@ def fewstep_loss(params, batch, keys, frozen_params, *, networks: Networks, conf
   return diffusion.velocity_error(v, target), t, dict(interval=k.astype(jnp.float32))
 
 
+def grpo_loss(params, batch, keys, frozen_params, *, networks: Networks, config, frozen: Frozen):
+  """Flow-GRPO's policy loss (diffusion/grpo.py) on one slice of a rollout's transitions
+  {'x', 'x_next': [N, H, W, C], 't', 't_next', 't_cap', 'log_prob', 'advantage': [N],
+  'tokens': [N, L]} (jdiff/train/grpo.py draws them): the policy's Gaussian step at (x, t)
+  gives the log-probability of x_next, its ratio to the rollout's log_prob is clipped, and
+  grpo.kl_weight x the KL between the policy's and the frozen reference's steps is added."""
+  del keys
+  g, prediction = config.grpo, config.diffusion.prediction
+  x, t = batch["x"], batch["t"]
+  inputs = {"tokens": batch["tokens"]}
+  null = null_batch(inputs, networks)
+
+  def step_mean(nets: Networks, p):
+    v = guided_velocity(nets, p, inputs, null, g.cfg_scale, prediction)(x, t)
+    return diffusion.grpo.sde_step(x, v.astype(jnp.float32), t, batch["t_next"], batch["t_cap"], g.noise_level)
+
+  mean, std = step_mean(networks, params)
+  log_prob = diffusion.grpo.log_prob(batch["x_next"], mean, std)
+  loss, ratio, clipped = diffusion.grpo.clipped_objective(log_prob, batch["log_prob"], batch["advantage"],
+                                                          g.clip_range)
+  extra = dict(ratio=ratio, clip_fraction=clipped.astype(jnp.float32))
+  if g.kl_weight > 0:
+    mean_ref, _ = jax.lax.stop_gradient(step_mean(frozen.networks, frozen_params))
+    kl = diffusion.grpo.kl(mean, mean_ref, std)
+    loss = loss + g.kl_weight * kl
+    extra["kl"] = kl
+  return loss, t, extra
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """A training objective: its per-sample loss, whether it needs the frozen init_from model,
@@ -194,6 +228,8 @@ OBJECTIVES = {
     "dpo": Objective(dpo_loss, frozen=True, frozen_role="reference", images=("image_w", "image_l")),
     "guidance": Objective(guidance_loss, frozen=True, frozen_role="teacher"),
     "fewstep": Objective(fewstep_loss, frozen=True, frozen_role="teacher"),
+    # grpo's batch is prompts (the images are not read); train/grpo.py turns it into rollouts.
+    "grpo": Objective(grpo_loss, frozen=True, frozen_role="reference"),
 }
 
 

@@ -34,6 +34,13 @@ def learning_rate(optim_cfg: Mapping[str, Any], num_steps: int) -> optax.Schedul
   return optax.join_schedules([optax.linear_schedule(lr / warmup, lr, warmup - 1), after], [warmup - 1])
 
 
+def num_updates(config) -> int:
+  """Optimizer updates in the whole run, the length of the lr schedule: one per step, or
+  grpo.updates_per_rollout per step of the grpo objective."""
+  per_step = config.grpo.updates_per_rollout if config.objective == "grpo" else 1
+  return config.train.num_steps * per_step
+
+
 def applied_updates(opt_state: Any) -> jax.Array:
   """How many updates the optimizer has applied (its AdamW count)."""
   for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)):

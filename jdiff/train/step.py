@@ -64,6 +64,18 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   key = jax.random.fold_in(jax.random.wrap_key_data(rng), state.step)
   keys = jax.random.split(key, jax.tree.leaves(batch)[0].shape[0])
   loss, per_sample, t, extra, grads = _grads(state.params, batch, keys, frozen_params, networks, config, frozen)
+  new_state, ok, grad_norm = apply_update(state, loss, grads, tx, config)
+  new_state = new_state.replace(step=state.step + 1,
+                                nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1))
+  return new_state, step_metrics(state, new_state, ok, loss, grad_norm, per_sample, t, extra, config)
+
+
+def apply_update(state: TrainState, loss: jax.Array, grads: Any, tx: optax.GradientTransformation, config
+                 ) -> tuple[TrainState, jax.Array, jax.Array]:
+  """One AdamW update from `grads` (frozen parameters get none) and the EMA after it, unless
+  the loss or the gradient is non-finite: then params, EMA and optimizer state stay as they
+  were. Returns (state with new params / ema / opt_state, ok, gradient norm); the step
+  counter is the caller's."""
   train_mask = optim.trainable_mask(grads, config.optim.trainable)
   grads = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, train_mask)  # frozen: no gradient
   grad_norm = optax.tree.norm(grads)
@@ -79,23 +91,21 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   # copied back into them, every state buffer every step (benchmarks/hlo_cost.py shows it).
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
   params, ema, opt_state = keep(params, state.params), keep(ema, state.ema_params), keep(opt_state, state.opt_state)
-  new_state = state.replace(
-      step=state.step + 1,
-      params=params,
-      ema_params=ema,
-      opt_state=opt_state,
-      nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1),
-  )
+  return state.replace(params=params, ema_params=ema, opt_state=opt_state), ok, grad_norm
+
+
+def step_metrics(state: TrainState, new_state: TrainState, ok: jax.Array, loss: jax.Array, grad_norm: jax.Array,
+                 per_sample: jax.Array, t: jax.Array, extra: Mapping[str, jax.Array], config) -> dict:
+  """The on-device metrics of one step (see `train_step`)."""
   bins = jax.nn.one_hot(jnp.clip((t * NUM_T_BINS).astype(jnp.int32), 0, NUM_T_BINS - 1), NUM_T_BINS)
   finite_losses = jnp.where(jnp.isfinite(per_sample), per_sample, 0.0)
-  metrics = dict(
+  return dict(
       loss=loss,
       grad_norm=grad_norm,
-      lr=optim.learning_rate(config.optim, config.train.num_steps)(optim.applied_updates(state.opt_state)),
-      nonfinite=(~ok).astype(jnp.int32),
+      lr=optim.learning_rate(config.optim, optim.num_updates(config))(optim.applied_updates(state.opt_state)),
+      nonfinite=(~jnp.asarray(ok)).astype(jnp.int32),
       nonfinite_streak=new_state.nonfinite_streak,
       t_bin_loss_sum=bins.T @ finite_losses,
       t_bin_count=bins.sum(0),
       objective={k: v.mean() for k, v in extra.items()},
   )
-  return new_state, metrics

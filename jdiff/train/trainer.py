@@ -41,6 +41,7 @@ from jdiff.eval import curves
 from jdiff.eval import validation
 from jdiff.models import layers as L
 from jdiff.train import lock as lock_lib
+from jdiff.train import grpo as grpo_lib
 from jdiff.train import objectives
 from jdiff.train import optim
 from jdiff.train import sharding as shard_lib
@@ -195,8 +196,9 @@ def compile_step(networks, tx, config, mesh, rules, state_shardings, abstract_st
                     for k, (shape, dtype) in batch_spec(config, networks).items()}
   replicated = shard_lib.replicated(mesh)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen_params)
+  step = grpo_lib.train_step if config.objective == "grpo" else step_lib.train_step
   step_fn = jax.jit(
-      functools.partial(step_lib.train_step, networks=networks, tx=tx, config=config, frozen=frozen),
+      functools.partial(step, networks=networks, tx=tx, config=config, frozen=frozen),
       in_shardings=(state_shardings, batch_sharding, replicated, frozen_shardings),
       out_shardings=(state_shardings, replicated),
       donate_argnums=0,
@@ -324,7 +326,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   mesh = shard_lib.make_mesh(config.mesh)
   L.check_backend(config.model.attention)
   networks = networks_lib.build_networks(config)
-  tx = optim.make_optimizer(config.optim, config.train.num_steps)
+  tx = optim.make_optimizer(config.optim, optim.num_updates(config))
   pipeline = pipeline_lib.make_pipeline(config.data, global_batch=config.train.batch_size,
                                         max_len=config.text.max_len, seed=config.seed)
   ckpt = ckpt_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
@@ -361,6 +363,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   writer = MetricWriter(workdir)
   t = config.train
+  # grpo: each prompt of the batch is drawn group_size times
+  images_per_step = t.batch_size * (config.grpo.group_size if config.objective == "grpo" else 1)
   start = int(jax.device_get(state.step))
   run_rng = jnp.copy(state.rng)
   history, last_metrics, stopped_by, samples, evals = [], {}, "num_steps", [], []
@@ -390,7 +394,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         if done % t.log_every == 0 or done == t.num_steps:
           fetched = jax.device_get(history)  # waits for the steps to finish
           now = time.time()
-          last_metrics = summarize(fetched, now - tick, t.batch_size)
+          last_metrics = summarize(fetched, now - tick, images_per_step)
           last_metrics["skipped_records"] = pipeline.skipped
           history, tick = [], now
           writer.scalars(done, last_metrics)
