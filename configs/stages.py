@@ -77,7 +77,11 @@ def get_config(arg: str | None = None):
   ))
   # grpo: train.batch_size prompts a step, group_size images each (test: brightness, since the
   # tiny model's 32 caption tokens cut the captions the adherence reward reads).
-  p.stages.grpo.train.update(batch_size=dict(gpu=32, cpu=4, test=2)[variant])
+  # cpu: 50 steps take about the wall time of the dpo stage (its pair sampling included).
+  grpo_steps = dict(gpu=stage_steps, cpu=50, test=stage_steps)[variant]
+  p.stages.grpo.train.update(batch_size=dict(gpu=32, cpu=4, test=2)[variant], num_steps=grpo_steps,
+                             checkpoint_every=grpo_steps, sample_every=0 if variant == "test" else grpo_steps,
+                             log_every=min(base.train.log_every, 10))
   p.stages.grpo.grpo = dict(gpu=dict(), cpu=dict(), test=dict(group_size=2, num_steps=2, reward="brightness"))[variant]
   # On-policy preference data: before a listed stage trains, its parent (the sft model) is
   # sampled for `num` training captions and every sample the analyser finds wrong becomes

@@ -5,7 +5,6 @@ reward and resumes bit for bit."""
 import itertools
 import json
 import math
-import os
 
 import chex
 import flax.linen as nn
