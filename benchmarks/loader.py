@@ -1,7 +1,8 @@
 """Input-pipeline throughput against what the train step consumes.
 
   python benchmarks/loader.py [--seconds=20] [--threads=config,8] [--workers=2] [--worker_chunk=32]
-                             [--cache_records=512] [--jpeg_records=512]
+                             [--cache_records=512] [--jpeg_records=512] [--jpeg_sources=folder,parquet]
+                             [--keep=DIR]
 
 Builds the real grain pipeline (make_pipeline: shuffle, per-process rows, render/decode,
 resize, tokenise or read cached arrays, batch) and counts images per second after a
@@ -18,9 +19,10 @@ worker processes (--workers), for:
   with 16 text tokens, and with SD3's 333 the analytic FLOPs per image (jdiff.bench's
   formula: 256 + 333 tokens through every block) are 2.24x, so ~118 images/s at the same
   MFU;
-- jpeg: real-data decoding: 512x384 JPEGs (quality 90) in tf.train.Example ArrayRecord
-  records, decoded, resized and centre-cropped to the GPU default's 256 px; demand
-  --demand_gpu.
+- jpeg_<source>: real-data decoding: 512x384 JPEGs (quality 90) with captions, written as
+  each of --jpeg_sources (tf.train.Example ArrayRecord records; a folder of .jpg + .txt;
+  webdataset tar shards of 256; parquet with Hugging Face's Image struct in row groups of
+  100), decoded, resized and centre-cropped to the GPU default's 256 px; demand --demand_gpu.
 The loader must supply at least 5x.
 """
 
@@ -59,30 +61,88 @@ def sd3_cache(directory, records, context_len=333):
   return directory
 
 
-def jpeg_arrayrecord(directory, records, size=(512, 384)):
-  """Writes `records` tf.train.Example records of JPEG photos-to-be (shapes rendered at
-  `size` = (width, height), quality 90) with captions, as real-data ArrayRecord files hold
-  them; returns their glob pattern."""
+def jpegs(records, size=(512, 384)):
+  """`records` (JPEG bytes, caption) pairs: shapes rendered at `size` = (width, height), quality
+  90, standing in for photos."""
   import io
 
-  from array_record.python import array_record_module
   from PIL import Image
-  from tensorflow_datasets.proto import tf_example_pb2
 
   from jdiff.data import shapes
 
-  os.makedirs(directory, exist_ok=True)
-  writer = array_record_module.ArrayRecordWriter(os.path.join(directory, "images.array_record"), "group_size:1")
   for i in range(records):
     scene, caption = shapes.scene_for(0, "train", i)
     buf = io.BytesIO()
     Image.fromarray(shapes.render(scene, size[::-1])).save(buf, format="JPEG", quality=90)
+    yield buf.getvalue(), caption
+
+
+def write_arrayrecord(directory, records):
+  """tf.train.Example records of image bytes and caption, as real-data ArrayRecord files hold
+  them; returns their glob pattern."""
+  from array_record.python import array_record_module
+  from tensorflow_datasets.proto import tf_example_pb2
+
+  os.makedirs(directory, exist_ok=True)
+  writer = array_record_module.ArrayRecordWriter(os.path.join(directory, "images.array_record"), "group_size:1")
+  for image, caption in records:
     example = tf_example_pb2.Example()
-    example.features.feature["image"].bytes_list.value.append(buf.getvalue())
+    example.features.feature["image"].bytes_list.value.append(image)
     example.features.feature["caption"].bytes_list.value.append(caption.encode())
     writer.write(example.SerializeToString())
   writer.close()
   return os.path.join(directory, "*.array_record")
+
+
+def write_folder(directory, records):
+  """NNNNNN.jpg + NNNNNN.txt in subdirectories of 1000; returns the directory."""
+  for i, (image, caption) in enumerate(records):
+    sub = os.path.join(directory, f"{i // 1000:03d}")
+    os.makedirs(sub, exist_ok=True)
+    with open(os.path.join(sub, f"{i:06d}.jpg"), "wb") as f:
+      f.write(image)
+    with open(os.path.join(sub, f"{i:06d}.txt"), "w") as f:
+      f.write(caption)
+  return directory
+
+
+def write_webdataset(directory, records, per_shard=256):
+  """Tar shards of NNNNNN.jpg + NNNNNN.txt members; returns their brace pattern."""
+  import io
+  import tarfile
+
+  os.makedirs(directory, exist_ok=True)
+  tar, shard = None, -1
+  for i, (image, caption) in enumerate(records):
+    if i % per_shard == 0:
+      if tar is not None:
+        tar.close()
+      shard += 1
+      tar = tarfile.open(os.path.join(directory, f"shard-{shard:05d}.tar"), "w")
+    for name, payload in ((f"{i:06d}.jpg", image), (f"{i:06d}.txt", caption.encode())):
+      info = tarfile.TarInfo(name)
+      info.size = len(payload)
+      tar.addfile(info, io.BytesIO(payload))
+  tar.close()
+  return os.path.join(directory, f"shard-{{00000..{shard:05d}}}.tar")
+
+
+def write_parquet(directory, records, row_group=100):
+  """Parquet files with Hugging Face's Image struct column and a text column (row groups of
+  100 images, as the datasets library writes image data); returns the directory."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  os.makedirs(directory, exist_ok=True)
+  rows = list(records)
+  table = pa.table({"image": [{"bytes": image, "path": None} for image, _ in rows],
+                    "caption": [caption for _, caption in rows]})
+  pq.write_table(table, os.path.join(directory, "train-00000.parquet"), row_group_size=row_group)
+  return directory
+
+
+WRITERS = dict(arrayrecord=("arrayrecord_pattern", write_arrayrecord), folder=("path", write_folder),
+               webdataset=("path", write_webdataset), parquet=("path", write_parquet))
 
 
 def rate(c, seconds, **data_overrides):
@@ -127,7 +187,11 @@ def main():
   ap.add_argument("--demand_cache", type=float, default=118.0,
                   help="images/s of d24 at 256 px latents with SD3's text length (H100, estimated)")
   ap.add_argument("--cache_records", type=int, default=512, help="records of the synthetic SD3 cache (0: skip)")
-  ap.add_argument("--jpeg_records", type=int, default=512, help="records of the JPEG ArrayRecord file (0: skip)")
+  ap.add_argument("--jpeg_records", type=int, default=512, help="JPEGs written in each --jpeg_sources format (0: skip)")
+  ap.add_argument("--jpeg_sources", default="arrayrecord,folder,webdataset,parquet",
+                  help="comma-separated data sources to write the JPEGs as and read back")
+  ap.add_argument("--keep", default="", help="write the JPEG datasets here and keep them (default: a temporary "
+                                             "directory, removed)")
   ap.add_argument("--threads", default="config,8",
                   help="comma-separated read-thread counts to try ('config': the config's own setting)")
   ap.add_argument("--workers", default="2", help="comma-separated worker-process counts to try besides threads")
@@ -141,12 +205,12 @@ def main():
     c.update_from_flattened_dict({"data.source": "cache", "data.cache_dir": sd3_cache(tmp, args.cache_records),
                                   "train.batch_size": 128})
     runs.append(("cache", c, args.demand_cache))
-  if args.jpeg_records:
+  for source in args.jpeg_sources.split(",") if args.jpeg_records else ():
+    field, write = WRITERS[source]
     c = config("gpu")
-    c.update_from_flattened_dict({"data.source": "arrayrecord",
-                                  "data.arrayrecord_pattern": jpeg_arrayrecord(os.path.join(tmp, "jpeg"),
-                                                                               args.jpeg_records)})
-    runs.append(("jpeg", c, args.demand_gpu))
+    c.update_from_flattened_dict({"data.source": source, f"data.{field}": write(
+        os.path.join(args.keep or tmp, f"jpeg_{source}"), jpegs(args.jpeg_records))})
+    runs.append((f"jpeg_{source}", c, args.demand_gpu))
   try:
     for name, c, demand in runs:
       measure(name, c, demand, args)

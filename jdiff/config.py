@@ -34,7 +34,7 @@ ATTENTION = ("default", "xla", "cudnn")  # jdiff.models.layers.ATTENTION_IMPLS, 
 REMAT = ("none", "full", "dots", "dots_no_batch", "dots_no_batch_attention",
          "dots_no_batch_attention_mlp")  # jdiff.models.layers.REMAT_POLICIES
 TEXT_ENCODERS = ("bytes", "sd3")  # jdiff.models.text.TEXT_ENCODERS, and the frozen SD3 encoders (cached)
-DATA_SOURCES = ("shapes", "preference", "tfds", "arrayrecord", "cache")  # jdiff.data.sources.SOURCES
+DATA_SOURCES = ("shapes", "preference", "folder", "webdataset", "parquet", "tfds", "arrayrecord", "cache")  # jdiff.data.sources.SOURCES
 PREDICTIONS = ("v", "eps", "x0")  # jdiff.diffusion.PREDICTIONS
 WEIGHTINGS = ("none", "eps", "x0", "sigma_sqrt", "cosmap")  # jdiff.diffusion.WEIGHTINGS
 TIMESTEP_KINDS = ("uniform", "logit_normal", "mode", "cosmap")  # jdiff.diffusion.TIMESTEP_KINDS
@@ -157,7 +157,17 @@ def base() -> ml_collections.ConfigDict:
       param_dtype="float32",
   ))
   c.data = ml_collections.ConfigDict(dict(
-      source="shapes",  # shapes | preference (embedded pairs, objective dpo) | tfds | arrayrecord | cache
+      # shapes | preference (embedded pairs, objective dpo) | folder | webdataset | parquet | tfds |
+      # arrayrecord | cache (jdiff/data/sources.py, files.py)
+      source="shapes",
+      # folder / webdataset / parquet (and arrayrecord): where the data is: a directory, a file
+      # pattern (glob wildcards, {a,b} and {000..009} braces) or several separated by commas
+      path="",
+      # folder: 'auto' = a same-name .txt (one caption per line, one picked per epoch; the same
+      # for webdataset's .txt members), else a same-name .json's caption_key, else a root
+      # metadata.jsonl/.json/.csv (file_name, caption_key); 'filename' = the file name
+      caption_from="auto",
+      missing_caption="skip",  # images without a caption: 'skip' (counted, logged) or 'empty'
       cache_dir="",  # source 'cache': a directory written by `python -m jdiff.cache`
       resolution=256,  # square training resolution (resize short side, centre-crop)
       caption_dropout=0.1,  # P(caption -> empty) for classifier-free guidance
@@ -171,8 +181,8 @@ def base() -> ml_collections.ConfigDict:
       tfds_split="train",
       tfds_data_dir="",
       arrayrecord_pattern="",  # glob of ArrayRecord files of tf.train.Example records
-      image_key="image",  # feature holding the (encoded) image
-      caption_key="caption",  # feature holding the caption text
+      image_key="image",  # feature (arrayrecord, tfds) or column (parquet) holding the encoded image
+      caption_key="caption",  # feature / column / JSON field holding the caption text
       # grain read threads per process; -1: by source (pipeline.read_threads): 1 for the
       # embedded sources (rendered under the GIL: more threads contend and run slower),
       # 8 for tfds / arrayrecord / cache (file reads and image decoding release the GIL)
@@ -303,6 +313,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of("data.source", c.data.source, DATA_SOURCES)
   _one_of("objective", c.objective, STAGE_OBJECTIVES[c.stage])
   _one_of("data.shapes_split", c.data.shapes_split, ("train", "new_color"))
+  _one_of("data.caption_from", c.data.caption_from, ("auto", "filename"))
+  _one_of("data.missing_caption", c.data.missing_caption, ("skip", "empty"))
+  if c.data.source in ("folder", "webdataset", "parquet") and not c.data.path:
+    raise errors.InvalidArgument(f"data.source={c.data.source!r} needs data.path: a directory, a file pattern or a "
+                                 "comma-separated list of them")
   if c.data.pairs_dir and c.data.source != "preference":
     raise errors.InvalidArgument(f"data.pairs_dir is set but data.source is {c.data.source!r}; pairs need 'preference'")
   if (c.objective == "dpo") != (c.data.source == "preference"):

@@ -29,6 +29,8 @@ CASES = [
     (["jdiff.main", TEST, "--workdir=WORK2", "--config.mesh.data=8"], "needs 8 devices, have 1"),
     (["jdiff.main", TEST, "--workdir=WORK2", "--config.model.attention=cudnn"], "needs an NVIDIA GPU"),
     (["jdiff.main", TEST, "--workdir=WORK2", "--config.data.resolution=17"], "not divisible by model.patch_size=4"),
+    (["jdiff.main", TEST, "--workdir=WORK2", "--config.data.source=webdataset", "--config.data.path=/no/shard-{0..1}.tar"],
+     "data.path: nothing at '/no/shard-0.tar' (from '/no/shard-{0..1}.tar')"),
     (["jdiff.sample", "--workdir=NOWHERE", "--prompt=x"], "is 'NOWHERE' a jdiff workdir?"),
     (["jdiff.sample", "--workdir=WORK", "--prompt=x", "--step=1234"], "no checkpoint at step 1234 in WORK/checkpoints (steps: 4, 2)"),
     (["jdiff.sample", "--workdir=WORK", "--prompt=x", "--num_images=0"], "--num_images=0: 0 is not a positive integer"),

@@ -272,7 +272,7 @@ def test_missing_sources_fail_fast(tmp_path):
   with pytest.raises(FileNotFoundError, match="'nope'"):
     sources.make_source(dict(DATA, source="tfds", tfds_name="nope", tfds_data_dir=str(tmp_path)))
   with pytest.raises(ValueError, match="unknown data.source"):
-    sources.make_source(dict(DATA, source="webdataset"))
+    sources.make_source(dict(DATA, source="lmdb"))
 
 
 def test_tfds_source_on_a_dataset_the_test_writes(tmp_path):

@@ -1,4 +1,5 @@
-"""The grain input pipeline: seeded shuffle -> this process's rows -> decode, resize, tokenise
+"""The grain input pipeline: seeded shuffle -> one of each record's alternative captions -> this
+process's rows -> decode, resize, tokenise
 -> skip corrupt records -> batch -> global jax.Arrays on the mesh.
 
 Each process reads only its own rows of each global batch of the globally shuffled index
@@ -24,6 +25,7 @@ from PIL import Image
 
 from jdiff import errors
 from jdiff import tokens
+from jdiff.data import files
 from jdiff.data import sources
 
 log = logging.getLogger(__name__)
@@ -183,6 +185,20 @@ def worker_chunk(configured: int, element: Any) -> int:
   return max(1, min(configured, WORKER_CHUNK_BYTES // max(size, 1)))
 
 
+class PickCaption(grain.transforms.MapWithIndex):
+  """A record with alternative captions (a caption file's lines) -> one of them, drawn from
+  (seed, position in the global stream): another draw each epoch, and the same one whatever
+  the number of processes (this map runs before ProcessRows splits the stream)."""
+
+  def __init__(self, seed: int):
+    self.seed = seed
+
+  def map_with_index(self, index: int, record):
+    if isinstance(record, Corrupt) or isinstance(record.get("caption"), (str, bytes, np.bytes_)):
+      return record
+    return {**record, "caption": files.caption_choice(record["caption"], self.seed, index)}
+
+
 class ProcessRows(grain.MapDataset):
   """This process's rows of every global batch: element k is global element
   (k // L) * G + p * L + k % L of `parent` (L = G / P rows per process, p = this process).
@@ -332,6 +348,8 @@ def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: in
   if len(source) < pc:
     raise errors.InvalidArgument(f"{source!r} has {len(source)} records, fewer than {pc} processes")
   ds = grain.MapDataset.source(_Guarded(source)).seed(seed).shuffle().repeat(None)
+  if data_cfg["source"] in ("folder", "webdataset"):
+    ds = ds.map_with_index(PickCaption(seed))
   ds = ProcessRows(ds, pi, pc, global_batch // pc)
   if data_cfg["source"] == "cache":
     ds = ds.map_with_index(CheckCached(source.meta))

@@ -1,4 +1,5 @@
-"""Random-access sources of captioned images: the embedded shapes, TFDS and ArrayRecord.
+"""Random-access sources of captioned images: the embedded shapes, image folders, webdataset
+shards, parquet files (files.py), TFDS and ArrayRecord.
 
 Every source returns records {'image': uint8 [H, W, 3] or encoded bytes, 'caption':
 str or bytes} (preference pairs: 'image_w' and 'image_l' instead of 'image'); `pipeline.py` decodes, resizes and tokenises them. Sources are checked
@@ -16,10 +17,11 @@ import grain
 import numpy as np
 
 from jdiff.data import cache
+from jdiff.data import files
 from jdiff.data import shapes
 from jdiff import errors
 
-SOURCES = ("shapes", "preference", "tfds", "arrayrecord", "cache")
+SOURCES = ("shapes", "preference", "folder", "webdataset", "parquet", "tfds", "arrayrecord", "cache")
 PAIRS_FILE = "pairs.npz"  # in a pairs directory written by `python -m jdiff.pairs`
 
 
@@ -134,5 +136,16 @@ def make_source(data_cfg: Mapping[str, Any], split: str = "train"):
       raise errors.InvalidArgument("data.source='cache' needs data.cache_dir")
     return cache.CacheSource(data_cfg["cache_dir"])
   if kind == "arrayrecord":
-    return ArrayRecordExamples(data_cfg["arrayrecord_pattern"], data_cfg["image_key"], data_cfg["caption_key"])
+    pattern = data_cfg["arrayrecord_pattern"] or data_cfg.get("path", "")
+    return ArrayRecordExamples(pattern, data_cfg["image_key"], data_cfg["caption_key"])
+  if kind in ("folder", "webdataset", "parquet"):
+    path, captions = data_cfg.get("path", ""), dict(caption_key=data_cfg["caption_key"],
+                                                    missing_caption=data_cfg.get("missing_caption", "skip"))
+    if not path:
+      raise errors.InvalidArgument(f"data.source={kind!r} needs data.path (a directory, a file pattern or a list)")
+    if kind == "folder":
+      return files.FolderSource(path, caption_from=data_cfg.get("caption_from", "auto"), **captions)
+    if kind == "webdataset":
+      return files.WebDatasetSource(path, **captions)
+    return files.ParquetSource(path, image_key=data_cfg["image_key"], **captions)
   raise errors.InvalidArgument(f"unknown data.source {kind!r}; expected one of {SOURCES}")
