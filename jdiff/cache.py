@@ -19,7 +19,7 @@ import tqdm
 
 from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
-from jdiff.data import cache, pipeline, pixels, sources
+from jdiff.data import cache, files, pipeline, pixels, sources
 from jdiff import errors
 from jdiff.interop import sd3_pipeline
 
@@ -35,14 +35,14 @@ _DTYPE = flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "Storage 
 flags.mark_flags_as_required(["config", "out"])
 
 
-def _batches(source, indices: Sequence[int], batch_size: int, resolution: int):
-  """Yields (indices, images uint8 [b, R, R, 3], captions) of decodable records; logs the rest."""
+def _batches(source, indices: Sequence[int], batch_size: int, resolution: int, seed: int):
+  """Yields (indices, images uint8 [b, R, R, 3], captions) of decodable records; logs the rest.
+  A record with alternative captions is cached with one of them (drawn from seed and index)."""
   keep, images, captions = [], [], []
   for i in indices:
     try:
       record = source[int(i)]
-      caption = record["caption"]
-      caption = bytes(caption).decode("utf-8") if isinstance(caption, (bytes, np.bytes_)) else str(caption)
+      caption = files.caption_choice(record["caption"], seed, int(i))
       images.append(pipeline.to_rgb(record["image"], resolution))
       captions.append(caption)
       keep.append(int(i))
@@ -72,7 +72,7 @@ def write(config, out_dir: str, *, split: str = "train", num_records: int | None
   records = cache.RecordWriter(out_dir, records_per_file)
   bar = tqdm.tqdm(total=n, desc="cache", unit="img", dynamic_ncols=True)
   try:
-    for idx, images, captions in _batches(source, range(n), batch_size, config.data.resolution):
+    for idx, images, captions in _batches(source, range(n), batch_size, config.data.resolution, config.seed):
       mean, logvar = jax.device_get(encode_images(vae_params, images))
       cond = text.encode(captions)
       for j in range(len(idx)):

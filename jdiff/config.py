@@ -180,7 +180,7 @@ def base() -> ml_collections.ConfigDict:
       tfds_name="",  # e.g. 'my_captions', prepared with file_format='array_record'
       tfds_split="train",
       tfds_data_dir="",
-      arrayrecord_pattern="",  # glob of ArrayRecord files of tf.train.Example records
+      arrayrecord_pattern="",  # arrayrecord: as data.path (which it takes precedence over); kept for old configs
       image_key="image",  # feature (arrayrecord, tfds) or column (parquet) holding the encoded image
       caption_key="caption",  # feature / column / JSON field holding the caption text
       # grain read threads per process; -1: by source (pipeline.read_threads): 1 for the

@@ -84,6 +84,7 @@ def write_folder(root):
 
 def write_shards(root):
   """The folder's data as two webdataset shards (the manifest's caption as a .txt member)."""
+  os.makedirs(root, exist_ok=True)
   items = _items() + [(CORRUPT[0], b"\x89PNG not really", None, CORRUPT[1])]
   paths = []
   for shard, part in enumerate((items[:4], items[4:])):
@@ -111,7 +112,9 @@ def write_parquet(root):
   import pyarrow as pa
   import pyarrow.parquet as pq
 
+  os.makedirs(root, exist_ok=True)
   items = _items() + [(CORRUPT[0], b"\x89PNG not really", None, CORRUPT[1])]
+
   def caption(c):
     return None if c is None else sorted(_captions(c))[0]
   first, second = items[:3], items[3:]
@@ -272,3 +275,116 @@ def test_training_through_the_cli_on_a_folder_counts_what_it_skipped(tmp_path):
   # 6 steps of batch 4 read 24 good records: four or five passes over the 5 good images, one corrupt in each.
   assert last["step"] == 6 and last["skipped_records"] in (4, 5), last
   assert np.isfinite(last["loss"])
+
+
+def _records(src):
+  """{(image bytes, caption alternatives)} of the records of `src` whose image decodes."""
+  from jdiff import prepare as prepare_lib
+
+  out = set()
+  for i in range(len(src)):
+    rec = src[i]
+    try:
+      prepare_lib.encoded(rec["image"])
+    except Exception:
+      continue
+    caption = rec["caption"]
+    values = caption if isinstance(caption, tuple) else (caption,)
+    out.add((bytes(rec["image"]), tuple(v.decode() if isinstance(v, bytes) else v for v in values)))
+  return out
+
+
+@pytest.mark.parametrize("kind", ["folder", "parquet"])
+def test_prepare_writes_arrayrecord_shards_that_read_as_the_source(tmp_path, kind):
+  """Worker processes (spawn: the source is pickled to them), shards of 2 records; the
+  arrayrecord source over the output holds exactly the source's decodable records."""
+  from jdiff import prepare as prepare_lib
+
+  {"folder": write_folder, "parquet": write_parquet}[kind](tmp_path / "in")
+  cfg = dict(DATA, source=kind, path=str(tmp_path / "in"), caption_key="text" if kind == "parquet" else "caption")
+  result = prepare_lib.prepare(cfg, str(tmp_path / "out"), records_per_shard=2, workers=2)
+  assert result["shards"] == result["shards_done"] == 3 and result["kept"] == 5 and result["missing_caption"] == 1
+  assert result["skipped"] == {"UnidentifiedImageError": 1}
+  with open(tmp_path / "out" / prepare_lib.SUMMARY) as f:
+    assert json.load(f) == json.loads(json.dumps(result))
+  prepared = sources.make_source(dict(DATA, source="arrayrecord", path=str(tmp_path / "out")))
+  assert len(prepared) == 5
+  assert _records(prepared) == _records(sources.make_source(cfg))
+
+
+def test_prepare_resumes_after_a_kill_to_the_same_files_and_splits_work_by_process(tmp_path, monkeypatch):
+  from jdiff import prepare as prepare_lib
+
+  write_folder(tmp_path / "in")
+  cfg = dict(DATA, path=str(tmp_path / "in"))
+  whole = tmp_path / "whole"
+  prepare_lib.prepare(cfg, str(whole), records_per_shard=1)
+  # A killed run: shards 0 and 2 finished, shard 1 renamed but without its summary, shard 3 half-written.
+  killed = tmp_path / "killed"
+  prepare_lib.prepare(cfg, str(killed), records_per_shard=1, process_index=0, process_count=2)  # shards 0, 2, 4
+  for shard in (4,):
+    os.remove(killed / (prepare_lib.SHARD.format(shard, 6) + ".json"))
+  (killed / (prepare_lib.SHARD.format(3, 6) + ".array_record.tmp")).write_bytes(b"partial")
+  assert not (killed / prepare_lib.SUMMARY).exists()
+  calls = []
+  real = prepare_lib.write_shard
+  monkeypatch.setattr(prepare_lib, "write_shard", lambda *job: calls.append(job[1]) or real(*job))
+  result = prepare_lib.prepare(cfg, str(killed), records_per_shard=1)
+  assert sorted(calls) == [1, 3, 4, 5] and result["shards_done"] == 6
+  names = sorted(os.listdir(whole))
+  assert names == sorted(os.listdir(killed)) and not any(n.endswith(".tmp") for n in names)
+  for name in names:
+    if name == prepare_lib.SUMMARY:  # the same but for the output directory it names
+      a, b = (json.loads((d / name).read_text()) for d in (whole, killed))
+      assert a.pop("out") != b.pop("out") and a == b
+    else:
+      assert (whole / name).read_bytes() == (killed / name).read_bytes(), name
+  with pytest.raises(ValueError, match="other records_per_shard"):
+    prepare_lib.prepare(cfg, str(killed), records_per_shard=2)
+
+
+def test_prepare_cli_on_webdataset_shards(tmp_path):
+  import helpers
+
+  write_shards(tmp_path)
+  proc = helpers.cli("jdiff.prepare", "--config=configs/mmdit_256.py:test", "--config.data.source=webdataset",
+                     f"--config.data.path={tmp_path}", f"--out={tmp_path / 'out'}", "--records_per_shard=4",
+                     "--workers=2")
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert (result["records"], result["kept"], result["shards_done"], result["missing_caption"]) == (6, 5, 2, 1)
+  prepared = sources.make_source(dict(DATA, source="arrayrecord", path=str(tmp_path / "out" / "*.array_record")))
+  assert _records(prepared) == _records(sources.make_source(dict(DATA, source="webdataset", path=str(tmp_path))))
+
+
+def test_prepare_killed_with_sigkill_resumes_to_the_same_files(tmp_path):
+  """SIGKILL once the first shard is done, then the same command: the files of an uninterrupted run."""
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  import helpers
+  from jdiff import config as config_lib
+  from jdiff import prepare as prepare_lib
+
+  args = ["--config=configs/mmdit_256.py:test", "--num_records=400", "--records_per_shard=10", "--workers=1"]
+  out = tmp_path / "killed"
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, "-m", "jdiff.prepare", *args, f"--out={out}"], cwd=helpers.ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = out / (prepare_lib.SHARD.format(0, 40) + ".json")
+  deadline = time.time() + 120
+  while not first.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = [n for n in os.listdir(out) if n.endswith(".json") and n.startswith("shard")]
+  assert 1 <= len(done) < 40, len(done)  # killed part way
+  helpers.cli("jdiff.prepare", *args, f"--out={out}")
+  whole = tmp_path / "whole"
+  prepare_lib.prepare(config_lib.load(os.path.join(helpers.ROOT, "configs", "mmdit_256.py:test")).data, str(whole),
+                      records_per_shard=10, num_records=400)
+  names = sorted(n for n in os.listdir(whole) if n != prepare_lib.SUMMARY)
+  assert names == sorted(n for n in os.listdir(out) if n != prepare_lib.SUMMARY) and len(names) == 81
+  for name in names:
+    assert (whole / name).read_bytes() == (out / name).read_bytes(), name

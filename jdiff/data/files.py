@@ -309,6 +309,16 @@ class ParquetSource:
     self.missing = missing
     self._local = threading.local()
 
+  def __getstate__(self) -> dict[str, Any]:  # to worker processes: the files reopen there
+    return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_local")}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+    self.__dict__.update(state)
+    self._files = [pq.ParquetFile(name) for name in self.files]
+    self._local = threading.local()
+
   def _row_group(self, number: int, group: int):
     cache = getattr(self._local, "cache", None)
     if cache is None:
@@ -342,11 +352,13 @@ class ParquetSource:
     return f"ParquetSource({len(self.files)} files, {len(self)} rows)"
 
 
-def caption_choice(caption: str | tuple[str, ...] | list[str], seed: int, index: int) -> str:
-  """One of a record's alternative captions, a pure function of (seed, stream position): each
-  epoch reaches the record at another position and so may pick another line."""
-  if isinstance(caption, (str, bytes, np.bytes_)):
-    return caption
-  if len(caption) == 1:
-    return caption[0]
-  return caption[int(np.random.default_rng([seed, index, 0x6361]).integers(len(caption)))]
+def caption_choice(caption: Any, seed: int, index: int) -> str:
+  """A record's caption as text (UTF-8 bytes decoded); of alternative captions, one, a pure
+  function of (seed, stream position): each epoch reaches the record at another position and
+  so may pick another line."""
+  if isinstance(caption, (tuple, list)):
+    caption = caption[0] if len(caption) == 1 else caption[
+        int(np.random.default_rng([seed, index, 0x6361]).integers(len(caption)))]
+  if isinstance(caption, (bytes, np.bytes_)):
+    return bytes(caption).decode("utf-8")
+  return str(caption)

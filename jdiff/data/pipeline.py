@@ -113,13 +113,11 @@ class Preprocess(grain.transforms.MapWithIndex):
     if isinstance(record, Corrupt):
       return record
     try:
-      caption = record["caption"]
-      if isinstance(caption, (bytes, np.bytes_)):
-        caption = bytes(caption).decode("utf-8")
+      caption = files.caption_choice(record["caption"], 0, index)  # (one already picked by PickCaption)
       images = {k: to_rgb(record[k], self.resolution) for k in IMAGE_KEYS if k in record}
       if not images:
         raise KeyError(f"no image field among {IMAGE_KEYS}")
-      return dict(images, tokens=tokens.tokenize(str(caption), self.max_len))
+      return dict(images, tokens=tokens.tokenize(caption, self.max_len))
     except Exception as e:  # undecodable image, missing field, bad text
       return Corrupt(int(index), f"decode: {e!r}")
 
@@ -194,7 +192,7 @@ class PickCaption(grain.transforms.MapWithIndex):
     self.seed = seed
 
   def map_with_index(self, index: int, record):
-    if isinstance(record, Corrupt) or isinstance(record.get("caption"), (str, bytes, np.bytes_)):
+    if isinstance(record, Corrupt) or not isinstance(record.get("caption"), (tuple, list)):
       return record
     return {**record, "caption": files.caption_choice(record["caption"], self.seed, index)}
 
@@ -348,8 +346,7 @@ def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: in
   if len(source) < pc:
     raise errors.InvalidArgument(f"{source!r} has {len(source)} records, fewer than {pc} processes")
   ds = grain.MapDataset.source(_Guarded(source)).seed(seed).shuffle().repeat(None)
-  if data_cfg["source"] in ("folder", "webdataset"):
-    ds = ds.map_with_index(PickCaption(seed))
+  ds = ds.map_with_index(PickCaption(seed))
   ds = ProcessRows(ds, pi, pc, global_batch // pc)
   if data_cfg["source"] == "cache":
     ds = ds.map_with_index(CheckCached(source.meta))

@@ -8,7 +8,6 @@ when they are built, so a missing dataset fails before any compute.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from typing import Any, Mapping
@@ -28,14 +27,14 @@ PAIRS_FILE = "pairs.npz"  # in a pairs directory written by `python -m jdiff.pai
 class ArrayRecordExamples:
   """ArrayRecord files of serialized tf.train.Example records with image and caption features.
 
-  The image feature holds encoded image bytes (PNG/JPEG); the caption holds UTF-8 bytes.
+  The image feature holds encoded image bytes (PNG/JPEG); the caption holds UTF-8 bytes, one
+  value or several alternatives (as `python -m jdiff.prepare` writes a caption file's lines).
   Parsed with the tf.train.Example proto that ships with tensorflow-datasets (no TF).
+  `pattern`: data.path's forms (files.expand); a directory stands for its .array_record files.
   """
 
   def __init__(self, pattern: str, image_key: str = "image", caption_key: str = "caption"):
-    paths = sorted(glob.glob(pattern))
-    if not paths:
-      raise errors.NotFound(f"no ArrayRecord files match data.arrayrecord_pattern={pattern!r}")
+    paths = files.expand(pattern, ".array_record")
     self._records = grain.sources.ArrayRecordDataSource(paths)
     self._image_key, self._caption_key = image_key, caption_key
 
@@ -47,8 +46,9 @@ class ArrayRecordExamples:
     from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
 
     features = tf_example_pb2.Example.FromString(self._records[index]).features.feature
+    captions = features[self._caption_key].bytes_list.value
     return dict(image=features[self._image_key].bytes_list.value[0],
-                caption=features[self._caption_key].bytes_list.value[0])
+                caption=captions[0] if len(captions) == 1 else tuple(captions))
 
   def __repr__(self) -> str:
     return f"ArrayRecordExamples({self._records!r})"
