@@ -168,6 +168,13 @@ def base() -> ml_collections.ConfigDict:
       # metadata.jsonl/.json/.csv (file_name, caption_key); 'filename' = the file name
       caption_from="auto",
       missing_caption="skip",  # images without a caption: 'skip' (counted, logged) or 'empty'
+      # Aspect-ratio buckets (jdiff/data/buckets.py): pixels > 0 trains each image at the bucket
+      # shape nearest its aspect ratio, about `pixels` pixels (e.g. 256 * 256), sides multiples of
+      # `step` (a multiple of model.patch_size), ratios up to max_aspect:1 either way, instead of
+      # data.resolution square (which sampling and evaluation still use). Every batch holds one
+      # bucket; one train step compiles per bucket the data fills (at most max_buckets). Images
+      # that would be upscaled by more than max_upscale to cover their bucket are left out.
+      buckets=ml_collections.ConfigDict(dict(pixels=0, step=64, max_aspect=4.0, max_upscale=2.0, max_buckets=16)),
       cache_dir="",  # source 'cache': a directory written by `python -m jdiff.cache`
       resolution=256,  # square training resolution (resize short side, centre-crop)
       caption_dropout=0.1,  # P(caption -> empty) for classifier-free guidance
@@ -279,6 +286,23 @@ def load(spec: str) -> ml_collections.ConfigDict:
   return c
 
 
+def _validate_buckets(c: ml_collections.ConfigDict) -> None:
+  b = c.data.buckets
+  if c.data.source not in ("folder", "webdataset", "parquet", "arrayrecord", "tfds"):
+    raise errors.InvalidArgument(f"data.buckets needs images of their own shapes: data.source={c.data.source!r} "
+                                 "gives square ones (folder, webdataset, parquet, arrayrecord or tfds)")
+  if c.objective != "flow" or c.autoencoder.path:
+    raise errors.InvalidArgument("data.buckets: objective 'flow' in pixel space only so far (got objective "
+                                 f"{c.objective!r}{', autoencoder.path set' if c.autoencoder.path else ''})")
+  if b.step <= 0 or b.step % c.model.patch_size:
+    raise errors.InvalidArgument(f"data.buckets.step={b.step} must be a positive multiple of "
+                                 f"model.patch_size={c.model.patch_size}")
+  if b.pixels < b.step**2 or b.max_aspect < 1 or b.max_upscale < 1 or b.max_buckets < 1:
+    raise errors.InvalidArgument(f"data.buckets: pixels={b.pixels} must be >= step^2={b.step ** 2}, max_aspect="
+                                 f"{b.max_aspect} and max_upscale={b.max_upscale} >= 1, max_buckets={b.max_buckets} "
+                                 ">= 1")
+
+
 def _one_of(name: str, value: Any, allowed) -> None:
   if value not in allowed:
     raise errors.InvalidArgument(f"config.{name}={value!r} is not one of {tuple(allowed)}")
@@ -315,6 +339,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of("data.shapes_split", c.data.shapes_split, ("train", "new_color"))
   _one_of("data.caption_from", c.data.caption_from, ("auto", "filename"))
   _one_of("data.missing_caption", c.data.missing_caption, ("skip", "empty"))
+  if c.data.buckets.pixels:
+    _validate_buckets(c)
   if c.data.source in ("folder", "webdataset", "parquet") and not c.data.path:
     raise errors.InvalidArgument(f"data.source={c.data.source!r} needs data.path: a directory, a file pattern or a "
                                  "comma-separated list of them")

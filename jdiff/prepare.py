@@ -94,7 +94,7 @@ def example(image: bytes, captions: list[bytes], image_key: str = "image", capti
   ex = tf_example_pb2.Example()
   ex.features.feature[image_key].bytes_list.value.append(image)
   ex.features.feature[caption_key].bytes_list.value.extend(captions)
-  return ex.SerializeToString()
+  return ex.SerializeToString(deterministic=True)  # map entries in key order: the same bytes every run
 
 
 def _write_json(path: str, value: Mapping[str, Any]) -> None:

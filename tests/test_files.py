@@ -277,6 +277,17 @@ def test_training_through_the_cli_on_a_folder_counts_what_it_skipped(tmp_path):
   assert np.isfinite(last["loss"])
 
 
+def _same_file(a, b):
+  """Two output files hold the same: the same records for ArrayRecord files (whose padding
+  bytes are not reproducible), the same bytes otherwise."""
+  if str(a).endswith(".array_record"):
+    import grain
+
+    ra, rb = (grain.sources.ArrayRecordDataSource([str(p)]) for p in (a, b))
+    return len(ra) == len(rb) and all(ra[i] == rb[i] for i in range(len(ra)))
+  return a.read_bytes() == b.read_bytes()
+
+
 def _records(src):
   """{(image bytes, caption alternatives)} of the records of `src` whose image decodes."""
   from jdiff import prepare as prepare_lib
@@ -338,7 +349,7 @@ def test_prepare_resumes_after_a_kill_to_the_same_files_and_splits_work_by_proce
       a, b = (json.loads((d / name).read_text()) for d in (whole, killed))
       assert a.pop("out") != b.pop("out") and a == b
     else:
-      assert (whole / name).read_bytes() == (killed / name).read_bytes(), name
+      assert _same_file(whole / name, killed / name), name
   with pytest.raises(ValueError, match="other records_per_shard"):
     prepare_lib.prepare(cfg, str(killed), records_per_shard=2)
 
@@ -387,4 +398,4 @@ def test_prepare_killed_with_sigkill_resumes_to_the_same_files(tmp_path):
   names = sorted(n for n in os.listdir(whole) if n != prepare_lib.SUMMARY)
   assert names == sorted(n for n in os.listdir(out) if n != prepare_lib.SUMMARY) and len(names) == 81
   for name in names:
-    assert (whole / name).read_bytes() == (out / name).read_bytes(), name
+    assert _same_file(whole / name, out / name), name

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import braceexpand
 import numpy as np
+from PIL import Image
 
 from jdiff import errors
 
@@ -183,6 +184,11 @@ class FolderSource:
         caption = split_lines(text)
     with open(self.paths[index], "rb") as f:
       return dict(image=f.read(), caption=caption)
+
+  def image_size(self, index: int) -> tuple[int, int]:
+    """(width, height), from the file's header."""
+    with Image.open(self.paths[index]) as pil:
+      return pil.size
 
   def __repr__(self) -> str:
     return f"FolderSource({', '.join(self.roots)}: {len(self)} images)"

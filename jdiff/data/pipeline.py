@@ -14,7 +14,9 @@ import dataclasses
 import io
 import json
 import logging
+import concurrent.futures
 import math
+import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import flags
@@ -25,6 +27,7 @@ from PIL import Image
 
 from jdiff import errors
 from jdiff import tokens
+from jdiff.data import buckets as buckets_lib
 from jdiff.data import files
 from jdiff.data import sources
 
@@ -58,9 +61,9 @@ class _Guarded:
     return f"_Guarded({self._source!r})"
 
 
-def to_rgb(image: Any, resolution: int) -> np.ndarray:
-  """Encoded bytes or an array -> uint8 [resolution, resolution, 3]: resize the short side
-  (bicubic, antialiased), centre-crop.
+def to_rgb(image: Any, resolution: int | tuple[int, int]) -> np.ndarray:
+  """Encoded bytes or an array -> uint8 [height, width, 3] (`resolution`: a side, or (height,
+  width)): resize to cover that shape (bicubic, antialiased), centre-crop the rest.
 
   A JPEG at least twice the target size is decoded at 1/2, 1/4 or 1/8 scale in the DCT
   domain (Pillow's `draft`; still at least the target size), which is most of the decode
@@ -69,10 +72,11 @@ def to_rgb(image: Any, resolution: int) -> np.ndarray:
   down (reduced by an integer factor first, on the whole image's grid) and upscaling resize
   the whole image, then crop.
   """
+  height, width = (resolution, resolution) if isinstance(resolution, (int, np.integer)) else resolution
   if isinstance(image, (bytes, bytearray, memoryview)):
     pil = Image.open(io.BytesIO(bytes(image)))
     if pil.format == "JPEG":
-      scale = resolution / min(pil.size)
+      scale = max(width / pil.size[0], height / pil.size[1])
       if scale <= 0.5:
         pil.draft("RGB", (math.ceil(pil.size[0] * scale), math.ceil(pil.size[1] * scale)))
     pil.load()
@@ -80,23 +84,23 @@ def to_rgb(image: Any, resolution: int) -> np.ndarray:
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or arr.dtype != np.uint8:
       raise ValueError(f"expected a uint8 [H, W, 1|3|4] image, got {arr.dtype} {arr.shape}")
-    if arr.shape[:2] == (resolution, resolution) and arr.shape[-1] == 3:
+    if arr.shape[:2] == (height, width) and arr.shape[-1] == 3:
       return arr
     pil = Image.fromarray(arr if arr.shape[-1] != 1 else arr[..., 0])
   pil = pil.convert("RGB")
   w, h = pil.size
-  scale = resolution / min(w, h)
+  scale = max(width / w, height / h)
   # The resized size, and the crop's offset in it.
-  rw, rh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-  left, top = (rw - resolution) // 2, (rh - resolution) // 2
+  rw, rh = max(width, round(w * scale)), max(height, round(h * scale))
+  left, top = (rw - width) // 2, (rh - height) // 2
   if 0.5 < scale < 1:
     sx, sy = w / rw, h / rh
-    return np.asarray(pil.resize((resolution, resolution), Image.Resampling.BICUBIC,
-                                 box=(left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)),
+    return np.asarray(pil.resize((width, height), Image.Resampling.BICUBIC,
+                                 box=(left * sx, top * sy, (left + width) * sx, (top + height) * sy)),
                       np.uint8)
   if (rw, rh) != (w, h):  # upscaling, or >= 2x down (an integer reduction first, on the whole image)
     pil = pil.resize((rw, rh), Image.Resampling.BICUBIC, reducing_gap=None if scale > 0.5 else 2.0)
-  return np.asarray(pil.crop((left, top, left + resolution, top + resolution)), np.uint8)
+  return np.asarray(pil.crop((left, top, left + width, top + height)), np.uint8)
 
 
 IMAGE_KEYS = ("image", "image_w", "image_l")  # a captioned image, or a preference pair
@@ -294,6 +298,7 @@ class Pipeline:
   skip: SkipCorrupt
   per_process_batch: int
   worker_chunk: int = 0  # elements per worker transfer (0: no worker processes)
+  shapes: tuple[tuple[int, int], ...] = ()  # aspect-ratio buckets: the (height, width) of batches to expect
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self.iterator
@@ -304,6 +309,136 @@ class Pipeline:
   @property
   def skipped(self) -> int:
     return self.skip.skipped
+
+
+def header_size(image: Any) -> tuple[int, int]:
+  """(width, height) of encoded bytes (only the header is parsed) or an array."""
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    with Image.open(io.BytesIO(bytes(image))) as pil:
+      return pil.size
+  arr = np.asarray(image)
+  return arr.shape[1], arr.shape[0]
+
+
+def image_sizes(source, threads: int = 16) -> np.ndarray:
+  """[N, 2] (width, height) of every record's image ((0, 0): unreadable), read in threads;
+  progress is logged on large data."""
+  size_of = getattr(source, "image_size", None) or (lambda i: header_size(source[i]["image"]))
+
+  def one(i: int) -> tuple[int, int]:
+    try:
+      return size_of(i)
+    except Exception:  # counted by the caller, skipped like a corrupt record
+      return (0, 0)
+
+  out, last = np.zeros((len(source), 2), np.int64), time.time()
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    for i, size in enumerate(pool.map(one, range(len(source)), chunksize=256)):
+      out[i] = size
+      if time.time() - last > 10:
+        log.info("reading image sizes for the buckets: %d of %d", i + 1, len(source))
+        last = time.time()
+  return out
+
+
+class _BatchPlan:
+  """Endless sequence: element j = (bucket, this process's record indices) of global batch j."""
+
+  def __init__(self, schedule: buckets_lib.Schedule, process_index: int, process_count: int):
+    self.schedule, self.p, self.local = schedule, process_index, schedule.batch_size // process_count
+
+  def __len__(self) -> int:
+    return 2**62
+
+  def __getitem__(self, j: int) -> tuple[int, np.ndarray]:
+    bucket, records = self.schedule.batch(int(j))
+    return bucket, records[self.p * self.local:(self.p + 1) * self.local]
+
+
+class ReadBucketBatch(grain.transforms.MapWithIndex):
+  """(bucket, record indices) of global batch j -> this process's rows {'image' [L, h, w, 3],
+  'tokens', INDEX_KEY: j, CORRUPT_KEY: the Corrupt markers}. A record that cannot be read is
+  replaced by another row of the batch (or, if none can be read, by the bucket's next
+  readable record), so that every process delivers every batch whole."""
+
+  def __init__(self, source, shapes, schedule: buckets_lib.Schedule, max_len: int, seed: int, process_index: int):
+    self.source, self.shapes, self.schedule = _Guarded(source), shapes, schedule
+    self.max_len, self.seed, self.p = max_len, seed, process_index
+
+  def _row(self, index: int, position: int, shape: tuple[int, int]):
+    record = self.source[int(index)]
+    if isinstance(record, Corrupt):
+      return record
+    try:
+      caption = files.caption_choice(record["caption"], self.seed, position)
+      return dict(image=to_rgb(record["image"], shape), tokens=tokens.tokenize(caption, self.max_len))
+    except Exception as e:  # undecodable image, missing field, bad text
+      return Corrupt(int(index), f"decode: {e!r}")
+
+  def map_with_index(self, j: int, plan):
+    bucket, records = plan
+    shape, local = self.shapes[bucket], len(records)
+    first = j * self.schedule.batch_size + self.p * local  # global stream position of row 0
+    rows = [self._row(i, first + r, shape) for r, i in enumerate(records)]
+    corrupt = [r for r in rows if isinstance(r, Corrupt)]
+    good = [r for r in rows if not isinstance(r, Corrupt)]
+    members = self.schedule.members[bucket]
+    start = int(np.random.default_rng([self.seed, j]).integers(len(members)))
+    for k in range(len(members)) if not good else ():
+      row = self._row(members[(start + k) % len(members)], first, shape)
+      if not isinstance(row, Corrupt):
+        good = [row]
+        break
+    if not good:
+      raise RuntimeError(f"bucket {shape[0]}x{shape[1]}: none of its {len(members)} images can be read")
+    rows = [good[k % len(good)] for k in range(local)] if corrupt else good
+    return {"image": np.stack([r["image"] for r in rows]), "tokens": np.stack([r["tokens"] for r in rows]),
+            INDEX_KEY: np.int64(j), CORRUPT_KEY: corrupt}
+
+
+CORRUPT_KEY = "_corrupt"
+
+
+def _bucketed(data_cfg: Mapping[str, Any], source, *, global_batch: int, max_len: int, seed: int, pi: int,
+              pc: int) -> Pipeline:
+  """The pipeline of data.buckets: one bucket per global batch (buckets.py)."""
+  cfg = data_cfg["buckets"]
+  shapes = buckets_lib.bucket_shapes(cfg["pixels"], cfg["step"], cfg["max_aspect"])
+  sizes = image_sizes(source)
+  readable = (sizes > 0).all(1)
+  which = np.full(len(sizes), -1)
+  which[readable] = buckets_lib.assign(sizes[readable], shapes, cfg["max_upscale"])
+  counts = np.bincount(which[which >= 0], minlength=len(shapes))
+  log.info("aspect-ratio buckets (height x width: images): %s; %d unreadable, %d smaller than their bucket / "
+           "data.buckets.max_upscale=%s left out", buckets_lib.describe(shapes, counts), int((~readable).sum()),
+           int(((which < 0) & readable).sum()), cfg["max_upscale"])
+  schedule = buckets_lib.Schedule(which, len(shapes), global_batch, seed)
+  used = tuple(shapes[b] for b in np.flatnonzero(counts >= 1))
+  if len(used) > cfg["max_buckets"]:
+    raise errors.InvalidArgument(
+        f"the data fills {len(used)} buckets, more than data.buckets.max_buckets={cfg['max_buckets']} (one "
+        "compiled train step each): raise data.buckets.step or lower max_aspect, or raise max_buckets")
+  skip = SkipCorrupt()
+  ds = grain.MapDataset.source(_BatchPlan(schedule, pi, pc)).map_with_index(
+      ReadBucketBatch(source, shapes, schedule, max_len, seed, pi))
+
+  def count(batch):
+    for marker in batch.pop(CORRUPT_KEY):
+      skip.filter(marker)
+    return batch
+
+  def build(start: int):
+    part = ds[start:] if start else ds
+    threads = read_threads(data_cfg)  # each thread reads whole batches
+    it = part.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(
+        threads, data_cfg["prefetch"] // global_batch)))
+    if data_cfg["num_workers"] > 0:
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg["num_workers"]))
+    return iter(it.map(count))
+
+  return Pipeline(ResumableBatches(build), skip, global_batch // pc, 0, used)
 
 
 EMBEDDED_SOURCES = ("shapes", "preference")  # generated in Python: threads only contend for the GIL
@@ -345,6 +480,8 @@ def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: in
   source = sources.make_source(data_cfg, split)
   if len(source) < pc:
     raise errors.InvalidArgument(f"{source!r} has {len(source)} records, fewer than {pc} processes")
+  if data_cfg.get("buckets") and data_cfg["buckets"]["pixels"]:
+    return _bucketed(data_cfg, source, global_batch=global_batch, max_len=max_len, seed=seed, pi=pi, pc=pc)
   ds = grain.MapDataset.source(_Guarded(source)).seed(seed).shuffle().repeat(None)
   ds = ds.map_with_index(PickCaption(seed))
   ds = ProcessRows(ds, pi, pc, global_batch // pc)

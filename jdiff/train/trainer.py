@@ -154,8 +154,9 @@ def _lineage_entry(config, workdir: str, from_step: int | None) -> dict[str, Any
               from_step=from_step)
 
 
-def batch_spec(config, networks) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """name -> (global shape, dtype) of a training batch."""
+def batch_spec(config, networks, shape: tuple[int, int] | None = None) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """name -> (global shape, dtype) of a training batch (of images of `shape` = (height, width);
+  default: the square data.resolution)."""
   b = config.train.batch_size
   if networks.text is None:
     meta = networks.cache_meta
@@ -166,8 +167,8 @@ def batch_spec(config, networks) -> dict[str, tuple[tuple[int, ...], Any]]:
     latent = (b, *meta["latent_shape"])
     return dict(latent_mean=(latent, store), latent_logvar=(latent, store),
                 context=((b, *meta["context_shape"]), store), pooled=((b, meta["pooled_dim"]), np.float32))
-  res = config.data.resolution
-  image = ((b, res, res, config.model.in_channels), np.uint8)
+  height, width = shape or (config.data.resolution, config.data.resolution)
+  image = ((b, height, width, config.model.in_channels), np.uint8)
   images = {key: image for key in objectives.get(config.objective).images}
   return dict(images, tokens=((b, config.text.max_len), np.int32))
 
@@ -188,12 +189,13 @@ def load_parent(workdir: str, mesh, rules) -> tuple[objectives.Frozen, Any, list
 
 
 def compile_step(networks, tx, config, mesh, rules, state_shardings, abstract_state, frozen=None,
-                 frozen_params=None):
-  """The jitted, donated train step, lowered and compiled ahead of step 1. With a frozen
-  reference/teacher, the step takes its params as a fourth (not donated) argument."""
+                 frozen_params=None, shape: tuple[int, int] | None = None):
+  """The jitted, donated train step, lowered and compiled ahead of step 1 (for images of
+  `shape` = (height, width): an aspect-ratio bucket; default: the square data.resolution).
+  With a frozen reference/teacher, the step takes its params as a fourth (not donated) argument."""
   batch_sharding = shard_lib.logical_sharding(mesh, rules, "activation_batch")
-  abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-                    for k, (shape, dtype) in batch_spec(config, networks).items()}
+  abstract_batch = {k: jax.ShapeDtypeStruct(spec_shape, dtype, sharding=batch_sharding)
+                    for k, (spec_shape, dtype) in batch_spec(config, networks, shape).items()}
   replicated = shard_lib.replicated(mesh)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen_params)
   step = grpo_lib.train_step if config.objective == "grpo" else step_lib.train_step
@@ -216,13 +218,24 @@ def compile_step(networks, tx, config, mesh, rules, state_shardings, abstract_st
                 "activations (model.remat=dots_no_batch_attention or dots_no_batch)", recomputed)
   mem = compiled.memory_analysis()
   if mem is not None:
-    log.info("train step compiled in %.1fs; memory per device: arguments %.1f MB, outputs %.1f MB, "
-             "temporaries %.1f MB, generated code %.1f MB", time.time() - t0,
+    log.info("train step%s compiled in %.1fs; memory per device: arguments %.1f MB, outputs %.1f MB, "
+             "temporaries %.1f MB, generated code %.1f MB", f" for {shape[0]}x{shape[1]}" if shape else "",
+             time.time() - t0,
              mem.argument_size_in_bytes / 2**20, mem.output_size_in_bytes / 2**20,
              mem.temp_size_in_bytes / 2**20, mem.generated_code_size_in_bytes / 2**20)
   else:
     log.info("train step compiled in %.1fs", time.time() - t0)
   return compiled, batch_sharding
+
+
+def _check_bucket(config, networks, shape: tuple[int, int]) -> None:
+  """An aspect-ratio bucket's patch grid must fit the model's position table."""
+  grid = max(shape) // networks.patch_size
+  limit = config.model.pos_embed_max_size
+  if limit and grid > limit:
+    raise errors.InvalidArgument(
+        f"bucket {shape[0]}x{shape[1]} is {grid} patches long, beyond model.pos_embed_max_size={limit}: raise it, or "
+        "lower data.buckets.pixels or max_aspect")
 
 
 def xla_rematerialized(hlo_text: str) -> int:
@@ -358,8 +371,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     frozen, frozen_params, _, from_step = parent
     log.info("objective %r: frozen %s from %s (step %d)", config.objective, objective.frozen_role,
              config.init_from, from_step)
-  compiled, batch_sharding = compile_step(networks, tx, config, mesh, rules, shardings, abstract, frozen,
-                                          frozen_params)
+  steps = {}  # (height, width) of an aspect-ratio bucket (None: square data) -> its compiled step
+  for shape in pipeline.shapes or (None,):
+    if shape is not None:
+      _check_bucket(config, networks, shape)
+    steps[shape], batch_sharding = compile_step(networks, tx, config, mesh, rules, shardings, abstract, frozen,
+                                                frozen_params, shape)
 
   writer = MetricWriter(workdir)
   t = config.train
@@ -386,8 +403,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         if stop.stop_before(step):
           stopped_by = f"signal {stop.signal}"
           break
-        batch = pipeline_lib.to_global(next(pipeline), batch_sharding)
-        state, metrics = compiled(state, batch, run_rng, frozen_params)
+        host = next(pipeline)
+        compiled = steps[tuple(host["image"].shape[1:3]) if pipeline.shapes else None]
+        state, metrics = compiled(state, pipeline_lib.to_global(host, batch_sharding), run_rng, frozen_params)
         history.append(metrics)
         done = step + 1
         bar.update(1)
