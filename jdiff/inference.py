@@ -112,10 +112,11 @@ def load(workdir: str, step: int | None = None) -> Model:
 
 @functools.lru_cache(maxsize=8)
 def _sampler(networks: networks_lib.Networks, num_steps: int, method: str, cfg_scale: float,
-             prediction: str, shift_cfg: tuple, resolution: int):
-  """A jitted (params, inputs, null inputs, keys [B]) -> model-space samples [B, H, W, C]."""
-  times = diffusion.inference_times(num_steps, networks.seq_len(resolution, resolution), dict(shift_cfg))
-  shape = (resolution, resolution, networks.channels)
+             prediction: str, shift_cfg: tuple, size: tuple[int, int]):
+  """A jitted (params, inputs, null inputs, keys [B]) -> model-space samples [B, H, W, C]
+  (size = (H, W))."""
+  times = diffusion.inference_times(num_steps, networks.seq_len(*size), dict(shift_cfg))
+  shape = (*size, networks.channels)
 
   @jax.jit
   def run(params, inputs, null_inputs, keys):
@@ -139,13 +140,28 @@ def forwards_per_image(networks: networks_lib.Networks, num_steps: int, cfg_scal
   return num_steps * branches * (2 if method == "heun" else 1)
 
 
+def check_size(model: Model, resolution: int | tuple[int, int]) -> tuple[int, int]:
+  """A side or (height, width) -> (height, width), checked against the model's patch size and
+  position table."""
+  size = (resolution, resolution) if isinstance(resolution, (int, np.integer)) else tuple(resolution)
+  p, limit = model.networks.patch_size, model.config.model.pos_embed_max_size
+  if len(size) != 2 or min(size) <= 0 or size[0] % p or size[1] % p:
+    raise errors.InvalidArgument(f"image size {size}: height and width must be positive multiples of the patch size "
+                                 f"{p}")
+  if limit and max(size) // p > limit:
+    raise errors.InvalidArgument(f"image size {size[0]}x{size[1]} is {max(size) // p} patches long; the model's "
+                                 f"position table (model.pos_embed_max_size) covers {limit}")
+  return int(size[0]), int(size[1])
+
+
 def generate(model: Model, prompts: Sequence[str], *, num_steps: int | None = None,
              cfg_scale: float | None = None, method: str | None = None, seed: int = 0,
-             batch_size: int | None = None, resolution: int | None = None) -> np.ndarray:
+             batch_size: int | None = None, resolution: int | tuple[int, int] | None = None) -> np.ndarray:
   """Images for `prompts`: uint8 [N, H, W, C].
 
   Sampler settings default to config.sample; the schedule is shifted for `resolution`
-  (the model-space size; default: the training one) exactly as in training. For a
+  (the model-space size: a side, or (height, width), multiples of the patch size within the
+  model's position table; default: the training one) exactly as in training. For a
   guidance-distilled model (model.guidance_embed) cfg_scale is its guidance input. Image i's
   noise comes from fold_in(key(seed), i), so an image does not depend on its batch.
   """
@@ -156,10 +172,10 @@ def generate(model: Model, prompts: Sequence[str], *, num_steps: int | None = No
   cfg_scale = s.cfg_scale if cfg_scale is None else cfg_scale
   method = method or s.method
   batch_size = batch_size or s.batch_size
-  resolution = resolution or model.networks.resolution
+  size = check_size(model, resolution or model.networks.resolution)
   shift_cfg = tuple(sorted(dict(model.config.diffusion.shift).items()))
   run = _sampler(model.networks, num_steps, method, float(cfg_scale), model.config.diffusion.prediction,
-                 shift_cfg, resolution)
+                 shift_cfg, size)
   inputs = model.inputs(prompts)
   null = model.null_inputs()
   base = jax.random.key(seed)

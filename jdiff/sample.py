@@ -22,6 +22,9 @@ _CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: con
 _METHOD = flags.DEFINE_enum("method", None, ["euler", "heun"], "ODE solver (default: config.sample).")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed; image i uses fold_in(seed, i).")
 _RESOLUTION = flags.DEFINE_integer("resolution", None, "Output size (default: training resolution).", lower_bound=1)
+_HEIGHT = flags.DEFINE_integer("height", None, "Output height (default: --resolution); with --width, any shape "
+                               "in multiples of the patch size that the model's position table covers.", lower_bound=1)
+_WIDTH = flags.DEFINE_integer("width", None, "Output width (default: --resolution).", lower_bound=1)
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/generated).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", lower_bound=0)
 flags.mark_flags_as_required(["workdir", "prompt"])
@@ -32,9 +35,11 @@ def main(argv):
   cli.set_log_levels()
 
   model = inference.load(_WORKDIR.value, _STEP.value)
+  side = _RESOLUTION.value or model.networks.resolution
+  size = (_HEIGHT.value or side, _WIDTH.value or side)
   prompts = [p for p in _PROMPTS.value for _ in range(_NUM_IMAGES.value)]
   images = inference.generate(model, prompts, num_steps=_NUM_STEPS.value, cfg_scale=_CFG_SCALE.value,
-                              method=_METHOD.value, seed=_SEED.value, resolution=_RESOLUTION.value)
+                              method=_METHOD.value, seed=_SEED.value, resolution=size)
   out = _OUT.value or os.path.join(_WORKDIR.value, "generated")
   os.makedirs(out, exist_ok=True)
   paths = []

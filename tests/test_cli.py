@@ -35,6 +35,9 @@ CASES = [
     (["jdiff.sample", "--workdir=WORK", "--prompt=x", "--step=1234"], "no checkpoint at step 1234 in WORK/checkpoints (steps: 4, 2)"),
     (["jdiff.sample", "--workdir=WORK", "--prompt=x", "--num_images=0"], "--num_images=0: 0 is not a positive integer"),
     (["jdiff.sample", "--workdir=WORK", "--prompt=x", "--num_steps=0"], "--num_steps=0: 0 is not a positive integer"),
+    (["jdiff.sample", "--workdir=WORK", "--prompt=x", "--height=15"], "height and width must be positive multiples of the "
+     "patch size 4"),
+    (["jdiff.sample", "--workdir=WORK", "--prompt=x", "--width=64"], "is 16 patches long; the model's position table"),
     (["jdiff.evaluate", "--workdir=WORK", "--num_samples=0"], "--num_samples=0: 0 is not a positive integer"),
     (["jdiff.stages", "--config=configs/stages.py:test", "--workdir=WORK2", "--config.nope=1"],
      "--config.nope: no such config field"),
@@ -51,6 +54,19 @@ def test_user_error_is_one_line_with_status_2(workdir, tmp_path, args, expected)
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert len(errors) == 1 and fill(expected) in errors[0], proc.stderr[-3000:]
   assert not os.path.exists(tmp_path / "w2" / "config.json")  # a failed start leaves no trace
+
+
+def test_sample_at_another_shape(workdir, tmp_path):
+  """--height/--width: any shape the model's patches and position table cover (the test model
+  trained at 16x16)."""
+  import json
+
+  from PIL import Image
+
+  proc = helpers.cli("jdiff.sample", f"--workdir={workdir}", "--prompt=a red circle", "--num_steps=2", "--height=8",
+                     "--width=32", f"--out={tmp_path}")
+  with Image.open(json.loads(proc.stdout.strip().splitlines()[-1])["images"][0]) as image:
+    assert (image.height, image.width) == (8, 32)
 
 
 def test_a_long_prompt_is_cut_with_a_warning(workdir, tmp_path):
