@@ -168,6 +168,11 @@ def base() -> ml_collections.ConfigDict:
       # metadata.jsonl/.json/.csv (file_name, caption_key); 'filename' = the file name
       caption_from="auto",
       missing_caption="skip",  # images without a caption: 'skip' (counted, logged) or 'empty'
+      # Per-pixel loss weights (objective flow, pixel space): 'none'; 'alpha' = the image's alpha
+      # channel; 'file' = a folder's NAME + mask_suffix beside each image (white: learn, black:
+      # ignore; images without one are learnt whole). The loss is averaged over the weighted area.
+      loss_mask="none",
+      mask_suffix="-masklabel.png",  # folder: files with this ending are masks, never images
       # Aspect-ratio buckets (jdiff/data/buckets.py): pixels > 0 trains each image at the bucket
       # shape nearest its aspect ratio, about `pixels` pixels (e.g. 256 * 256), sides multiples of
       # `step` (a multiple of model.patch_size), ratios up to max_aspect:1 either way, instead of
@@ -339,6 +344,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of("data.shapes_split", c.data.shapes_split, ("train", "new_color"))
   _one_of("data.caption_from", c.data.caption_from, ("auto", "filename"))
   _one_of("data.missing_caption", c.data.missing_caption, ("skip", "empty"))
+  _one_of("data.loss_mask", c.data.loss_mask, ("none", "alpha", "file"))
+  if c.data.loss_mask != "none":
+    if c.objective != "flow" or c.data.source in ("shapes", "preference", "cache"):
+      raise errors.InvalidArgument(f"data.loss_mask={c.data.loss_mask!r} weights the flow loss of images read from "
+                                   f"files (objective 'flow'; got {c.objective!r}, data.source={c.data.source!r})")
+    if c.data.loss_mask == "file" and (c.data.source != "folder" or not c.data.mask_suffix):
+      raise errors.InvalidArgument("data.loss_mask='file' reads NAME + data.mask_suffix beside each image of "
+                                   "data.source='folder'")
   if c.data.buckets.pixels:
     _validate_buckets(c)
   if c.data.source in ("folder", "webdataset", "parquet") and not c.data.path:

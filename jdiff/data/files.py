@@ -94,10 +94,13 @@ class FolderSource:
     epoch), else a same-name .json object's `caption_key`, else a manifest at the root
     (metadata.jsonl / .json / .csv: `file_name` relative to the root, and `caption_key`);
   - caption_from='filename': its file name without the extension, '_' read as a space.
+
+  With a mask_suffix, files named NAME + mask_suffix are not images but the loss masks of
+  NAME's image (record['mask'], for data.loss_mask='file').
   """
 
   def __init__(self, path: str | Sequence[str], *, caption_key: str = "caption", caption_from: str = "auto",
-               missing_caption: str = "skip"):
+               missing_caption: str = "skip", mask_suffix: str = ""):
     if caption_from not in CAPTION_FROM or missing_caption not in MISSING_CAPTION:
       raise errors.InvalidArgument(f"data.caption_from={caption_from!r} / data.missing_caption={missing_caption!r}: "
                                    f"expected one of {CAPTION_FROM} / {MISSING_CAPTION}")
@@ -109,6 +112,7 @@ class FolderSource:
     self.paths: list[str] = []
     self.captions: list[str | None] = []  # None: read the sidecar when the record is read
     self._sidecar: list[str | None] = []
+    self.masks: list[str | None] = []  # NAME + mask_suffix beside the image, if there is one
     missing = 0
     for root in self.roots:
       manifest = self._manifest(root) if caption_from == "auto" else {}
@@ -117,7 +121,7 @@ class FolderSource:
         names = set(filenames)
         for name in sorted(filenames):
           stem, ext = os.path.splitext(name)
-          if ext.lower() not in IMAGE_EXTENSIONS:
+          if ext.lower() not in IMAGE_EXTENSIONS or (mask_suffix and name.endswith(mask_suffix)):
             continue
           image = os.path.join(dirpath, name)
           caption, sidecar = None, None
@@ -137,6 +141,8 @@ class FolderSource:
           self.paths.append(image)
           self.captions.append(caption)
           self._sidecar.append(sidecar)
+          self.masks.append(os.path.join(dirpath, stem + mask_suffix) if mask_suffix and stem + mask_suffix in names
+                            else None)
     _summary("folder", ", ".join(map(repr, self.roots)), len(self.paths), missing, missing_caption)
     self.missing = missing
 
@@ -183,7 +189,11 @@ class FolderSource:
       else:
         caption = split_lines(text)
     with open(self.paths[index], "rb") as f:
-      return dict(image=f.read(), caption=caption)
+      record = dict(image=f.read(), caption=caption)
+    if self.masks[index] is not None:
+      with open(self.masks[index], "rb") as f:
+        record["mask"] = f.read()
+    return record
 
   def image_size(self, index: int) -> tuple[int, int]:
     """(width, height), from the file's header."""

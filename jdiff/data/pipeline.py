@@ -61,9 +61,10 @@ class _Guarded:
     return f"_Guarded({self._source!r})"
 
 
-def to_rgb(image: Any, resolution: int | tuple[int, int]) -> np.ndarray:
+def to_rgb(image: Any, resolution: int | tuple[int, int], alpha: bool = False) -> np.ndarray:
   """Encoded bytes or an array -> uint8 [height, width, 3] (`resolution`: a side, or (height,
-  width)): resize to cover that shape (bicubic, antialiased), centre-crop the rest.
+  width)): resize to cover that shape (bicubic, antialiased), centre-crop the rest. alpha:
+  [height, width, 4], the image's alpha channel last (255 where it has none).
 
   A JPEG at least twice the target size is decoded at 1/2, 1/4 or 1/8 scale in the DCT
   domain (Pillow's `draft`; still at least the target size), which is most of the decode
@@ -84,10 +85,10 @@ def to_rgb(image: Any, resolution: int | tuple[int, int]) -> np.ndarray:
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or arr.dtype != np.uint8:
       raise ValueError(f"expected a uint8 [H, W, 1|3|4] image, got {arr.dtype} {arr.shape}")
-    if arr.shape[:2] == (height, width) and arr.shape[-1] == 3:
+    if arr.shape[:2] == (height, width) and arr.shape[-1] == 3 and not alpha:
       return arr
     pil = Image.fromarray(arr if arr.shape[-1] != 1 else arr[..., 0])
-  pil = pil.convert("RGB")
+  pil = pil.convert("RGBA" if alpha else "RGB")
   w, h = pil.size
   scale = max(width / w, height / h)
   # The resized size, and the crop's offset in it.
@@ -104,20 +105,46 @@ def to_rgb(image: Any, resolution: int | tuple[int, int]) -> np.ndarray:
 
 
 IMAGE_KEYS = ("image", "image_w", "image_l")  # a captioned image, or a preference pair
+LOSS_MASKS = ("none", "alpha", "file")  # config.data.loss_mask
+
+
+def decode_image(record: Mapping[str, Any], shape: int | tuple[int, int], loss_mask: str = "none"
+                 ) -> dict[str, np.ndarray]:
+  """A record's image at `shape` {'image': uint8 [h, w, 3]}, with data.loss_mask's weights
+  {'mask': uint8 [h, w, 1]} unless it is 'none': the image's alpha channel ('alpha'), or the
+  record's 'mask' image (a mask file: resized to the image's size first, then cropped as the
+  image is; all 255 where the record has none)."""
+  if loss_mask == "alpha":
+    rgba = to_rgb(record["image"], shape, alpha=True)
+    return dict(image=np.ascontiguousarray(rgba[..., :3]), mask=np.ascontiguousarray(rgba[..., 3:]))
+  out = dict(image=to_rgb(record["image"], shape))
+  if loss_mask == "file":
+    mask = record.get("mask")
+    if mask is None:
+      out["mask"] = np.full(out["image"].shape[:2] + (1,), 255, np.uint8)
+    else:
+      with Image.open(io.BytesIO(bytes(mask))) as pil:
+        gray = pil.convert("L").resize(header_size(record["image"]), Image.Resampling.BILINEAR)
+      out["mask"] = to_rgb(np.asarray(gray)[..., None], shape)[..., :1]
+  return out
+
 
 
 class Preprocess(grain.transforms.MapWithIndex):
   """record -> {'image': uint8 [R, R, 3], 'tokens': int32 [max_len]} or Corrupt (preference
   pairs: 'image_w' and 'image_l' instead of 'image')."""
 
-  def __init__(self, resolution: int, max_len: int):
-    self.resolution, self.max_len = resolution, max_len
+  def __init__(self, resolution: int, max_len: int, loss_mask: str = "none"):
+    self.resolution, self.max_len, self.loss_mask = resolution, max_len, loss_mask
 
   def map_with_index(self, index: int, record):
     if isinstance(record, Corrupt):
       return record
     try:
       caption = files.caption_choice(record["caption"], 0, index)  # (one already picked by PickCaption)
+      if self.loss_mask != "none":
+        return dict(decode_image(record, self.resolution, self.loss_mask),
+                    tokens=tokens.tokenize(caption, self.max_len))
       images = {k: to_rgb(record[k], self.resolution) for k in IMAGE_KEYS if k in record}
       if not images:
         raise KeyError(f"no image field among {IMAGE_KEYS}")
@@ -361,9 +388,10 @@ class ReadBucketBatch(grain.transforms.MapWithIndex):
   replaced by another row of the batch (or, if none can be read, by the bucket's next
   readable record), so that every process delivers every batch whole."""
 
-  def __init__(self, source, shapes, schedule: buckets_lib.Schedule, max_len: int, seed: int, process_index: int):
+  def __init__(self, source, shapes, schedule: buckets_lib.Schedule, max_len: int, seed: int, process_index: int,
+               loss_mask: str = "none"):
     self.source, self.shapes, self.schedule = _Guarded(source), shapes, schedule
-    self.max_len, self.seed, self.p = max_len, seed, process_index
+    self.max_len, self.seed, self.p, self.loss_mask = max_len, seed, process_index, loss_mask
 
   def _row(self, index: int, position: int, shape: tuple[int, int]):
     record = self.source[int(index)]
@@ -371,7 +399,7 @@ class ReadBucketBatch(grain.transforms.MapWithIndex):
       return record
     try:
       caption = files.caption_choice(record["caption"], self.seed, position)
-      return dict(image=to_rgb(record["image"], shape), tokens=tokens.tokenize(caption, self.max_len))
+      return dict(decode_image(record, shape, self.loss_mask), tokens=tokens.tokenize(caption, self.max_len))
     except Exception as e:  # undecodable image, missing field, bad text
       return Corrupt(int(index), f"decode: {e!r}")
 
@@ -392,8 +420,7 @@ class ReadBucketBatch(grain.transforms.MapWithIndex):
     if not good:
       raise RuntimeError(f"bucket {shape[0]}x{shape[1]}: none of its {len(members)} images can be read")
     rows = [good[k % len(good)] for k in range(local)] if corrupt else good
-    return {"image": np.stack([r["image"] for r in rows]), "tokens": np.stack([r["tokens"] for r in rows]),
-            INDEX_KEY: np.int64(j), CORRUPT_KEY: corrupt}
+    return {**{key: np.stack([r[key] for r in rows]) for key in rows[0]}, INDEX_KEY: np.int64(j), CORRUPT_KEY: corrupt}
 
 
 CORRUPT_KEY = "_corrupt"
@@ -420,7 +447,7 @@ def _bucketed(data_cfg: Mapping[str, Any], source, *, global_batch: int, max_len
         "compiled train step each): raise data.buckets.step or lower max_aspect, or raise max_buckets")
   skip = SkipCorrupt()
   ds = grain.MapDataset.source(_BatchPlan(schedule, pi, pc)).map_with_index(
-      ReadBucketBatch(source, shapes, schedule, max_len, seed, pi))
+      ReadBucketBatch(source, shapes, schedule, max_len, seed, pi, data_cfg.get("loss_mask", "none")))
 
   def count(batch):
     for marker in batch.pop(CORRUPT_KEY):
@@ -488,7 +515,7 @@ def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: in
   if data_cfg["source"] == "cache":
     ds = ds.map_with_index(CheckCached(source.meta))
   else:
-    ds = ds.map_with_index(Preprocess(data_cfg["resolution"], max_len))
+    ds = ds.map_with_index(Preprocess(data_cfg["resolution"], max_len, data_cfg.get("loss_mask", "none")))
   ds = ds.map_with_index(TagIndex())
   skip = SkipCorrupt()
   local_batch, threads, chunk = global_batch // pc, read_threads(data_cfg), 0

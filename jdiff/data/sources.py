@@ -144,7 +144,8 @@ def make_source(data_cfg: Mapping[str, Any], split: str = "train"):
     if not path:
       raise errors.InvalidArgument(f"data.source={kind!r} needs data.path (a directory, a file pattern or a list)")
     if kind == "folder":
-      return files.FolderSource(path, caption_from=data_cfg.get("caption_from", "auto"), **captions)
+      return files.FolderSource(path, caption_from=data_cfg.get("caption_from", "auto"),
+                                mask_suffix=data_cfg.get("mask_suffix", ""), **captions)
     if kind == "webdataset":
       return files.WebDatasetSource(path, **captions)
     return files.ParquetSource(path, image_key=data_cfg["image_key"], **captions)

@@ -122,6 +122,7 @@ def flow_loss(
     *,
     prediction: str = "v",
     weighting: str = "none",
+    mask: jax.Array | None = None,
 ) -> jax.Array:
   """Per-sample flow-matching loss, taken in velocity space.
 
@@ -129,13 +130,22 @@ def flow_loss(
     pred: [B, ...] network output, in view `prediction` ('v', 'eps' or 'x0').
     x0: [B, ...] data; eps: [B, ...] noise; t: [B] times used to build x_t.
     weighting: see `loss_weight`.
+    mask: optional [B, H, W, 1] weights in [0, 1] for [B, H, W, C] inputs: the squared error
+      is averaged with these weights (over the masked area, so the loss keeps its scale
+      whatever the area; an all-zero mask gives 0).
 
   Returns:
-    [B] float32: w(t) * mean((v_hat - v)^2) over all non-batch axes.
+    [B] float32: w(t) * mean((v_hat - v)^2) over all non-batch axes (mask-weighted).
   """
   if prediction not in PREDICTIONS:
     raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
   pred, x0, eps = (a.astype(jnp.float32) for a in (pred, x0, eps))
   v_hat = convert(pred, prediction, "v", interpolate(x0, eps, t), t)
-  err = jnp.mean(jnp.square(v_hat - velocity_target(x0, eps)), axis=tuple(range(1, pred.ndim)))
+  sq = jnp.square(v_hat - velocity_target(x0, eps))
+  axes = tuple(range(1, pred.ndim))
+  if mask is None:
+    err = jnp.mean(sq, axis=axes)
+  else:
+    m = jnp.broadcast_to(mask.astype(jnp.float32), sq.shape)
+    err = jnp.sum(m * sq, axis=axes) / jnp.maximum(jnp.sum(m, axis=axes), 1e-6)
   return loss_weight(t.astype(jnp.float32), weighting) * err

@@ -123,7 +123,9 @@ def flow_loss(params, batch, keys, frozen_params, *, networks: Networks, config,
   d = config.diffusion
   n = noised(batch, keys, networks, config)
   pred = networks.predict(params["denoiser"], n.x_t, n.t, networks.conditioning(params, n.inputs))
-  return diffusion.flow_loss(pred, n.x0, n.eps, n.t, prediction=d.prediction, weighting=d.weighting), n.t, {}
+  mask = batch["mask"].astype(jnp.float32) / 255.0 if "mask" in batch else None  # data.loss_mask
+  return diffusion.flow_loss(pred, n.x0, n.eps, n.t, prediction=d.prediction, weighting=d.weighting,
+                             mask=mask), n.t, {}
 
 
 def dpo_loss(params, batch, keys, frozen_params, *, networks: Networks, config, frozen: Frozen):

@@ -170,6 +170,8 @@ def batch_spec(config, networks, shape: tuple[int, int] | None = None) -> dict[s
   height, width = shape or (config.data.resolution, config.data.resolution)
   image = ((b, height, width, config.model.in_channels), np.uint8)
   images = {key: image for key in objectives.get(config.objective).images}
+  if config.data.loss_mask != "none":
+    images["mask"] = ((b, height, width, 1), np.uint8)
   return dict(images, tokens=((b, config.text.max_len), np.int32))
 
 
