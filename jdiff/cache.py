@@ -35,7 +35,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "Storage 
 flags.mark_flags_as_required(["config", "out"])
 
 
-def _batches(source, indices: Sequence[int], batch_size: int, resolution: int, seed: int):
+def _batches(source, indices: Sequence[int], batch_size: int, resolution: int | tuple[int, int], seed: int):
   """Yields (indices, images uint8 [b, R, R, 3], captions) of decodable records; logs the rest.
   A record with alternative captions is cached with one of them (drawn from seed and index)."""
   keep, images, captions = [], [], []
@@ -63,6 +63,18 @@ def write(config, out_dir: str, *, split: str = "train", num_records: int | None
                                  "text.pipeline (the SD3 text encoders)")
   source = sources.make_source(config.data, split)
   n = len(source) if num_records is None else min(num_records, len(source))
+  # (pixel shape, record indices) per group encoded together: one square group, or a group per
+  # aspect-ratio bucket (data.buckets), whose records keep their bucket in BUCKETS.
+  if config.data.buckets.pixels:
+    multiple = sd3_pipeline.vae_geometry(config.autoencoder.path)["factor"] * config.model.patch_size
+    if config.data.buckets.step % multiple:
+      raise errors.InvalidArgument(f"data.buckets.step={config.data.buckets.step} must be a multiple of the VAE "
+                                   f"factor x model.patch_size = {multiple} pixels")
+    shapes, which = pipeline.assign_buckets(config.data.buckets, source)
+    which = which[:n]
+    groups = [(shape, np.flatnonzero(which == b)) for b, shape in enumerate(shapes) if (which == b).any()]
+  else:
+    groups = [((config.data.resolution,) * 2, np.arange(n))]
   vae_model, vae_params = sd3_pipeline.load_vae(config.autoencoder.path, config.autoencoder.dtype)
   text = sd3_pipeline.SD3TextEncoder.load(config.text.pipeline, t5_len=config.text.t5_len, dtype=config.text.dtype)
   encode_images = jax.jit(lambda p, x: vae_model.apply(p, pixels.from_uint8(x),
@@ -70,16 +82,19 @@ def write(config, out_dir: str, *, split: str = "train", num_records: int | None
   os.makedirs(out_dir, exist_ok=True)
   store = np.dtype(dtype)
   records = cache.RecordWriter(out_dir, records_per_file)
-  bar = tqdm.tqdm(total=n, desc="cache", unit="img", dynamic_ncols=True)
+  bar = tqdm.tqdm(total=sum(len(i) for _, i in groups), desc="cache", unit="img", dynamic_ncols=True)
+  bucket_of_record = []
   try:
-    for idx, images, captions in _batches(source, range(n), batch_size, config.data.resolution, config.seed):
-      mean, logvar = jax.device_get(encode_images(vae_params, images))
-      cond = text.encode(captions)
-      for j in range(len(idx)):
-        records.write(dict(latent_mean=mean[j].astype(store), latent_logvar=logvar[j].astype(store),
-                           context=cond["context"][j].astype(store), pooled=np.asarray(cond["pooled"][j])),
-                      captions[j], idx[j])
-      bar.update(idx[-1] + 1 - bar.n)
+    for number, (shape, indices) in enumerate(groups):
+      for idx, images, captions in _batches(source, indices, batch_size, shape, config.seed):
+        mean, logvar = jax.device_get(encode_images(vae_params, images))
+        cond = text.encode(captions)
+        for j in range(len(idx)):
+          records.write(dict(latent_mean=mean[j].astype(store), latent_logvar=logvar[j].astype(store),
+                             context=cond["context"][j].astype(store), pooled=np.asarray(cond["pooled"][j])),
+                        captions[j], idx[j])
+        bucket_of_record.extend([number] * len(idx))
+        bar.update(len(idx))
   finally:
     bar.close()
     records.close()
@@ -92,9 +107,16 @@ def write(config, out_dir: str, *, split: str = "train", num_records: int | None
                                                  pooled=np.zeros((0,) + null["pooled"].shape[1:]))
   np.savez(os.path.join(out_dir, cache.CONDITIONING), null_context=null["context"][0], null_pooled=null["pooled"][0],
            prompts=np.array(prompts, dtype=np.str_), prompt_context=pc["context"], prompt_pooled=pc["pooled"])
+  factor, channels = sd3_pipeline.vae_geometry(config.autoencoder.path)["factor"], int(mean.shape[-1])
+  bucketed = {}
+  if config.data.buckets.pixels:
+    np.save(os.path.join(out_dir, cache.BUCKETS), np.asarray(bucket_of_record, np.int16))
+    bucketed = dict(buckets=[[h // factor, w // factor] for (h, w), _ in groups],
+                    bucket_pixels=[list(shape) for shape, _ in groups])
+  side = config.data.resolution // factor  # latent_shape: the square data.resolution's (sampling)
   meta = records.write_meta(
-      skipped=n - written, resolution=config.data.resolution,
-      latent_shape=list(mean.shape[1:]), context_shape=list(cond["context"].shape[1:]),
+      skipped=n - written, resolution=config.data.resolution, **bucketed,
+      latent_shape=[side, side, channels], context_shape=list(cond["context"].shape[1:]),
       pooled_dim=int(cond["pooled"].shape[-1]), dtype=store.name,
       scaling_factor=float(vae_model.scaling_factor), shift_factor=float(vae_model.shift_factor),
       autoencoder=os.path.abspath(config.autoencoder.path), text_pipeline=os.path.abspath(config.text.pipeline),

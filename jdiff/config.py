@@ -295,10 +295,10 @@ def _validate_buckets(c: ml_collections.ConfigDict) -> None:
   b = c.data.buckets
   if c.data.source not in ("folder", "webdataset", "parquet", "arrayrecord", "tfds"):
     raise errors.InvalidArgument(f"data.buckets needs images of their own shapes: data.source={c.data.source!r} "
-                                 "gives square ones (folder, webdataset, parquet, arrayrecord or tfds)")
-  if c.objective != "flow" or c.autoencoder.path:
-    raise errors.InvalidArgument("data.buckets: objective 'flow' in pixel space only so far (got objective "
-                                 f"{c.objective!r}{', autoencoder.path set' if c.autoencoder.path else ''})")
+                                 "gives square ones (folder, webdataset, parquet, arrayrecord or tfds; a latent "
+                                 "cache keeps the buckets it was written with)")
+  if c.objective != "flow":
+    raise errors.InvalidArgument(f"data.buckets trains objective 'flow' (got {c.objective!r})")
   if b.step <= 0 or b.step % c.model.patch_size:
     raise errors.InvalidArgument(f"data.buckets.step={b.step} must be a positive multiple of "
                                  f"model.patch_size={c.model.patch_size}")

@@ -102,3 +102,29 @@ def test_tune_from_converted_weights_and_export_to_diffusers(pipeline_dir, tmp_p
   # The tuned run records where it came from, and ran with its own runtime settings.
   assert model.config.stage == "tune" and model.config.model.dtype == "float32"
   assert model.config.model.dual_attention_depth == 1  # the architecture came from the import
+
+
+def test_a_cache_written_with_buckets_trains_one_step_per_bucket(pipeline_dir, tmp_path):
+  """jdiff.cache with data.buckets encodes each image at its bucket's shape and records the
+  bucket; training on the cache batches by bucket and compiles a step for each."""
+  import test_buckets
+  from jdiff.data import cache as cache_lib
+
+  test_buckets.write_two_aspect_folder(tmp_path / "images")  # 10 images 40x20, 6 of 20x40, one corrupt
+  base, cache, tuned = (str(tmp_path / n) for n in ("base", "cache", "tuned"))
+  helpers.cli("jdiff.convert", "import", f"--src={pipeline_dir}", f"--workdir={base}")
+  cfg = ["--config=configs/sd3_tune.py:test", f"--config.init_from={base}"]
+  meta = last_json(helpers.cli("jdiff.cache", *cfg, "--config.data.source=folder",
+                               f"--config.data.path={tmp_path / 'images'}", "--config.data.buckets.pixels=256",
+                               "--config.data.buckets.step=8", f"--out={cache}", "--batch_size=4"))
+  assert meta["num_records"] == 16 and meta["latent_shape"] == [8, 8, 16]
+  full = json.load(open(os.path.join(cache, cache_lib.META)))
+  assert full["bucket_pixels"] == [[24, 8], [8, 24]] and full["buckets"] == [[12, 4], [4, 12]]  # by aspect ratio
+  source = cache_lib.CacheSource(cache)
+  for i in range(len(source)):  # every record's latents have its bucket's shape
+    assert source[i]["latent_mean"].shape == (*full["buckets"][source.bucket_of_record[i]], 16)
+  assert sorted(np.bincount(source.bucket_of_record).tolist()) == [6, 10]
+  proc = helpers.cli("jdiff.main", *cfg, f"--config.data.cache_dir={cache}", f"--workdir={tuned}",
+                     "--config.model.dtype=float32", "--config.train.num_steps=4", "--config.train.sample_every=0")
+  assert last_json(proc)["step"] == 4 and np.isfinite(last_json(proc)["loss"])
+  assert "train step for 4x12 compiled" in proc.stderr and "train step for 12x4 compiled" in proc.stderr

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 META = "meta.json"
 CONDITIONING = "conditioning.npz"
+BUCKETS = "buckets.npy"  # a cache written with data.buckets: each record's bucket (meta['buckets']: latent shapes)
 RECORD_KEYS = ("latent_mean", "latent_logvar", "context", "pooled")
 
 
@@ -85,7 +86,9 @@ def read_conditioning(cache_dir: str) -> dict[str, Any]:
 
 class CacheSource:
   """Random access to a cache's records: {'latent_mean', 'latent_logvar' [h, w, c],
-  'context' [L, D], 'pooled' [P]} in the cache's storage dtype."""
+  'context' [L, D], 'pooled' [P]} in the cache's storage dtype. A cache written with
+  aspect-ratio buckets has `bucket_of_record` (else None): record i's latents are
+  meta['buckets'][bucket_of_record[i]] in height and width."""
 
   def __init__(self, cache_dir: str):
     self.meta = read_meta(cache_dir)
@@ -95,6 +98,12 @@ class CacheSource:
       raise errors.NotFound(f"cache {cache_dir!r} is incomplete: missing {missing[:3]}")
     self._records = grain.sources.ArrayRecordDataSource(paths)
     self._format = self.meta.get("record_format", "npz")
+    self.bucket_of_record = None
+    if "buckets" in self.meta:
+      self.bucket_of_record = np.load(os.path.join(cache_dir, BUCKETS))
+      if len(self.bucket_of_record) != len(self._records):
+        raise errors.InvalidArgument(f"cache {cache_dir!r}: {BUCKETS} has {len(self.bucket_of_record)} entries for "
+                                     f"{len(self._records)} records")
 
   def __len__(self) -> int:
     return len(self._records)

@@ -384,7 +384,7 @@ class _BatchPlan:
 
 class ReadBucketBatch(grain.transforms.MapWithIndex):
   """(bucket, record indices) of global batch j -> this process's rows {'image' [L, h, w, 3],
-  'tokens', INDEX_KEY: j, CORRUPT_KEY: the Corrupt markers}. A record that cannot be read is
+  'tokens', INDEX_KEY: j, CORRUPT_KEY: the Corrupt markers} (max_len 0: latent-cache records). A record that cannot be read is
   replaced by another row of the batch (or, if none can be read, by the bucket's next
   readable record), so that every process delivers every batch whole."""
 
@@ -398,6 +398,11 @@ class ReadBucketBatch(grain.transforms.MapWithIndex):
     if isinstance(record, Corrupt):
       return record
     try:
+      if self.max_len == 0:  # latent-cache records: checked against their bucket's latent shape
+        for key in ("latent_mean", "latent_logvar"):
+          if record[key].shape[:2] != tuple(shape):
+            raise ValueError(f"{key} has shape {record[key].shape}, expected {tuple(shape)} (its bucket)")
+        return {k: record[k] for k in ("latent_mean", "latent_logvar", "context", "pooled")}
       caption = files.caption_choice(record["caption"], self.seed, position)
       return dict(decode_image(record, shape, self.loss_mask), tokens=tokens.tokenize(caption, self.max_len))
     except Exception as e:  # undecodable image, missing field, bad text
@@ -426,25 +431,36 @@ class ReadBucketBatch(grain.transforms.MapWithIndex):
 CORRUPT_KEY = "_corrupt"
 
 
-def _bucketed(data_cfg: Mapping[str, Any], source, *, global_batch: int, max_len: int, seed: int, pi: int,
-              pc: int) -> Pipeline:
-  """The pipeline of data.buckets: one bucket per global batch (buckets.py)."""
-  cfg = data_cfg["buckets"]
-  shapes = buckets_lib.bucket_shapes(cfg["pixels"], cfg["step"], cfg["max_aspect"])
+def assign_buckets(buckets_cfg: Mapping[str, Any], source) -> tuple[list[tuple[int, int]], np.ndarray]:
+  """data.buckets over `source`: (bucket shapes, bucket number of each record; -1: left out),
+  logged with the counts."""
+  shapes = buckets_lib.bucket_shapes(buckets_cfg["pixels"], buckets_cfg["step"], buckets_cfg["max_aspect"])
   sizes = image_sizes(source)
   readable = (sizes > 0).all(1)
   which = np.full(len(sizes), -1)
-  which[readable] = buckets_lib.assign(sizes[readable], shapes, cfg["max_upscale"])
+  which[readable] = buckets_lib.assign(sizes[readable], shapes, buckets_cfg["max_upscale"])
   counts = np.bincount(which[which >= 0], minlength=len(shapes))
   log.info("aspect-ratio buckets (height x width: images): %s; %d unreadable, %d smaller than their bucket / "
            "data.buckets.max_upscale=%s left out", buckets_lib.describe(shapes, counts), int((~readable).sum()),
-           int(((which < 0) & readable).sum()), cfg["max_upscale"])
-  schedule = buckets_lib.Schedule(which, len(shapes), global_batch, seed)
-  used = tuple(shapes[b] for b in np.flatnonzero(counts >= 1))
-  if len(used) > cfg["max_buckets"]:
+           int(((which < 0) & readable).sum()), buckets_cfg["max_upscale"])
+  used = int((counts > 0).sum())
+  if used > buckets_cfg["max_buckets"]:
     raise errors.InvalidArgument(
-        f"the data fills {len(used)} buckets, more than data.buckets.max_buckets={cfg['max_buckets']} (one "
+        f"the data fills {used} buckets, more than data.buckets.max_buckets={buckets_cfg['max_buckets']} (one "
         "compiled train step each): raise data.buckets.step or lower max_aspect, or raise max_buckets")
+  return shapes, which
+
+
+def _bucketed(data_cfg: Mapping[str, Any], source, *, global_batch: int, max_len: int, seed: int, pi: int,
+              pc: int) -> Pipeline:
+  """The pipeline of data.buckets, or of a latent cache written with them: one bucket per
+  global batch (buckets.py)."""
+  if data_cfg["source"] == "cache":  # the cache's buckets, fixed when it was written
+    shapes, which, max_len = [tuple(s) for s in source.meta["buckets"]], source.bucket_of_record, 0
+  else:
+    shapes, which = assign_buckets(data_cfg["buckets"], source)
+  schedule = buckets_lib.Schedule(which, len(shapes), global_batch, seed)
+  used = tuple(shapes[b] for b in np.flatnonzero(schedule.counts >= 1))
   skip = SkipCorrupt()
   ds = grain.MapDataset.source(_BatchPlan(schedule, pi, pc)).map_with_index(
       ReadBucketBatch(source, shapes, schedule, max_len, seed, pi, data_cfg.get("loss_mask", "none")))
@@ -507,7 +523,7 @@ def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: in
   source = sources.make_source(data_cfg, split)
   if len(source) < pc:
     raise errors.InvalidArgument(f"{source!r} has {len(source)} records, fewer than {pc} processes")
-  if data_cfg.get("buckets") and data_cfg["buckets"]["pixels"]:
+  if (data_cfg.get("buckets") and data_cfg["buckets"]["pixels"]) or getattr(source, "bucket_of_record", None) is not None:
     return _bucketed(data_cfg, source, global_batch=global_batch, max_len=max_len, seed=seed, pi=pi, pc=pc)
   ds = grain.MapDataset.source(_Guarded(source)).seed(seed).shuffle().repeat(None)
   ds = ds.map_with_index(PickCaption(seed))

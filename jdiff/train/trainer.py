@@ -164,7 +164,7 @@ def batch_spec(config, networks, shape: tuple[int, int] | None = None) -> dict[s
       raise errors.InvalidArgument(f"no latent cache in data.cache_dir={config.data.cache_dir!r}: write one with "
                                    "`python -m jdiff.cache`")
     store = np.dtype(meta["dtype"])
-    latent = (b, *meta["latent_shape"])
+    latent = (b, *(shape or meta["latent_shape"][:2]), meta["latent_shape"][2])
     return dict(latent_mean=(latent, store), latent_logvar=(latent, store),
                 context=((b, *meta["context_shape"]), store), pooled=((b, meta["pooled_dim"]), np.float32))
   height, width = shape or (config.data.resolution, config.data.resolution)
@@ -406,7 +406,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           stopped_by = f"signal {stop.signal}"
           break
         host = next(pipeline)
-        compiled = steps[tuple(host["image"].shape[1:3]) if pipeline.shapes else None]
+        compiled = steps[tuple(host["latent_mean" if "latent_mean" in host else "image"].shape[1:3])
+                         if pipeline.shapes else None]
         state, metrics = compiled(state, pipeline_lib.to_global(host, batch_sharding), run_rng, frozen_params)
         history.append(metrics)
         done = step + 1
