@@ -399,3 +399,20 @@ def test_prepare_killed_with_sigkill_resumes_to_the_same_files(tmp_path):
   assert names == sorted(n for n in os.listdir(out) if n != prepare_lib.SUMMARY) and len(names) == 81
   for name in names:
     assert _same_file(whole / name, out / name), name
+
+
+def test_parquet_reads_from_many_threads_at_once(tmp_path):
+  """Grain reads with several threads; pyarrow's ParquetFile must not be shared between them."""
+  import concurrent.futures
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  images = [_encode((12, 8), "PNG", (i, 255 - i, 7)) for i in range(200)]
+  pq.write_table(pa.table({"image": images, "caption": [f"image {i}" for i in range(200)]}),
+                 tmp_path / "data.parquet", row_group_size=7)
+  src = sources.make_source(dict(DATA, source="parquet", path=str(tmp_path)))
+  order = np.random.default_rng(0).integers(0, 200, 3000)
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    got = list(pool.map(lambda i: src[int(i)], order))
+  assert all(r["caption"] == f"image {i}" and r["image"] == images[i] for r, i in zip(got, order))

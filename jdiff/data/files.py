@@ -303,7 +303,6 @@ class ParquetSource:
     self.files = expand(path, ".parquet")
     self._image_key, self._key, self._empty = image_key, caption_key, missing_caption == "empty"
     rows, missing = [], 0  # rows: per file, [row group, row] of each kept record
-    self._files = []
     for number, name in enumerate(self.files):
       try:
         f = pq.ParquetFile(name)
@@ -314,7 +313,6 @@ class ParquetSource:
           field = "image_key" if column == image_key else "caption_key"
           raise errors.InvalidArgument(f"{name} has no column {column!r} (it has {f.schema_arrow.names}); "
                                        f"set data.{field}")
-      self._files.append(f)
       for group in range(f.num_row_groups):
         valid = f.read_row_group(group, columns=[caption_key]).column(0).is_valid().to_numpy(zero_copy_only=False)
         missing += int((~valid).sum())
@@ -326,22 +324,27 @@ class ParquetSource:
     self._local = threading.local()
 
   def __getstate__(self) -> dict[str, Any]:  # to worker processes: the files reopen there
-    return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_local")}
+    return {k: v for k, v in self.__dict__.items() if k != "_local"}
 
   def __setstate__(self, state: dict[str, Any]) -> None:
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-
     self.__dict__.update(state)
-    self._files = [pq.ParquetFile(name) for name in self.files]
     self._local = threading.local()
 
   def _row_group(self, number: int, group: int):
+    # Each thread reads through its own ParquetFile objects: one shared between read threads
+    # crashes pyarrow.
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
     cache = getattr(self._local, "cache", None)
     if cache is None:
       cache = self._local.cache = collections.OrderedDict()
+      self._local.files = {}
     table = cache.get((number, group))
     if table is None:
-      table = self._files[number].read_row_group(group, columns=[self._image_key, self._key])
+      handle = self._local.files.get(number)
+      if handle is None:
+        handle = self._local.files[number] = pq.ParquetFile(self.files[number])
+      table = handle.read_row_group(group, columns=[self._image_key, self._key])
       cache[(number, group)] = table
       if len(cache) > self.CACHED_ROW_GROUPS:
         cache.popitem(last=False)
