@@ -14,7 +14,8 @@ summary (SHARD.json) beside it: a shard with its summary is done, so running the
 command again after a kill writes only the missing shards, and the same files. With
 --process_count=N each of N processes (say, the hosts of a job) writes the shards k with
 k % N == --process_index. The totals are printed as one JSON line and, once every shard
-is there, written to OUT/summary.json.
+is there, written to OUT/summary.json, with the images' sizes in OUT/sizes.npy (which
+aspect-ratio buckets read instead of every image's header).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import tqdm
 
 from jdiff import cli
 from jdiff import errors
+from jdiff.data import pipeline
 from jdiff.data import sources
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 SHARD = "shard-{:05d}-of-{:05d}"  # + .array_record (the records) and .json (the shard's summary)
 PLAN = "prepare.json"  # what OUT is a conversion of; a later run into OUT must match it
 SUMMARY = "summary.json"
+SIZES = sources.PREPARED_SIZES  # (width, height) of every record in shard order, once all shards are written
 EXAMPLES = 5  # skipped records named per shard summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose config.data to convert.", lock_config=True)
@@ -108,24 +111,26 @@ def write_shard(out_dir: str, shard: int, num_shards: int, start: int, stop: int
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
 
   base = os.path.join(out_dir, SHARD.format(shard, num_shards))
-  kept, skipped, examples = 0, collections.Counter(), []
+  kept, skipped, examples, sizes = 0, collections.Counter(), [], []
   writer = array_record_module.ArrayRecordWriter(base + ".array_record.tmp", "group_size:1")
   try:
     for i in range(start, stop):
       try:
         record = _source[i]
-        data = example(encoded(record["image"]), caption_values(record["caption"]))
+        image = encoded(record["image"])
+        data = example(image, caption_values(record["caption"]))
       except Exception as e:  # an undecodable image or a record that cannot be read: counted, not fatal
         skipped[type(e).__name__] += 1
         if len(examples) < EXAMPLES:
           examples.append(re.sub(r" at 0x[0-9a-f]+", "", f"record {i}: {e!r}")[:300])  # no addresses: same files
         continue
       writer.write(data)
+      sizes.append(list(pipeline.header_size(image)))
       kept += 1
   finally:
     writer.close()
   os.replace(base + ".array_record.tmp", base + ".array_record")
-  summary = dict(shard=shard, records=[start, stop], kept=kept, skipped=dict(skipped), examples=examples)
+  summary = dict(shard=shard, records=[start, stop], kept=kept, skipped=dict(skipped), examples=examples, sizes=sizes)
   _write_json(base + ".json", summary)
   return summary
 
@@ -148,7 +153,7 @@ def _plan(out_dir: str, plan: dict[str, Any]) -> None:
 
 def totals(out_dir: str, num_shards: int) -> dict[str, Any]:
   """The summaries of the shards written so far, added up."""
-  done, kept, skipped, examples = 0, 0, collections.Counter(), []
+  done, kept, skipped, examples, sizes = 0, 0, collections.Counter(), [], []
   for shard in range(num_shards):
     path = os.path.join(out_dir, SHARD.format(shard, num_shards) + ".json")
     if os.path.exists(path):
@@ -157,7 +162,9 @@ def totals(out_dir: str, num_shards: int) -> dict[str, Any]:
       done, kept = done + 1, kept + s["kept"]
       skipped.update(s["skipped"])
       examples.extend(s["examples"][:EXAMPLES - len(examples)])
-  return dict(shards_done=done, shards=num_shards, kept=kept, skipped=dict(skipped), skipped_examples=examples)
+      sizes.extend(s["sizes"])
+  return dict(shards_done=done, shards=num_shards, kept=kept, skipped=dict(skipped), skipped_examples=examples,
+              sizes=sizes)
 
 
 def prepare(data_cfg: Mapping[str, Any], out_dir: str, *, records_per_shard: int = 4096, workers: int = 1,
@@ -199,7 +206,11 @@ def prepare(data_cfg: Mapping[str, Any], out_dir: str, *, records_per_shard: int
   finally:
     bar.close()
   result = dict(out=out_dir, records=n, missing_caption=getattr(source, "missing", 0), **totals(out_dir, num_shards))
+  sizes = np.asarray(result.pop("sizes"), np.int32).reshape(-1, 2)
   if result["shards_done"] == num_shards:
+    # For aspect-ratio buckets, which then need not read every image's header.
+    np.save(os.path.join(out_dir, SIZES + ".tmp.npy"), sizes)
+    os.replace(os.path.join(out_dir, SIZES + ".tmp.npy"), os.path.join(out_dir, SIZES))
     _write_json(os.path.join(out_dir, SUMMARY), result)
   return result
 

@@ -321,6 +321,9 @@ def test_prepare_writes_arrayrecord_shards_that_read_as_the_source(tmp_path, kin
   prepared = sources.make_source(dict(DATA, source="arrayrecord", path=str(tmp_path / "out")))
   assert len(prepared) == 5
   assert _records(prepared) == _records(sources.make_source(cfg))
+  # The images' sizes come with the shards (for aspect-ratio buckets), equal to their headers.
+  assert np.load(tmp_path / "out" / prepare_lib.SIZES).shape == (5, 2)
+  assert [prepared.image_size(i) for i in range(5)] == [pipeline.header_size(prepared[i]["image"]) for i in range(5)]
 
 
 def test_prepare_resumes_after_a_kill_to_the_same_files_and_splits_work_by_process(tmp_path, monkeypatch):
@@ -396,7 +399,7 @@ def test_prepare_killed_with_sigkill_resumes_to_the_same_files(tmp_path):
   prepare_lib.prepare(config_lib.load(os.path.join(helpers.ROOT, "configs", "mmdit_256.py:test")).data, str(whole),
                       records_per_shard=10, num_records=400)
   names = sorted(n for n in os.listdir(whole) if n != prepare_lib.SUMMARY)
-  assert names == sorted(n for n in os.listdir(out) if n != prepare_lib.SUMMARY) and len(names) == 81
+  assert names == sorted(n for n in os.listdir(out) if n != prepare_lib.SUMMARY) and len(names) == 82  # + sizes.npy
   for name in names:
     assert _same_file(whole / name, out / name), name
 

@@ -8,12 +8,14 @@ when they are built, so a missing dataset fails before any compute.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any, Mapping
 
 import grain
 import numpy as np
+from PIL import Image
 
 from jdiff.data import cache
 from jdiff.data import files
@@ -21,7 +23,8 @@ from jdiff.data import shapes
 from jdiff import errors
 
 SOURCES = ("shapes", "preference", "folder", "webdataset", "parquet", "tfds", "arrayrecord", "cache")
-PAIRS_FILE = "pairs.npz"  # in a pairs directory written by `python -m jdiff.pairs`
+PAIRS_FILE = "pairs.npz"
+PREPARED_SIZES = "sizes.npy"  # beside `python -m jdiff.prepare`'s shards (prepare.SIZES)  # in a pairs directory written by `python -m jdiff.pairs`
 
 
 class ArrayRecordExamples:
@@ -37,6 +40,21 @@ class ArrayRecordExamples:
     paths = files.expand(pattern, ".array_record")
     self._records = grain.sources.ArrayRecordDataSource(paths)
     self._image_key, self._caption_key = image_key, caption_key
+    # The images' sizes, when these are every shard of a `python -m jdiff.prepare` output.
+    self._sizes = None
+    folder = os.path.dirname(paths[0])
+    sizes = os.path.join(folder, PREPARED_SIZES)
+    if all(os.path.dirname(p) == folder for p in paths) and os.path.exists(sizes):
+      loaded = np.load(sizes)
+      if len(loaded) == len(self._records):
+        self._sizes = loaded
+
+  def image_size(self, index: int) -> tuple[int, int]:
+    """(width, height): from prepare's sizes.npy, else the image's header."""
+    if self._sizes is not None:
+      return int(self._sizes[index][0]), int(self._sizes[index][1])
+    with Image.open(io.BytesIO(self[index]["image"])) as pil:
+      return pil.size
 
   def __len__(self) -> int:
     return len(self._records)
