@@ -132,7 +132,11 @@ def test_bucketed_pipeline_one_shape_per_batch_resumes_and_splits_by_process(tmp
   for whole in batches[:6]:
     parts = [next(h) for h in halves]
     np.testing.assert_array_equal(np.concatenate([x["image"] for x in parts]), whole["image"])
-  for it in (p, q, *halves):
+  # Worker processes give the same batches.
+  w = pipeline.make_pipeline(dict(cfg, num_workers=2), global_batch=4, max_len=16, seed=0)
+  for whole in batches[:3]:
+    np.testing.assert_array_equal(next(w)["image"], whole["image"])
+  for it in (p, q, w, *halves):
     it.iterator.close()
 
 
