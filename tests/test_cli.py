@@ -56,17 +56,25 @@ def test_user_error_is_one_line_with_status_2(workdir, tmp_path, args, expected)
   assert not os.path.exists(tmp_path / "w2" / "config.json")  # a failed start leaves no trace
 
 
-def test_sample_at_another_shape(workdir, tmp_path):
+def test_sample_at_another_shape_viewable_and_without_stale_files(workdir, tmp_path):
   """--height/--width: any shape the model's patches and position table cover (the test model
-  trained at 16x16)."""
+  trained at 16x16); images enlarged to a short side of 256 unless --upscale says otherwise;
+  a second run into the same folder leaves none of the first run's images."""
   import json
 
   from PIL import Image
 
-  proc = helpers.cli("jdiff.sample", f"--workdir={workdir}", "--prompt=a red circle", "--num_steps=2", "--height=8",
-                     "--width=32", f"--out={tmp_path}")
-  with Image.open(json.loads(proc.stdout.strip().splitlines()[-1])["images"][0]) as image:
+  (tmp_path / "notes.txt").write_text("mine")
+  first = helpers.cli("jdiff.sample", f"--workdir={workdir}", "--prompt=a red circle", "--num_steps=2", "--height=8",
+                      "--width=32", "--num_images=2", "--upscale=1", f"--out={tmp_path}")
+  paths = json.loads(first.stdout.strip().splitlines()[-1])["images"]
+  with Image.open(paths[1]) as image:
     assert (image.height, image.width) == (8, 32)
+  helpers.cli("jdiff.sample", f"--workdir={workdir}", "--prompt=a blue square", "--num_steps=2", f"--out={tmp_path}")
+  assert sorted(os.listdir(tmp_path)) == ["0000.png", "grid.png", "notes.txt", "prompts.txt"]
+  assert (tmp_path / "prompts.txt").read_text() == "0000: a blue square\n"
+  with Image.open(tmp_path / "0000.png") as image:
+    assert (image.height, image.width) == (256, 256)  # 16x16, enlarged 16 times
 
 
 def test_a_long_prompt_is_cut_with_a_warning(workdir, tmp_path):

@@ -70,7 +70,7 @@ def test_tune_from_converted_weights_and_export_to_diffusers(pipeline_dir, tmp_p
   # Sampling a prompt the cache does not hold encodes it with the pipeline's text encoders and
   # decodes the latents with its VAE.
   result = last_json(helpers.cli("jdiff.sample", f"--workdir={tuned}", "--prompt=a green triangle on the left",
-                                 "--num_steps=2", f"--out={tmp_path / 'gen'}"))
+                                 "--num_steps=2", "--upscale=1", f"--out={tmp_path / 'gen'}"))
   from PIL import Image
   assert np.asarray(Image.open(result["images"][0])).shape == (16, 16, 3)
   exported = last_json(helpers.cli("jdiff.convert", "export", f"--workdir={tuned}", f"--out={out}"))
