@@ -458,3 +458,71 @@ def _validate_grpo(c: ml_collections.ConfigDict) -> None:
     raise errors.InvalidArgument(f"config.grpo.reward={g.reward!r} reads the attributes back from the caption tokens: "
                                  f"text.max_len={c.text.max_len} cuts shapes captions, set it to >= "
                                  f"{SHAPES_CAPTION_TOKENS}")
+
+
+def field_comments() -> dict[str, str]:
+  """'section.field' (and 'section') -> the comment that documents it in base()'s source: the
+  comment lines just above it (when it starts its own line) and the comment ending its line."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import tokenize  # pylint: disable=g-import-not-at-top
+
+  source = inspect.getsource(base)
+  lines = source.splitlines()
+  trailing = {tok.start[0]: tok.string.lstrip("#").strip() for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+              if tok.type == tokenize.COMMENT and lines[tok.start[0] - 1][:tok.start[1]].strip()}
+
+  def comment(lineno: int, own_line: bool) -> str:
+    above, j = [], lineno - 2
+    while own_line and j >= 0 and lines[j].strip().startswith("#"):
+      above.insert(0, lines[j].strip().lstrip("#").strip())
+      j -= 1
+    return " ".join(above + ([trailing[lineno]] if lineno in trailing else []))
+
+  def fields(call: ast.AST, prefix: str, statement_line: int, out: dict[str, str]) -> None:
+    """The keywords of ConfigDict(dict(...)) / dict(...) under `prefix`, recursively."""
+    while isinstance(call, ast.Call) and call.args and isinstance(call.args[0], ast.Call):
+      call = call.args[0]  # ConfigDict(dict(...)) -> dict(...)
+    if not isinstance(call, ast.Call):
+      return
+    for kw in call.keywords:
+      if kw.arg is None:
+        continue
+      own = kw.lineno != statement_line and all(k.lineno != kw.lineno for k in call.keywords if k is not kw)
+      out[prefix + kw.arg] = comment(kw.lineno, own)
+      if isinstance(kw.value, ast.Call) and getattr(kw.value.func, "attr", "") == "ConfigDict":
+        fields(kw.value, f"{prefix}{kw.arg}.", kw.lineno, out)
+
+  out: dict[str, str] = {}
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute):
+      name = node.targets[0].attr
+      out[name] = comment(node.lineno, True)
+      if isinstance(node.value, ast.Call) and getattr(node.value.func, "attr", "") == "ConfigDict":
+        fields(node.value, name + ".", node.lineno, out)
+  return {k: v for k, v in out.items() if v}
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """Every field of `config` with its value and, where base() documents it, its comment; a
+  section's own comment heads it."""
+  comments, out, seen = field_comments(), [], set()
+  for path, value in _flatten(config):
+    parts = path.split(".")
+    for prefix in (".".join(parts[:i]) for i in range(1, len(parts))):
+      if prefix not in seen:
+        seen.add(prefix)
+        if prefix in comments:
+          out.append(f"# {prefix}: {comments[prefix]}")
+    out.append(f"{path} = {value!r}" + (f"  # {comments[path]}" if path in comments else ""))
+  return "\n".join(out)
+
+
+def _flatten(config: Any, prefix: str = "") -> list[tuple[str, Any]]:
+  out = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.extend(_flatten(value, f"{prefix}{key}."))
+    else:
+      out.append((prefix + key, value))
+  return out

@@ -7,7 +7,7 @@ detected, elsewhere add --coordinator_address=HOST:PORT --num_processes=N --proc
 (jdiff/distributed.py, launch/).
 
 The config is locked: an unknown --config key fails at once, naming it; bad values fail
-in validation before any compute. Everything here is importable:
+in validation before any compute. --print_config lists every field, its value and what it does. Everything here is importable:
 jdiff.train.trainer.train_and_evaluate(config, workdir).
 """
 
@@ -30,12 +30,19 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process: 
                                    "(TPU pods, SLURM and Open MPI are detected without it).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
-flags.mark_flags_as_required(["config", "workdir"])
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print every config field with its value (after the "
+                                  "--config.x=y overrides) and what it does, then exit.")
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _PRINT_CONFIG.value:
+    print(config_lib.describe(_CONFIG.value))
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required: the directory for checkpoints, logs and samples")
   config = ckpt_lib.resolve_inherited(_CONFIG.value)
   config_lib.validate(config)  # before JAX starts any work
   cli.set_log_levels()

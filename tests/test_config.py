@@ -76,3 +76,21 @@ print(changed, default, faults())
   off = subprocess.run([sys.executable, "-c", "from jdiff import cli; print(cli.reuse_host_memory())"], cwd=ROOT,
                        capture_output=True, text=True, env=dict(os.environ, JDIFF_MALLOC="system"))
   assert off.stdout.strip() == "False", off.stderr
+
+
+def test_print_config_lists_every_field_with_its_value_and_comment():
+  import helpers
+
+  c = config_lib.base()
+  c.data.resolution = 48
+  text = config_lib.describe(c)
+  lines = {line.split(" = ")[0]: line for line in text.splitlines() if not line.startswith("#")}
+  flat = dict(config_lib._flatten(c))
+  assert set(lines) == set(flat)  # every field, once
+  assert lines["data.resolution"].startswith("data.resolution = 48  # square training resolution")
+  assert lines["data.caption_dropout"].endswith("# P(caption -> empty) for classifier-free guidance")
+  # A comment block above a field documents it; a section's own comment heads the section.
+  assert "# flow: flow matching" in lines["objective"]
+  assert any(line.startswith("# grpo: Online RL with a verifiable reward") for line in text.splitlines())
+  proc = helpers.cli("jdiff.main", "--config=configs/mmdit_256.py:cpu", "--print_config", "--config.train.num_steps=7")
+  assert "train.num_steps = 7" in proc.stdout and "data.buckets.pixels = 0" in proc.stdout
