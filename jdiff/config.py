@@ -185,7 +185,9 @@ def base() -> ml_collections.ConfigDict:
       caption_dropout=0.1,  # P(caption -> empty) for classifier-free guidance
       shapes_size=1_000_000,  # records in the embedded dataset (procedural)
       shapes_seed=0,
-      shapes_split="train",  # shapes/preference training split: train | new_color (adds 'pink')
+      # shapes/preference training split: train | new_color (adds 'pink') | held_out (the unseen
+      # colour-shape pairs: objective grpo only, whose prompts they become; no image is read)
+      shapes_split="train",
       # preference: a directory of on-policy pairs from `python -m jdiff.pairs` (rejected =
       # the model's own wrong samples); '' = embedded pairs (one attribute of the render changed)
       pairs_dir="",
@@ -341,7 +343,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of("text.encoder", c.text.encoder, TEXT_ENCODERS)
   _one_of("data.source", c.data.source, DATA_SOURCES)
   _one_of("objective", c.objective, STAGE_OBJECTIVES[c.stage])
-  _one_of("data.shapes_split", c.data.shapes_split, ("train", "new_color"))
+  _one_of("data.shapes_split", c.data.shapes_split, ("train", "new_color", "held_out"))
+  if c.data.shapes_split == "held_out" and c.objective != "grpo":
+    raise errors.InvalidArgument("data.shapes_split='held_out' holds the benchmark's unseen colour-shape pairs: only "
+                                 "objective 'grpo' may read it (its captions as prompts, never its images)")
   _one_of("data.caption_from", c.data.caption_from, ("auto", "filename"))
   _one_of("data.missing_caption", c.data.missing_caption, ("skip", "empty"))
   _one_of("data.loss_mask", c.data.loss_mask, ("none", "alpha", "file"))
