@@ -474,7 +474,8 @@ def field_comments() -> dict[str, str]:
 
   source = inspect.getsource(base)
   lines = source.splitlines()
-  trailing = {tok.start[0]: tok.string.lstrip("#").strip() for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+  tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+  trailing = {tok.start[0]: tok.string.lstrip("#").strip() for tok in tokens
               if tok.type == tokenize.COMMENT and lines[tok.start[0] - 1][:tok.start[1]].strip()}
 
   def comment(lineno: int, own_line: bool) -> str:

@@ -7,8 +7,8 @@ detected, elsewhere add --coordinator_address=HOST:PORT --num_processes=N --proc
 (jdiff/distributed.py, launch/).
 
 The config is locked: an unknown --config key fails at once, naming it; bad values fail
-in validation before any compute. --print_config lists every field, its value and what it does. Everything here is importable:
-jdiff.train.trainer.train_and_evaluate(config, workdir).
+in validation before any compute. --print_config lists every field, its value and what it
+does. Everything here is importable: jdiff.train.trainer.train_and_evaluate(config, workdir).
 """
 
 import json

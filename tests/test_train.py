@@ -270,7 +270,7 @@ def test_cli_train_sample_evaluate(tmp_path):
   assert os.listdir(os.path.join(work, "tb"))
   prompt = "a small green square in the bottom left"
   out = _cli("jdiff.sample", f"--workdir={work}", f"--prompt={prompt}", "--num_images=2", "--num_steps=3",
-             f"--out={tmp_path / 'gen'}")
+             "--upscale=1", f"--out={tmp_path / 'gen'}")
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["step"] == 4 and len(result["images"]) == 2
   from PIL import Image

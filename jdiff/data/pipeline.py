@@ -384,8 +384,8 @@ class _BatchPlan:
 
 class ReadBucketBatch(grain.transforms.MapWithIndex):
   """(bucket, record indices) of global batch j -> this process's rows {'image' [L, h, w, 3],
-  'tokens', INDEX_KEY: j, CORRUPT_KEY: the Corrupt markers} (max_len 0: latent-cache records). A record that cannot be read is
-  replaced by another row of the batch (or, if none can be read, by the bucket's next
+  'tokens', INDEX_KEY: j, CORRUPT_KEY: the Corrupt markers} (max_len 0: latent-cache records).
+  A record that cannot be read is replaced by another row of the batch (or, if none can be read, by the bucket's next
   readable record), so that every process delivers every batch whole."""
 
   def __init__(self, source, shapes, schedule: buckets_lib.Schedule, max_len: int, seed: int, process_index: int,
@@ -523,7 +523,8 @@ def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: in
   source = sources.make_source(data_cfg, split)
   if len(source) < pc:
     raise errors.InvalidArgument(f"{source!r} has {len(source)} records, fewer than {pc} processes")
-  if (data_cfg.get("buckets") and data_cfg["buckets"]["pixels"]) or getattr(source, "bucket_of_record", None) is not None:
+  cached_buckets = getattr(source, "bucket_of_record", None) is not None
+  if (data_cfg.get("buckets") and data_cfg["buckets"]["pixels"]) or cached_buckets:
     return _bucketed(data_cfg, source, global_batch=global_batch, max_len=max_len, seed=seed, pi=pi, pc=pc)
   ds = grain.MapDataset.source(_Guarded(source)).seed(seed).shuffle().repeat(None)
   ds = ds.map_with_index(PickCaption(seed))

@@ -23,8 +23,8 @@ from jdiff.data import shapes
 from jdiff import errors
 
 SOURCES = ("shapes", "preference", "folder", "webdataset", "parquet", "tfds", "arrayrecord", "cache")
-PAIRS_FILE = "pairs.npz"
-PREPARED_SIZES = "sizes.npy"  # beside `python -m jdiff.prepare`'s shards (prepare.SIZES)  # in a pairs directory written by `python -m jdiff.pairs`
+PAIRS_FILE = "pairs.npz"  # in a pairs directory written by `python -m jdiff.pairs`
+PREPARED_SIZES = "sizes.npy"  # beside `python -m jdiff.prepare`'s shards (prepare.SIZES)
 
 
 class ArrayRecordExamples:
