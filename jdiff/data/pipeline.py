@@ -385,8 +385,9 @@ class _BatchPlan:
 class ReadBucketBatch(grain.transforms.MapWithIndex):
   """(bucket, record indices) of global batch j -> this process's rows {'image' [L, h, w, 3],
   'tokens', INDEX_KEY: j, CORRUPT_KEY: the Corrupt markers} (max_len 0: latent-cache records).
-  A record that cannot be read is replaced by another row of the batch (or, if none can be read, by the bucket's next
-  readable record), so that every process delivers every batch whole."""
+  A record that cannot be read is replaced by another row of the batch (or, if none can be
+  read, by the bucket's next readable record), so that every process delivers every batch
+  whole."""
 
   def __init__(self, source, shapes, schedule: buckets_lib.Schedule, max_len: int, seed: int, process_index: int,
                loss_mask: str = "none"):
