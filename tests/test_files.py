@@ -290,7 +290,7 @@ def _same_file(a, b):
 
 def _records(src):
   """{(image bytes, caption alternatives)} of the records of `src` whose image decodes."""
-  from jdiff import prepare as prepare_lib
+  from jdiff.data import prepare as prepare_lib
 
   out = set()
   for i in range(len(src)):
@@ -309,7 +309,7 @@ def _records(src):
 def test_prepare_writes_arrayrecord_shards_that_read_as_the_source(tmp_path, kind):
   """Worker processes (spawn: the source is pickled to them), shards of 2 records; the
   arrayrecord source over the output holds exactly the source's decodable records."""
-  from jdiff import prepare as prepare_lib
+  from jdiff.data import prepare as prepare_lib
 
   {"folder": write_folder, "parquet": write_parquet}[kind](tmp_path / "in")
   cfg = dict(DATA, source=kind, path=str(tmp_path / "in"), caption_key="text" if kind == "parquet" else "caption")
@@ -327,7 +327,7 @@ def test_prepare_writes_arrayrecord_shards_that_read_as_the_source(tmp_path, kin
 
 
 def test_prepare_resumes_after_a_kill_to_the_same_files_and_splits_work_by_process(tmp_path, monkeypatch):
-  from jdiff import prepare as prepare_lib
+  from jdiff.data import prepare as prepare_lib
 
   write_folder(tmp_path / "in")
   cfg = dict(DATA, path=str(tmp_path / "in"))
@@ -379,7 +379,7 @@ def test_prepare_killed_with_sigkill_resumes_to_the_same_files(tmp_path):
 
   import helpers
   from jdiff import config as config_lib
-  from jdiff import prepare as prepare_lib
+  from jdiff.data import prepare as prepare_lib
 
   args = ["--config=configs/mmdit_256.py:test", "--num_records=400", "--records_per_shard=10", "--workers=1"]
   out = tmp_path / "killed"
