@@ -35,24 +35,26 @@ _DTYPE = flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "Storage 
 flags.mark_flags_as_required(["config", "out"])
 
 
-def _batches(source, indices: Sequence[int], batch_size: int, resolution: int | tuple[int, int], seed: int):
-  """Yields (indices, images uint8 [b, R, R, 3], captions) of decodable records; logs the rest.
-  A record with alternative captions is cached with one of them (drawn from seed and index)."""
-  keep, images, captions = [], [], []
+def _batches(source, indices: Sequence[int], batch_size: int, resolution: int | tuple[int, int], seed: int,
+             loss_mask: str = "none"):
+  """Yields (indices, {'image': uint8 [b, h, w, 3], and 'mask' [b, h, w, 1] under data.loss_mask},
+  captions) of decodable records; logs the rest. A record with alternative captions is cached
+  with one of them (drawn from seed and index)."""
+  keep, decoded, captions = [], [], []
   for i in indices:
     try:
       record = source[int(i)]
       caption = files.caption_choice(record["caption"], seed, int(i))
-      images.append(pipeline.to_rgb(record["image"], resolution))
+      decoded.append(pipeline.decode_image(record, resolution, loss_mask))
       captions.append(caption)
       keep.append(int(i))
     except Exception as e:  # a broken record is skipped, as in training
       log.warning("skipping record %d: %r", i, e)
     if len(keep) == batch_size:
-      yield keep, np.stack(images), captions
-      keep, images, captions = [], [], []
+      yield keep, {k: np.stack([d[k] for d in decoded]) for k in decoded[0]}, captions
+      keep, decoded, captions = [], [], []
   if keep:
-    yield keep, np.stack(images), captions
+    yield keep, {k: np.stack([d[k] for d in decoded]) for k in decoded[0]}, captions
 
 
 def write(config, out_dir: str, *, split: str = "train", num_records: int | None = None, batch_size: int = 8,
@@ -65,8 +67,9 @@ def write(config, out_dir: str, *, split: str = "train", num_records: int | None
   n = len(source) if num_records is None else min(num_records, len(source))
   # (pixel shape, record indices) per group encoded together: one square group, or a group per
   # aspect-ratio bucket (data.buckets), whose records keep their bucket in BUCKETS.
+  factor = sd3_pipeline.vae_geometry(config.autoencoder.path)["factor"]  # pixels per latent
   if config.data.buckets.pixels:
-    multiple = sd3_pipeline.vae_geometry(config.autoencoder.path)["factor"] * config.model.patch_size
+    multiple = factor * config.model.patch_size
     if config.data.buckets.step % multiple:
       raise errors.InvalidArgument(f"data.buckets.step={config.data.buckets.step} must be a multiple of the VAE "
                                    f"factor x model.patch_size = {multiple} pixels")
@@ -86,13 +89,15 @@ def write(config, out_dir: str, *, split: str = "train", num_records: int | None
   bucket_of_record = []
   try:
     for number, (shape, indices) in enumerate(groups):
-      for idx, images, captions in _batches(source, indices, batch_size, shape, config.seed):
-        mean, logvar = jax.device_get(encode_images(vae_params, images))
+      for idx, decoded, captions in _batches(source, indices, batch_size, shape, config.seed, config.data.loss_mask):
+        mean, logvar = jax.device_get(encode_images(vae_params, decoded["image"]))
         cond = text.encode(captions)
         for j in range(len(idx)):
-          records.write(dict(latent_mean=mean[j].astype(store), latent_logvar=logvar[j].astype(store),
-                             context=cond["context"][j].astype(store), pooled=np.asarray(cond["pooled"][j])),
-                        captions[j], idx[j])
+          record = dict(latent_mean=mean[j].astype(store), latent_logvar=logvar[j].astype(store),
+                        context=cond["context"][j].astype(store), pooled=np.asarray(cond["pooled"][j]))
+          if "mask" in decoded:
+            record[cache.MASK_KEY] = cache.latent_mask(decoded["mask"][j], factor)
+          records.write(record, captions[j], idx[j])
         bucket_of_record.extend([number] * len(idx))
         bar.update(len(idx))
   finally:
@@ -107,7 +112,7 @@ def write(config, out_dir: str, *, split: str = "train", num_records: int | None
                                                  pooled=np.zeros((0,) + null["pooled"].shape[1:]))
   np.savez(os.path.join(out_dir, cache.CONDITIONING), null_context=null["context"][0], null_pooled=null["pooled"][0],
            prompts=np.array(prompts, dtype=np.str_), prompt_context=pc["context"], prompt_pooled=pc["pooled"])
-  factor, channels = sd3_pipeline.vae_geometry(config.autoencoder.path)["factor"], int(mean.shape[-1])
+  channels = int(mean.shape[-1])
   bucketed = {}
   if config.data.buckets.pixels:
     np.save(os.path.join(out_dir, cache.BUCKETS), np.asarray(bucket_of_record, np.int16))
@@ -115,7 +120,7 @@ def write(config, out_dir: str, *, split: str = "train", num_records: int | None
                     bucket_pixels=[list(shape) for shape, _ in groups])
   side = config.data.resolution // factor  # latent_shape: the square data.resolution's (sampling)
   meta = records.write_meta(
-      skipped=n - written, resolution=config.data.resolution, **bucketed,
+      skipped=n - written, resolution=config.data.resolution, loss_mask=config.data.loss_mask, **bucketed,
       latent_shape=[side, side, channels], context_shape=list(cond["context"].shape[1:]),
       pooled_dim=int(cond["pooled"].shape[-1]), dtype=store.name,
       scaling_factor=float(vae_model.scaling_factor), shift_factor=float(vae_model.shift_factor),
@@ -134,7 +139,7 @@ def main(argv):
   if config.data.source == "cache":
     raise app.UsageError("config.data.source names the cache itself; set the source to read (e.g. shapes)")
   meta = write(config, _OUT.value, split=_SPLIT.value, num_records=_NUM.value, batch_size=_BATCH.value,
-                     dtype=_DTYPE.value)
+               dtype=_DTYPE.value)
   print(json.dumps({k: meta[k] for k in ("num_records", "skipped", "latent_shape", "context_shape", "pooled_dim")}))
 
 

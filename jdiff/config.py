@@ -35,6 +35,9 @@ REMAT = ("none", "full", "dots", "dots_no_batch", "dots_no_batch_attention",
          "dots_no_batch_attention_mlp")  # jdiff.models.layers.REMAT_POLICIES
 TEXT_ENCODERS = ("bytes", "sd3")  # jdiff.models.text.TEXT_ENCODERS, and the frozen SD3 encoders (cached)
 DATA_SOURCES = ("shapes", "preference", "folder", "webdataset", "parquet", "tfds", "arrayrecord", "cache")  # jdiff.data.sources.SOURCES
+CAPTION_FROM = ("auto", "filename")  # jdiff.data.files.CAPTION_FROM
+MISSING_CAPTIONS = ("skip", "empty")  # jdiff.data.files.MISSING_CAPTION
+LOSS_MASKS = ("none", "alpha", "file")  # jdiff.data.pipeline.LOSS_MASKS
 PREDICTIONS = ("v", "eps", "x0")  # jdiff.diffusion.PREDICTIONS
 WEIGHTINGS = ("none", "eps", "x0", "sigma_sqrt", "cosmap")  # jdiff.diffusion.WEIGHTINGS
 TIMESTEP_KINDS = ("uniform", "logit_normal", "mode", "cosmap")  # jdiff.diffusion.TIMESTEP_KINDS
@@ -347,11 +350,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.data.shapes_split == "held_out" and c.objective != "grpo":
     raise errors.InvalidArgument("data.shapes_split='held_out' holds the benchmark's unseen colour-shape pairs: only "
                                  "objective 'grpo' may read it (its captions as prompts, never its images)")
-  _one_of("data.caption_from", c.data.caption_from, ("auto", "filename"))
-  _one_of("data.missing_caption", c.data.missing_caption, ("skip", "empty"))
-  _one_of("data.loss_mask", c.data.loss_mask, ("none", "alpha", "file"))
+  _one_of("data.caption_from", c.data.caption_from, CAPTION_FROM)
+  _one_of("data.missing_caption", c.data.missing_caption, MISSING_CAPTIONS)
+  _one_of("data.loss_mask", c.data.loss_mask, LOSS_MASKS)
   if c.data.loss_mask != "none":
-    if c.objective != "flow" or c.data.source in ("shapes", "preference", "cache"):
+    if c.data.source == "cache":
+      raise errors.InvalidArgument(f"data.loss_mask={c.data.loss_mask!r} names where masks are read when a cache is "
+                                   "written (python -m jdiff.cache); a cache written with masks holds them and training "
+                                   "on it uses them: leave data.loss_mask='none' with data.source='cache'")
+    if c.objective != "flow" or c.data.source in ("shapes", "preference"):
       raise errors.InvalidArgument(f"data.loss_mask={c.data.loss_mask!r} weights the flow loss of images read from "
                                    f"files (objective 'flow'; got {c.objective!r}, data.source={c.data.source!r})")
     if c.data.loss_mask == "file" and (c.data.source != "folder" or not c.data.mask_suffix):

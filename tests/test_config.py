@@ -9,7 +9,7 @@ import pytest
 
 from jdiff import config as config_lib
 from jdiff import diffusion, models
-from jdiff.data import sources
+from jdiff.data import files, pipeline, sources
 from jdiff.models import layers, text
 from jdiff.train import objectives, optim
 
@@ -22,6 +22,9 @@ def test_allowed_values_are_the_registries():
   assert config_lib.REMAT == tuple(layers.REMAT_POLICIES)
   assert config_lib.TEXT_ENCODERS == tuple(text.TEXT_ENCODERS) + ("sd3",)
   assert config_lib.DATA_SOURCES == sources.SOURCES
+  assert config_lib.CAPTION_FROM == files.CAPTION_FROM
+  assert config_lib.MISSING_CAPTIONS == files.MISSING_CAPTION
+  assert config_lib.LOSS_MASKS == pipeline.LOSS_MASKS
   assert config_lib.PREDICTIONS == diffusion.PREDICTIONS
   assert config_lib.WEIGHTINGS == diffusion.WEIGHTINGS
   assert config_lib.TIMESTEP_KINDS == diffusion.TIMESTEP_KINDS

@@ -323,7 +323,7 @@ def test_prepare_writes_arrayrecord_shards_that_read_as_the_source(tmp_path, kin
   assert _records(prepared) == _records(sources.make_source(cfg))
   # The images' sizes come with the shards (for aspect-ratio buckets), equal to their headers.
   assert np.load(tmp_path / "out" / prepare_lib.SIZES).shape == (5, 2)
-  assert [prepared.image_size(i) for i in range(5)] == [pipeline.header_size(prepared[i]["image"]) for i in range(5)]
+  assert [prepared.image_size(i) for i in range(5)] == [files.header_size(prepared[i]["image"]) for i in range(5)]
 
 
 def test_prepare_resumes_after_a_kill_to_the_same_files_and_splits_work_by_process(tmp_path, monkeypatch):

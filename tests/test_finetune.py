@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 
@@ -128,3 +129,34 @@ def test_a_cache_written_with_buckets_trains_one_step_per_bucket(pipeline_dir, t
                      "--config.model.dtype=float32", "--config.train.num_steps=4", "--config.train.sample_every=0")
   assert last_json(proc)["step"] == 4 and np.isfinite(last_json(proc)["loss"])
   assert "train step for 4x12 compiled" in proc.stderr and "train step for 12x4 compiled" in proc.stderr
+
+
+def test_a_cache_written_with_loss_masks_holds_them_at_latent_resolution(pipeline_dir, tmp_path):
+  """jdiff.cache with data.loss_mask stores each image's mask pooled to the latent grid; training
+  on the cache weights the flow loss with them."""
+  from jdiff.data import cache as cache_lib
+
+  images = tmp_path / "images"
+  images.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(6):  # 16x16 RGBA: opaque in the first 4 + 2i columns
+    rgba = rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(np.arange(16)[None, :] < 4 + 2 * i, 255, 0)
+    Image.fromarray(rgba).save(images / f"{i}.png")
+    (images / f"{i}.txt").write_text(f"image {i}")
+  base, cache, tuned = (str(tmp_path / n) for n in ("base", "cache", "tuned"))
+  helpers.cli("jdiff.convert", "import", f"--src={pipeline_dir}", f"--workdir={base}")
+  cfg = ["--config=configs/sd3_tune.py:test", f"--config.init_from={base}"]
+  helpers.cli("jdiff.cache", *cfg, "--config.data.source=folder", f"--config.data.path={images}",
+              "--config.data.loss_mask=alpha", f"--out={cache}", "--batch_size=4")
+  source = cache_lib.CacheSource(cache)
+  assert source.masked and len(source) == 6
+  for i in range(6):
+    record = source[i]
+    assert record["mask"].shape == record["latent_mean"].shape[:2] + (1,)  # 2x2 of the 16x16 pixels per latent
+    # record i is image i (no buckets, none skipped): opaque in its first 2 + i latent columns
+    np.testing.assert_array_equal(record["mask"][..., 0], np.where(np.arange(8)[None, :].repeat(8, 0) < 2 + i, 255, 0))
+  proc = helpers.cli("jdiff.main", *cfg, f"--config.data.cache_dir={cache}", f"--workdir={tuned}",
+                     "--config.model.dtype=float32", "--config.train.num_steps=2", "--config.train.sample_every=0")
+  assert last_json(proc)["step"] == 2 and np.isfinite(last_json(proc)["loss"])
+  assert "the cache holds loss masks (written with data.loss_mask='alpha'): they weight the flow loss" in proc.stderr

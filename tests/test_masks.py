@@ -1,7 +1,6 @@
 """Masked loss (data.loss_mask): the weighted flow loss, masks from alpha channels and mask
 files through the pipeline, and a training run that reads them."""
 
-import io
 import os
 
 import jax
@@ -10,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from jdiff import diffusion
+from jdiff.data import cache
 from jdiff.data import pipeline
 
 import test_train
@@ -89,3 +89,11 @@ def test_training_with_a_loss_mask_reads_masks_into_the_step(tmp_path):
   assert masked["step"] == whole["step"] == 4
   masked, whole = masked["last_metrics"]["loss"], whole["last_metrics"]["loss"]
   assert np.isfinite(masked) and masked != whole
+
+
+def test_latent_mask_averages_each_latents_pixels():
+  mask = np.zeros((4, 6, 1), np.uint8)
+  mask[:2, :2] = 255  # one whole 2x2 block
+  mask[2:, 4:5] = 255  # half of another
+  mask[0, 2] = 100  # a quarter of a third at 100
+  np.testing.assert_array_equal(cache.latent_mask(mask, 2)[..., 0], [[255, 25, 0], [0, 0, 128]])

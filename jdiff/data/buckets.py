@@ -121,8 +121,3 @@ def describe(shapes: Sequence[tuple[int, int]], counts: Sequence[int]) -> str:
   """'HxW: n' for the buckets that hold images, for the log."""
   return ", ".join(f"{h}x{w}: {n}" for (h, w), n in zip(shapes, counts) if n)
 
-
-def max_grid(shapes: Sequence[tuple[int, int]], counts: Sequence[int]) -> int:
-  """The longest side among the buckets that hold images."""
-  return max((max(h, w) for (h, w), n in zip(shapes, counts) if n), default=0)
-

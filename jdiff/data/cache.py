@@ -40,6 +40,7 @@ META = "meta.json"
 CONDITIONING = "conditioning.npz"
 BUCKETS = "buckets.npy"  # a cache written with data.buckets: each record's bucket (meta['buckets']: latent shapes)
 RECORD_KEYS = ("latent_mean", "latent_logvar", "context", "pooled")
+MASK_KEY = "mask"  # uint8 [h, w, 1] loss weights at latent resolution, in caches written with data.loss_mask
 
 
 # Records are safetensors bytes in uncompressed ArrayRecord files: large float16 records
@@ -53,6 +54,14 @@ WRITER_OPTIONS = "group_size:1,uncompressed"
 # SystemError ('AST constructor recursion depth mismatch'), and the record was skipped as
 # corrupt. Old-format records are decoded under this lock.
 _NPZ_LOCK = threading.Lock()
+
+
+def latent_mask(mask: np.ndarray, factor: int) -> np.ndarray:
+  """uint8 [H, W, 1] pixel loss weights -> [H/factor, W/factor, 1]: each latent's weight is the
+  mean over the factor x factor pixels it encodes (rounded)."""
+  h, w = mask.shape[0] // factor, mask.shape[1] // factor
+  blocks = mask[:h * factor, :w * factor, 0].astype(np.float32).reshape(h, factor, w, factor)
+  return np.rint(blocks.mean(axis=(1, 3)))[..., None].astype(np.uint8)
 
 
 def _to_bytes(arrays: dict[str, np.ndarray], caption: str, index: int) -> bytes:
@@ -86,7 +95,8 @@ def read_conditioning(cache_dir: str) -> dict[str, Any]:
 
 class CacheSource:
   """Random access to a cache's records: {'latent_mean', 'latent_logvar' [h, w, c],
-  'context' [L, D], 'pooled' [P]} in the cache's storage dtype. A cache written with
+  'context' [L, D], 'pooled' [P]} in the cache's storage dtype, and 'mask' [h, w, 1] uint8 if
+  it was written with data.loss_mask (`masked`). A cache written with
   aspect-ratio buckets has `bucket_of_record` (else None): record i's latents are
   meta['buckets'][bucket_of_record[i]] in height and width."""
 
@@ -98,6 +108,8 @@ class CacheSource:
       raise errors.NotFound(f"cache {cache_dir!r} is incomplete: missing {missing[:3]}")
     self._records = grain.sources.ArrayRecordDataSource(paths)
     self._format = self.meta.get("record_format", "npz")
+    self.masked = self.meta.get("loss_mask", "none") != "none"
+    self.keys = RECORD_KEYS + ((MASK_KEY,) if self.masked else ())
     self.bucket_of_record = None
     if "buckets" in self.meta:
       self.bucket_of_record = np.load(os.path.join(cache_dir, BUCKETS))
@@ -110,7 +122,7 @@ class CacheSource:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     record = _from_bytes(self._records[index], self._format)
-    return {k: record[k] for k in RECORD_KEYS}
+    return {k: record[k] for k in self.keys}
 
   def __repr__(self) -> str:
     return f"CacheSource({self._records!r})"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import csv
 import glob
+import io
 import json
 import logging
 import os
@@ -62,11 +63,30 @@ def expand(path: str | Sequence[str], suffix: str = "") -> list[str]:
   return out
 
 
+def header_size(image: Any) -> tuple[int, int]:
+  """(width, height) of encoded bytes (only the header is parsed) or an array."""
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    with Image.open(io.BytesIO(bytes(image))) as pil:
+      return pil.size
+  arr = np.asarray(image)
+  return arr.shape[1], arr.shape[0]
+
+
 def split_lines(text: str) -> tuple[str, ...]:
   """A caption file's text -> its captions, one per non-empty line ('' if it has none: an empty
   caption file is an explicit empty caption)."""
   lines = tuple(line.strip() for line in text.splitlines() if line.strip())
   return lines or ("",)
+
+
+def read_caption_file(text: str, kind: str, key: str, where: str) -> str | tuple[str, ...]:
+  """A caption file's text -> its caption: a .json object's `key`, or a .txt's lines."""
+  if kind != "json":
+    return split_lines(text)
+  caption = caption_from_json(json.loads(text), key, where)
+  if caption is None:
+    raise ValueError(f"{where} has no {key!r}")
+  return caption
 
 
 def caption_from_json(value: Any, key: str, where: str) -> str | None:
@@ -181,13 +201,7 @@ class FolderSource:
     caption, sidecar = self.captions[index], self._sidecar[index]
     if sidecar is not None:
       with open(sidecar, encoding="utf-8") as f:
-        text = f.read()
-      if sidecar.endswith(".json"):
-        caption = caption_from_json(json.loads(text), self._key, sidecar)
-        if caption is None:
-          raise ValueError(f"{sidecar} has no {self._key!r}")
-      else:
-        caption = split_lines(text)
+        caption = read_caption_file(f.read(), os.path.splitext(sidecar)[1].lstrip("."), self._key, sidecar)
     with open(self.paths[index], "rb") as f:
       record = dict(image=f.read(), caption=caption)
     if self.masks[index] is not None:
@@ -268,13 +282,8 @@ class WebDatasetSource:
     shard, image, caption = self.samples[index]
     text: str | tuple[str, ...] = ""
     if caption is not None:
-      raw = self._read(shard, caption[0], caption[1]).decode("utf-8")
-      if caption[2] == "json":
-        text = caption_from_json(json.loads(raw), self._key, f"{self.shards[shard]} sample {index}")
-        if text is None:
-          raise ValueError(f"sample {index} of {self.shards[shard]}: its .json has no {self._key!r}")
-      else:
-        text = split_lines(raw)
+      text = read_caption_file(self._read(shard, caption[0], caption[1]).decode("utf-8"), caption[2], self._key,
+                               f"sample {index} of {self.shards[shard]}")
     return dict(image=self._read(shard, *image), caption=text)
 
   def __repr__(self) -> str:

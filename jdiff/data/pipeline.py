@@ -28,6 +28,7 @@ from PIL import Image
 from jdiff import errors
 from jdiff import tokens
 from jdiff.data import buckets as buckets_lib
+from jdiff.data import cache
 from jdiff.data import files
 from jdiff.data import sources
 
@@ -124,7 +125,7 @@ def decode_image(record: Mapping[str, Any], shape: int | tuple[int, int], loss_m
       out["mask"] = np.full(out["image"].shape[:2] + (1,), 255, np.uint8)
     else:
       with Image.open(io.BytesIO(bytes(mask))) as pil:
-        gray = pil.convert("L").resize(header_size(record["image"]), Image.Resampling.BILINEAR)
+        gray = pil.convert("L").resize(files.header_size(record["image"]), Image.Resampling.BILINEAR)
       out["mask"] = to_rgb(np.asarray(gray)[..., None], shape)[..., :1]
   return out
 
@@ -159,6 +160,8 @@ class CheckCached(grain.transforms.MapWithIndex):
   def __init__(self, meta: Mapping[str, Any]):
     self.shapes = dict(latent_mean=tuple(meta["latent_shape"]), latent_logvar=tuple(meta["latent_shape"]),
                        context=tuple(meta["context_shape"]), pooled=(meta["pooled_dim"],))
+    if meta.get("loss_mask", "none") != "none":
+      self.shapes[cache.MASK_KEY] = tuple(meta["latent_shape"][:2]) + (1,)
 
   def map_with_index(self, index: int, record):
     if isinstance(record, Corrupt):
@@ -338,19 +341,10 @@ class Pipeline:
     return self.skip.skipped
 
 
-def header_size(image: Any) -> tuple[int, int]:
-  """(width, height) of encoded bytes (only the header is parsed) or an array."""
-  if isinstance(image, (bytes, bytearray, memoryview)):
-    with Image.open(io.BytesIO(bytes(image))) as pil:
-      return pil.size
-  arr = np.asarray(image)
-  return arr.shape[1], arr.shape[0]
-
-
 def image_sizes(source, threads: int = 16) -> np.ndarray:
   """[N, 2] (width, height) of every record's image ((0, 0): unreadable), read in threads;
   progress is logged on large data."""
-  size_of = getattr(source, "image_size", None) or (lambda i: header_size(source[i]["image"]))
+  size_of = getattr(source, "image_size", None) or (lambda i: files.header_size(source[i]["image"]))
 
   def one(i: int) -> tuple[int, int]:
     try:
@@ -384,26 +378,26 @@ class _BatchPlan:
 
 class ReadBucketBatch(grain.transforms.MapWithIndex):
   """(bucket, record indices) of global batch j -> this process's rows {'image' [L, h, w, 3],
-  'tokens', INDEX_KEY: j, CORRUPT_KEY: the Corrupt markers} (max_len 0: latent-cache records).
+  'tokens', INDEX_KEY: j, CORRUPT_KEY: the Corrupt markers} (latent: a latent cache's records).
   A record that cannot be read is replaced by another row of the batch (or, if none can be
   read, by the bucket's next readable record), so that every process delivers every batch
   whole."""
 
   def __init__(self, source, shapes, schedule: buckets_lib.Schedule, max_len: int, seed: int, process_index: int,
-               loss_mask: str = "none"):
+               loss_mask: str = "none", latent: bool = False):
     self.source, self.shapes, self.schedule = _Guarded(source), shapes, schedule
-    self.max_len, self.seed, self.p, self.loss_mask = max_len, seed, process_index, loss_mask
+    self.max_len, self.seed, self.p, self.loss_mask, self.latent = max_len, seed, process_index, loss_mask, latent
 
   def _row(self, index: int, position: int, shape: tuple[int, int]):
     record = self.source[int(index)]
     if isinstance(record, Corrupt):
       return record
     try:
-      if self.max_len == 0:  # latent-cache records: checked against their bucket's latent shape
-        for key in ("latent_mean", "latent_logvar"):
-          if record[key].shape[:2] != tuple(shape):
+      if self.latent:  # checked against their bucket's latent shape
+        for key in ("latent_mean", "latent_logvar", cache.MASK_KEY):
+          if key in record and record[key].shape[:2] != tuple(shape):
             raise ValueError(f"{key} has shape {record[key].shape}, expected {tuple(shape)} (its bucket)")
-        return {k: record[k] for k in ("latent_mean", "latent_logvar", "context", "pooled")}
+        return dict(record)
       caption = files.caption_choice(record["caption"], self.seed, position)
       return dict(decode_image(record, shape, self.loss_mask), tokens=tokens.tokenize(caption, self.max_len))
     except Exception as e:  # undecodable image, missing field, bad text
@@ -456,15 +450,16 @@ def _bucketed(data_cfg: Mapping[str, Any], source, *, global_batch: int, max_len
               pc: int) -> Pipeline:
   """The pipeline of data.buckets, or of a latent cache written with them: one bucket per
   global batch (buckets.py)."""
-  if data_cfg["source"] == "cache":  # the cache's buckets, fixed when it was written
-    shapes, which, max_len = [tuple(s) for s in source.meta["buckets"]], source.bucket_of_record, 0
+  latent = data_cfg["source"] == "cache"
+  if latent:  # the cache's buckets, fixed when it was written
+    shapes, which = [tuple(s) for s in source.meta["buckets"]], source.bucket_of_record
   else:
     shapes, which = assign_buckets(data_cfg["buckets"], source)
   schedule = buckets_lib.Schedule(which, len(shapes), global_batch, seed)
   used = tuple(shapes[b] for b in np.flatnonzero(schedule.counts >= 1))
   skip = SkipCorrupt()
   ds = grain.MapDataset.source(_BatchPlan(schedule, pi, pc)).map_with_index(
-      ReadBucketBatch(source, shapes, schedule, max_len, seed, pi, data_cfg.get("loss_mask", "none")))
+      ReadBucketBatch(source, shapes, schedule, max_len, seed, pi, data_cfg.get("loss_mask", "none"), latent))
 
   def count(batch):
     for marker in batch.pop(CORRUPT_KEY):
@@ -477,12 +472,17 @@ def _bucketed(data_cfg: Mapping[str, Any], source, *, global_batch: int, max_len
     it = part.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(
         threads, data_cfg["prefetch"] // global_batch)))
     if data_cfg["num_workers"] > 0:
-      if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+      _flags_for_workers()
       it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg["num_workers"]))
     return iter(it.map(count))
 
   return Pipeline(ResumableBatches(build), skip, global_batch // pc, 0, used)
+
+
+def _flags_for_workers() -> None:
+  """grain's worker processes read absl flags; outside app.run (notebooks) they use defaults."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 EMBEDDED_SOURCES = ("shapes", "preference")  # generated in Python: threads only contend for the GIL
@@ -538,8 +538,7 @@ def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: in
   skip = SkipCorrupt()
   local_batch, threads, chunk = global_batch // pc, read_threads(data_cfg), 0
   if data_cfg["num_workers"] > 0:
-    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside app.run (notebooks) use defaults
-      flags.FLAGS.mark_as_parsed()
+    _flags_for_workers()
     chunk = worker_chunk(data_cfg["worker_chunk"], ds[0])  # sized by the stream's first element
 
   def build(start: int):

@@ -37,7 +37,7 @@ from PIL import Image
 import tqdm
 
 from jdiff import errors
-from jdiff.data import pipeline
+from jdiff.data import files
 from jdiff.data import sources
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def write_shard(out_dir: str, shard: int, num_shards: int, start: int, stop: int
           examples.append(re.sub(r" at 0x[0-9a-f]+", "", f"record {i}: {e!r}")[:300])  # no addresses: same files
         continue
       writer.write(data)
-      sizes.append(list(pipeline.header_size(image)))
+      sizes.append(list(files.header_size(image)))
       kept += 1
   finally:
     writer.close()

@@ -8,14 +8,12 @@ when they are built, so a missing dataset fails before any compute.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from typing import Any, Mapping
 
 import grain
 import numpy as np
-from PIL import Image
 
 from jdiff.data import cache
 from jdiff.data import files
@@ -53,8 +51,7 @@ class ArrayRecordExamples:
     """(width, height): from prepare's sizes.npy, else the image's header."""
     if self._sizes is not None:
       return int(self._sizes[index][0]), int(self._sizes[index][1])
-    with Image.open(io.BytesIO(self[index]["image"])) as pil:
-      return pil.size
+    return files.header_size(self[index]["image"])
 
   def __len__(self) -> int:
     return len(self._records)

@@ -165,8 +165,11 @@ def batch_spec(config, networks, shape: tuple[int, int] | None = None) -> dict[s
                                    "`python -m jdiff.cache`")
     store = np.dtype(meta["dtype"])
     latent = (b, *(shape or meta["latent_shape"][:2]), meta["latent_shape"][2])
-    return dict(latent_mean=(latent, store), latent_logvar=(latent, store),
+    spec = dict(latent_mean=(latent, store), latent_logvar=(latent, store),
                 context=((b, *meta["context_shape"]), store), pooled=((b, meta["pooled_dim"]), np.float32))
+    if meta.get("loss_mask", "none") != "none":  # written with data.loss_mask: weights at latent resolution
+      spec["mask"] = (latent[:3] + (1,), np.uint8)
+    return spec
   height, width = shape or (config.data.resolution, config.data.resolution)
   image = ((b, height, width, config.model.in_channels), np.uint8)
   images = {key: image for key in objectives.get(config.objective).images}
@@ -368,6 +371,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                                  "(paths look like 'denoiser/blocks_0/x_qkv/q/kernel')")
   log.info("%s of %s parameters train (optim.trainable=%r)", f"{n_train:,}",
            f"{networks_lib.param_count(state.params):,}", config.optim.trainable)
+  if (networks.cache_meta or {}).get("loss_mask", "none") != "none":
+    log.info("the cache holds loss masks (written with data.loss_mask=%r): %s", networks.cache_meta["loss_mask"],
+             "they weight the flow loss" if config.objective == "flow" else f"objective {config.objective!r} ignores them")
   frozen, frozen_params = None, None
   if frozen_objective:
     frozen, frozen_params, _, from_step = parent
