@@ -156,14 +156,16 @@ def check_size(model: Model, resolution: int | tuple[int, int]) -> tuple[int, in
 
 def generate(model: Model, prompts: Sequence[str], *, num_steps: int | None = None,
              cfg_scale: float | None = None, method: str | None = None, seed: int = 0,
-             batch_size: int | None = None, resolution: int | tuple[int, int] | None = None) -> np.ndarray:
+             batch_size: int | None = None, resolution: int | tuple[int, int] | None = None,
+             first_index: int = 0) -> np.ndarray:
   """Images for `prompts`: uint8 [N, H, W, C].
 
   Sampler settings default to config.sample; the schedule is shifted for `resolution`
   (the model-space size: a side, or (height, width), multiples of the patch size within the
   model's position table; default: the training one) exactly as in training. For a
   guidance-distilled model (model.guidance_embed) cfg_scale is its guidance input. Image i's
-  noise comes from fold_in(key(seed), i), so an image does not depend on its batch.
+  noise comes from fold_in(key(seed), first_index + i), so an image does not depend on its
+  batch (and a long list can be generated in chunks with the same result).
   """
   if not len(prompts):
     raise errors.InvalidArgument("no prompts to sample")
@@ -184,7 +186,7 @@ def generate(model: Model, prompts: Sequence[str], *, num_steps: int | None = No
     stop = min(start + batch_size, len(prompts))
     # Pad the last batch to a full one so the sampler compiles once.
     idx = np.arange(start, start + batch_size).clip(max=stop - 1)
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(idx))
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(first_index + idx))
     batch = {k: jnp.asarray(v[idx]) for k, v in inputs.items()}
     nulls = {k: jnp.asarray(np.broadcast_to(v, (batch_size,) + v.shape)) for k, v in null.items()}
     samples = run(model.params, batch, nulls, keys)

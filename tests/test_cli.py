@@ -40,6 +40,8 @@ CASES = [
      "patch size 4"),
     (["jdiff.sample", "--workdir=WORK", "--prompt=x", "--width=64"], "is 16 patches long; the model's position table"),
     (["jdiff.evaluate", "--workdir=WORK", "--num_samples=0"], "--num_samples=0: 0 is not a positive integer"),
+    (["jdiff.evaluate", "--workdir=WORK", "--metrics=fid"], "--metrics=fid needs --fid_stats"),
+    (["jdiff.evaluate", "--workdir=WORK", "--metrics=adherence,fdi"], "unknown --metrics ['fdi']"),
     (["jdiff.stages", "--config=configs/stages.py:test", "--workdir=WORK2", "--config.nope=1"],
      "--config.nope: no such config field"),
 ]

@@ -142,3 +142,38 @@ def test_stats_files_round_trip_and_read_pytorch_fid_layout(tmp_path):
   np.savez(tmp_path / "bad.npz", arr_0=mu)
   with pytest.raises(ValueError, match="no 'mu' and 'sigma'"):
     fid.load_stats(str(tmp_path / "bad.npz"))
+
+
+def test_fid_stats_and_evaluate_through_the_cli(tmp_path):
+  """jdiff.fid_stats on the embedded shapes data, then jdiff.evaluate --metrics=fid,kid on a tiny
+  run against those statistics (random Inception weights, given as .safetensors)."""
+  import json
+
+  from safetensors.numpy import save_file
+
+  import helpers
+  from jdiff import config as config_lib
+
+  weights, stats, work = str(tmp_path / "inception.safetensors"), str(tmp_path / "stats.npz"), str(tmp_path / "w")
+  save_file(inception_io.export_state_dict(_random_params()), weights)
+  test = "--config=configs/mmdit_256.py:test"
+  out = helpers.cli("jdiff.fid_stats", test, f"--weights={weights}", f"--out={stats}", "--num_images=12",
+                    "--batch_size=8")
+  assert json.loads(out.stdout.strip().splitlines()[-1])["num_images"] == 12
+  with np.load(stats) as f:
+    feats, captions, mu, sigma = f["features"], f["captions"], f["mu"], f["sigma"]
+    assert str(f["resize"]) == "tf1_bilinear" and int(f["num_images"]) == 12
+  assert feats.shape == (12, inception.POOL_FEATURES) and len(captions) == 12 and all(captions)
+  np.testing.assert_allclose(mu, feats.astype(np.float64).mean(0)) and np.testing.assert_allclose(sigma, np.cov(feats.T))
+  # The same images read in-process give the same features (the data as training reads it).
+  data = config_lib.load("configs/mmdit_256.py:test").data
+  images, caps = next(fid.source_images(data, 12, batch_size=12))
+  assert list(caps) == list(captions)
+  np.testing.assert_allclose(fid.Features.load(weights)(images), feats, rtol=1e-5, atol=1e-5 * np.abs(feats).max())
+
+  helpers.cli("jdiff.main", test, f"--workdir={work}", "--config.train.sample_every=0")
+  out = helpers.cli("jdiff.evaluate", f"--workdir={work}", "--metrics=fid,kid", f"--fid_stats={stats}",
+                    f"--fid_weights={weights}", "--num_samples=12", "--num_steps=2")
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert set(result) == {"fid", "kid", "kid_std", "n", "resize"} and result["n"] == 12
+  assert result["fid"] > 0 and np.isfinite(result["kid"])

@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import scipy.linalg
+import tqdm
 
+from jdiff import inference
+from jdiff.data import files, pipeline, sources
 from jdiff.interop import inception as inception_io
 from jdiff.models import inception
 
@@ -71,12 +74,18 @@ def pil_bicubic(images: np.ndarray, size: tuple[int, int] = (SIZE, SIZE)) -> np.
 
 class Features:
   """InceptionV3 pool3 features [N, 2048] float32 of uint8 (or [0, 255] float) RGB images of any
-  size, in jitted batches. `params`: InceptionV3 params (interop.inception.load_params)."""
+  size, in jitted batches split over this host's devices (params replicated). `params`:
+  InceptionV3 params (interop.inception.load_params)."""
 
   def __init__(self, params: Mapping[str, Any], resize: str = "tf1_bilinear", batch_size: int = 64):
     if resize not in RESIZES:
       raise ValueError(f"unknown resize {resize!r}; expected one of {RESIZES}")
-    self.params, self.resize, self.batch_size = params, resize, batch_size
+    devices = jax.local_devices()
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+    rows, replicated = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)) for spec in (("data",), ()))
+    self.resize, self.devices = resize, len(devices)
+    self.batch_size = -(-batch_size // self.devices) * self.devices  # whole rows per device
+    self.params = jax.device_put(params, replicated)
     model = inception.InceptionV3()
 
     def features(params, images):
@@ -85,11 +94,11 @@ class Features:
       x = (images.astype(jnp.float32) - 128.0) / 128.0
       return model.apply({"params": params}, x)["pool"]
 
-    self._features = jax.jit(features)
+    self._features = jax.jit(features, in_shardings=(replicated, rows), out_shardings=rows)
 
   @classmethod
   def load(cls, weights: str, resize: str = "tf1_bilinear", batch_size: int = 64) -> "Features":
-    return cls(jax.device_put(inception_io.load_params(weights)), resize, batch_size)
+    return cls(inception_io.load_params(weights), resize, batch_size)
 
   def __call__(self, images: np.ndarray | jax.Array) -> np.ndarray:
     images = np.asarray(images)
@@ -97,20 +106,69 @@ class Features:
       raise ValueError(f"expected [N, H, W, 3] RGB images, got shape {images.shape}")
     if self.resize == "none" and images.shape[1:3] != (SIZE, SIZE):
       raise ValueError(f"resize='none' needs {SIZE}x{SIZE} images, got {images.shape[1]}x{images.shape[2]}")
+    # Every batch is padded to one size (one compilation): the full batch, or for a set smaller
+    # than that the set rounded up to whole rows per device.
+    size = min(self.batch_size, -(-len(images) // self.devices) * self.devices)
     out = []
-    for start in range(0, len(images), self.batch_size):
-      batch = images[start:start + self.batch_size]
+    for start in range(0, len(images), size):
+      batch = images[start:start + size]
       n = len(batch)
       if self.resize == "pil_bicubic":
         batch = pil_bicubic(batch)
-      if n < self.batch_size and len(images) > self.batch_size:  # one compiled shape for the last batch too
-        batch = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - n, axis=0)])
+      if n < size:
+        batch = np.concatenate([batch, np.repeat(batch[-1:], size - n, axis=0)])
       out.append(np.asarray(self._features(self.params, batch))[:n])
     return np.concatenate(out) if out else np.zeros((0, inception.POOL_FEATURES), np.float32)
 
-  def of_batches(self, batches: Iterable[np.ndarray]) -> np.ndarray:
-    """Features of every image of an iterable of image batches."""
-    return np.concatenate([self(b) for b in batches])
+
+def source_images(data_cfg: Mapping[str, Any], num_images: int | None = None, split: str = "train",
+                  batch_size: int = 64) -> Iterator[tuple[np.ndarray, list[str]]]:
+  """(uint8 images [b, R, R, 3] at data.resolution, their captions) of the first `num_images`
+  records of config.data's source (default: all), resized and centre-cropped as training reads
+  them; records that do not decode are skipped and logged."""
+  source = sources.make_source(data_cfg, split)
+  n = len(source) if num_images is None else min(num_images, len(source))
+  images, captions, skipped = [], [], 0
+  for i in range(n):
+    try:
+      record = source[i]
+      images.append(pipeline.decode_image(record, data_cfg["resolution"])["image"])
+      captions.append(files.caption_choice(record.get("caption", ""), 0, i))
+    except Exception as e:  # as in training: a broken record is skipped
+      skipped += 1
+      log.warning("skipping record %d: %r", i, e)
+    if len(images) == batch_size or (i == n - 1 and images):
+      yield np.stack(images), captions
+      images, captions = [], []
+  if skipped:
+    log.warning("%d of %d records skipped", skipped, n)
+
+
+def dataset_features(features: Features, data_cfg: Mapping[str, Any], num_images: int | None = None,
+                     split: str = "train") -> tuple[np.ndarray, list[str]]:
+  """Features of config.data's images (source_images) and their captions, with a progress bar."""
+  out, captions = [], []
+  n = len(sources.make_source(data_cfg, split)) if num_images is None else num_images
+  with tqdm.tqdm(total=n, desc="features", unit="img", dynamic_ncols=True) as bar:
+    for images, caps in source_images(data_cfg, num_images, split, features.batch_size):
+      out.append(features(images))
+      captions += caps
+      bar.update(len(images))
+  if not out:
+    raise ValueError("no image of the source could be decoded")
+  return np.concatenate(out), captions
+
+
+def model_features(features: Features, model: inference.Model, prompts: Sequence[str], *, seed: int = 0,
+                   **sampler: Any) -> np.ndarray:
+  """Features of one image per prompt generated by `model` (inference.generate's settings in
+  `sampler`; image i's noise from fold_in(seed, i), whatever the chunking)."""
+  chunk = max(features.batch_size, model.config.sample.batch_size)
+  out = []
+  for start in tqdm.trange(0, len(prompts), chunk, desc="generate", unit="batch", dynamic_ncols=True):
+    images = inference.generate(model, prompts[start:start + chunk], seed=seed, first_index=start, **sampler)
+    out.append(features(images[..., :3]))
+  return np.concatenate(out)
 
 
 def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -183,3 +241,41 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
     if "mu" not in f.files or "sigma" not in f.files:
       raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (found {f.files[:8]})")
     return np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
+
+
+def load_extra(path: str, name: str) -> np.ndarray | None:
+  """An optional array of a statistics .npz ('features', 'captions', 'resize', ...), or None."""
+  with np.load(path) as f:
+    return np.asarray(f[name]) if name in f.files else None
+
+
+def evaluate(model: inference.Model, stats_path: str, weights: str, metrics: Sequence[str] = ("fid",), *,
+             num_samples: int | None = None, prompts: Sequence[str] | None = None, seed: int = 0,
+             batch_size: int = 64, **sampler: Any) -> dict[str, Any]:
+  """FID and/or KID of `model`'s images against reference statistics written by jdiff.fid_stats
+  (or pytorch-fid/ADM: mu and sigma; KID needs the features). One image per prompt: `prompts`,
+  else the reference images' captions, cycled to `num_samples` (default: one per reference
+  image). The resize is the one the statistics were computed with."""
+  unknown = set(metrics) - {"fid", "kid"}
+  if unknown:
+    raise ValueError(f"unknown metrics {sorted(unknown)}; expected fid, kid")
+  resize = load_extra(stats_path, "resize")
+  resize = str(resize) if resize is not None else "tf1_bilinear"
+  reference = load_extra(stats_path, "features") if "kid" in metrics else None
+  if "kid" in metrics and reference is None:
+    raise ValueError(f"{stats_path} holds no features (KID compares feature sets): write it with jdiff.fid_stats")
+  if prompts is None:
+    captions = load_extra(stats_path, "captions")
+    if captions is None:
+      raise ValueError(f"{stats_path} holds no captions to prompt with: pass prompts (or write it with "
+                       "jdiff.fid_stats)")
+    prompts = [str(c) for c in captions]
+  num_samples = num_samples or len(prompts)
+  prompts = [prompts[i % len(prompts)] for i in range(num_samples)]
+  feats = model_features(Features.load(weights, resize, batch_size), model, prompts, seed=seed, **sampler)
+  out: dict[str, Any] = {"n": len(feats), "resize": resize}
+  if "fid" in metrics:
+    out["fid"] = frechet_distance(*statistics(feats), *load_stats(stats_path))
+  if "kid" in metrics:
+    out["kid"], out["kid_std"] = kid(feats, reference)
+  return out
