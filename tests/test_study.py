@@ -87,10 +87,40 @@ def test_trainer_writes_learning_curve_and_validation_loss(tmp_path):
   np.testing.assert_array_equal(data["val"][0], [2, 4])
   np.testing.assert_allclose(data["val"][1], [e["val_loss"] for e in evals])
   np.testing.assert_allclose(data["adherence"]["held_out"]["shape"][1], [e["held_out"]["shape"] for e in evals])
-  png = tmp_path / curves.FILENAME
-  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  metrics = [m for m in curves.read_jsonl(str(tmp_path / "metrics.jsonl")) if "loss" in m]
+  np.testing.assert_allclose(data["lr"][1], [m["lr"] for m in metrics])
+  np.testing.assert_allclose(data["grad_norm"][1], [m["grad_norm"] for m in metrics])
+  bins = sorted({k for m in metrics for k in m if k.startswith("loss_t")})  # a bin no t fell in is not logged
+  assert list(data["t_bins"]) == bins and len(bins) >= 2
+  for k in bins:
+    np.testing.assert_allclose(data["t_bins"][k][1], [m[k] for m in metrics if k in m])
+  assert data["other"] == {}  # adherence and validation loss have panels of their own
+  # The PNG opens, at the figure's size, with a line per series in its panel.
+  from PIL import Image
+  assert Image.open(tmp_path / curves.FILENAME).size == (1500, 800)
+  fig = curves.draw(data)
+  labels = [[line.get_label() for line in ax.get_lines()] for ax in fig.axes]
+  assert labels[0] == ["training loss", "validation loss"]
+  assert labels[1] == [f"t >= {k[len('loss_t'):]}" for k in bins] and len(labels[2]) == len(labels[5]) == 1
+  assert len(labels[3]) == 2 * len(curves.CURVES)
   tb = [f for f in os.listdir(tmp_path / "tb") if f.startswith("events")]
   assert tb
+
+
+def test_curves_draw_other_eval_metrics_and_are_written_at_the_end_without_evaluation(tmp_path):
+  (tmp_path / "eval.jsonl").write_text('{"step": 2, "fid": 40.0, "kid": 0.03, "val_loss": 0.5}\n'
+                                       '{"step": 4, "fid": 30.0, "kid": 0.02}\n')
+  data = curves.curve_data(str(tmp_path))
+  assert sorted(data["other"]) == ["fid", "kid"]
+  np.testing.assert_allclose(data["other"]["fid"][1], [40.0, 30.0])
+  fig = curves.draw(data)
+  assert [line.get_label() for line in fig.axes[4].get_lines()] == ["fid", "kid"]
+  config = get_config(train__sample_every=0, train__num_steps=2)
+  config.mesh.data = 1
+  config.eval.every, config.eval.at_end = 0, False
+  trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  data = curves.curve_data(str(tmp_path / "run"))
+  assert (tmp_path / "run" / curves.FILENAME).exists() and len(data["train"][0]) and not len(data["val"][0])
 
 
 def test_read_jsonl_merges_records_by_step_and_skips_a_torn_line(tmp_path):

@@ -444,6 +444,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       samples.append(write_samples(config, networks, state.ema_params, workdir, step_now, writer))
     if benchmark_on and config.eval.at_end and stopped_by == "num_steps":
       evals.append(run_benchmark(config, networks, state.ema_params, workdir, step_now, writer))
+    elif jax.process_index() == 0:  # the curves of the whole run (run_benchmark has just drawn them)
+      curves.write(workdir)
   finally:
     bar.close()
     ckpt.close()
