@@ -38,6 +38,7 @@ DATA_SOURCES = ("shapes", "preference", "folder", "webdataset", "parquet", "tfds
 CAPTION_FROM = ("auto", "filename")  # jdiff.data.files.CAPTION_FROM
 MISSING_CAPTIONS = ("skip", "empty")  # jdiff.data.files.MISSING_CAPTION
 LOSS_MASKS = ("none", "alpha", "file")  # jdiff.data.pipeline.LOSS_MASKS
+EVAL_METRICS = ("adherence", "val_loss", "fid", "kid")  # jdiff.train.trainer.evaluate
 PREDICTIONS = ("v", "eps", "x0")  # jdiff.diffusion.PREDICTIONS
 WEIGHTINGS = ("none", "eps", "x0", "sigma_sqrt", "cosmap")  # jdiff.diffusion.WEIGHTINGS
 TIMESTEP_KINDS = ("uniform", "logit_normal", "mode", "cosmap")  # jdiff.diffusion.TIMESTEP_KINDS
@@ -256,14 +257,18 @@ def base() -> ml_collections.ConfigDict:
           "a small yellow circle at the top",  # held-out pair
       ),
   ))
-  # Shapes caption-adherence benchmark and validation loss (eval/validation.py), for runs
-  # the benchmark applies to (eval.benchmark.applies): every N steps (0: never) and at the
-  # end of training; results go to metrics, workdir/eval.jsonl and the learning curve
-  # workdir/learning_curve.png.
+  # Evaluation of the EMA weights every N steps (0: never) and at the end of training, with
+  # fixed noise and prompts; results go to metrics, workdir/eval.jsonl, TensorBoard and the
+  # learning curve workdir/learning_curve.png. metrics: 'adherence' (the shapes caption
+  # benchmark) and 'val_loss' (eval/validation.py) for runs on the shapes data (skipped
+  # elsewhere); 'fid' and 'kid' for any run, against fid_stats (python -m jdiff.fid_stats)
+  # with the FID Inception weights fid_weights, from fid_samples generated images.
   c.eval = ml_collections.ConfigDict(dict(num_samples=64, num_steps=28, cfg_scale=5.0, method="euler", seed=0,
                                           every=0, at_end=True,
+                                          metrics=("adherence", "val_loss"),
                                           val_examples=128,  # validation images (shapes, another seed)
-                                          val_times=8))  # evenly spaced t of the validation loss
+                                          val_times=8,  # evenly spaced t of the validation loss
+                                          fid_stats="", fid_weights="", fid_samples=1000))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(logical_rules=LOGICAL_RULES))
   return c
@@ -393,6 +398,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of("optim.mu_dtype", c.optim.mu_dtype, ("", "float32", "bfloat16"))
   _one_of("sample.method", c.sample.method, SAMPLERS)
   _one_of("eval.method", c.eval.method, SAMPLERS)
+  for metric in c.eval.metrics:
+    _one_of("eval.metrics", metric, EVAL_METRICS)
+  quality = sorted(set(c.eval.metrics) & {"fid", "kid"})
+  if quality and not (c.eval.fid_stats and c.eval.fid_weights):
+    raise errors.InvalidArgument(f"eval.metrics {quality} need eval.fid_stats (python -m jdiff.fid_stats) and "
+                                 "eval.fid_weights (the FID Inception weights file)")
+  _positive("eval.fid_samples", c.eval.fid_samples)
   for dtype_field in ("model.dtype", "model.param_dtype", "text.dtype", "text.param_dtype"):
     section, key = dtype_field.split(".")
     _one_of(dtype_field, c[section][key], ("float32", "bfloat16", "float16"))

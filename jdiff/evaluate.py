@@ -52,8 +52,11 @@ def main(argv):
                                      cfg_scale=_CFG_SCALE.value, method=_METHOD.value, seed=_SEED.value))
   if quality:
     e = model.config.eval
+    reference = fid.Reference.load(_FID_STATS.value)
+    features = fid.Features.load(_FID_WEIGHTS.value, reference.resize)
+    result.update(n=_NUM_SAMPLES.value or len(reference.captions or ()), resize=reference.resize)
     result.update(fid.evaluate(
-        model, _FID_STATS.value, _FID_WEIGHTS.value, quality, num_samples=_NUM_SAMPLES.value,
+        model, reference, features, quality, num_samples=_NUM_SAMPLES.value,
         seed=e.seed if _SEED.value is None else _SEED.value,
         num_steps=e.num_steps if _NUM_STEPS.value is None else _NUM_STEPS.value,
         cfg_scale=e.cfg_scale if _CFG_SCALE.value is None else _CFG_SCALE.value, method=_METHOD.value or e.method))

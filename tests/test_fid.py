@@ -177,3 +177,36 @@ def test_fid_stats_and_evaluate_through_the_cli(tmp_path):
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert set(result) == {"fid", "kid", "kid_std", "n", "resize"} and result["n"] == 12
   assert result["fid"] > 0 and np.isfinite(result["kid"])
+
+
+def test_fid_and_kid_in_the_training_loop(tmp_path):
+  """config.eval.metrics=('fid', 'kid'): computed at each evaluation on the EMA weights and
+  written to eval.jsonl, TensorBoard and the learning curve; a missing statistics file stops
+  the run before it trains."""
+  from safetensors.numpy import save_file
+
+  import test_train
+  from jdiff import errors
+  from jdiff.eval import curves
+  from jdiff.train import trainer
+
+  weights, stats = str(tmp_path / "inception.safetensors"), str(tmp_path / "stats.npz")
+  save_file(inception_io.export_state_dict(_random_params()), weights)
+  reference = np.random.default_rng(0).standard_normal((6, inception.POOL_FEATURES)).astype(np.float32)
+  fid.save_stats(stats, *fid.statistics(reference), features=reference, resize="tf1_bilinear",
+                 captions=np.array(["a small red circle in the center", "a large blue square on the left"] * 3))
+  over = dict(train__sample_every=0, train__num_steps=4, eval__every=2, eval__at_end=True,
+              eval__metrics=("fid", "kid"), eval__fid_stats=stats, eval__fid_weights=weights, eval__fid_samples=4,
+              eval__num_steps=2)
+  missing = test_train.get_config(**dict(over, eval__fid_stats=str(tmp_path / "nope.npz")))
+  with pytest.raises(errors.NotFound, match="no FID statistics at"):
+    trainer.train_and_evaluate(missing, str(tmp_path / "missing"))
+  assert not (tmp_path / "missing" / "config.json").exists()  # a failed start leaves the workdir as it was
+  config = test_train.get_config(**over)
+  summary = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  evals = curves.read_jsonl(str(tmp_path / "run" / "eval.jsonl"))
+  assert [e["step"] for e in evals] == [2, 4]
+  for e in evals:  # only the metrics asked for
+    assert set(e) == {"step", "fid", "kid", "kid_std"} and e["fid"] > 0 and np.isfinite(e["kid"])
+  assert summary["eval"]["fid"] == evals[-1]["fid"]
+  assert sorted(curves.curve_data(str(tmp_path / "run"))["other"]) == ["fid", "kid", "kid_std"]

@@ -298,6 +298,8 @@ def test_cli_train_sample_evaluate(tmp_path):
     ("--config.data.caption_from=exif", "data.caption_from='exif'"),
     ("--config.data.loss_mask=alpha", "weights the flow loss of images read from files"),
     ("--config.data.shapes_split=held_out", "only objective 'grpo' may read it"),
+    ("--config.eval.metrics=('adherence','fid')", "eval.metrics ['fid'] need eval.fid_stats"),
+    ("--config.eval.metrics=('fdi',)", "config.eval.metrics='fdi' is not one of"),
 ])
 def test_bad_config_fails_fast_with_a_clear_message(tmp_path, flag, message):
   proc = _cli("jdiff.main", "--config=configs/mmdit_256.py:test", f"--workdir={tmp_path}", flag, check=False)

@@ -18,6 +18,7 @@ averaged over random subsets (Binkowski et al. 2018).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any, Iterator, Mapping, Sequence
@@ -29,6 +30,7 @@ from PIL import Image
 import scipy.linalg
 import tqdm
 
+from jdiff import errors
 from jdiff import inference
 from jdiff.data import files, pipeline, sources
 from jdiff.interop import inception as inception_io
@@ -155,7 +157,7 @@ def dataset_features(features: Features, data_cfg: Mapping[str, Any], num_images
       captions += caps
       bar.update(len(images))
   if not out:
-    raise ValueError("no image of the source could be decoded")
+    raise errors.InvalidArgument("no image of the source could be decoded")
   return np.concatenate(out), captions
 
 
@@ -239,43 +241,63 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) of a statistics .npz written by save_stats, pytorch-fid or ADM's suite."""
   with np.load(path) as f:
     if "mu" not in f.files or "sigma" not in f.files:
-      raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (found {f.files[:8]})")
+      raise errors.InvalidArgument(f"{path} has no 'mu' and 'sigma' arrays (found {f.files[:8]})")
     return np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
 
 
-def load_extra(path: str, name: str) -> np.ndarray | None:
-  """An optional array of a statistics .npz ('features', 'captions', 'resize', ...), or None."""
-  with np.load(path) as f:
-    return np.asarray(f[name]) if name in f.files else None
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """Reference statistics (jdiff.fid_stats, or pytorch-fid/ADM: mu and sigma only): the
+  features (KID), the captions (prompts for generated images) and the resize they were made
+  with, where the file holds them."""
+
+  path: str
+  mu: np.ndarray
+  sigma: np.ndarray
+  features: np.ndarray | None
+  captions: list[str] | None
+  resize: str
+
+  @classmethod
+  def load(cls, path: str) -> "Reference":
+    if not os.path.exists(path):
+      raise errors.NotFound(f"no FID statistics at {path!r} (write them with python -m jdiff.fid_stats)")
+    mu, sigma = load_stats(path)
+    with np.load(path) as f:
+      extra = {k: np.asarray(f[k]) for k in ("features", "captions", "resize") if k in f.files}
+    captions = [str(c) for c in extra["captions"]] if "captions" in extra else None
+    return cls(path, mu, sigma, extra.get("features"), captions, str(extra.get("resize", "tf1_bilinear")))
 
 
-def evaluate(model: inference.Model, stats_path: str, weights: str, metrics: Sequence[str] = ("fid",), *,
+QUALITY_METRICS = ("fid", "kid")
+
+
+def evaluate(model: inference.Model, reference: Reference, features: Features, metrics: Sequence[str] = ("fid",), *,
              num_samples: int | None = None, prompts: Sequence[str] | None = None, seed: int = 0,
-             batch_size: int = 64, **sampler: Any) -> dict[str, Any]:
-  """FID and/or KID of `model`'s images against reference statistics written by jdiff.fid_stats
-  (or pytorch-fid/ADM: mu and sigma; KID needs the features). One image per prompt: `prompts`,
-  else the reference images' captions, cycled to `num_samples` (default: one per reference
-  image). The resize is the one the statistics were computed with."""
-  unknown = set(metrics) - {"fid", "kid"}
+             **sampler: Any) -> dict[str, Any]:
+  """FID and/or KID of `model`'s images against `reference`, with `features` (which must use
+  the reference's resize). One image per prompt: `prompts`, else the reference images'
+  captions, cycled to `num_samples` (default: one per reference image)."""
+  unknown = set(metrics) - set(QUALITY_METRICS)
   if unknown:
-    raise ValueError(f"unknown metrics {sorted(unknown)}; expected fid, kid")
-  resize = load_extra(stats_path, "resize")
-  resize = str(resize) if resize is not None else "tf1_bilinear"
-  reference = load_extra(stats_path, "features") if "kid" in metrics else None
-  if "kid" in metrics and reference is None:
-    raise ValueError(f"{stats_path} holds no features (KID compares feature sets): write it with jdiff.fid_stats")
+    raise errors.InvalidArgument(f"unknown metrics {sorted(unknown)}; expected some of {QUALITY_METRICS}")
+  if features.resize != reference.resize:
+    raise errors.InvalidArgument(f"{reference.path} was computed with resize {reference.resize!r}, the features use "
+                     f"{features.resize!r}: FID is only comparable with the same resize")
+  if "kid" in metrics and reference.features is None:
+    raise errors.InvalidArgument(f"{reference.path} holds no features (KID compares feature sets): write it with "
+                     "jdiff.fid_stats")
   if prompts is None:
-    captions = load_extra(stats_path, "captions")
-    if captions is None:
-      raise ValueError(f"{stats_path} holds no captions to prompt with: pass prompts (or write it with "
+    if reference.captions is None:
+      raise errors.InvalidArgument(f"{reference.path} holds no captions to prompt with: pass prompts (or write it with "
                        "jdiff.fid_stats)")
-    prompts = [str(c) for c in captions]
+    prompts = reference.captions
   num_samples = num_samples or len(prompts)
   prompts = [prompts[i % len(prompts)] for i in range(num_samples)]
-  feats = model_features(Features.load(weights, resize, batch_size), model, prompts, seed=seed, **sampler)
-  out: dict[str, Any] = {"n": len(feats), "resize": resize}
+  feats = model_features(features, model, prompts, seed=seed, **sampler)
+  out: dict[str, Any] = {}
   if "fid" in metrics:
-    out["fid"] = frechet_distance(*statistics(feats), *load_stats(stats_path))
+    out["fid"] = frechet_distance(*statistics(feats), reference.mu, reference.sigma)
   if "kid" in metrics:
-    out["kid"], out["kid_std"] = kid(feats, reference)
+    out["kid"], out["kid_std"] = kid(feats, reference.features)
   return out

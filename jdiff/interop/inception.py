@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from jdiff import errors
 from jdiff.interop import mapping as M
 from jdiff.models import inception
 
@@ -43,7 +44,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """The tensors of a weights file: .safetensors, .npz, or a PyTorch .pth/.pt (read with torch,
   which must then be installed)."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f"Inception weights {path!r} not found (pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+    raise errors.NotFound(f"Inception weights {path!r} not found (pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
                             "or torch-fidelity's weights-inception-2015-12-05-6726825d.pth; jdiff downloads nothing)")
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file

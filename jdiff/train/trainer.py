@@ -38,6 +38,7 @@ from jdiff import networks as networks_lib
 from jdiff.data import pipeline as pipeline_lib
 from jdiff.eval import benchmark
 from jdiff.eval import curves
+from jdiff.eval import fid
 from jdiff.eval import validation
 from jdiff.models import layers as L
 from jdiff.train import lock as lock_lib
@@ -306,24 +307,58 @@ def write_samples(config, networks, params, workdir: str, step: int, writer: Met
   return path
 
 
-def run_benchmark(config, networks, params, workdir: str, step: int, writer: MetricWriter) -> dict[str, Any]:
-  """Caption adherence and validation loss of `params` (the EMA) on the shapes benchmark,
-  logged, appended to workdir/eval.jsonl and drawn into workdir/learning_curve.png."""
+class Evaluator:
+  """config.eval.metrics of the EMA weights: caption adherence and validation loss on runs over
+  the shapes data (eval.benchmark.applies; skipped elsewhere, with a log line), FID and KID on
+  any run. The reference statistics and the Inception network are loaded when it is built,
+  before anything compiles, so a wrong path fails at once."""
 
-  t0 = time.time()
-  params = jax.device_get(params)
-  result = benchmark.evaluate(inference.Model(networks, params, config, step))
-  val = validation.loss(networks, params, config)
-  log.info("step %d validation loss %.5f, adherence (%.0fs): %s", step, val["val_loss"], time.time() - t0,
-           json.dumps(result))
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
-      f.write(json.dumps({"step": step, **result, **val}) + "\n")
-    writer.scalars(step, {**{f"adherence/{split}/{k}": v for split, r in result.items() for k, v in r.items()
-                             if k != "n"}, **val})
-    _, image = curves.write(workdir)
-    writer.image(step, "learning_curve", image)
-  return dict(result, val_loss=val["val_loss"])
+  def __init__(self, config):
+    metrics = set(config.eval.metrics)
+    shapes = benchmark.applies(config)
+    self.adherence, self.val_loss = shapes and "adherence" in metrics, shapes and "val_loss" in metrics
+    skipped = sorted(metrics & {"adherence", "val_loss"}) if not shapes else []
+    if skipped and (config.eval.every or config.eval.at_end):
+      log.info("eval.metrics %s score runs on the shapes data: not computed for data.source=%r", skipped,
+               config.data.source)
+    self.quality = [m for m in fid.QUALITY_METRICS if m in metrics]
+    self.reference = self.features = None
+    if self.quality and (config.eval.every or config.eval.at_end):
+      self.reference = fid.Reference.load(config.eval.fid_stats)
+      self.features = fid.Features.load(config.eval.fid_weights, self.reference.resize)
+
+  @property
+  def on(self) -> bool:
+    return bool(self.adherence or self.val_loss or self.features is not None)
+
+  def __call__(self, config, networks, params, workdir: str, step: int, writer: MetricWriter) -> dict[str, Any]:
+    """The metrics of `params`, logged, appended to workdir/eval.jsonl and drawn into
+    workdir/learning_curve.png."""
+    t0 = time.time()
+    params = jax.device_get(params)
+    model = inference.Model(networks, params, config, step)
+    e = config.eval
+    result, scalars = {}, {}
+    if self.adherence:
+      result.update(benchmark.evaluate(model))
+      scalars.update({f"adherence/{split}/{k}": v for split, r in result.items() for k, v in r.items() if k != "n"})
+    if self.val_loss:
+      val = validation.loss(networks, params, config)
+      result.update(val)
+      scalars.update(val)
+    if self.features is not None:
+      quality = fid.evaluate(model, self.reference, self.features, self.quality, num_samples=e.fid_samples,
+                             seed=e.seed, num_steps=e.num_steps, cfg_scale=e.cfg_scale, method=e.method)
+      result.update(quality)
+      scalars.update(quality)
+    log.info("step %d evaluation (%.0fs): %s", step, time.time() - t0, json.dumps(result))
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, **result}) + "\n")
+      writer.scalars(step, scalars)
+      _, image = curves.write(workdir)
+      writer.image(step, "learning_curve", image)
+    return result
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -357,6 +392,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   parent = None
   if config.init_from and (ckpt.latest_step() is None or frozen_objective):
     parent = load_parent(config.init_from, mesh, rules)
+  evaluator = Evaluator(config)  # loads FID's reference and network now: a wrong path fails before any work
   state, shardings, abstract, lineage = initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline,
                                                       parent)
   if jax.process_index() == 0:  # only now: a start that fails leaves the workdir as it was
@@ -393,7 +429,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   start = int(jax.device_get(state.step))
   run_rng = jnp.copy(state.rng)
   history, last_metrics, stopped_by, samples, evals = [], {}, "num_steps", [], []
-  benchmark_on = benchmark.applies(config)
   last_saved = start if ckpt.latest_step() == start else None
   bar = tqdm.tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
@@ -435,16 +470,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         if t.sample_every and done % t.sample_every == 0:
           samples.append(write_samples(config, networks, state.ema_params, workdir, done, writer))
           tick = time.time()  # do not count sampling in steps/s
-        if benchmark_on and config.eval.every and done % config.eval.every == 0 and done != t.num_steps:
-          evals.append(run_benchmark(config, networks, state.ema_params, workdir, done, writer))
+        if evaluator.on and config.eval.every and done % config.eval.every == 0 and done != t.num_steps:
+          evals.append(evaluator(config, networks, state.ema_params, workdir, done, writer))
           tick = time.time()
     step_now = int(jax.device_get(state.step))
     save(step_now, force=True)
     if t.sample_every and stopped_by == "num_steps" and step_now % t.sample_every:
       samples.append(write_samples(config, networks, state.ema_params, workdir, step_now, writer))
-    if benchmark_on and config.eval.at_end and stopped_by == "num_steps":
-      evals.append(run_benchmark(config, networks, state.ema_params, workdir, step_now, writer))
-    elif jax.process_index() == 0:  # the curves of the whole run (run_benchmark has just drawn them)
+    if evaluator.on and config.eval.at_end and stopped_by == "num_steps":
+      evals.append(evaluator(config, networks, state.ema_params, workdir, step_now, writer))
+    elif jax.process_index() == 0:  # the curves of the whole run (the evaluator has just drawn them)
       curves.write(workdir)
   finally:
     bar.close()
