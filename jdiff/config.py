@@ -38,7 +38,8 @@ DATA_SOURCES = ("shapes", "preference", "folder", "webdataset", "parquet", "tfds
 CAPTION_FROM = ("auto", "filename")  # jdiff.data.files.CAPTION_FROM
 MISSING_CAPTIONS = ("skip", "empty")  # jdiff.data.files.MISSING_CAPTION
 LOSS_MASKS = ("none", "alpha", "file")  # jdiff.data.pipeline.LOSS_MASKS
-EVAL_METRICS = ("adherence", "val_loss", "fid", "kid")  # jdiff.train.trainer.evaluate
+WANDB_MODES = ("offline", "online")
+EVAL_METRICS = ("adherence", "val_loss", "fid", "kid")  # jdiff.train.trainer.Evaluator
 PREDICTIONS = ("v", "eps", "x0")  # jdiff.diffusion.PREDICTIONS
 WEIGHTINGS = ("none", "eps", "x0", "sigma_sqrt", "cosmap")  # jdiff.diffusion.WEIGHTINGS
 TIMESTEP_KINDS = ("uniform", "logit_normal", "mode", "cosmap")  # jdiff.diffusion.TIMESTEP_KINDS
@@ -244,6 +245,10 @@ def base() -> ml_collections.ConfigDict:
       sample_every=5000,  # 0 disables sample grids
       max_nonfinite=10,  # stop after this many consecutive non-finite steps
   ))
+  # Weights & Biases beside metrics.jsonl and TensorBoard (pip install 'jdiff[wandb]'): on when
+  # project is set. mode 'offline' writes WORKDIR/wandb/ only (upload later with `wandb sync
+  # WORKDIR/wandb/offline-run-*`); 'online' streams. A resumed run continues the same W&B run.
+  c.wandb = ml_collections.ConfigDict(dict(project="", entity="", name="", mode="offline", tags=()))
   c.sample = ml_collections.ConfigDict(dict(
       num_steps=28, method="euler", cfg_scale=5.0, seed=0, batch_size=16,
       prompts=(
@@ -398,6 +403,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of("optim.mu_dtype", c.optim.mu_dtype, ("", "float32", "bfloat16"))
   _one_of("sample.method", c.sample.method, SAMPLERS)
   _one_of("eval.method", c.eval.method, SAMPLERS)
+  _one_of("wandb.mode", c.wandb.mode, WANDB_MODES)
   for metric in c.eval.metrics:
     _one_of("eval.metrics", metric, EVAL_METRICS)
   quality = sorted(set(c.eval.metrics) & {"fid", "kid"})

@@ -385,3 +385,23 @@ def test_read_only_checkpoints_open_without_orbax_warning(tmp_path, caplog):
     logging.getLogger("absl").warning("Given directory is read only=after")
   messages = [r.getMessage() for r in caplog.records]
   assert messages == ["Given directory is read only=after"], messages
+
+
+def test_weights_and_biases_offline_run_is_written_and_continued_on_resume(tmp_path, monkeypatch):
+  """config.wandb.project with mode 'offline': the run's metrics and sample grids go into
+  WORKDIR/wandb (for `wandb sync`), and a resumed run continues the same W&B run id."""
+  for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+    monkeypatch.setenv(var, str(tmp_path / var.lower()))
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  work = tmp_path / "run"
+  over = dict(wandb__project="jdiff-test", wandb__tags=("ci",), train__checkpoint_every=2)
+  run(get_config(train__num_steps=2, **over), work)
+  run(get_config(train__num_steps=4, **over), work)  # resumes from step 2
+  run_id = (work / trainer.MetricWriter.WANDB_ID).read_text().strip()
+  runs = sorted(d for d in os.listdir(work / "wandb") if d.startswith("offline-run-"))
+  assert len(runs) == 2 and all(d.endswith("-" + run_id) for d in runs)
+  history = b"".join((work / "wandb" / d / f"run-{run_id}.wandb").read_bytes() for d in runs)
+  for key in (b"loss", b"grad_norm", b"jdiff-test"):
+    assert key in history
+  images = [f for d in runs for f in os.listdir(work / "wandb" / d / "files" / "media" / "images")]
+  assert any(f.startswith("samples_") and f.endswith(".png") for f in images)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import threading
 import time
@@ -100,18 +101,44 @@ class _StopFlag:
 
 @dataclasses.dataclass
 class MetricWriter:
-  """metrics.jsonl + TensorBoard events under workdir (process 0 only)."""
+  """metrics.jsonl + TensorBoard events under workdir, and a Weights & Biases run when
+  config.wandb.project is set (process 0 only)."""
 
   workdir: str
+  config: Any = None
+
+  WANDB_ID = "wandb_id"  # WORKDIR/wandb_id: the W&B run a resumed run continues
 
   def __post_init__(self):
     self.enabled = jax.process_index() == 0
+    self._wandb = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
       os.makedirs(self.workdir, exist_ok=True)
       self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
       self._tb = SummaryWriter(os.path.join(self.workdir, "tb"))
+      if self.config is not None and self.config.wandb.project:
+        self._wandb = self._start_wandb(self.config)
+
+  def _start_wandb(self, config):
+    try:
+      import wandb  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise errors.InvalidArgument("config.wandb.project is set but wandb is not installed: pip install "
+                                   "'jdiff[wandb]' (or pip install wandb)") from e
+    id_path = os.path.join(self.workdir, self.WANDB_ID)
+    if os.path.exists(id_path):
+      with open(id_path) as f:
+        run_id = f.read().strip()
+    else:
+      run_id = secrets.token_hex(4)  # W&B run ids are [a-z0-9]
+      with open(id_path, "w") as f:
+        f.write(run_id + "\n")
+    w = config.wandb
+    return wandb.init(project=w.project, entity=w.entity or None, name=w.name or os.path.basename(
+        os.path.normpath(self.workdir)), mode=w.mode, tags=list(w.tags), id=run_id, resume="allow",
+                      dir=self.workdir, config=json.loads(config.to_json_best_effort()))
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if not self.enabled:
@@ -120,15 +147,22 @@ class MetricWriter:
     self._jsonl.flush()
     for k, v in values.items():
       self._tb.add_scalar(k, v, step)
+    if self._wandb is not None:
+      self._wandb.log(values, step=step)
 
   def image(self, step: int, name: str, image: np.ndarray) -> None:
     if self.enabled:
       self._tb.add_image(name, image, step, dataformats="HWC")
+      if self._wandb is not None:
+        import wandb  # pylint: disable=g-import-not-at-top
+        self._wandb.log({name: wandb.Image(image)}, step=step)
 
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+      if self._wandb is not None:
+        self._wandb.finish()
 
 
 def summarize(h: list[dict[str, Any]], seconds: float, batch_size: int) -> dict[str, float]:
@@ -422,7 +456,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     steps[shape], batch_sharding = compile_step(networks, tx, config, mesh, rules, shardings, abstract, frozen,
                                                 frozen_params, shape)
 
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, config)
   t = config.train
   # grpo: each prompt of the batch is drawn group_size times
   images_per_step = t.batch_size * (config.grpo.group_size if config.objective == "grpo" else 1)
