@@ -39,7 +39,7 @@ CAPTION_FROM = ("auto", "filename")  # jdiff.data.files.CAPTION_FROM
 MISSING_CAPTIONS = ("skip", "empty")  # jdiff.data.files.MISSING_CAPTION
 LOSS_MASKS = ("none", "alpha", "file")  # jdiff.data.pipeline.LOSS_MASKS
 WANDB_MODES = ("offline", "online")
-EVAL_METRICS = ("adherence", "val_loss", "fid", "kid")  # jdiff.train.trainer.Evaluator
+EVAL_METRICS = ("adherence", "val_loss", "fid", "kid", "clip_score")  # jdiff.train.trainer.Evaluator
 PREDICTIONS = ("v", "eps", "x0")  # jdiff.diffusion.PREDICTIONS
 WEIGHTINGS = ("none", "eps", "x0", "sigma_sqrt", "cosmap")  # jdiff.diffusion.WEIGHTINGS
 TIMESTEP_KINDS = ("uniform", "logit_normal", "mode", "cosmap")  # jdiff.diffusion.TIMESTEP_KINDS
@@ -267,13 +267,15 @@ def base() -> ml_collections.ConfigDict:
   # learning curve workdir/learning_curve.png. metrics: 'adherence' (the shapes caption
   # benchmark) and 'val_loss' (eval/validation.py) for runs on the shapes data (skipped
   # elsewhere); 'fid' and 'kid' for any run, against fid_stats (python -m jdiff.fid_stats)
-  # with the FID Inception weights fid_weights, from fid_samples generated images.
+  # with the FID Inception weights fid_weights, and 'clip_score' with the transformers CLIPModel
+  # directory clip_model, from fid_samples generated images (prompted with the reference
+  # statistics' captions, else the data's).
   c.eval = ml_collections.ConfigDict(dict(num_samples=64, num_steps=28, cfg_scale=5.0, method="euler", seed=0,
                                           every=0, at_end=True,
                                           metrics=("adherence", "val_loss"),
                                           val_examples=128,  # validation images (shapes, another seed)
                                           val_times=8,  # evenly spaced t of the validation loss
-                                          fid_stats="", fid_weights="", fid_samples=1000))
+                                          fid_stats="", fid_weights="", fid_samples=1000, clip_model=""))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(logical_rules=LOGICAL_RULES))
   return c
@@ -410,6 +412,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if quality and not (c.eval.fid_stats and c.eval.fid_weights):
     raise errors.InvalidArgument(f"eval.metrics {quality} need eval.fid_stats (python -m jdiff.fid_stats) and "
                                  "eval.fid_weights (the FID Inception weights file)")
+  if "clip_score" in c.eval.metrics and not c.eval.clip_model:
+    raise errors.InvalidArgument("eval.metrics 'clip_score' needs eval.clip_model (a transformers CLIPModel "
+                                 "directory)")
   _positive("eval.fid_samples", c.eval.fid_samples)
   for dtype_field in ("model.dtype", "model.param_dtype", "text.dtype", "text.param_dtype"):
     section, key = dtype_field.split(".")

@@ -6,8 +6,10 @@
 
 adherence (the default) is caption adherence on the shapes benchmark:
 {"seen": {"color": a, "shape": a, "size": a, "position": a, "all": a, "n": N}, "held_out": {...}};
-fid and kid compare generated images with statistics written by jdiff.fid_stats (one image
-per reference caption, or --num_samples of them): {"fid": F, "kid": K, "kid_std": s, ...}.
+fid and kid compare generated images with statistics written by jdiff.fid_stats, clip_score
+compares them with their prompts (--clip_model): one image per reference caption (or per
+caption of the run's data), or --num_samples of them: {"fid": F, "kid": K, "kid_std": s,
+"clip_score": C, "n": N, ...}.
 """
 
 import json
@@ -17,7 +19,8 @@ from absl import flags
 from jdiff import cli
 from jdiff import inference
 from jdiff import errors
-from jdiff.eval import benchmark, fid
+from jdiff.eval import benchmark
+from jdiff.eval import quality as quality_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Prompts per split (default: config.eval).", lower_bound=1)
@@ -26,12 +29,14 @@ _CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: con
 _METHOD = flags.DEFINE_enum("method", None, ["euler", "heun"], "ODE solver (default: config.eval).")
 _SEED = flags.DEFINE_integer("seed", None, "Noise seed (default: config.eval).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", lower_bound=0)
-_METRICS = flags.DEFINE_list("metrics", ["adherence"], "Any of adherence, fid, kid.")
+_METRICS = flags.DEFINE_list("metrics", ["adherence"], "Any of adherence, fid, kid, clip_score.")
 _FID_STATS = flags.DEFINE_string("fid_stats", None, "Reference statistics .npz (python -m jdiff.fid_stats).")
 _FID_WEIGHTS = flags.DEFINE_string("fid_weights", None, "FID Inception weights (pt_inception-2015-12-05-6726825d.pth).")
+_CLIP_MODEL = flags.DEFINE_string("clip_model", None, "CLIP model directory for clip_score (a transformers "
+                                  "CLIPModel saved with its tokenizer, e.g. a copy of openai/clip-vit-large-patch14).")
 flags.mark_flag_as_required("workdir")
 
-METRICS = ("adherence", "fid", "kid")
+METRICS = ("adherence",) + quality_lib.METRICS
 
 
 def main(argv):
@@ -41,27 +46,30 @@ def main(argv):
   unknown = set(_METRICS.value) - set(METRICS)
   if unknown:
     raise errors.InvalidArgument(f"unknown --metrics {sorted(unknown)}; expected some of {list(METRICS)}")
-  quality = [m for m in _METRICS.value if m in ("fid", "kid")]
-  if quality and not (_FID_STATS.value and _FID_WEIGHTS.value):
+  quality = [m for m in _METRICS.value if m in quality_lib.METRICS]
+  if {"fid", "kid"} & set(quality) and not (_FID_STATS.value and _FID_WEIGHTS.value):
     raise errors.InvalidArgument(f"--metrics={','.join(quality)} needs --fid_stats (python -m jdiff.fid_stats) and "
                                  "--fid_weights (the FID Inception weights file)")
+  if "clip_score" in quality and not _CLIP_MODEL.value:
+    raise errors.InvalidArgument("--metrics=clip_score needs --clip_model (a transformers CLIPModel directory)")
+  scorers = quality_lib.Scorers.load(quality, fid_stats=_FID_STATS.value or "", fid_weights=_FID_WEIGHTS.value or "",
+                                     clip_model=_CLIP_MODEL.value or "") if quality else None
   model = inference.load(_WORKDIR.value, _STEP.value)
   result = {}
   if "adherence" in _METRICS.value:
     result.update(benchmark.evaluate(model, num_samples=_NUM_SAMPLES.value, num_steps=_NUM_STEPS.value,
                                      cfg_scale=_CFG_SCALE.value, method=_METHOD.value, seed=_SEED.value))
-  if quality:
+  if scorers:
     e = model.config.eval
-    reference = fid.Reference.load(_FID_STATS.value)
-    features = fid.Features.load(_FID_WEIGHTS.value, reference.resize)
-    result.update(n=_NUM_SAMPLES.value or len(reference.captions or ()), resize=reference.resize)
-    result.update(fid.evaluate(
-        model, reference, features, quality, num_samples=_NUM_SAMPLES.value,
-        seed=e.seed if _SEED.value is None else _SEED.value,
+    prompts = quality_lib.prompts_for(_NUM_SAMPLES.value, scorers.reference, model.config.data)
+    result.update(n=len(prompts))
+    if scorers.reference is not None:
+      result.update(resize=scorers.reference.resize)
+    result.update(quality_lib.evaluate(
+        model, scorers, prompts, seed=e.seed if _SEED.value is None else _SEED.value,
         num_steps=e.num_steps if _NUM_STEPS.value is None else _NUM_STEPS.value,
         cfg_scale=e.cfg_scale if _CFG_SCALE.value is None else _CFG_SCALE.value, method=_METHOD.value or e.method))
   print(json.dumps(result))
-
 
 if __name__ == "__main__":
   cli.run(main)

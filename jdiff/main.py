@@ -53,7 +53,7 @@ def main(argv):
   summary = trainer.train_and_evaluate(config, _WORKDIR.value)
   evaluation = dict(summary["eval"] or {})
   adherence = {k: v for k, v in evaluation.items() if isinstance(v, dict)}  # per benchmark split
-  quality = {k: evaluation[k] for k in ("fid", "kid") if k in evaluation}
+  quality = {k: evaluation[k] for k in ("fid", "kid", "clip_score") if k in evaluation}
   print(json.dumps({"step": summary["step"], "stopped_by": summary["stopped_by"],
                     "loss": summary["last_metrics"].get("loss"), "val_loss": evaluation.get("val_loss"),
                     "samples": summary["samples"][-1:], "adherence": adherence or None, **quality}))

@@ -42,6 +42,9 @@ CASES = [
     (["jdiff.evaluate", "--workdir=WORK", "--num_samples=0"], "--num_samples=0: 0 is not a positive integer"),
     (["jdiff.evaluate", "--workdir=WORK", "--metrics=fid"], "--metrics=fid needs --fid_stats"),
     (["jdiff.evaluate", "--workdir=WORK", "--metrics=adherence,fdi"], "unknown --metrics ['fdi']"),
+    (["jdiff.evaluate", "--workdir=WORK", "--metrics=clip_score"], "--metrics=clip_score needs --clip_model"),
+    (["jdiff.evaluate", "--workdir=WORK", "--metrics=clip_score", "--clip_model=NOWHERE"],
+     "no CLIP model directory at 'NOWHERE'"),
     (["jdiff.stages", "--config=configs/stages.py:test", "--workdir=WORK2", "--config.nope=1"],
      "--config.nope: no such config field"),
 ]

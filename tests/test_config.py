@@ -10,7 +10,7 @@ import pytest
 from jdiff import config as config_lib
 from jdiff import diffusion, models
 from jdiff.data import files, pipeline, sources
-from jdiff.eval import fid
+from jdiff.eval import quality
 from jdiff.models import layers, text
 from jdiff.train import objectives, optim
 
@@ -26,7 +26,7 @@ def test_allowed_values_are_the_registries():
   assert config_lib.CAPTION_FROM == files.CAPTION_FROM
   assert config_lib.MISSING_CAPTIONS == files.MISSING_CAPTION
   assert config_lib.LOSS_MASKS == pipeline.LOSS_MASKS
-  assert config_lib.EVAL_METRICS == ("adherence", "val_loss") + fid.QUALITY_METRICS
+  assert config_lib.EVAL_METRICS == ("adherence", "val_loss") + quality.METRICS
   assert config_lib.PREDICTIONS == diffusion.PREDICTIONS
   assert config_lib.WEIGHTINGS == diffusion.WEIGHTINGS
   assert config_lib.TIMESTEP_KINDS == diffusion.TIMESTEP_KINDS

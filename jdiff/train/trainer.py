@@ -39,7 +39,7 @@ from jdiff import networks as networks_lib
 from jdiff.data import pipeline as pipeline_lib
 from jdiff.eval import benchmark
 from jdiff.eval import curves
-from jdiff.eval import fid
+from jdiff.eval import quality as quality_lib
 from jdiff.eval import validation
 from jdiff.models import layers as L
 from jdiff.train import lock as lock_lib
@@ -344,8 +344,8 @@ def write_samples(config, networks, params, workdir: str, step: int, writer: Met
 class Evaluator:
   """config.eval.metrics of the EMA weights: caption adherence and validation loss on runs over
   the shapes data (eval.benchmark.applies; skipped elsewhere, with a log line), FID and KID on
-  any run. The reference statistics and the Inception network are loaded when it is built,
-  before anything compiles, so a wrong path fails at once."""
+  any run, and the CLIP score. The reference statistics, the Inception network and the CLIP model
+  are loaded when it is built, before any work, so a wrong path fails at once."""
 
   def __init__(self, config):
     metrics = set(config.eval.metrics)
@@ -355,15 +355,17 @@ class Evaluator:
     if skipped and (config.eval.every or config.eval.at_end):
       log.info("eval.metrics %s score runs on the shapes data: not computed for data.source=%r", skipped,
                config.data.source)
-    self.quality = [m for m in fid.QUALITY_METRICS if m in metrics]
-    self.reference = self.features = None
-    if self.quality and (config.eval.every or config.eval.at_end):
-      self.reference = fid.Reference.load(config.eval.fid_stats)
-      self.features = fid.Features.load(config.eval.fid_weights, self.reference.resize)
+    quality = [m for m in quality_lib.METRICS if m in metrics]
+    self.scorers, self.prompts = None, None
+    e = config.eval
+    if quality and (e.every or e.at_end):
+      self.scorers = quality_lib.Scorers.load(quality, fid_stats=e.fid_stats, fid_weights=e.fid_weights,
+                                              clip_model=e.clip_model)
+      self.prompts = quality_lib.prompts_for(e.fid_samples, self.scorers.reference, config.data)
 
   @property
   def on(self) -> bool:
-    return bool(self.adherence or self.val_loss or self.features is not None)
+    return bool(self.adherence or self.val_loss or self.scorers is not None)
 
   def __call__(self, config, networks, params, workdir: str, step: int, writer: MetricWriter) -> dict[str, Any]:
     """The metrics of `params`, logged, appended to workdir/eval.jsonl and drawn into
@@ -380,9 +382,9 @@ class Evaluator:
       val = validation.loss(networks, params, config)
       result.update(val)
       scalars.update(val)
-    if self.features is not None:
-      quality = fid.evaluate(model, self.reference, self.features, self.quality, num_samples=e.fid_samples,
-                             seed=e.seed, num_steps=e.num_steps, cfg_scale=e.cfg_scale, method=e.method)
+    if self.scorers is not None:
+      quality = quality_lib.evaluate(model, self.scorers, self.prompts, seed=e.seed, num_steps=e.num_steps,
+                                     cfg_scale=e.cfg_scale, method=e.method)
       result.update(quality)
       scalars.update(quality)
     log.info("step %d evaluation (%.0fs): %s", step, time.time() - t0, json.dumps(result))
