@@ -2,7 +2,7 @@
 
   python -m jdiff.evaluate --workdir=DIR [--num_samples=64 --num_steps=28 --cfg_scale=5]
   python -m jdiff.evaluate --workdir=DIR --metrics=fid,kid --fid_stats=stats.npz \
-      --fid_weights=pt_inception-2015-12-05-6726825d.pth [--num_samples=10000]
+      --fid_weights=pt_inception-2015-12-05-6726825d.pth [--num_samples=10000 --height=H --width=W]
 
 adherence (the default) is caption adherence on the shapes benchmark:
 {"seen": {"color": a, "shape": a, "size": a, "position": a, "all": a, "n": N}, "held_out": {...}};
@@ -34,6 +34,10 @@ _FID_STATS = flags.DEFINE_string("fid_stats", None, "Reference statistics .npz (
 _FID_WEIGHTS = flags.DEFINE_string("fid_weights", None, "FID Inception weights (pt_inception-2015-12-05-6726825d.pth).")
 _CLIP_MODEL = flags.DEFINE_string("clip_model", None, "CLIP model directory for clip_score (a transformers "
                                   "CLIPModel saved with its tokenizer, e.g. a copy of openai/clip-vit-large-patch14).")
+_HEIGHT = flags.DEFINE_integer("height", None, "Height of the images for fid, kid and clip_score (default: the "
+                               "training resolution); any shape the model takes (see jdiff.sample).", lower_bound=1)
+_WIDTH = flags.DEFINE_integer("width", None, "Width of those images (default: the training resolution).",
+                              lower_bound=1)
 flags.mark_flag_as_required("workdir")
 
 METRICS = ("adherence",) + quality_lib.METRICS
@@ -59,8 +63,13 @@ def main(argv):
   if "adherence" in _METRICS.value:
     result.update(benchmark.evaluate(model, num_samples=_NUM_SAMPLES.value, num_steps=_NUM_STEPS.value,
                                      cfg_scale=_CFG_SCALE.value, method=_METHOD.value, seed=_SEED.value))
+  if (_HEIGHT.value or _WIDTH.value) and not scorers:
+    raise errors.InvalidArgument("--height/--width size the images of fid, kid and clip_score; the shapes "
+                                 "benchmark (adherence) is square at the training resolution")
   if scorers:
     e = model.config.eval
+    side = model.networks.resolution
+    size = inference.check_size(model, (_HEIGHT.value or side, _WIDTH.value or side))
     prompts = quality_lib.prompts_for(_NUM_SAMPLES.value, scorers.reference, model.config.data)
     result.update(n=len(prompts))
     if scorers.reference is not None:
@@ -68,7 +77,8 @@ def main(argv):
     result.update(quality_lib.evaluate(
         model, scorers, prompts, seed=e.seed if _SEED.value is None else _SEED.value,
         num_steps=e.num_steps if _NUM_STEPS.value is None else _NUM_STEPS.value,
-        cfg_scale=e.cfg_scale if _CFG_SCALE.value is None else _CFG_SCALE.value, method=_METHOD.value or e.method))
+        cfg_scale=e.cfg_scale if _CFG_SCALE.value is None else _CFG_SCALE.value, method=_METHOD.value or e.method,
+        resolution=size))
   print(json.dumps(result))
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ CASES = [
     (["jdiff.evaluate", "--workdir=WORK", "--metrics=fid"], "--metrics=fid needs --fid_stats"),
     (["jdiff.evaluate", "--workdir=WORK", "--metrics=adherence,fdi"], "unknown --metrics ['fdi']"),
     (["jdiff.evaluate", "--workdir=WORK", "--metrics=clip_score"], "--metrics=clip_score needs --clip_model"),
+    (["jdiff.evaluate", "--workdir=WORK", "--height=8"], "--height/--width size the images of fid, kid and clip_score"),
     (["jdiff.evaluate", "--workdir=WORK", "--metrics=clip_score", "--clip_model=NOWHERE"],
      "no CLIP model directory at 'NOWHERE'"),
     (["jdiff.stages", "--config=configs/stages.py:test", "--workdir=WORK2", "--config.nope=1"],

@@ -105,3 +105,12 @@ def test_clip_score_in_the_loop_equals_scoring_the_final_models_images(clip_dir,
                     f"--clip_model={path}", "--num_samples=4")
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["n"] == 4 and result["clip_score"] == pytest.approx(expected, rel=1e-5)
+  # At another shape the model takes (a non-square one): the images are generated at it.
+  wide = inference.generate(model, prompts[:2], num_steps=e.num_steps, cfg_scale=e.cfg_scale, method=e.method,
+                            seed=e.seed, resolution=(8, 24))
+  assert wide.shape[1:3] == (8, 24)
+  out = helpers.cli("jdiff.evaluate", f"--workdir={tmp_path / 'run'}", "--metrics=clip_score",
+                    f"--clip_model={path}", "--num_samples=2", "--height=8", "--width=24")
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  expected = float(np.mean(clip_score.ClipScorer.load(path)(wide, prompts[:2])))
+  assert result["clip_score"] == pytest.approx(expected, rel=1e-5)

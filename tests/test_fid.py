@@ -18,6 +18,8 @@ from jdiff.eval import fid
 from jdiff.interop import inception as inception_io
 from jdiff.models import inception
 
+pytestmark = pytest.mark.xdist_group("cpu_heavy")  # with test_multihost.py, never beside it
+
 
 @pytest.fixture
 def torch_fidelity(monkeypatch):
