@@ -169,7 +169,8 @@ def test_fid_stats_and_evaluate_through_the_cli(tmp_path):
   np.testing.assert_allclose(mu, feats.astype(np.float64).mean(0)) and np.testing.assert_allclose(sigma, np.cov(feats.T))
   # The same images read in-process give the same features (the data as training reads it).
   data = config_lib.load("configs/mmdit_256.py:test").data
-  images, caps = next(fid.source_images(data, 12, batch_size=12))
+  from jdiff.data import sources
+  images, caps = next(fid.source_images(sources.make_source(data, "train"), data.resolution, 12, batch_size=12))
   assert list(caps) == list(captions)
   np.testing.assert_allclose(fid.Features.load(weights)(images), feats, rtol=1e-5, atol=1e-5 * np.abs(feats).max())
 

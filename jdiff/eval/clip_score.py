@@ -20,6 +20,7 @@ from PIL import Image
 from jdiff import errors
 from jdiff.interop import clip as clip_io
 from jdiff.interop import mapping as M
+from jdiff.interop import sd3_pipeline
 from jdiff.models import clip
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -72,11 +73,7 @@ class ClipScorer:
     config, state = M.read_config(path), M.load_safetensors(path)
     vision_kwargs = clip_io.vision_kwargs(config["vision_config"], config.get("projection_dim"))
     text_kwargs, text_params = clip_io.text_from_clip_model(config, state)
-    try:
-      import transformers  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError("reading Hugging Face tokenizer files needs transformers: pip install 'jdiff[hf]'") from e
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = sd3_pipeline.load_tokenizer(path)
     return cls(vision_kwargs, clip_io.vision_to_jdiff(config, state), text_kwargs, text_params, tokenizer, batch_size)
 
   def _batched(self, fn, params, x: np.ndarray) -> np.ndarray:

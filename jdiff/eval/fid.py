@@ -122,18 +122,17 @@ class Features:
     return np.concatenate(out) if out else np.zeros((0, inception.POOL_FEATURES), np.float32)
 
 
-def source_images(data_cfg: Mapping[str, Any], num_images: int | None = None, split: str = "train",
-                  batch_size: int = 64) -> Iterator[tuple[np.ndarray, list[str]]]:
-  """(uint8 images [b, R, R, 3] at data.resolution, their captions) of the first `num_images`
-  records of config.data's source (default: all), resized and centre-cropped as training reads
-  them; records that do not decode are skipped and logged."""
-  source = sources.make_source(data_cfg, split)
+def source_images(source, resolution: int, num_images: int | None = None, batch_size: int = 64
+                  ) -> Iterator[tuple[np.ndarray, list[str]]]:
+  """(uint8 images [b, R, R, 3] at `resolution`, their captions) of the first `num_images`
+  records of a data source (sources.make_source; default: all), resized and centre-cropped as
+  training reads them; records that do not decode are skipped and logged."""
   n = len(source) if num_images is None else min(num_images, len(source))
   images, captions, skipped = [], [], 0
   for i in range(n):
     try:
       record = source[i]
-      images.append(pipeline.decode_image(record, data_cfg["resolution"])["image"])
+      images.append(pipeline.decode_image(record, resolution)["image"])
       captions.append(files.caption_choice(record.get("caption", ""), 0, i))
     except Exception as e:  # as in training: a broken record is skipped
       skipped += 1
@@ -148,10 +147,11 @@ def source_images(data_cfg: Mapping[str, Any], num_images: int | None = None, sp
 def dataset_features(features: Features, data_cfg: Mapping[str, Any], num_images: int | None = None,
                      split: str = "train") -> tuple[np.ndarray, list[str]]:
   """Features of config.data's images (source_images) and their captions, with a progress bar."""
+  source = sources.make_source(data_cfg, split)
   out, captions = [], []
-  n = len(sources.make_source(data_cfg, split)) if num_images is None else num_images
-  with tqdm.tqdm(total=n, desc="features", unit="img", dynamic_ncols=True) as bar:
-    for images, caps in source_images(data_cfg, num_images, split, features.batch_size):
+  total = len(source) if num_images is None else min(num_images, len(source))
+  with tqdm.tqdm(total=total, desc="features", unit="img", dynamic_ncols=True) as bar:
+    for images, caps in source_images(source, data_cfg["resolution"], num_images, features.batch_size):
       out.append(features(images))
       captions += caps
       bar.update(len(images))
@@ -226,10 +226,8 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, **meta: Any) -> Non
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) of a statistics .npz written by save_stats, pytorch-fid or ADM's suite."""
-  with np.load(path) as f:
-    if "mu" not in f.files or "sigma" not in f.files:
-      raise errors.InvalidArgument(f"{path} has no 'mu' and 'sigma' arrays (found {f.files[:8]})")
-    return np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
+  reference = Reference.load(path)
+  return reference.mu, reference.sigma
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,8 +247,10 @@ class Reference:
   def load(cls, path: str) -> "Reference":
     if not os.path.exists(path):
       raise errors.NotFound(f"no FID statistics at {path!r} (write them with python -m jdiff.fid_stats)")
-    mu, sigma = load_stats(path)
     with np.load(path) as f:
+      if "mu" not in f.files or "sigma" not in f.files:
+        raise errors.InvalidArgument(f"{path} has no 'mu' and 'sigma' arrays (found {f.files[:8]})")
+      mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
       extra = {k: np.asarray(f[k]) for k in ("features", "captions", "resize") if k in f.files}
     captions = [str(c) for c in extra["captions"]] if "captions" in extra else None
     return cls(path, mu, sigma, extra.get("features"), captions, str(extra.get("resize", "tf1_bilinear")))

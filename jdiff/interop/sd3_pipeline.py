@@ -69,7 +69,8 @@ def load_vae(path: str, dtype: str = "float32") -> tuple[vae.AutoencoderKL, dict
   return vae.AutoencoderKL(**kwargs, dtype=L.as_dtype(dtype)), {"params": params}
 
 
-def _tokenizer(path: str):
+def load_tokenizer(path: str):
+  """Hugging Face tokenizer files in `path` (needs transformers; nothing is downloaded)."""
   try:
     import transformers  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -105,7 +106,7 @@ class SD3TextEncoder:
       kwargs = clip_io.model_kwargs(dict(config, architectures=["CLIPTextModelWithProjection"]))
       mods.append(clip.CLIPText(**kwargs, dtype=L.as_dtype(dtype)))
       params[f"clip_{i}"] = p
-      toks.append(_tokenizer(os.path.join(path, f"tokenizer{suffix}")))
+      toks.append(load_tokenizer(os.path.join(path, f"tokenizer{suffix}")))
     try:
       config, p = _load(path, "text_encoder_3", t5_io)
     except FileNotFoundError:
@@ -114,7 +115,7 @@ class SD3TextEncoder:
     else:
       mods.append(t5.T5Encoder(**t5_io.model_kwargs(config), dtype=L.as_dtype(dtype)))
       params["t5"] = p
-      toks.append(_tokenizer(os.path.join(path, "tokenizer_3")))
+      toks.append(load_tokenizer(os.path.join(path, "tokenizer_3")))
     context_dim = M.read_config(component_dir(path, "transformer"))["joint_attention_dim"]
     return cls(tuple(toks), tuple(mods), params, toks[0].model_max_length, t5_len, context_dim)
 
