@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import tqdm
 
 from jdiff import checkpoint as ckpt_lib
@@ -55,6 +57,22 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
   """Raised after config.train.max_nonfinite consecutive non-finite steps."""
+
+
+# How long a process waits for the others to finish compiling before step 1: XLA compiles on
+# each host independently and a large step on a busy host can take many minutes.
+_COMPILE_BARRIER_TIMEOUT_S = 3600
+_barriers = itertools.count()  # a barrier's name is used once (jdiff.stages trains several runs per process)
+
+
+def _meet_before_first_step() -> None:
+  """Several processes: wait on the coordination service until every one has compiled its
+  steps. The first collective of a step sets up its communicator (gloo on CPU, NCCL on GPU)
+  under a short fixed deadline (30 s for gloo), which a host that compiles more slowly than the
+  others would miss; this barrier's deadline is generous instead."""
+  if jax.process_count() > 1:
+    ocp.multihost.get_barrier_sync_fn()(key=f"jdiff: every process compiled its train steps ({next(_barriers)})",
+                                        timeout_ms=_COMPILE_BARRIER_TIMEOUT_S * 1000)
 
 
 class _StopFlag:
@@ -476,6 +494,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       ckpt.save(step, state, pipeline.iterator, config, lineage, force=force)
       last_saved = step
 
+  _meet_before_first_step()
   try:
     with _StopFlag() as stop:
       for step in range(start, t.num_steps):
