@@ -1,6 +1,6 @@
 """Evaluate a trained workdir; prints one JSON line.
 
-  python -m jdiff.evaluate --workdir=DIR [--num_samples=64 --num_steps=28 --cfg_scale=5]
+  python -m jdiff.evaluate --workdir=DIR [--num_samples=64 --num_steps=28 --cfg_scale=5 --grids=DIR/verdicts]
   python -m jdiff.evaluate --workdir=DIR --metrics=fid,kid --fid_stats=stats.npz \
       --fid_weights=pt_inception-2015-12-05-6726825d.pth [--num_samples=10000 --height=H --width=W]
 
@@ -29,6 +29,10 @@ _CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: con
 _METHOD = flags.DEFINE_enum("method", None, ["euler", "heun"], "ODE solver (default: config.eval).")
 _SEED = flags.DEFINE_integer("seed", None, "Noise seed (default: config.eval).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", lower_bound=0)
+_GRIDS = flags.DEFINE_string("grids", None, "adherence: also write each split's first --grid_images images to "
+                             "DIR/<split>.png, framed green (all four attributes read right) or red, with "
+                             "DIR/<split>.txt naming what was read wrong.")
+_GRID_IMAGES = flags.DEFINE_integer("grid_images", 64, "Images per verdict grid (--grids).", lower_bound=1)
 _METRICS = flags.DEFINE_list("metrics", ["adherence"], "Any of adherence, fid, kid, clip_score.")
 _FID_STATS = flags.DEFINE_string("fid_stats", None, "Reference statistics .npz (python -m jdiff.fid_stats).")
 _FID_WEIGHTS = flags.DEFINE_string("fid_weights", None, "FID Inception weights (pt_inception-2015-12-05-6726825d.pth).")
@@ -56,13 +60,16 @@ def main(argv):
                                  "--fid_weights (the FID Inception weights file)")
   if "clip_score" in quality and not _CLIP_MODEL.value:
     raise errors.InvalidArgument("--metrics=clip_score needs --clip_model (a transformers CLIPModel directory)")
+  if _GRIDS.value and "adherence" not in _METRICS.value:
+    raise errors.InvalidArgument("--grids draws the shapes benchmark's images: add adherence to --metrics")
   scorers = quality_lib.Scorers.load(quality, fid_stats=_FID_STATS.value or "", fid_weights=_FID_WEIGHTS.value or "",
                                      clip_model=_CLIP_MODEL.value or "") if quality else None
   model = inference.load(_WORKDIR.value, _STEP.value)
   result = {}
   if "adherence" in _METRICS.value:
     result.update(benchmark.evaluate(model, num_samples=_NUM_SAMPLES.value, num_steps=_NUM_STEPS.value,
-                                     cfg_scale=_CFG_SCALE.value, method=_METHOD.value, seed=_SEED.value))
+                                     cfg_scale=_CFG_SCALE.value, method=_METHOD.value, seed=_SEED.value,
+                                     grid_dir=_GRIDS.value, grid_images=_GRID_IMAGES.value))
   if (_HEIGHT.value or _WIDTH.value) and not scorers:
     raise errors.InvalidArgument("--height/--width size the images of fid, kid and clip_score; the shapes "
                                  "benchmark (adherence) is square at the training resolution")

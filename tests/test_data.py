@@ -115,6 +115,25 @@ def test_analyser_tolerates_noise_and_rejects_empty_images():
   assert adherence.score([blank], [examples[0]])["all"] == 0.0
 
 
+def test_verdict_grid_frames_renders_green_and_wrong_targets_red(tmp_path):
+  """A render under its own attributes is framed green; under another colour, red, and the
+  .txt names the colour as read wrong."""
+  from PIL import Image
+
+  from jdiff.eval import benchmark
+  src = shapes.ShapesSource(24, seed=5)
+  examples = [src[i] for i in range(4)]
+  targets = [{a: e[a] for a in shapes.ATTRIBUTES} for e in examples]
+  targets[1] = dict(targets[1], color="green" if targets[1]["color"] != "green" else "red")
+  path = tmp_path / "v" / "seen.png"
+  benchmark.write_verdict_grid(np.stack([e["image"] for e in examples]), ["p0", "p1", "p2", "p3"], targets,
+                               str(path), upscale=2)
+  grid = np.asarray(Image.open(path))[::2, ::2]
+  frames = [tuple(grid[2, 2 + i * (24 + 2 * benchmark.FRAME + 2)]) for i in range(4)]
+  assert frames == [benchmark.RIGHT, benchmark.WRONG, benchmark.RIGHT, benchmark.RIGHT]
+  assert (tmp_path / "v" / "seen.txt").read_text().splitlines()[:2] == ["0\tright\tp0", "1\twrong: color\tp1"]
+
+
 def test_benchmark_prompts():
   seen = shapes.benchmark("train", 36)
   held = shapes.benchmark("held_out", 36)

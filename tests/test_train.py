@@ -280,13 +280,38 @@ def test_cli_train_sample_evaluate(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("error: there is no checkpoint at step 3 in "), \
       proc.stderr[-2000:]
-  out = _cli("jdiff.evaluate", f"--workdir={work}", "--num_samples=3", "--num_steps=2")
+  grids = tmp_path / "verdicts"
+  out = _cli("jdiff.evaluate", f"--workdir={work}", "--num_samples=3", "--num_steps=2", f"--grids={grids}")
   scores = json.loads(out.stdout.strip().splitlines()[-1])
   assert set(scores) == {"seen", "held_out", "new_color"}
   for split in scores.values():
     assert split["n"] == 3
     for key in ("color", "shape", "size", "position", "all"):
       assert 0.0 <= split[key] <= 1.0
+  _check_verdict_grids(grids, scores, num=3, side=16)
+
+
+def _check_verdict_grids(grids, scores, num, side, upscale=4):
+  """Each tile of a split's grid is framed by the analyser's verdict on the image inside it,
+  and its .txt line says the same; the grid's share of right images is the split's 'all'."""
+  from PIL import Image
+
+  from jdiff.data import shapes
+  from jdiff.eval import adherence, benchmark
+  for name, split in benchmark.SPLITS.items():
+    grid = np.asarray(Image.open(grids / f"{name}.png"))[::upscale, ::upscale]
+    lines = (grids / f"{name}.txt").read_text().splitlines()
+    prompts = shapes.benchmark(split, num)
+    assert len(lines) == num
+    tile, f = side + 2 * benchmark.FRAME, benchmark.FRAME
+    for i, ((prompt, target), line) in enumerate(zip(prompts, lines)):
+      x0 = 2 + i * (tile + 2)  # one row: inference.grid's 2-pixel gaps
+      framed = grid[2:2 + tile, x0:x0 + tile]
+      right = adherence.correct(framed[f:-f, f:-f], target)
+      assert tuple(framed[0, 0]) == (benchmark.RIGHT if right.all() else benchmark.WRONG)
+      wrong = [a for a, r in zip(shapes.ATTRIBUTES, right) if not r]
+      assert line == f"{i}\t{'right' if not wrong else 'wrong: ' + ','.join(wrong)}\t{prompt}"
+    assert sum("\tright\t" in line for line in lines) / num == scores[name]["all"]
 
 
 @pytest.mark.parametrize("flag,message", [

@@ -3,7 +3,10 @@ images back with the analyser, report accuracy per attribute for seen and held-o
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+import numpy as np
 
 from jdiff import inference
 from jdiff.data import shapes
@@ -12,6 +15,28 @@ from jdiff.eval import adherence
 # seen: trained colour-shape pairs; held_out: unseen pairs of seen words; new_color: a colour
 # word absent from pre-training (learned by a tune stage on the 'new_color' data split).
 SPLITS = {"seen": "train", "held_out": "held_out", "new_color": "new_color"}
+RIGHT, WRONG = (40, 170, 60), (210, 40, 40)  # frame colours of the verdict grids
+FRAME = 2  # pixels
+
+
+def write_verdict_grid(images: np.ndarray, prompts: list[str], targets: list[dict[str, str]], path: str,
+                       columns: int = 8, upscale: int = 4) -> None:
+  """`path` (.png): the images framed green where the analyser reads all four attributes right
+  and red elsewhere; beside it a .txt naming, per image, its prompt and what was read wrong.
+  What the analyser accepts and a person would not (reward hacking) shows up here."""
+  framed, lines = [], []
+  for i, (image, prompt, target) in enumerate(zip(images, prompts, targets)):
+    right = adherence.correct(image, target)
+    tile = np.empty((image.shape[0] + 2 * FRAME, image.shape[1] + 2 * FRAME, 3), np.uint8)
+    tile[:] = RIGHT if right.all() else WRONG
+    tile[FRAME:-FRAME, FRAME:-FRAME] = image
+    framed.append(tile)
+    wrong = [a for a, r in zip(shapes.ATTRIBUTES, right) if not r]
+    lines.append(f"{i}\t{'right' if not wrong else 'wrong: ' + ','.join(wrong)}\t{prompt}")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  inference.save_png(inference.grid(np.stack(framed), columns=min(columns, len(framed))), path, upscale)
+  with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+    f.write("\n".join(lines) + "\n")
 
 
 def applies(config) -> bool:
@@ -21,10 +46,11 @@ def applies(config) -> bool:
 
 
 def evaluate(model: inference.Model, *, num_samples: int | None = None, num_steps: int | None = None,
-             cfg_scale: float | None = None, method: str | None = None, seed: int | None = None
-             ) -> dict[str, Any]:
+             cfg_scale: float | None = None, method: str | None = None, seed: int | None = None,
+             grid_dir: str | None = None, grid_images: int = 64) -> dict[str, Any]:
   """{'seen': {color, shape, size, position, all, n}, 'held_out': {...}, 'new_color': {...}};
-  unset settings come from config.eval."""
+  unset settings come from config.eval. `grid_dir`: also writes each split's first
+  `grid_images` images as a verdict grid (write_verdict_grid) to grid_dir/<split>.png."""
   e = model.config.eval
   num_samples = e.num_samples if num_samples is None else num_samples
   num_steps = e.num_steps if num_steps is None else num_steps
@@ -35,4 +61,8 @@ def evaluate(model: inference.Model, *, num_samples: int | None = None, num_step
                                 cfg_scale=e.cfg_scale if cfg_scale is None else cfg_scale,
                                 method=method or e.method, seed=e.seed if seed is None else seed)
     out[name] = adherence.score(images, [a for _, a in prompts])
+    if grid_dir:
+      k = min(grid_images, len(prompts))
+      write_verdict_grid(images[:k], [p for p, _ in prompts[:k]], [a for _, a in prompts[:k]],
+                         os.path.join(grid_dir, f"{name}.png"))
   return out
