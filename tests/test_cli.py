@@ -46,6 +46,8 @@ CASES = [
     (["jdiff.evaluate", "--workdir=WORK", "--height=8"], "--height/--width size the images of fid, kid and clip_score"),
     (["jdiff.evaluate", "--workdir=WORK", "--metrics=clip_score", "--clip_model=NOWHERE"],
      "no CLIP model directory at 'NOWHERE'"),
+    (["jdiff.evaluate", "--workdir=WORK", "--metrics=clip_score", "--clip_model=NOWHERE", "--grids=G"],
+     "--grids draws the shapes benchmark's images: add adherence to --metrics"),
     (["jdiff.stages", "--config=configs/stages.py:test", "--workdir=WORK2", "--config.nope=1"],
      "--config.nope: no such config field"),
 ]
