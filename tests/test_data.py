@@ -126,8 +126,9 @@ def test_verdict_grid_frames_renders_green_and_wrong_targets_red(tmp_path):
   targets = [{a: e[a] for a in shapes.ATTRIBUTES} for e in examples]
   targets[1] = dict(targets[1], color="green" if targets[1]["color"] != "green" else "red")
   path = tmp_path / "v" / "seen.png"
-  benchmark.write_verdict_grid(np.stack([e["image"] for e in examples]), ["p0", "p1", "p2", "p3"], targets,
-                               str(path), upscale=2)
+  images = np.stack([e["image"] for e in examples])
+  verdicts = [adherence.correct(image, target) for image, target in zip(images, targets)]
+  benchmark.write_verdict_grid(images, ["p0", "p1", "p2", "p3"], verdicts, str(path), upscale=2)
   grid = np.asarray(Image.open(path))[::2, ::2]
   frames = [tuple(grid[2, 2 + i * (24 + 2 * benchmark.FRAME + 2)]) for i in range(4)]
   assert frames == [benchmark.RIGHT, benchmark.WRONG, benchmark.RIGHT, benchmark.RIGHT]

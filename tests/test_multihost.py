@@ -12,8 +12,9 @@ import pytest
 
 import helpers
 
-# Two JAX processes that must meet in collectives within gloo's fixed 30 s: never beside the
-# Inception tests (test_fid.py), whose CPU load on a 2-core machine starves one of them.
+# Two JAX processes that share 2 cores: never beside the Inception tests (test_fid.py), whose
+# CPU load slows one of them far behind the other (the trainer's barrier before step 1 keeps
+# that from failing gloo's 30 s set-up deadline; this keeps the tests' time down).
 pytestmark = pytest.mark.xdist_group("cpu_heavy")
 
 STEPS = 4

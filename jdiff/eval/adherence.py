@@ -90,10 +90,14 @@ def correct(image: np.ndarray, target: Mapping[str, str]) -> np.ndarray:
 def score(images: Iterable[np.ndarray], targets: Iterable[Mapping[str, str]]) -> dict[str, float]:
   """Per-attribute accuracy of images against their target attributes, plus 'all'
   (every attribute right) and the count 'n'."""
+  return tally(correct(image, target) for image, target in zip(images, targets))
+
+
+def tally(verdicts: Iterable[np.ndarray]) -> dict[str, float]:
+  """`score` from the images' verdicts (`correct`, bool [4] each)."""
   hits = {a: 0 for a in shapes.ATTRIBUTES}
   all_right = n = 0
-  for image, target in zip(images, targets):
-    right = correct(image, target)
+  for right in verdicts:
     for a, r in zip(shapes.ATTRIBUTES, right):
       hits[a] += r
     all_right += all(right)

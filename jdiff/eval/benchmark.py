@@ -19,14 +19,14 @@ RIGHT, WRONG = (40, 170, 60), (210, 40, 40)  # frame colours of the verdict grid
 FRAME = 2  # pixels
 
 
-def write_verdict_grid(images: np.ndarray, prompts: list[str], targets: list[dict[str, str]], path: str,
+def write_verdict_grid(images: np.ndarray, prompts: list[str], verdicts: list[np.ndarray], path: str,
                        columns: int = 8, upscale: int = 4) -> None:
-  """`path` (.png): the images framed green where the analyser reads all four attributes right
-  and red elsewhere; beside it a .txt naming, per image, its prompt and what was read wrong.
-  What the analyser accepts and a person would not (reward hacking) shows up here."""
+  """`path` (.png): the images framed green where the analyser read all four attributes right
+  (`verdicts`: adherence.correct of each image) and red elsewhere; beside it a .txt naming, per
+  image, its prompt and what was read wrong. What the analyser accepts and a person would not
+  (reward hacking) shows up here."""
   framed, lines = [], []
-  for i, (image, prompt, target) in enumerate(zip(images, prompts, targets)):
-    right = adherence.correct(image, target)
+  for i, (image, prompt, right) in enumerate(zip(images, prompts, verdicts)):
     tile = np.empty((image.shape[0] + 2 * FRAME, image.shape[1] + 2 * FRAME, 3), np.uint8)
     tile[:] = RIGHT if right.all() else WRONG
     tile[FRAME:-FRAME, FRAME:-FRAME] = image
@@ -60,9 +60,9 @@ def evaluate(model: inference.Model, *, num_samples: int | None = None, num_step
     images = inference.generate(model, [p for p, _ in prompts], num_steps=num_steps,
                                 cfg_scale=e.cfg_scale if cfg_scale is None else cfg_scale,
                                 method=method or e.method, seed=e.seed if seed is None else seed)
-    out[name] = adherence.score(images, [a for _, a in prompts])
+    verdicts = [adherence.correct(image, a) for image, (_, a) in zip(images, prompts)]
+    out[name] = adherence.tally(verdicts)
     if grid_dir:
       k = min(grid_images, len(prompts))
-      write_verdict_grid(images[:k], [p for p, _ in prompts[:k]], [a for _, a in prompts[:k]],
-                         os.path.join(grid_dir, f"{name}.png"))
+      write_verdict_grid(images[:k], [p for p, _ in prompts[:k]], verdicts[:k], os.path.join(grid_dir, f"{name}.png"))
   return out
