@@ -86,7 +86,10 @@ def get_config(arg: str | None = None):
   # On-policy preference data: before a listed stage trains, its parent (the sft model) is
   # sampled for `num` training captions and every sample the analyser finds wrong becomes
   # a rejected image against the caption's render (jdiff/pairs.py). '' = embedded pairs.
-  p.pairs = ml_collections.ConfigDict(dict(stages="dpo", num=dict(gpu=16384, cpu=2048, test=8)[variant]))
+  # preferred='sample' (with samples_per_caption >= 2) pairs a wrong sample with a right one of
+  # the same caption instead of its render, which also allows split='held_out' ('' = the parent's split).
+  p.pairs = ml_collections.ConfigDict(dict(stages="dpo", num=dict(gpu=16384, cpu=2048, test=8)[variant],
+                                           preferred="render", samples_per_caption=1, split=""))
   # The table: prompts per benchmark split, and the teacher row (the stage that distillation
   # starts from, sampled with table.teacher_steps steps and CFG).
   p.table = ml_collections.ConfigDict(dict(num_samples=480, teacher="tune", teacher_steps=50))

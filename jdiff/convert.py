@@ -10,8 +10,14 @@
   python -m jdiff.convert export --workdir=runs/sd35_tuned --out=/models/sd35_tuned [--pipeline=SRC]
 
   # A LoRA run's adapters alone, in diffusers/PEFT naming (out/pytorch_lora_weights.safetensors;
-  # load with pipe.load_lora_weights(out)):
-  python -m jdiff.convert export_lora --workdir=runs/sd35_lora --out=/models/sd35_lora
+  # load with pipe.load_lora_weights(out)) or with --naming=kohya in sd-scripts' naming, which
+  # ComfyUI and Forge read (out/lora_kohya.safetensors; diffusers reads it for Flux):
+  python -m jdiff.convert export_lora --workdir=runs/sd35_lora --out=/models/sd35_lora [--naming=kohya]
+
+  # A LoRA file from any trainer (diffusers/PEFT or kohya naming, told apart by its keys) on
+  # an imported base: the base with the adapters (sample, export, or train them further with
+  # config.init_from), or with --merge folded into the weights:
+  python -m jdiff.convert import_lora --src=my_lora.safetensors --base=runs/sd35_base --workdir=runs/sd35_mine
 
 Flux transformers (FluxTransformer2DModel) convert both ways as weights (transformer/ only).
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from typing import Any
 
@@ -35,17 +42,22 @@ from jdiff import cli
 from jdiff import config as config_lib
 from jdiff import errors
 from jdiff import inference
-from jdiff.interop import flux, mapping, sd3, sd3_pipeline
+from jdiff.interop import flux, lora_files, mapping, sd3, sd3_pipeline
 from jdiff.models import layers
 
 log = logging.getLogger("jdiff.convert")  # not __name__: "__main__" under python -m
 
-_SRC = flags.DEFINE_string("src", None, "import: a diffusers pipeline or transformer directory.")
+_SRC = flags.DEFINE_string("src", None, "import: a diffusers pipeline or transformer directory; import_lora: a LoRA "
+                            ".safetensors file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The jdiff workdir (written by import, read by export).")
 _OUT = flags.DEFINE_string("out", None, "export: the diffusers directory to write.")
 _PIPELINE = flags.DEFINE_string("pipeline", None, "export: pipeline to copy the other components from "
                                 "(default: config.text.pipeline; '' for transformer/ only).")
 _STEP = flags.DEFINE_integer("step", None, "export: checkpoint step (default: latest).", lower_bound=0)
+_NAMING = flags.DEFINE_enum("naming", "diffusers", lora_files.NAMINGS, "export_lora: diffusers/PEFT naming, or "
+                            "kohya's (sd-scripts, ComfyUI) on the original checkpoint's fused layers.")
+_BASE = flags.DEFINE_string("base", None, "import_lora: the workdir of the model the LoRA file adapts.")
+_MERGE = flags.DEFINE_boolean("merge", False, "import_lora: fold the adapters into the weights.")
 _SCAN = flags.DEFINE_boolean("scan", False, "import: store blocks for model.scan=True (else unrolled, the "
                              "default config's layout; a run with the other setting converts at init_from).")
 
@@ -143,45 +155,147 @@ def export_dir(workdir: str, out: str, pipeline: str | None = None, step: int | 
   return dict(transformer=tdir, pipeline=out if pipeline else None, step=model.step)
 
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
+# File names: the one diffusers' load_lora_weights looks for in a directory, and the kohya one.
+LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "lora_kohya.safetensors"}
+LORA_FILE = LORA_FILES["diffusers"]
+_LAYERS = {"mmdit": lora_files.sd3_layers, "flux": lora_files.flux_layers}
 
 
-def export_lora_dir(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
-  """Writes the EMA LoRA adapters of `workdir` to out/pytorch_lora_weights.safetensors in
-  diffusers/PEFT naming (mapping.export_lora). Returns {'file', 'step', 'num_tensors', 'rank'}."""
-
+def export_lora_dir(workdir: str, out: str, step: int | None = None, naming: str = "diffusers") -> dict[str, Any]:
+  """Writes the EMA LoRA adapters of `workdir` to out/ in `naming` (lora_files.NAMINGS):
+  diffusers/PEFT (pytorch_lora_weights.safetensors) or kohya/ComfyUI (lora_kohya.safetensors,
+  on the original checkpoint's fused layers). Returns {'file', 'step', 'num_tensors', 'rank', 'naming'}."""
+  if naming not in lora_files.NAMINGS:
+    raise errors.InvalidArgument(f"naming={naming!r}: expected one of {lora_files.NAMINGS}")
   model = inference.load(workdir, step)
   lora = model.networks.lora
   if lora is None:
     raise errors.InvalidArgument(f"{workdir} was not trained with LoRA adapters (config.lora.rank = 0)")
   io, kwargs = _denoiser_kwargs(model)
-  params = jax.tree.map(np.asarray, jax.device_get(model.params["denoiser"]))
-  tensors = mapping.export_lora(io.rules(kwargs), io.unrolled_layout(params), lora.scale)
-  if any(np.asarray(v).dtype != np.float32 for v in tensors.values()):
-    tensors = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+  params = io.unrolled_layout(jax.tree.map(np.asarray, jax.device_get(model.params["denoiser"])))
+  rules = io.rules(kwargs)
+  adapters = lora_files.adapters_from_params(rules, params, lora.scale)
+  if naming == "kohya":
+    tensors = lora_files.to_kohya(adapters, _LAYERS[model.config.model.name](kwargs),
+                                  lora_files.output_widths(rules, params))
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank),
+                "ss_network_alpha": str(lora.alpha)}
+  else:
+    tensors = lora_files.to_peft(adapters)
+    metadata = {}
+  tensors = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
   os.makedirs(out, exist_ok=True)
-  path = os.path.join(out, LORA_FILE)
-  safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"})
-  log.info("exported %d LoRA tensors of %s (step %s) to %s", len(tensors), workdir, model.step, path)
-  return dict(file=path, step=model.step, num_tensors=len(tensors), rank=lora.rank)
+  path = os.path.join(out, LORA_FILES[naming])
+  safetensors.numpy.save_file(tensors, path, metadata={"format": "pt", **metadata})
+  log.info("exported %d LoRA tensors of %s (step %s) in %s naming to %s", len(tensors), workdir, model.step, naming,
+           path)
+  return dict(file=path, step=model.step, num_tensors=len(tensors), rank=lora.rank, naming=naming)
+
+
+_BLOCK = re.compile(r"^((?:.*_)?blocks?)_(\d+)$")  # an unrolled block: 'blocks_3', 'single_blocks_0'
+
+
+def _targets(paths: list[tuple[str, ...]], params: dict, scan: bool) -> str:
+  """A lora.targets regex matching exactly the Dense layers at `paths` (unrolled layout of
+  `params`); with scan, each block stack holds one set of adapters, so a layer must be
+  adapted in all of its stack's blocks or in none."""
+  names = {"/".join(p) for p in paths}
+  if scan:
+    depth = {}
+    for key in params:
+      m = _BLOCK.match(key)
+      if m:
+        depth[m.group(1)] = depth.get(m.group(1), 0) + 1
+    stacked = {}
+    for p in paths:
+      m = _BLOCK.match(p[0])
+      name = "/".join(((m.group(1),) if m else p[:1]) + p[1:])
+      stacked[name] = stacked.get(name, 0) + 1
+    uneven = sorted(n for n, c in stacked.items() if "/" in n and n.split("/")[0] in depth and c != depth[n.split("/")[0]])
+    if uneven:
+      raise errors.InvalidArgument(f"the LoRA file adapts {uneven[0]} in some blocks of its stack only; a model with "
+                                   "model.scan=True holds one set of adapters per stack: import into an unrolled model")
+    names = set(stacked)
+  return "(" + "|".join(re.escape(n) for n in sorted(names)) + ")"
+
+
+def import_lora_dir(src: str, base: str, workdir: str, merge: bool = False, step: int | None = None) -> dict[str, Any]:
+  """A LoRA file (diffusers/PEFT or kohya naming, read from its keys) on `base`'s model ->
+  `workdir`: the base weights with the adapters (config.lora set to the file's rank, scale and
+  layers: sample it, export it, or train the adapters further with config.init_from), or with
+  `merge` folded into the weights (config.lora.rank = 0). Returns {'workdir', 'naming',
+  'rank', 'alpha', 'num_adapters', 'merged'}."""
+  if not os.path.isfile(src):
+    raise errors.NotFound(f"no LoRA file at {src!r}")
+  model = inference.load(base, step)
+  io, kwargs = _denoiser_kwargs(model)
+  tensors = safetensors.numpy.load_file(src)
+  naming = lora_files.naming_of(tensors)
+  params = io.unrolled_layout(jax.tree.map(np.asarray, jax.device_get(model.params["denoiser"])))
+  rules = io.rules(kwargs)
+  if naming == "kohya":
+    adapters = lora_files.from_kohya(tensors, _LAYERS[model.config.model.name](kwargs),
+                                     lora_files.output_widths(rules, params))
+  else:
+    adapters = lora_files.from_peft(tensors)
+  if not adapters:
+    raise errors.InvalidArgument(f"{src} holds no non-zero adapters")
+  ranks = {a.shape[1] for a, _, _ in adapters.values()}
+  scales = sorted({s for _, _, s in adapters.values()})
+  scale = max(scales, key=lambda s: sum(v[2] == s for v in adapters.values()))  # the commonest: exact for most
+  lora = lora_files.adapters_to_params(rules, adapters, scale)
+  rank = ranks.pop()
+  spec = layers.LoRA(rank=rank, alpha=scale * rank)
+  paths = [p[:-1] for p, _ in mapping._flatten(lora) if p[-1] == "lora_a"]
+  config = model.config
+  if model.networks.lora is not None:
+    raise errors.InvalidArgument(f"{base} already has LoRA adapters (config.lora.rank = {config.lora.rank}): "
+                                 "export it merged first (python -m jdiff.convert export) and import that")
+  merged = _deep_merge(params, lora)
+  if merge:
+    merged = jax.tree.map(np.asarray, layers.merge_lora(merged, spec))
+  else:
+    config.lora.update(rank=rank, alpha=float(spec.alpha), targets=_targets(paths, params, config.model.scan))
+  merged = io.scan_layout(jax.tree.map(jnp.asarray, merged), kwargs, config.model.scan)
+  lineage = [dict(stage="import_lora", workdir=os.path.abspath(workdir), init_from=os.path.abspath(base),
+                  from_step=model.step, lora_file=os.path.abspath(src))]
+  checkpoint.save_weights(workdir, {"denoiser": merged}, config, lineage)
+  log.info("%s %d adapters (%s naming, rank %d) of %s into %s", "merged" if merge else "imported", len(adapters),
+           naming, rank, src, workdir)
+  return dict(workdir=workdir, naming=naming, rank=rank, alpha=float(spec.alpha), num_adapters=len(adapters),
+              merged=merge)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and k in out else v
+  return out
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ("import", "export", "export_lora"):
+  commands = ("import", "export", "export_lora", "import_lora")
+  if len(argv) != 2 or argv[1] not in commands:
     raise app.UsageError("usage: python -m jdiff.convert import --src=DIR --workdir=W | "
-                         "export --workdir=W --out=DIR [--pipeline=SRC] | export_lora --workdir=W --out=DIR")
+                         "export --workdir=W --out=DIR [--pipeline=SRC] | export_lora --workdir=W --out=DIR "
+                         "[--naming=kohya] | import_lora --src=FILE --base=W --workdir=W2 [--merge]")
   cli.set_log_levels()
-  if argv[1] == "import":
-    if not _SRC.value or not _WORKDIR.value:
-      raise app.UsageError("import needs --src and --workdir")
+  command = argv[1]
+  if command in ("import", "import_lora"):
+    if not _SRC.value or not _WORKDIR.value or (command == "import_lora" and not _BASE.value):
+      raise app.UsageError(f"{command} needs --src" + (", --base" if command == "import_lora" else "") +
+                           " and --workdir")
+    if command == "import_lora":
+      print(json.dumps(import_lora_dir(_SRC.value, _BASE.value, _WORKDIR.value, _MERGE.value, _STEP.value)))
+      return
     config = import_dir(_SRC.value, _WORKDIR.value, _SCAN.value)
     print(json.dumps({"workdir": _WORKDIR.value, "model": config.model.name, "depth": config.model.depth,
                       "width": config.model.width}))
   else:
     if not _WORKDIR.value or not _OUT.value:
-      raise app.UsageError(f"{argv[1]} needs --workdir and --out")
-    if argv[1] == "export_lora":
-      print(json.dumps(export_lora_dir(_WORKDIR.value, _OUT.value, _STEP.value)))
+      raise app.UsageError(f"{command} needs --workdir and --out")
+    if command == "export_lora":
+      print(json.dumps(export_lora_dir(_WORKDIR.value, _OUT.value, _STEP.value, _NAMING.value)))
     else:
       print(json.dumps(export_dir(_WORKDIR.value, _OUT.value, _PIPELINE.value, _STEP.value)))
 

@@ -112,7 +112,11 @@ def train_all(pipeline: ml_collections.ConfigDict, workdir: str) -> list[tuple[s
     log.info("stage %d/%d %s (%s, objective %s) in %s", i + 1, len(stages), name, config.stage,
              config.objective, stage_dir)
     if name in on_policy and not os.path.exists(os.path.join(config.data.pairs_dir, pairs_lib.FILE)):
-      meta = pairs_lib.generate(config.init_from, config.data.pairs_dir, num=pipeline.pairs.num)
+      pairs = pipeline.pairs
+      meta = pairs_lib.generate(config.init_from, config.data.pairs_dir, num=pairs.num,
+                                preferred=pairs.get("preferred", "render"),
+                                samples_per_caption=pairs.get("samples_per_caption", 1),
+                                split=pairs.get("split") or None)
       log.info("stage %s: %d on-policy pairs from %d samples of %s", name, meta["num_pairs"], meta["num_sampled"],
                config.init_from)
     summary = trainer.train_and_evaluate(config, stage_dir)

@@ -522,3 +522,73 @@ def test_worker_chunks_stay_under_a_size_cap():
   assert pipeline.worker_chunk(32, {"huge": np.zeros(2**25, np.uint8)}) == 1
   assert pipeline.worker_chunk(3, image) == 3
   assert pipeline.worker_chunk(32, pipeline.Corrupt(0, "read: broken")) == 32
+
+
+def test_select_pairs_each_wrong_sample_with_a_right_one_of_its_caption():
+  """pairs.select: every sample with an attribute wrong is rejected; preferred='sample' pairs
+  the j-th wrong sample of a caption with its (j mod r)-th right one and drops captions with
+  none right; 'render' keeps every wrong sample and stores no preferred image."""
+  from jdiff import pairs
+  index = np.array([5, 5, 5, 5, 9, 9, 2, 2])
+  images = np.arange(8, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+  wrong = np.zeros((8, 4), bool)
+  wrong[[0, 2, 3], 1] = True  # caption 5: samples 0, 2, 3 wrong, 1 right
+  wrong[[4, 5], 0] = True     # caption 9: no sample right
+  wrong[7, 3] = True          # caption 2: sample 7 wrong, 6 right
+  got = pairs.select(index, images, wrong, "sample")
+  np.testing.assert_array_equal(got["index"], [5, 5, 5, 2])
+  np.testing.assert_array_equal(got["image_l"][:, 0, 0, 0], [0, 2, 3, 7])
+  np.testing.assert_array_equal(got["image_w"][:, 0, 0, 0], [1, 1, 1, 6])
+  np.testing.assert_array_equal(got["wrong"], wrong[[0, 2, 3, 7]])
+  # Two right samples alternate.
+  wrong2 = wrong.copy()
+  wrong2[2] = False
+  np.testing.assert_array_equal(pairs.select(index, images, wrong2, "sample")["image_w"][:2, 0, 0, 0], [1, 2])
+  got = pairs.select(index, images, wrong, "render")
+  assert "image_w" not in got
+  np.testing.assert_array_equal(got["index"], [5, 5, 5, 9, 9, 2])
+  # Nothing wrong: empty arrays of the right shapes.
+  none = pairs.select(index, images, np.zeros((8, 4), bool), "sample")
+  assert none["image_w"].shape == none["image_l"].shape == (0, 2, 2, 3) and none["wrong"].shape == (0, 4)
+
+
+def test_generate_pairs_lines_up_captions_samples_and_verdicts(tmp_path, monkeypatch):
+  """pairs.generate with preferred='sample' on held-out captions: with a stand-in model whose
+  sample k of a caption is its render for even k and a blank image for odd k, every pair is
+  (render, blank) of the same record, batches of several captions included, and the meta
+  records the adherence of all samples. Renders of held-out captions are refused."""
+  import types
+  from jdiff import config as config_lib
+  from jdiff import inference
+  from jdiff import pairs
+  config = config_lib.base()
+  config.data.resolution = 24
+  stand_in = types.SimpleNamespace(config=config, step=7)
+  monkeypatch.setattr(inference, "load", lambda workdir: stand_in)
+  scenes = {text: scene for scene, text in (shapes.scene_for(0, "held_out", i) for i in range(6))}
+
+  def fake_generate(model, texts, *, num_steps, cfg_scale, seed, first_index):
+    assert model is stand_in and first_index % 4 == 0
+    return np.stack([shapes.render(scenes[t], 24) if (first_index + n) % 2 == 0 else np.zeros((24, 24, 3), np.uint8)
+                     for n, t in enumerate(texts)])
+
+  monkeypatch.setattr(inference, "generate", fake_generate)
+  meta = pairs.generate("w", str(tmp_path / "p"), num=6, batch=8, preferred="sample", samples_per_caption=4,
+                        split="held_out")
+  assert meta["num_pairs"] == 12 and meta["split"] == "held_out" and meta["adherence"]["color"] == 0.5
+  with np.load(tmp_path / "p" / "pairs.npz") as z:
+    np.testing.assert_array_equal(z["index"], np.repeat(np.arange(6), 2))
+    for i, w, l in zip(z["index"], z["image_w"], z["image_l"]):
+      np.testing.assert_array_equal(w, shapes.render(shapes.scene_for(0, "held_out", int(i))[0], 24))
+      assert not l.any()
+  src = sources.GeneratedPairsSource(str(tmp_path / "p"), 24)
+  np.testing.assert_array_equal(src[3]["image_w"], shapes.render(shapes.scene_for(0, "held_out", 1)[0], 24))
+  with pytest.raises(ValueError, match="unseen colour-shape pairs"):
+    pairs.generate("w", str(tmp_path / "q"), num=2, split="held_out")
+  with pytest.raises(ValueError, match="must be >= 2"):
+    pairs.generate("w", str(tmp_path / "q"), num=2, preferred="sample")
+  # A held-out pairs file without preferred images is refused rather than rendered.
+  with np.load(tmp_path / "p" / "pairs.npz") as z:
+    np.savez(tmp_path / "p" / "pairs.npz", index=z["index"], image_l=z["image_l"], wrong=z["wrong"])
+  with pytest.raises(ValueError, match="without preferred ones"):
+    sources.GeneratedPairsSource(str(tmp_path / "p"), 24)

@@ -213,3 +213,7 @@ def test_fid_and_kid_in_the_training_loop(tmp_path):
     assert set(e) == {"step", "fid", "kid", "kid_std"} and e["fid"] > 0 and np.isfinite(e["kid"])
   assert summary["eval"]["fid"] == evals[-1]["fid"]
   assert sorted(curves.curve_data(str(tmp_path / "run"))["other"]) == ["fid", "kid", "kid_std"]
+  # The finished run started again trains nothing and does not evaluate its last step twice.
+  again = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert again["step"] == 4 and again["eval"] is None
+  assert len((tmp_path / "run" / "eval.jsonl").read_text().splitlines()) == 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from jdiff.interop import mapping, sd3
+from jdiff.interop import lora_files, mapping, sd3
 from jdiff.models import layers, mmdit
 
 import helpers
@@ -139,7 +139,7 @@ def test_sd3_mismatched_weights_fail_with_the_keys_named():
 
 
 def test_lora_export_in_diffusers_naming_loads_and_matches_the_adapted_forward():
-  """mapping.export_lora's PEFT-format state dict, loaded by diffusers (load_lora_adapter,
+  """lora_files' PEFT-format state dict, loaded by diffusers (load_lora_adapter,
   via peft) into the reference model, gives jdiff's adapted forward."""
   ref = reference("sd3.5-medium")
   config = dict(ref.config)
@@ -158,7 +158,7 @@ def test_lora_export_in_diffusers_naming_loads_and_matches_the_adapted_forward()
     node[path[-1]] = value if path[-1] == "lora_a" else np.asarray(0.1 * jax.random.normal(k, value.shape))
   ours = np.asarray(model.apply({"params": params}, x, t, context=context, pooled=pooled))
   plain = jdiff_forward(config, params, x, t, context, pooled)  # a plain model: adapters unused
-  tensors = mapping.export_lora(sd3.rules(kwargs), params, spec.scale)
+  tensors = lora_files.to_peft(lora_files.adapters_from_params(sd3.rules(kwargs), params, spec.scale))
   assert len(tensors) == len(adapters) and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in tensors)
   assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in tensors
   ref.load_lora_adapter({k: torch.from_numpy(v) for k, v in tensors.items()}, prefix="transformer")

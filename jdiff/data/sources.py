@@ -102,7 +102,8 @@ class TfdsExamples:
 
 class GeneratedPairsSource:
   """grain random-access source over a pairs directory: record i -> {'image_w': the
-  caption's render, 'image_l': the model's wrong sample, 'caption', 'changed': the wrong
+  caption's render, or the model's stored right sample (pairs written with
+  preferred='sample'), 'image_l': the model's wrong sample, 'caption', 'changed': the wrong
   attributes joined by ','}."""
 
   def __init__(self, directory: str, resolution: int):
@@ -117,6 +118,10 @@ class GeneratedPairsSource:
           f"pairs in {directory} are {self.meta['resolution']}px samples; data.resolution is {resolution}")
     with np.load(path) as z:
       self.index, self.image_l, self.wrong = z["index"], z["image_l"], z["wrong"]
+      self.image_w = z["image_w"] if "image_w" in z else None
+    if self.image_w is None and self.meta["split"] == "held_out":
+      raise errors.InvalidArgument(f"{directory} holds rejected samples of held-out captions without preferred ones: "
+                                   "rendering them would train on the benchmark's unseen pairs")
     self.resolution = resolution
 
   def __len__(self) -> int:
@@ -125,8 +130,8 @@ class GeneratedPairsSource:
   def __getitem__(self, i: int) -> dict[str, Any]:
     scene, text = shapes.scene_for(self.meta["shapes_seed"], self.meta["split"], int(self.index[i]))
     changed = ",".join(a for a, w in zip(shapes.ATTRIBUTES, self.wrong[i]) if w)
-    return dict(image_w=shapes.render(scene, self.resolution), image_l=self.image_l[i], caption=text,
-                changed=changed)
+    image_w = shapes.render(scene, self.resolution) if self.image_w is None else self.image_w[i]
+    return dict(image_w=image_w, image_l=self.image_l[i], caption=text, changed=changed)
 
   def __repr__(self) -> str:
     return f"GeneratedPairsSource({len(self)} pairs of {self.meta['workdir']} step {self.meta['step']})"

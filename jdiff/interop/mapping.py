@@ -130,37 +130,6 @@ def export_params(rules: Iterable[Rule | Derived], params: Mapping[str, Any], wh
   return out
 
 
-def export_lora(rules: Iterable[Rule | Derived], params: Mapping[str, Any], scale: float,
-                prefix: str = "transformer") -> dict[str, np.ndarray]:
-  """The LoRA adapters in nested jdiff params (unrolled layout) -> a PEFT-format state dict
-  in diffusers naming, as `pipeline.load_lora_weights` reads it:
-
-    {prefix}.{module}.lora_A.weight  [rank, in]  = lora_a^T
-    {prefix}.{module}.lora_B.weight  [out, rank] = (scale * lora_b)^T
-
-  for the Dense at the path of each 'linear' rule `{module}.weight`. The scale alpha/rank is
-  folded into B, so the file needs no alpha (PEFT's default alpha = rank gives scale 1).
-  Every adapter must sit on a linear-layout layer; others raise.
-  """
-  rules, _ = _split(rules)
-  leaves = dict(_flatten(params))
-  adapters = {p[:-1] for p in leaves if p[-1] == "lora_a"}
-  if not adapters:
-    raise ValueError("these params hold no LoRA adapters (config.lora.rank = 0?)")
-  out = {}
-  for r in rules:
-    layer = r.path[:-1]
-    if r.layout == "linear" and r.path[-1] == "kernel" and layer in adapters:
-      module = f"{prefix}.{r.key[:-len('.weight')]}"
-      a, b = np.asarray(leaves[layer + ("lora_a",)]), np.asarray(leaves[layer + ("lora_b",)])
-      out[f"{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
-      out[f"{module}.lora_B.weight"] = np.ascontiguousarray((b.astype(np.float32) * scale).astype(b.dtype).T)
-      adapters.discard(layer)
-  if adapters:
-    raise ValueError(f"adapters on layers without a linear diffusers counterpart: {_few(sorted('/'.join(a) for a in adapters))}")
-  return out
-
-
 def _split(rules: Iterable[Rule | Derived]) -> tuple[list[Rule], list[Derived]]:
   rules = list(rules)
   return [r for r in rules if isinstance(r, Rule)], [r for r in rules if isinstance(r, Derived)]

@@ -415,6 +415,11 @@ class Evaluator:
     return result
 
 
+def _evaluated(workdir: str, step: int) -> bool:
+  """Whether workdir/eval.jsonl holds an evaluation of `step`."""
+  return any(e["step"] == step for e in curves.read_jsonl(os.path.join(workdir, "eval.jsonl")))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains until config.train.num_steps (resuming if workdir holds a checkpoint), holding
   the workdir's lock (jdiff.train.lock: raises WorkdirInUse if another run holds it).
@@ -532,7 +537,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     save(step_now, force=True)
     if t.sample_every and stopped_by == "num_steps" and step_now % t.sample_every:
       samples.append(write_samples(config, networks, state.ema_params, workdir, step_now, writer))
-    if evaluator.on and config.eval.at_end and stopped_by == "num_steps":
+    # A finished run started again does not evaluate its last step a second time.
+    if evaluator.on and config.eval.at_end and stopped_by == "num_steps" and not _evaluated(workdir, step_now):
       evals.append(evaluator(config, networks, state.ema_params, workdir, step_now, writer))
     elif jax.process_index() == 0:  # the curves of the whole run (the evaluator has just drawn them)
       curves.write(workdir)
