@@ -24,7 +24,8 @@ def get_config(arg: str | None = None):
   c.stage = "tune"
   c.model.name = "inherit"
   c.data.update(source="cache", resolution=1024, caption_dropout=0.1)
-  # SD3's recipe: logit-normal t, static shift 3 at 1024px (inherited from the scheduler).
+  # SD3's recipe: logit-normal t, static shift 3 at 1024px (diffusion.shift is inherited from
+  # the imported scheduler).
   c.optim.update(lr=1e-5, warmup_steps=100, weight_decay=1e-2, ema_decay=0.999)
   c.train.update(batch_size=16, num_steps=2000, log_every=20, checkpoint_every=500, sample_every=500)
   c.sample.update(num_steps=28, cfg_scale=5.0, batch_size=4)

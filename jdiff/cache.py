@@ -1,4 +1,5 @@
-"""Precompute VAE latents and SD3 text embeddings of a dataset (the format: jdiff/data/cache.py).
+"""Precompute VAE latents and text embeddings of a dataset with a pipeline's frozen encoders
+(config.text.encoder: SD3's or Flux's recipe; the format: jdiff/data/cache.py).
 
   python -m jdiff.cache --config=configs/sd3_tune.py --config.init_from=runs/sd35_base \\
       --out=runs/cache_shapes_256 [--num_records=20000 --batch_size=16]
@@ -60,9 +61,9 @@ def _batches(source, indices: Sequence[int], batch_size: int, resolution: int | 
 def write(config, out_dir: str, *, split: str = "train", num_records: int | None = None, batch_size: int = 8,
           records_per_file: int = 4096, dtype: str = "float16") -> dict[str, Any]:
   """Encodes config.data's first `num_records` records (default: all) into `out_dir`."""
-  if not config.autoencoder.path or config.text.encoder != "sd3":
-    raise errors.InvalidArgument("the cache needs config.autoencoder.path (a VAE) and text.encoder='sd3' with "
-                                 "text.pipeline (the SD3 text encoders)")
+  if not config.autoencoder.path or config.text.encoder not in sd3_pipeline.TEXT_RECIPES:
+    raise errors.InvalidArgument(f"the cache needs config.autoencoder.path (a VAE) and text.encoder in "
+                                 f"{tuple(sd3_pipeline.TEXT_RECIPES)} with text.pipeline (its text encoders)")
   source = sources.make_source(config.data, split)
   n = len(source) if num_records is None else min(num_records, len(source))
   # (pixel shape, record indices) per group encoded together: one square group, or a group per
@@ -79,7 +80,8 @@ def write(config, out_dir: str, *, split: str = "train", num_records: int | None
   else:
     groups = [((config.data.resolution,) * 2, np.arange(n))]
   vae_model, vae_params = sd3_pipeline.load_vae(config.autoencoder.path, config.autoencoder.dtype)
-  text = sd3_pipeline.SD3TextEncoder.load(config.text.pipeline, t5_len=config.text.t5_len, dtype=config.text.dtype)
+  text = sd3_pipeline.load_text_encoder(config.text.encoder, config.text.pipeline, config.text.t5_len,
+                                        config.text.dtype)
   encode_images = jax.jit(lambda p, x: vae_model.apply(p, pixels.from_uint8(x),
                                                        method=vae_model.encode))
   os.makedirs(out_dir, exist_ok=True)
@@ -125,7 +127,7 @@ def write(config, out_dir: str, *, split: str = "train", num_records: int | None
       pooled_dim=int(cond["pooled"].shape[-1]), dtype=store.name,
       scaling_factor=float(vae_model.scaling_factor), shift_factor=float(vae_model.shift_factor),
       autoencoder=os.path.abspath(config.autoencoder.path), text_pipeline=os.path.abspath(config.text.pipeline),
-      t5_len=config.text.t5_len, data=json.loads(config.data.to_json_best_effort()), split=split,
+      t5_len=config.text.t5_len, text_encoder=config.text.encoder, data=json.loads(config.data.to_json_best_effort()), split=split,
   )
   log.info("cached %d records (%d skipped) in %s", written, n - written, out_dir)
   return meta

@@ -456,7 +456,7 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def resolve_inherited(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """model.name='inherit': take the architecture (the model, text and autoencoder sections,
-  except config.RUNTIME_FIELDS) from the config of the init_from workdir (e.g. one written by
+  except config.RUNTIME_FIELDS, and diffusion.shift unless set) from the config of the init_from workdir (e.g. one written by
   `python -m jdiff.convert import`), so a tune config need not restate an imported model.
   Other configs are returned as they are."""
   if config.model.name != "inherit":
@@ -469,5 +469,10 @@ def resolve_inherited(config: ml_collections.ConfigDict) -> ml_collections.Confi
     for key, value in parent[section].items():
       if key not in config_lib.RUNTIME_FIELDS:
         out[section][key] = value
+  # The timestep shift is the model's schedule (an import reads it from the pipeline's
+  # scheduler: SD3's fixed 3, Flux's mu linear in the token count): inherited too, unless
+  # this config sets one of its own.
+  if config.diffusion.shift.to_dict() == config_lib.base().diffusion.shift.to_dict():
+    out.diffusion.shift = ml_collections.ConfigDict(parent.diffusion.shift.to_dict())
   out.lock()
   return out

@@ -33,7 +33,8 @@ MODELS = ("dit", "mmdit", "flux")  # jdiff.models.MODELS ('inherit': see checkpo
 ATTENTION = ("default", "xla", "cudnn")  # jdiff.models.layers.ATTENTION_IMPLS, and 'splash[:<block>]'
 REMAT = ("none", "full", "dots", "dots_no_batch", "dots_no_batch_attention",
          "dots_no_batch_attention_mlp")  # jdiff.models.layers.REMAT_POLICIES
-TEXT_ENCODERS = ("bytes", "sd3")  # jdiff.models.text.TEXT_ENCODERS, and the frozen SD3 encoders (cached)
+TEXT_ENCODERS = ("bytes", "sd3", "flux")  # jdiff.models.text.TEXT_ENCODERS, and a pipeline's frozen encoders (cached)
+FROZEN_TEXT = ("sd3", "flux")  # jdiff.interop.sd3_pipeline.TEXT_RECIPES
 DATA_SOURCES = ("shapes", "preference", "folder", "webdataset", "parquet", "tfds", "arrayrecord", "cache")  # jdiff.data.sources.SOURCES
 CAPTION_FROM = ("auto", "filename")  # jdiff.data.files.CAPTION_FROM
 MISSING_CAPTIONS = ("skip", "empty")  # jdiff.data.files.MISSING_CAPTION
@@ -147,9 +148,11 @@ def base() -> ml_collections.ConfigDict:
   # directory with vae/). Latent-space runs train on a cache (`python -m jdiff.cache`).
   c.autoencoder = ml_collections.ConfigDict(dict(path="", dtype="float32"))
   c.text = ml_collections.ConfigDict(dict(
-      encoder="bytes",  # bytes (trainable, jdiff.models.text) | sd3 (frozen CLIP-L/G + T5, cached)
-      pipeline="",  # sd3: a local diffusers SD3 pipeline directory holding the text encoders
-      t5_len=256,  # sd3: T5 tokens per caption
+      # bytes (trainable, jdiff.models.text) | sd3 (frozen CLIP-L/G + T5, cached) | flux (frozen
+      # CLIP-L pooled + T5 states, cached)
+      encoder="bytes",
+      pipeline="",  # sd3, flux: a local diffusers pipeline directory holding the text encoders
+      t5_len=256,  # sd3, flux: T5 tokens per caption (diffusers' max_sequence_length; Flux-dev 512)
       width=512,  # token width = the denoiser's context and pooled input width
       depth=4,
       num_heads=8,
@@ -220,6 +223,10 @@ def base() -> ml_collections.ConfigDict:
       # sd3: s = factor*sqrt(seq_len/base_seq_len); flux: s = exp(mu(seq_len)); fixed; none.
       shift=ml_collections.ConfigDict(dict(kind="sd3", base_seq_len=256, factor=1.0, max_seq_len=4096,
                                            base_shift=0.5, max_shift=1.15, shift=1.0)),
+      # The guidance input of a guidance-embedded model (Flux-dev) under the flow and dpo
+      # losses. 1.0 (as Flux-dev fine-tuners use) leaves the distilled guidance range intact;
+      # sample the result with its usual guidance (sample.cfg_scale, e.g. 3.5).
+      guidance=1.0,
   ))
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, schedule="constant", warmup_steps=1000, end_lr_factor=0.0,  # end factor: cosine only
@@ -448,17 +455,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise errors.InvalidArgument(f"config.text.max_len={c.text.max_len} is not divisible by text.downsample="
                                  f"{c.text.downsample}")
   if c.data.source == "cache":
-    if c.text.encoder != "sd3" or not c.autoencoder.path:
+    if c.text.encoder not in FROZEN_TEXT or not c.autoencoder.path:
       raise errors.InvalidArgument(
-          "data.source='cache' holds SD3 text embeddings and VAE latents: set text.encoder='sd3' "
-          "and autoencoder.path")
+          f"data.source='cache' holds a pipeline's text embeddings and VAE latents: set text.encoder to one of "
+          f"{FROZEN_TEXT} and autoencoder.path")
     if not c.data.cache_dir:
       raise errors.InvalidArgument("data.source='cache' needs data.cache_dir")
     if c.objective == "dpo":
       raise errors.InvalidArgument(
           "objective='dpo' reads embedded pixel-space pairs (data.source='preference'), not a cache")
-  elif c.text.encoder == "sd3" or c.autoencoder.path:
-    raise errors.InvalidArgument("text.encoder='sd3' and autoencoder.path train on precomputed embeddings and latents: "
+  elif c.text.encoder in FROZEN_TEXT or c.autoencoder.path:
+    raise errors.InvalidArgument(f"text.encoder={c.text.encoder!r} and autoencoder.path train on precomputed "
+                                 "embeddings and latents: "
                                  "write them with `python -m jdiff.cache` and set data.source='cache', data.cache_dir")
 
 
@@ -484,7 +492,7 @@ def _validate_grpo(c: ml_collections.ConfigDict) -> None:
         f"{c.train.grad_accum} micro-batches")
   if c.text.encoder != "bytes" or c.autoencoder.path or c.data.source == "cache":
     raise errors.InvalidArgument("objective='grpo' samples pixel-space images from the byte text encoder's prompts; "
-                                 "latent-space models (autoencoder.path, text.encoder='sd3', data.source='cache') "
+                                 "latent-space models (autoencoder.path, frozen text encoders, data.source='cache') "
                                  "are not supported by it yet")
   if g.reward in ("adherence", "adherence_all") and c.data.source != "shapes":
     raise errors.InvalidArgument(f"config.grpo.reward={g.reward!r} scores shapes captions: set data.source='shapes' "

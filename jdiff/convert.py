@@ -94,16 +94,26 @@ def import_dir(src: str, workdir: str, scan: bool = False):
       c.model.update(single_depth=kwargs["single_depth"], guidance_embed=kwargs["guidance_embed"],
                      axes_dims=list(kwargs["axes_dims"]), pos_embed_max_size=0)
   pipeline = os.path.exists(os.path.join(src, "model_index.json"))
-  if family == "mmdit" and pipeline:
-    c.text.update(encoder="sd3", pipeline=os.path.abspath(src))
+  if pipeline:
     c.autoencoder.path = os.path.abspath(src)
     geometry = sd3_pipeline.vae_geometry(src)
-    c.data.resolution = tconfig["sample_size"] * geometry["factor"]
+    if family == "mmdit":
+      c.text.update(encoder="sd3", pipeline=os.path.abspath(src))
+      c.data.resolution = tconfig["sample_size"] * geometry["factor"]
+    else:  # Flux: its native 1024 pixels; T5 tokens as diffusers' FluxPipeline (dev 512, schnell 256)
+      c.text.update(encoder="flux", pipeline=os.path.abspath(src), t5_len=512 if kwargs["guidance_embed"] else 256)
+      c.data.resolution = 1024
     scheduler = os.path.join(src, "scheduler", "scheduler_config.json")
     if os.path.exists(scheduler):
       with open(scheduler) as f:
-        shift = json.load(f).get("shift", 1.0)
-      c.diffusion.shift.update(kind="fixed", shift=float(shift))
+        sched = json.load(f)
+      if sched.get("use_dynamic_shifting"):  # Flux: mu linear in the token count, s = exp(mu)
+        c.diffusion.shift.update(kind="flux", base_seq_len=int(sched.get("base_image_seq_len", 256)),
+                                 max_seq_len=int(sched.get("max_image_seq_len", 4096)),
+                                 base_shift=float(sched.get("base_shift", 0.5)),
+                                 max_shift=float(sched.get("max_shift", 1.15)))
+      else:
+        c.diffusion.shift.update(kind="fixed", shift=float(sched.get("shift", 1.0)))
   lineage = [dict(stage="import", workdir=os.path.abspath(workdir), init_from=os.path.abspath(src), from_step=None)]
   checkpoint.save_weights(workdir, {"denoiser": params}, c, lineage)
   log.info("imported %s (%s) into %s", tdir, tconfig["_class_name"], workdir)
@@ -126,7 +136,6 @@ def export_dir(workdir: str, out: str, pipeline: str | None = None, step: int | 
   rest of the pipeline beside it). Returns {'transformer': dir, 'pipeline': dir or None, 'step'}."""
 
   model = inference.load(workdir, step)
-  family = model.config.model.name
   io, kwargs = _denoiser_kwargs(model)
   dconfig = io.diffusers_config(kwargs)
   params = jax.device_get(model.params["denoiser"])
@@ -135,7 +144,7 @@ def export_dir(workdir: str, out: str, pipeline: str | None = None, step: int | 
   params = jax.tree.map(np.asarray, params)
   tensors = io.to_diffusers(dconfig, io.unrolled_layout(params))
   if pipeline is None:
-    pipeline = model.config.text.pipeline if family == "mmdit" else ""
+    pipeline = model.config.text.pipeline
   if pipeline:
     if not os.path.exists(os.path.join(pipeline, "model_index.json")):
       raise errors.NotFound(f"{pipeline!r} is not a diffusers pipeline directory (no model_index.json)")

@@ -39,7 +39,7 @@ _WARNED_CUT: set[tuple[str, int]] = set()  # (prompt, room): warn once per proce
 class Model:
   """Networks plus the weights to sample with (usually EMA) and the config they came from.
 
-  Latent models with frozen SD3 text encoders also use the VAE decoder of
+  Latent models with a pipeline's frozen text encoders also use the VAE decoder of
   config.autoencoder.path and, for prompts the cache does not hold, the text encoders of
   config.text.pipeline; both are loaded on first use.
   """
@@ -55,8 +55,8 @@ class Model:
     if self.text_encoder is None:
       if not self.config.text.pipeline:
         raise errors.InvalidArgument("these prompts are not in the cache and config.text.pipeline is not set")
-      self.text_encoder = sd3_pipeline.SD3TextEncoder.load(self.config.text.pipeline, self.config.text.t5_len,
-                                                           self.config.text.dtype)
+      self.text_encoder = sd3_pipeline.load_text_encoder(self.config.text.encoder, self.config.text.pipeline,
+                                                         self.config.text.t5_len, self.config.text.dtype)
     return self.text_encoder
 
   def inputs(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:

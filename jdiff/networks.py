@@ -114,7 +114,7 @@ def build_networks(config) -> Networks:
   encoder (or the latent cache's meta.json, read here), with config.lora.rank > 0 it
   carries LoRA adapters, and its input geometry is checked against the patch size."""
   lora = L.LoRA(config.lora.rank, float(config.lora.alpha), config.lora.targets) if config.lora.rank > 0 else None
-  if config.text.encoder == "sd3":
+  if config.text.encoder in sd3_pipeline.TEXT_RECIPES:
     networks = _latent_networks(config, lora)
   else:
     text = text_lib.build(config.text)
@@ -128,7 +128,7 @@ def build_networks(config) -> Networks:
 
 
 def _latent_networks(config, lora: L.LoRA | None) -> Networks:
-  """Frozen SD3 encoders: the conditioning comes precomputed (data/cache.py) and the inputs
+  """Frozen pipeline encoders (SD3, Flux): the conditioning comes precomputed (data/cache.py) and the inputs
   are VAE latents, whose geometry comes from the autoencoder's config."""
 
   vae = sd3_pipeline.vae_geometry(config.autoencoder.path)

@@ -12,6 +12,7 @@ from jdiff import diffusion, models
 from jdiff.data import files, pipeline, sources
 from jdiff.eval import quality
 from jdiff.models import layers, text
+from jdiff.interop import sd3_pipeline
 from jdiff.train import objectives, optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +22,8 @@ def test_allowed_values_are_the_registries():
   assert config_lib.MODELS == tuple(models.MODELS)
   assert config_lib.ATTENTION == tuple(layers.ATTENTION_IMPLS)
   assert config_lib.REMAT == tuple(layers.REMAT_POLICIES)
-  assert config_lib.TEXT_ENCODERS == tuple(text.TEXT_ENCODERS) + ("sd3",)
+  assert config_lib.TEXT_ENCODERS == tuple(text.TEXT_ENCODERS) + tuple(sd3_pipeline.TEXT_RECIPES)
+  assert config_lib.FROZEN_TEXT == tuple(sd3_pipeline.TEXT_RECIPES)
   assert config_lib.DATA_SOURCES == sources.SOURCES
   assert config_lib.CAPTION_FROM == files.CAPTION_FROM
   assert config_lib.MISSING_CAPTIONS == files.MISSING_CAPTION

@@ -1,4 +1,4 @@
-"""A local diffusers Stable Diffusion 3 pipeline directory as jdiff modules and params.
+"""A local diffusers Stable Diffusion 3 or Flux pipeline directory as jdiff modules and params.
 
     transformer/        SD3Transformer2DModel  -> load_transformer: jdiff MMDiT
     vae/                AutoencoderKL          -> load_vae: jdiff AutoencoderKL
@@ -10,7 +10,10 @@ The conditioning follows the SD3 recipe (and diffusers' StableDiffusion3Pipeline
 the penultimate hidden states of both CLIPs, concatenated along features and zero-padded
 to the T5 width, then the T5 states appended along the sequence -> context
 [B, 77 + t5_len, 4096]; the two projected CLIP pooled vectors concatenated -> pooled
-[B, 2048]. Nothing is downloaded: every file must be in the directory.
+[B, 2048]. Flux's recipe (FluxPipeline.encode_prompt): the T5 last hidden states alone ->
+context [B, t5_len, 4096] (diffusers' max_sequence_length: 512 for dev, 256 for schnell),
+and the CLIP-L pooled output (its final-norm EOS state, no projection) -> pooled [B, 768].
+Nothing is downloaded: every file must be in the directory.
 """
 
 from __future__ import annotations
@@ -149,3 +152,64 @@ class SD3TextEncoder:
   def encode(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
     """prompts (N strings) -> {'context': [N, clip_len + t5_len, context_dim], 'pooled': [N, pooled_dim]}."""
     return jax.device_get(self._encode(self.params, self.tokenize(prompts)))
+
+
+@dataclasses.dataclass
+class FluxTextEncoder:
+  """CLIP-L + T5 of a Flux pipeline with their tokenizers: prompts -> {'context': T5 states
+  [N, t5_len, D], 'pooled': CLIP-L pooled output [N, 768]} (float32 numpy)."""
+
+  tokenizers: tuple
+  modules: tuple
+  params: dict
+  clip_len: int
+  t5_len: int
+
+  @property
+  def pooled_dim(self) -> int:
+    return self.modules[0].width
+
+  @property
+  def context_len(self) -> int:
+    return self.t5_len
+
+  @classmethod
+  def load(cls, path: str, t5_len: int = 512, dtype: str = "float32") -> "FluxTextEncoder":
+    config, clip_params = _load(path, "text_encoder", clip_io)
+    clip_l = clip.CLIPText(**clip_io.model_kwargs(dict(config, architectures=["CLIPTextModel"])),
+                           dtype=L.as_dtype(dtype))
+    config, t5_params = _load(path, "text_encoder_2", t5_io)
+    t5_model = t5.T5Encoder(**t5_io.model_kwargs(config), dtype=L.as_dtype(dtype))
+    toks = (load_tokenizer(os.path.join(path, "tokenizer")), load_tokenizer(os.path.join(path, "tokenizer_2")))
+    return cls(toks, (clip_l, t5_model), {"clip": clip_params, "t5": t5_params}, toks[0].model_max_length, t5_len)
+
+  def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    clip_ids = self.tokenizers[0](list(prompts), padding="max_length", max_length=self.clip_len, truncation=True)
+    t5_ids = self.tokenizers[1](list(prompts), padding="max_length", max_length=self.t5_len, truncation=True)
+    return np.asarray(clip_ids.input_ids, np.int32), np.asarray(t5_ids.input_ids, np.int32)
+
+  @functools.cached_property
+  def _encode(self):
+    clip_l, t5_model = self.modules
+
+    @jax.jit
+    def run(params, ids):
+      pooled = clip_l.apply({"params": params["clip"]}, ids[0])["pooled"]
+      context = t5_model.apply({"params": params["t5"]}, ids[1])["last_hidden_state"]
+      return dict(context=context.astype(jnp.float32), pooled=pooled.astype(jnp.float32))
+
+    return run
+
+  def encode(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+    """prompts (N strings) -> {'context': [N, t5_len, D], 'pooled': [N, 768]}."""
+    return jax.device_get(self._encode(self.params, self.tokenize(prompts)))
+
+
+TEXT_RECIPES = {"sd3": SD3TextEncoder, "flux": FluxTextEncoder}  # config.text.encoder -> frozen encoders
+
+
+def load_text_encoder(kind: str, path: str, t5_len: int, dtype: str = "float32"):
+  """The frozen text encoders of config.text.encoder `kind` from pipeline `path`."""
+  if kind not in TEXT_RECIPES:
+    raise ValueError(f"text encoder {kind!r} is not a pipeline's frozen encoders; expected one of {tuple(TEXT_RECIPES)}")
+  return TEXT_RECIPES[kind].load(path, t5_len=t5_len, dtype=dtype)

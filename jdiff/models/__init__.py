@@ -15,8 +15,9 @@ MODELS = {"dit": dit.make, "mmdit": mmdit.make, "flux": flux.make}
 def build(model_cfg: Mapping[str, Any], lora: layers.LoRA | None = None) -> nn.Module:
   """config.model -> Flax module. `name` picks the model; every other field is its argument.
   lora: adapters the model carries (None: a plain model)."""
-  # Unset optional fields (None) leave the model's own defaults.
-  kwargs = {k: v for k, v in dict(model_cfg).items() if v is not None}
+  # Unset optional fields (None) leave the model's own defaults; lists (a config read back
+  # from JSON) become tuples, as a module's fields must hash.
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(model_cfg).items() if v is not None}
   name = kwargs.pop("name")
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; expected one of {tuple(MODELS)}")

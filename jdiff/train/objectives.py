@@ -114,6 +114,16 @@ def guided_velocity(networks: Networks, params: Any, inputs: Mapping[str, jax.Ar
   return diffusion.guided_velocity(model_fn, cond, uncond, w, prediction)
 
 
+def conditioning(params, inputs: Mapping[str, jax.Array], t: jax.Array, networks: Networks, config
+                 ) -> dict[str, jax.Array]:
+  """The denoiser's conditioning under the flow and dpo losses: the caption's, plus the
+  guidance input config.diffusion.guidance for a guidance-embedded model (Flux-dev)."""
+  cond = networks.conditioning(params, inputs)
+  if networks.denoiser.guidance_embed:
+    cond = dict(cond, guidance=jnp.full(t.shape, config.diffusion.guidance, jnp.float32))
+  return cond
+
+
 def flow_loss(params, batch, keys, frozen_params, *, networks: Networks, config, frozen: Frozen | None):
   """Flow matching (pretraining, SFT, tuning): noise the data to x_t = (1 - t) x0 + t eps with
   t from the logit-normal (or configured) density under the resolution shift, predict with
@@ -122,7 +132,7 @@ def flow_loss(params, batch, keys, frozen_params, *, networks: Networks, config,
   del frozen_params, frozen
   d = config.diffusion
   n = noised(batch, keys, networks, config)
-  pred = networks.predict(params["denoiser"], n.x_t, n.t, networks.conditioning(params, n.inputs))
+  pred = networks.predict(params["denoiser"], n.x_t, n.t, conditioning(params, n.inputs, n.t, networks, config))
   mask = batch["mask"].astype(jnp.float32) / 255.0 if "mask" in batch else None  # data.loss_mask
   return diffusion.flow_loss(pred, n.x0, n.eps, n.t, prediction=d.prediction, weighting=d.weighting,
                              mask=mask), n.t, {}
@@ -142,7 +152,7 @@ def dpo_loss(params, batch, keys, frozen_params, *, networks: Networks, config, 
   inputs = {"tokens": pair(batch["tokens"], batch["tokens"])}
 
   def errors(nets: Networks, p):
-    pred = nets.predict(p["denoiser"], x_t, t, nets.conditioning(p, inputs))
+    pred = nets.predict(p["denoiser"], x_t, t, conditioning(p, inputs, t, nets, config))
     return jnp.split(diffusion.flow_loss(pred, x0, eps, t, prediction=d.prediction, weighting=d.weighting), 2)
 
   err_w, err_l = errors(networks, params)
