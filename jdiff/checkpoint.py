@@ -455,8 +455,9 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def resolve_inherited(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """model.name='inherit': take the architecture (the model, text and autoencoder sections,
-  except config.RUNTIME_FIELDS, and diffusion.shift unless set) from the config of the init_from workdir (e.g. one written by
+  """model.name='inherit': take the architecture (the model, text and autoencoder sections
+  except config.RUNTIME_FIELDS; diffusion.shift and text.t5_len unless this config changes
+  them from the defaults) from the config of the init_from workdir (e.g. one written by
   `python -m jdiff.convert import`), so a tune config need not restate an imported model.
   Other configs are returned as they are."""
   if config.model.name != "inherit":
@@ -472,7 +473,11 @@ def resolve_inherited(config: ml_collections.ConfigDict) -> ml_collections.Confi
   # The timestep shift is the model's schedule (an import reads it from the pipeline's
   # scheduler: SD3's fixed 3, Flux's mu linear in the token count): inherited too, unless
   # this config sets one of its own.
-  if config.diffusion.shift.to_dict() == config_lib.base().diffusion.shift.to_dict():
+  base = config_lib.base()
+  if config.diffusion.shift.to_dict() == base.diffusion.shift.to_dict():
     out.diffusion.shift = ml_collections.ConfigDict(parent.diffusion.shift.to_dict())
+  # Likewise the T5 token count the import chose (Flux-dev 512, schnell 256), a runtime field.
+  if config.text.t5_len == base.text.t5_len:
+    out.text.t5_len = parent.text.t5_len
   out.lock()
   return out

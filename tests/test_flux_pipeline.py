@@ -166,3 +166,14 @@ def test_flow_loss_feeds_the_configured_guidance_input():
                                 prediction=config.diffusion.prediction, weighting=config.diffusion.weighting)
   np.testing.assert_allclose(loss(2.5), np.asarray(by_hand), rtol=1e-6)
   assert np.abs(loss(2.5) - loss(1.0)).max() > 1e-6 * np.abs(loss(1.0)).max()
+
+
+def test_a_schnell_pipeline_imports_without_guidance(tmp_path):
+  """Flux-schnell (no guidance embedding): the import sets diffusers' 256 T5 tokens and a
+  model without the guidance input."""
+  from jdiff import convert
+
+  flux_fixture.make_pipeline(str(tmp_path / "schnell"), seed=4, guidance=False)
+  config = convert.import_dir(str(tmp_path / "schnell"), str(tmp_path / "base"))
+  assert config.model.name == "flux" and not config.model.guidance_embed
+  assert config.text.encoder == "flux" and config.text.t5_len == 256 and config.diffusion.shift.kind == "flux"
