@@ -592,3 +592,20 @@ def test_generate_pairs_lines_up_captions_samples_and_verdicts(tmp_path, monkeyp
     np.savez(tmp_path / "p" / "pairs.npz", index=z["index"], image_l=z["image_l"], wrong=z["wrong"])
   with pytest.raises(ValueError, match="without preferred ones"):
     sources.GeneratedPairsSource(str(tmp_path / "p"), 24)
+
+
+def test_stray_pixels_are_zero_on_flat_renders_and_count_a_speck():
+  """benchmarks/stray_pixels.py: a render's flat regions add nothing, so the score of a
+  render is its edges' alone; one pixel set off by d in one channel of a flat region adds
+  (d per channel) / (H W C) to the image's mean."""
+  import helpers
+  stray = helpers.benchmark_module("stray_pixels").stray_pixels
+  flat = np.full((1, 12, 12, 3), 90, np.uint8)
+  assert stray(flat)[0] == 0.0
+  speck = flat.copy()
+  speck[0, 5, 5, 1] = 190
+  np.testing.assert_allclose(stray(speck)[0], 100 / (12 * 12 * 3))
+  scene, _ = shapes.scene_for(0, "train", 1)
+  render = shapes.render(scene, 24)[None]
+  noisy = np.clip(render.astype(int) + np.random.default_rng(0).integers(-40, 41, render.shape), 0, 255).astype(np.uint8)
+  assert stray(noisy)[0] > 2 * stray(render)[0]
