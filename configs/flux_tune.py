@@ -12,6 +12,9 @@ The architecture, text encoders, VAE and the timestep shift (Flux's mu linear in
 count) come from init_from (model.name='inherit'). A guidance-embedded model (dev) trains
 with the guidance input diffusion.guidance = 1 and samples with its usual guidance
 (sample.cfg_scale 3.5, one forward a step); schnell samples with 4 steps and no guidance.
+Training for real classifier-free guidance instead (the distilled guidance is given up):
+--config.data.caption_dropout=0.1 --config.sample.cfg_scale=1 --config.sample.true_cfg_scale=4
+(guidance input 1 in training and sampling, two forwards a sampling step).
 Full fine-tuning: --config.lora.rank=0 --config.optim.trainable=''.
 Variant 'test' is the seconds-long run of tests/test_flux_pipeline.py on a tiny pipeline.
 """

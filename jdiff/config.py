@@ -256,8 +256,12 @@ def base() -> ml_collections.ConfigDict:
   # project is set. mode 'offline' writes WORKDIR/wandb/ only (upload later with `wandb sync
   # WORKDIR/wandb/offline-run-*`); 'online' streams. A resumed run continues the same W&B run.
   c.wandb = ml_collections.ConfigDict(dict(project="", entity="", name="", mode="offline", tags=()))
+  # cfg_scale: classifier-free guidance, or a guidance-embedded model's (Flux-dev) guidance
+  # input. true_cfg_scale (such a model only, as diffusers' FluxPipeline names it): also
+  # classifier-free guidance over the caption and the empty one (two forwards a step), for a
+  # model fine-tuned with caption dropout and guidance input 1 (diffusion.guidance).
   c.sample = ml_collections.ConfigDict(dict(
-      num_steps=28, method="euler", cfg_scale=5.0, seed=0, batch_size=16,
+      num_steps=28, method="euler", cfg_scale=5.0, true_cfg_scale=1.0, seed=0, batch_size=16,
       prompts=(
           "a large red circle in the top left",
           "a small blue square in the center",
@@ -449,8 +453,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.train.batch_size % c.train.grad_accum:
     raise errors.InvalidArgument(f"config.train.batch_size={c.train.batch_size} is not divisible by "
                                  f"train.grad_accum={c.train.grad_accum}")
-  if c.sample.cfg_scale < 0 or c.eval.cfg_scale < 0:
-    raise errors.InvalidArgument("config.sample.cfg_scale and config.eval.cfg_scale must be >= 0")
+  if c.sample.cfg_scale < 0 or c.eval.cfg_scale < 0 or c.sample.true_cfg_scale < 0:
+    raise errors.InvalidArgument("config.sample.cfg_scale, true_cfg_scale and config.eval.cfg_scale must be >= 0")
   if c.text.max_len % c.text.downsample:
     raise errors.InvalidArgument(f"config.text.max_len={c.text.max_len} is not divisible by text.downsample="
                                  f"{c.text.downsample}")

@@ -110,9 +110,26 @@ def load(workdir: str, step: int | None = None) -> Model:
   return Model(networks, ema, config, step)
 
 
+def velocity_fn(networks: networks_lib.Networks, params, inputs, null_inputs, cfg_scale: float, prediction: str,
+                true_cfg_scale: float = 1.0):
+  """The sampling velocity v(x, t): classifier-free guidance at cfg_scale; for a
+  guidance-embedded model its guidance input cfg_scale (one forward), and with
+  true_cfg_scale != 1 classifier-free guidance at that scale on top (two forwards)."""
+  cond = networks.conditioning(params, inputs)
+  model_fn = lambda x, t, c: networks.predict(params["denoiser"], x, t, c)
+  if not networks.denoiser.guidance_embed:
+    uncond = networks.conditioning(params, null_inputs) if cfg_scale != 1.0 else None
+    return diffusion.guided_velocity(model_fn, cond, uncond, cfg_scale, prediction)
+  if true_cfg_scale == 1.0:  # guidance-distilled: w is an input, one forward per step
+    return diffusion.embedded_guidance_velocity(model_fn, cond, cfg_scale, prediction)
+  guided_fn = lambda x, t, c: model_fn(x, t, dict(c, guidance=jnp.full(x.shape[:1], cfg_scale, jnp.float32)))
+  return diffusion.guided_velocity(guided_fn, cond, networks.conditioning(params, null_inputs), true_cfg_scale,
+                                   prediction)
+
+
 @functools.lru_cache(maxsize=8)
 def _sampler(networks: networks_lib.Networks, num_steps: int, method: str, cfg_scale: float,
-             prediction: str, shift_cfg: tuple, size: tuple[int, int]):
+             prediction: str, shift_cfg: tuple, size: tuple[int, int], true_cfg_scale: float = 1.0):
   """A jitted (params, inputs, null inputs, keys [B]) -> model-space samples [B, H, W, C]
   (size = (H, W))."""
   times = diffusion.inference_times(num_steps, networks.seq_len(*size), dict(shift_cfg))
@@ -120,23 +137,19 @@ def _sampler(networks: networks_lib.Networks, num_steps: int, method: str, cfg_s
 
   @jax.jit
   def run(params, inputs, null_inputs, keys):
-    cond = networks.conditioning(params, inputs)
-    model_fn = lambda x, t, c: networks.predict(params["denoiser"], x, t, c)
     noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
-    if networks.denoiser.guidance_embed:  # guidance-distilled: w is an input, one forward per step
-      velocity = diffusion.embedded_guidance_velocity(model_fn, cond, cfg_scale, prediction)
-    else:
-      uncond = networks.conditioning(params, null_inputs) if cfg_scale != 1.0 else None
-      velocity = diffusion.guided_velocity(model_fn, cond, uncond, cfg_scale, prediction)
+    velocity = velocity_fn(networks, params, inputs, null_inputs, cfg_scale, prediction, true_cfg_scale)
     return diffusion.solve(velocity, noise, times, method)
 
   return run
 
 
-def forwards_per_image(networks: networks_lib.Networks, num_steps: int, cfg_scale: float, method: str) -> int:
+def forwards_per_image(networks: networks_lib.Networks, num_steps: int, cfg_scale: float, method: str,
+                       true_cfg_scale: float = 1.0) -> int:
   """Network evaluations per image: steps x (2 with classifier-free guidance, else 1) x
   (2 for Heun)."""
-  branches = 2 if cfg_scale != 1.0 and not networks.denoiser.guidance_embed else 1
+  embedded = networks.denoiser.guidance_embed
+  branches = 2 if (true_cfg_scale != 1.0 if embedded else cfg_scale != 1.0) else 1
   return num_steps * branches * (2 if method == "heun" else 1)
 
 
@@ -157,13 +170,14 @@ def check_size(model: Model, resolution: int | tuple[int, int]) -> tuple[int, in
 def generate(model: Model, prompts: Sequence[str], *, num_steps: int | None = None,
              cfg_scale: float | None = None, method: str | None = None, seed: int = 0,
              batch_size: int | None = None, resolution: int | tuple[int, int] | None = None,
-             first_index: int = 0) -> np.ndarray:
+             first_index: int = 0, true_cfg_scale: float | None = None) -> np.ndarray:
   """Images for `prompts`: uint8 [N, H, W, C].
 
   Sampler settings default to config.sample; the schedule is shifted for `resolution`
   (the model-space size: a side, or (height, width), multiples of the patch size within the
   model's position table; default: the training one) exactly as in training. For a
-  guidance-distilled model (model.guidance_embed) cfg_scale is its guidance input. Image i's
+  guidance-distilled model (model.guidance_embed) cfg_scale is its guidance input, and
+  true_cfg_scale (default config.sample's) adds classifier-free guidance. Image i's
   noise comes from fold_in(key(seed), first_index + i), so an image does not depend on its
   batch (and a long list can be generated in chunks with the same result).
   """
@@ -172,12 +186,13 @@ def generate(model: Model, prompts: Sequence[str], *, num_steps: int | None = No
   s = model.config.sample
   num_steps = s.num_steps if num_steps is None else num_steps
   cfg_scale = s.cfg_scale if cfg_scale is None else cfg_scale
+  true_cfg_scale = s.get("true_cfg_scale", 1.0) if true_cfg_scale is None else true_cfg_scale
   method = method or s.method
   batch_size = batch_size or s.batch_size
   size = check_size(model, resolution or model.networks.resolution)
   shift_cfg = tuple(sorted(dict(model.config.diffusion.shift).items()))
   run = _sampler(model.networks, num_steps, method, float(cfg_scale), model.config.diffusion.prediction,
-                 shift_cfg, size)
+                 shift_cfg, size, float(true_cfg_scale))
   inputs = model.inputs(prompts)
   null = model.null_inputs()
   base = jax.random.key(seed)

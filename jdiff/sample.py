@@ -21,7 +21,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
 _PROMPTS = flags.DEFINE_multi_string("prompt", None, "Caption; repeat the flag for several.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 1, "Images per prompt (different noise).", lower_bound=1)
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Sampler steps (default: config.sample).", lower_bound=1)
-_CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: config.sample).", lower_bound=0)
+_CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: config.sample); a guidance-embedded "
+                                 "model's guidance input.", lower_bound=0)
+_TRUE_CFG = flags.DEFINE_float("true_cfg_scale", None, "Guidance-embedded models: classifier-free guidance on top "
+                               "(default: config.sample; 1 = none).", lower_bound=0)
 _METHOD = flags.DEFINE_enum("method", None, ["euler", "heun"], "ODE solver (default: config.sample).")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed; image i uses fold_in(seed, i).")
 _RESOLUTION = flags.DEFINE_integer("resolution", None, "Output size (default: training resolution).", lower_bound=1)
@@ -47,7 +50,8 @@ def main(argv):
   size = (_HEIGHT.value or side, _WIDTH.value or side)
   prompts = [p for p in _PROMPTS.value for _ in range(_NUM_IMAGES.value)]
   images = inference.generate(model, prompts, num_steps=_NUM_STEPS.value, cfg_scale=_CFG_SCALE.value,
-                              method=_METHOD.value, seed=_SEED.value, resolution=size)
+                              method=_METHOD.value, seed=_SEED.value, resolution=size,
+                              true_cfg_scale=_TRUE_CFG.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, "generated")
   os.makedirs(out, exist_ok=True)
   stale = [n for n in os.listdir(out) if re.fullmatch(r"\d{4}\.png|grid\.png|prompts\.txt", n)]

@@ -177,3 +177,41 @@ def test_a_schnell_pipeline_imports_without_guidance(tmp_path):
   config = convert.import_dir(str(tmp_path / "schnell"), str(tmp_path / "base"))
   assert config.model.name == "flux" and not config.model.guidance_embed
   assert config.text.encoder == "flux" and config.text.t5_len == 256 and config.diffusion.shift.kind == "flux"
+
+
+def test_true_cfg_guides_a_guidance_embedded_model():
+  """sample.true_cfg_scale: for a guidance-embedded model, v = v_u + s (v_c - v_u) where both
+  forwards get the guidance input cfg_scale; s = 1 is the one-forward embedded velocity; a
+  model without the embedding ignores it."""
+  import jax
+  import jax.numpy as jnp
+  import flax.linen as nn
+
+  from jdiff import inference
+  from jdiff import networks as networks_lib
+  import test_train
+
+  config = test_train.get_config()
+  with config.unlocked():
+    config.model.update(name="flux", variant="schnell", depth=1, single_depth=1, width=32, num_heads=2,
+                        axes_dims=(4, 6, 6), guidance_embed=True, patch_size=2, pos_embed_max_size=0)
+  networks = networks_lib.build_networks(config)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda p: jnp.asarray(0.2 * rng.standard_normal(p.shape), p.dtype),
+                        nn.unbox(networks.init_params(jax.random.key(0))))
+  inputs = dict(tokens=jnp.asarray(np.stack([np.arange(config.text.max_len) % 50 + 3] * 2), jnp.int32))
+  nulls = {k: jnp.asarray(np.stack([v] * 2)) for k, v in networks.null_inputs().items()}
+  res = config.data.resolution
+  x = jnp.asarray(rng.standard_normal((2, res, res, 3)), jnp.float32)
+  t = jnp.asarray([0.3, 0.7], jnp.float32)
+
+  def raw(inp, w):
+    cond = dict(networks.conditioning(params, inp), guidance=jnp.full((2,), w))
+    return networks.predict(params["denoiser"], x, t, cond)
+
+  v = lambda s: inference.velocity_fn(networks, params, inputs, nulls, 3.5, "v", s)(x, t)
+  want = raw(nulls, 3.5) + 2.0 * (raw(inputs, 3.5) - raw(nulls, 3.5))
+  np.testing.assert_allclose(v(2.0), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(v(1.0), raw(inputs, 3.5), rtol=1e-6, atol=1e-6)
+  assert inference.forwards_per_image(networks, 10, 3.5, "euler", 2.0) == 20
+  assert inference.forwards_per_image(networks, 10, 3.5, "euler") == 10
