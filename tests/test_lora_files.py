@@ -265,8 +265,9 @@ def pipeline_dir(tmp_path_factory):
 def test_import_lora_cli_round_trip(pipeline_dir, tmp_path, scan):
   """`jdiff.convert import_lora` puts a kohya file's adapters on an imported SD3.5-like
   pipeline: the workdir's model gives the adapted output, export_lora writes both files back
-  bit for bit, --merge folds them into the weights with the same output, and a base that
-  already has adapters is refused."""
+  bit for bit (StableDiffusion3Pipeline.load_lora_weights reads the diffusers one and gives
+  the same output), --merge folds them into the weights with the same output, and a base
+  that already has adapters is refused."""
   import safetensors.numpy
   from jdiff import convert, inference
   from jdiff.interop import sd3_pipeline
@@ -301,6 +302,11 @@ def test_import_lora_cli_round_trip(pipeline_dir, tmp_path, scan):
     assert set(got) == set(want)
     for k in want:
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  if not scan:  # the pipeline's own loader reads the diffusers-named file
+    from diffusers import StableDiffusion3Pipeline
+    pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir, text_encoder_3=None, tokenizer_3=None)
+    pipe.load_lora_weights(str(tmp_path / "diffusers"))
+    helpers.assert_parity(ours, tsd3.torch_forward(pipe.transformer.eval(), x, t, context, pooled))
   convert.import_lora_dir(str(tmp_path / "diffusers" / convert.LORA_FILE), base, str(tmp_path / "merged"), merge=True)
   assert inference.load(str(tmp_path / "merged")).networks.lora is None
   np.testing.assert_allclose(forward(str(tmp_path / "merged")), ours, rtol=1e-4, atol=1e-4)
