@@ -23,13 +23,8 @@ import numpy as np
 
 from jdiff.eval import curves
 
-_WORKDIRS = flags.DEFINE_multi_string("workdir", None, "grpo run(s).")
-_OUT = flags.DEFINE_string("out", "grpo_curves.png", "PNG to write.")
-flags.mark_flag_as_required("workdir")
-
 PANELS = (("reward", "reward (fraction of attributes right)", False), ("kl", "KL to the reference", True),
           ("flat_groups", "groups scoring all alike", False))
-
 
 def main(argv):
   del argv
@@ -56,6 +51,8 @@ def main(argv):
   fig.tight_layout()
   fig.savefig(_OUT.value, dpi=100)
 
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only when run: tests import the module beside others that define them
+  _WORKDIRS = flags.DEFINE_multi_string("workdir", None, "grpo run(s).")
+  _OUT = flags.DEFINE_string("out", "grpo_curves.png", "PNG to write.")
+  flags.mark_flag_as_required("workdir")
   app.run(main)

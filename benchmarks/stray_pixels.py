@@ -23,16 +23,10 @@ from jdiff import inference
 from jdiff.data import shapes
 from jdiff.eval import benchmark
 
-_WORKDIRS = flags.DEFINE_multi_string("workdir", None, "Run(s) to score.")
-_NUM = flags.DEFINE_integer("num_samples", 240, "Prompts per split.", lower_bound=1)
-flags.mark_flag_as_required("workdir")
-
-
 def stray_pixels(images: np.ndarray) -> np.ndarray:
   """uint8 [N, H, W, C] -> [N]: mean |x - median3x3(x)| per image (channels filtered apart)."""
   x = images.astype(np.float32)
   return np.abs(x - median_filter(x, size=(1, 3, 3, 1))).mean(axis=(1, 2, 3))
-
 
 def main(argv):
   del argv
@@ -48,6 +42,8 @@ def main(argv):
       out[name] = dict(mean=round(float(s.mean()), 3), se=round(float(s.std() / np.sqrt(len(s))), 3), n=len(s))
     print(json.dumps(out), flush=True)
 
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only when run: tests import the module beside others that define them
+  _WORKDIRS = flags.DEFINE_multi_string("workdir", None, "Run(s) to score.")
+  _NUM = flags.DEFINE_integer("num_samples", 240, "Prompts per split.", lower_bound=1)
+  flags.mark_flag_as_required("workdir")
   app.run(main)
