@@ -24,6 +24,7 @@ Flux transformers (FluxTransformer2DModel) convert both ways as weights (transfo
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -208,24 +209,19 @@ def _targets(paths: list[tuple[str, ...]], params: dict, scan: bool) -> str:
   """A lora.targets regex matching exactly the Dense layers at `paths` (unrolled layout of
   `params`); with scan, each block stack holds one set of adapters, so a layer must be
   adapted in all of its stack's blocks or in none."""
-  names = {"/".join(p) for p in paths}
+  names = ["/".join(p) for p in paths]
   if scan:
-    depth = {}
-    for key in params:
-      m = _BLOCK.match(key)
-      if m:
-        depth[m.group(1)] = depth.get(m.group(1), 0) + 1
-    stacked = {}
+    depth = collections.Counter(m.group(1) for m in map(_BLOCK.match, params) if m)
+    stacked = collections.Counter()
     for p in paths:
       m = _BLOCK.match(p[0])
-      name = "/".join(((m.group(1),) if m else p[:1]) + p[1:])
-      stacked[name] = stacked.get(name, 0) + 1
-    uneven = sorted(n for n, c in stacked.items() if "/" in n and n.split("/")[0] in depth and c != depth[n.split("/")[0]])
+      stacked[(m.group(1) if m else p[0],) + p[1:]] += 1
+    uneven = sorted("/".join(k) for k, count in stacked.items() if k[0] in depth and count != depth[k[0]])
     if uneven:
       raise errors.InvalidArgument(f"the LoRA file adapts {uneven[0]} in some blocks of its stack only; a model with "
                                    "model.scan=True holds one set of adapters per stack: import into an unrolled model")
-    names = set(stacked)
-  return "(" + "|".join(re.escape(n) for n in sorted(names)) + ")"
+    names = ["/".join(k) for k in stacked]
+  return "(" + "|".join(re.escape(n) for n in sorted(set(names))) + ")"
 
 
 def import_lora_dir(src: str, base: str, workdir: str, merge: bool = False, step: int | None = None) -> dict[str, Any]:
@@ -237,6 +233,9 @@ def import_lora_dir(src: str, base: str, workdir: str, merge: bool = False, step
   if not os.path.isfile(src):
     raise errors.NotFound(f"no LoRA file at {src!r}")
   model = inference.load(base, step)
+  if model.networks.lora is not None:
+    raise errors.InvalidArgument(f"{base} already has LoRA adapters (config.lora.rank = {model.config.lora.rank}): "
+                                 "export it merged first (python -m jdiff.convert export) and import that")
   io, kwargs = _denoiser_kwargs(model)
   tensors = safetensors.numpy.load_file(src)
   naming = lora_files.naming_of(tensors)
@@ -257,9 +256,6 @@ def import_lora_dir(src: str, base: str, workdir: str, merge: bool = False, step
   spec = layers.LoRA(rank=rank, alpha=scale * rank)
   paths = [p[:-1] for p, _ in mapping._flatten(lora) if p[-1] == "lora_a"]
   config = model.config
-  if model.networks.lora is not None:
-    raise errors.InvalidArgument(f"{base} already has LoRA adapters (config.lora.rank = {config.lora.rank}): "
-                                 "export it merged first (python -m jdiff.convert export) and import that")
   merged = _deep_merge(params, lora)
   if merge:
     merged = jax.tree.map(np.asarray, layers.merge_lora(merged, spec))

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -110,21 +110,23 @@ def load(workdir: str, step: int | None = None) -> Model:
   return Model(networks, ema, config, step)
 
 
-def velocity_fn(networks: networks_lib.Networks, params, inputs, null_inputs, cfg_scale: float, prediction: str,
-                true_cfg_scale: float = 1.0):
-  """The sampling velocity v(x, t): classifier-free guidance at cfg_scale; for a
-  guidance-embedded model its guidance input cfg_scale (one forward), and with
-  true_cfg_scale != 1 classifier-free guidance at that scale on top (two forwards)."""
+def guided_velocity(networks: networks_lib.Networks, params: Any, inputs: Mapping[str, jax.Array],
+                    null: Mapping[str, jax.Array] | None, w: jax.Array | float, prediction: str,
+                    true_cfg_scale: float = 1.0):
+  """A model's guided velocity field v(x, t) for conditioning `inputs` at scale w (scalar or
+  [B]): classifier-free guidance with the null conditioning inputs `null` (two forwards; one
+  when w is the constant 1); for a guidance-embedded model, w is its guidance input (one
+  forward), and true_cfg_scale != 1 adds classifier-free guidance at that scale (two)."""
   cond = networks.conditioning(params, inputs)
   model_fn = lambda x, t, c: networks.predict(params["denoiser"], x, t, c)
-  if not networks.denoiser.guidance_embed:
-    uncond = networks.conditioning(params, null_inputs) if cfg_scale != 1.0 else None
-    return diffusion.guided_velocity(model_fn, cond, uncond, cfg_scale, prediction)
-  if true_cfg_scale == 1.0:  # guidance-distilled: w is an input, one forward per step
-    return diffusion.embedded_guidance_velocity(model_fn, cond, cfg_scale, prediction)
-  guided_fn = lambda x, t, c: model_fn(x, t, dict(c, guidance=jnp.full(x.shape[:1], cfg_scale, jnp.float32)))
-  return diffusion.guided_velocity(guided_fn, cond, networks.conditioning(params, null_inputs), true_cfg_scale,
-                                   prediction)
+  if networks.denoiser.guidance_embed:
+    if true_cfg_scale == 1.0:
+      return diffusion.embedded_guidance_velocity(model_fn, cond, w, prediction)
+    guidance = lambda x: jnp.broadcast_to(jnp.asarray(w, jnp.float32), x.shape[:1])
+    guided_fn = lambda x, t, c: model_fn(x, t, dict(c, guidance=guidance(x)))
+    return diffusion.guided_velocity(guided_fn, cond, networks.conditioning(params, null), true_cfg_scale, prediction)
+  uncond = None if isinstance(w, (int, float)) and w == 1.0 else networks.conditioning(params, null)
+  return diffusion.guided_velocity(model_fn, cond, uncond, w, prediction)
 
 
 @functools.lru_cache(maxsize=8)
@@ -138,7 +140,7 @@ def _sampler(networks: networks_lib.Networks, num_steps: int, method: str, cfg_s
   @jax.jit
   def run(params, inputs, null_inputs, keys):
     noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
-    velocity = velocity_fn(networks, params, inputs, null_inputs, cfg_scale, prediction, true_cfg_scale)
+    velocity = guided_velocity(networks, params, inputs, null_inputs, cfg_scale, prediction, true_cfg_scale)
     return diffusion.solve(velocity, noise, times, method)
 
   return run

@@ -25,6 +25,7 @@ Writes PAIRS_DIR/pairs.npz (index [K] record indices, image_l uint8 [K, R, R, 3]
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -58,11 +59,12 @@ def select(index: Sequence[int], images: np.ndarray, wrong: np.ndarray, preferre
   keep = np.flatnonzero(bad)
   out = {}
   if preferred == "sample":
-    winners, kept = [], []
+    winners, kept, seen = [], [], collections.Counter()  # seen: wrong samples of each caption so far
     for i in keep:
       right = np.flatnonzero((index == index[i]) & ~bad)
+      j = seen[index[i]]
+      seen[index[i]] += 1
       if len(right):
-        j = int(np.sum((index[:i] == index[i]) & bad[:i]))  # how many wrong samples of this caption before i
         winners.append(right[j % len(right)])
         kept.append(i)
     keep = np.array(kept, np.int64)

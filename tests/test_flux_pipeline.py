@@ -209,7 +209,7 @@ def test_true_cfg_guides_a_guidance_embedded_model():
     cond = dict(networks.conditioning(params, inp), guidance=jnp.full((2,), w))
     return networks.predict(params["denoiser"], x, t, cond)
 
-  v = lambda s: inference.velocity_fn(networks, params, inputs, nulls, 3.5, "v", s)(x, t)
+  v = lambda s: inference.guided_velocity(networks, params, inputs, nulls, 3.5, "v", s)(x, t)
   want = raw(nulls, 3.5) + 2.0 * (raw(inputs, 3.5) - raw(nulls, 3.5))
   np.testing.assert_allclose(v(2.0), want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(v(1.0), raw(inputs, 3.5), rtol=1e-6, atol=1e-6)

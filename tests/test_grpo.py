@@ -16,6 +16,7 @@ from scipy import stats
 
 from jdiff import config as config_lib
 from jdiff import diffusion
+from jdiff import inference
 from jdiff import networks as networks_lib
 from jdiff import tokens as tokens_lib
 from jdiff.data import pixels, shapes
@@ -155,7 +156,7 @@ def test_grpo_loss_at_the_reference_has_ratio_one_no_kl_and_the_policy_gradient(
 
   @jax.jit
   def log_prob(p):  # log p(x_next | x) of each transition under params p
-    mean, std = G.sde_step(batch["x"], objectives.guided_velocity(
+    mean, std = G.sde_step(batch["x"], inference.guided_velocity(
         networks, p, {"tokens": batch["tokens"]}, objectives.null_batch({"tokens": batch["tokens"]}, networks),
         config.grpo.cfg_scale, config.diffusion.prediction)(batch["x"], batch["t"]), batch["t"], batch["t_next"],
         batch["t_cap"], config.grpo.noise_level)

@@ -40,6 +40,16 @@ def _only_lora(params):
   return {"/".join(p): v for p, v in mapping._flatten(params) if p[-1].startswith("lora_")}
 
 
+def _assert_read_back(rules, params, scale, *read):
+  """Each of `read` (adapters read from a file) gives `params`' adapters bit for bit."""
+  want = _only_lora(params)
+  for adapters in read:
+    got = _only_lora(lora_files.adapters_to_params(rules, adapters, scale))
+    assert set(got) == set(want)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
 def _sd3_case():
   ref = tsd3.reference("sd3.5-medium")
   config = dict(ref.config)
@@ -130,13 +140,8 @@ def test_sd3_lora_files_reproduce_the_adapted_transformer():
   base.load_state_dict(merged)
   helpers.assert_parity(ours, tsd3.torch_forward(base, *args))
 
-  for back in (lora_files.from_kohya(kohya, lora_files.sd3_layers(kwargs), widths),
-               lora_files.from_peft(peft)):
-    again = lora_files.adapters_to_params(rules, back, spec.scale)
-    want, got = _only_lora(params), _only_lora(again)
-    assert set(got) == set(want)
-    for k in want:
-      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  _assert_read_back(rules, params, spec.scale, lora_files.from_kohya(kohya, lora_files.sd3_layers(kwargs), widths),
+                    lora_files.from_peft(peft))
 
 
 def test_kohya_import_of_a_dense_fused_adapter_keeps_its_function():
@@ -222,12 +227,8 @@ def test_flux_lora_files_load_in_diffusers_and_read_back():
                               for p in parts])
     np.testing.assert_allclose(fused, stacked, rtol=1e-5, atol=1e-7)
 
-  for back in (lora_files.from_kohya(kohya, layers_, widths), lora_files.from_peft(peft)):
-    again = lora_files.adapters_to_params(rules, back, spec.scale)
-    want, got = _only_lora(params), _only_lora(again)
-    assert set(got) == set(want)
-    for k in want:
-      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  _assert_read_back(rules, params, spec.scale, lora_files.from_kohya(kohya, layers_, widths),
+                    lora_files.from_peft(peft))
 
 
 def test_kohya_export_of_some_parts_of_a_fused_layer():

@@ -192,6 +192,11 @@ def _swap(rows: np.ndarray) -> np.ndarray:
   return np.concatenate([rows[half:], rows[:half]])
 
 
+def kohya_name(layer: Fused) -> str:
+  """The kohya module name of an original layer: 'lora_unet_' + its key, dots as underscores."""
+  return KOHYA_PREFIX + layer.key.replace(".", "_")
+
+
 def to_kohya(adapters: Mapping[str, Adapter], layers: Iterable[Fused],
              widths: Mapping[str, int]) -> dict[str, np.ndarray]:
   """kohya naming on the original layers. A fused layer of n parts whose adapted parts have
@@ -219,7 +224,7 @@ def to_kohya(adapters: Mapping[str, Adapter], layers: Iterable[Fused],
         down[j * r:(j + 1) * r] = a.T
         up[row:row + b.shape[1], j * r:(j + 1) * r] = b.T
       row += widths[part]
-    name = KOHYA_PREFIX + layer.key.replace(".", "_")
+    name = kohya_name(layer)
     out[f"{name}.lora_down.weight"] = down
     out[f"{name}.lora_up.weight"] = _swap(up) if layer.swap else up
     out[f"{name}.alpha"] = np.asarray(scales.pop() * n * r, np.float32)
@@ -235,7 +240,7 @@ def from_kohya(tensors: Mapping[str, np.ndarray], layers: Iterable[Fused],
   the parts' own adapters, bit for bit, leaving out parts whose down and up blocks are both
   zero; a dense one (a fused adapter trained elsewhere) gives every part with non-zero rows
   the shared down and its rows of up: the same function, at the file's rank."""
-  by_name = {KOHYA_PREFIX + layer.key.replace(".", "_"): layer for layer in layers}
+  by_name = {kohya_name(layer): layer for layer in layers}
   out, seen = {}, set()
   for key in tensors:
     if not key.endswith(".lora_down.weight"):

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from jdiff import diffusion
+from jdiff import inference
 from jdiff.eval import rewards as rewards_lib
 from jdiff.networks import Networks
 from jdiff.train import objectives
@@ -53,7 +54,7 @@ def rollout(params: Any, tokens: jax.Array, keys: jax.Array, *, networks: Networ
   x1 = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(k_x1)
   noise = jax.vmap(lambda k: jax.random.normal(k, (g.num_steps, *shape), jnp.float32))(k_sde).swapaxes(0, 1)
   inputs = {"tokens": tokens}
-  velocity = objectives.guided_velocity(networks, params, inputs, objectives.null_batch(inputs, networks),
+  velocity = inference.guided_velocity(networks, params, inputs, objectives.null_batch(inputs, networks),
                                         g.cfg_scale, config.diffusion.prediction)
   states, log_probs = diffusion.grpo.rollout(velocity, x1, times, noise, g.noise_level)
   return states, log_probs, times

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jdiff import diffusion
+from jdiff import inference
 from jdiff.data import pixels
 from jdiff import errors
 from jdiff.networks import Networks
@@ -96,22 +97,8 @@ class Frozen:
 
   def velocity(self, params: Any, inputs: Mapping[str, jax.Array], null: Mapping[str, jax.Array] | None,
                w: jax.Array | float, prediction: str):
-    """The frozen model's guided velocity field (see `guided_velocity`)."""
-    return guided_velocity(self.networks, params, inputs, null, w, prediction)
-
-
-def guided_velocity(networks: Networks, params: Any, inputs: Mapping[str, jax.Array],
-                    null: Mapping[str, jax.Array] | None, w: jax.Array | float, prediction: str):
-  """A model's guided velocity field v(x, t) for conditioning `inputs` at scale w (scalar or
-  [B]): its embedded guidance (one forward) if it has one, else classifier-free guidance with
-  the null conditioning inputs `null` (two; one when w is the constant 1)."""
-  n = networks
-  model_fn = lambda x, t, c: n.predict(params["denoiser"], x, t, c)
-  cond = n.conditioning(params, inputs)
-  if n.denoiser.guidance_embed:
-    return diffusion.embedded_guidance_velocity(model_fn, cond, w, prediction)
-  uncond = None if isinstance(w, (int, float)) and w == 1.0 else n.conditioning(params, null)
-  return diffusion.guided_velocity(model_fn, cond, uncond, w, prediction)
+    """The frozen model's guided velocity field (see `inference.guided_velocity`)."""
+    return inference.guided_velocity(self.networks, params, inputs, null, w, prediction)
 
 
 def conditioning(params, inputs: Mapping[str, jax.Array], t: jax.Array, networks: Networks, config
@@ -208,7 +195,7 @@ def grpo_loss(params, batch, keys, frozen_params, *, networks: Networks, config,
   null = null_batch(inputs, networks)
 
   def step_mean(nets: Networks, p):
-    v = guided_velocity(nets, p, inputs, null, g.cfg_scale, prediction)(x, t)
+    v = inference.guided_velocity(nets, p, inputs, null, g.cfg_scale, prediction)(x, t)
     return diffusion.grpo.sde_step(x, v.astype(jnp.float32), t, batch["t_next"], batch["t_cap"], g.noise_level)
 
   mean, std = step_mean(networks, params)
