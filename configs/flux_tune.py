@@ -35,11 +35,16 @@ def get_config(arg: str | None = None):
   # Adapters on every block's attention and MLP projections (the single blocks' fused
   # q, k, v and MLP input included); only they train and the base stays frozen.
   c.lora.update(rank=16, alpha=16.0)
+  # The 12B base frozen in bfloat16 (24 GB) with float32 adapters and Adam state
+  # (lora.param_dtype); --config.lora.quantize_base=int8 holds the adapted kernels in 8 bits
+  # (BENCHMARKS.md "LoRA memory" has the step's memory for each).
+  c.model.param_dtype = "bfloat16"
   c.optim.update(trainable=".*lora_.*", lr=1e-4, warmup_steps=100, weight_decay=0.0, ema_decay=0.999)
   c.diffusion.guidance = 1.0
   c.train.update(batch_size=4, num_steps=2000, log_every=20, checkpoint_every=500, sample_every=500)
   c.sample.update(num_steps=28, cfg_scale=3.5, batch_size=2)
   if variant == "test":
+    c.model.param_dtype = "float32"  # compared with diffusers' float32 pipeline
     c.data.update(resolution=16, read_threads=1, prefetch=8)
     c.lora.update(rank=2, alpha=2.0)
     c.optim.update(lr=1e-2, warmup_steps=0, ema_decay=0.5)

@@ -101,7 +101,7 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir: str = "", profile
     raise errors.InvalidArgument(f"jdiff.bench times the flow objective's step; objective {config.objective!r} "
                                  "needs a frozen model (time it with jdiff.main's step log)")
   networks, tx, mesh, rules = step_parts(config)
-  state, shardings = state_lib.create_state(networks, tx, mesh, rules, config.seed)
+  state, shardings = state_lib.create_state(networks, tx, mesh, rules, config.seed, config.optim.trainable)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   t0 = time.perf_counter()
   compiled, batch_sharding = trainer.compile_step(networks, tx, config, mesh, rules, shardings, abstract)

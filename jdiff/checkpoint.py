@@ -370,16 +370,22 @@ def save_weights(workdir: str, params: Any, config: ml_collections.ConfigDict, l
   ckpt.close()
 
 
-def _restore_subtree(workdir: str, subtree: dict[str, Any], step: int | None = None):
+def _restore_subtree(workdir: str, subtree: Callable[["Checkpoints", int], dict[str, Any]], step: int | None = None):
   """Restores only the named parts of a state checkpoint (e.g. EMA params), onto the
-  shardings of `subtree`'s ShapeDtypeStructs. Returns (restored subtree, lineage, step)."""
+  shardings of the ShapeDtypeStructs that subtree(checkpoints, step) gives. Returns (restored subtree,
+  lineage, step)."""
   ckpt = _open_read_only(workdir)
-  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), subtree)
-  try:
-    restored, step = ckpt.first_restorable(lambda s: ckpt.manager.restore(s, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=subtree, restore_args=restore_args, partial_restore=True),
+
+  def restore(s):
+    item = subtree(ckpt, s)
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), item)
+    return ckpt.manager.restore(s, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
         lineage=ocp.args.JsonRestore(),
-    )), step)
+    ))
+
+  try:
+    restored, step = ckpt.first_restorable(restore, step)
   finally:
     ckpt.close()
   # A partial restore hands back the abstract value of anything the checkpoint lacks.
@@ -392,10 +398,38 @@ def _restore_subtree(workdir: str, subtree: dict[str, Any], step: int | None = N
   return restored.state, restored.lineage["stages"], step
 
 
+def _split_by(abstract: Any, saved: Any) -> tuple[Any, Any]:
+  """(the part of `abstract` whose leaves `saved` (a checkpoint's metadata tree) holds, the
+  rest); None for an empty part."""
+  if isinstance(abstract, dict):
+    parts = {k: _split_by(v, saved.get(k) if isinstance(saved, dict) else None) for k, v in abstract.items()}
+    held = {k: h for k, (h, _) in parts.items() if h is not None}
+    rest = {k: r for k, (_, r) in parts.items() if r is not None}
+    return held or None, rest or None
+  return (abstract, None) if saved is not None else (None, abstract)
+
+
+def _merge(a: Any, b: Any) -> Any:
+  if a is None or b is None:
+    return b if a is None else a
+  if isinstance(a, dict):
+    return {k: _merge(a.get(k), b.get(k)) for k in {**a, **b}}
+  raise ValueError("a parameter restored twice")
+
+
 def restore_ema(workdir: str, abstract_params: Any, step: int | None = None):
-  """The EMA params of `workdir`'s latest (or given) checkpoint: (ema, lineage, step)."""
-  tree, lineage, step = _restore_subtree(workdir, {"ema_params": abstract_params}, step)
-  return tree["ema_params"], lineage, step
+  """The EMA params of `workdir`'s latest (or given) checkpoint: (ema, lineage, step). A
+  training checkpoint keeps no average of its frozen parameters (train.state.TrainState):
+  those come from its params, which they equal."""
+  def subtree(ckpt, s):
+    saved = ocp.PyTreeCheckpointHandler().metadata(ckpt.directory / str(s) / "state")
+    saved = getattr(saved, "tree", saved) or {}
+    held, rest = (_split_by(abstract_params, saved["ema_params"]) if saved.get("ema_params") is not None
+                  else (abstract_params, None))  # no readable metadata: all from the EMA, as it was
+    return {k: v for k, v in (("ema_params", held), ("params", rest)) if v is not None}
+
+  tree, lineage, step = _restore_subtree(workdir, subtree, step)
+  return _merge(tree.get("ema_params"), tree.get("params")), lineage, step
 
 
 def read_lineage(workdir: str, step: int | None = None) -> list[dict[str, Any]]:

@@ -143,7 +143,13 @@ def base() -> ml_collections.ConfigDict:
   ))
   # Low-rank adapters on the denoiser's attention and MLP layers (rank 0: none). Train only
   # them with optim.trainable='.*lora_.*'; `python -m jdiff.convert export` merges them.
-  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=1.0, targets=r"(.*_)?blocks?(_\d+)?/.*(qkv2?/[qkv]|attn2?_out|mlp/fc[12]|mlp_in|out)"))
+  # param_dtype: the adapters' (and so their Adam state's) storage dtype, kept apart from
+  # model.param_dtype so a bfloat16 base trains float32 adapters ('' = model.param_dtype).
+  # quantize_base: '' | int8 | float8_e4m3fn: the adapted layers' frozen kernels held in 8 bits
+  # with a float32 scale per output channel (qwix), quantized from init_from's weights when the
+  # run starts (QLoRA; docs/memory.md). Exports merge onto the dequantized kernels.
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=1.0, targets=r"(.*_)?blocks?(_\d+)?/.*(qkv2?/[qkv]|attn2?_out|mlp/fc[12]|mlp_in|out)",
+                                          param_dtype="float32", quantize_base=""))
   # Pixel space (path '') or latent space: a diffusers AutoencoderKL directory (or a pipeline
   # directory with vae/). Latent-space runs train on a cache (`python -m jdiff.cache`).
   c.autoencoder = ml_collections.ConfigDict(dict(path="", dtype="float32"))
@@ -430,6 +436,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for dtype_field in ("model.dtype", "model.param_dtype", "text.dtype", "text.param_dtype"):
     section, key = dtype_field.split(".")
     _one_of(dtype_field, c[section][key], ("float32", "bfloat16", "float16"))
+  _one_of("lora.param_dtype", c.lora.param_dtype, ("", "float32", "bfloat16", "float16"))
+  _one_of("lora.quantize_base", c.lora.quantize_base, ("", "int8", "float8_e4m3fn"))
+  if c.lora.quantize_base and not c.lora.rank > 0:
+    raise errors.InvalidArgument(f"config.lora.quantize_base={c.lora.quantize_base!r} quantizes the kernels of the "
+                                 "adapted layers: set lora.rank > 0")
   for name in ("data.resolution", "train.batch_size", "train.num_steps", "train.grad_accum",
                "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                "train.max_nonfinite", "sample.num_steps", "eval.num_steps", "eval.num_samples",

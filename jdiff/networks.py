@@ -113,7 +113,8 @@ def build_networks(config) -> Networks:
   """config -> Networks, once per run: the denoiser's conditioning widths follow the text
   encoder (or the latent cache's meta.json, read here), with config.lora.rank > 0 it
   carries LoRA adapters, and its input geometry is checked against the patch size."""
-  lora = L.LoRA(config.lora.rank, float(config.lora.alpha), config.lora.targets) if config.lora.rank > 0 else None
+  lora = (L.LoRA(config.lora.rank, float(config.lora.alpha), config.lora.targets, config.lora.param_dtype or None,
+                 config.lora.quantize_base) if config.lora.rank > 0 else None)
   if config.text.encoder in sd3_pipeline.TEXT_RECIPES:
     networks = _latent_networks(config, lora)
   else:

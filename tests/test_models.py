@@ -443,12 +443,14 @@ def test_remat_mlp_policy_saves_the_gelu_output_and_norm_stats_of_every_block():
 
 
 @pytest.mark.parametrize("remat,scan", [("full", False), ("dots_no_batch_attention_mlp", False),
-                                        ("dots_no_batch_attention_mlp", True)])
-def test_remat_gradients_equal_no_remat(remat, scan):
+                                        ("dots_no_batch_attention_mlp", True), ("dots_no_batch", True)])
+@pytest.mark.parametrize("name", ["mmdit", "flux"])
+def test_remat_gradients_equal_no_remat(name, remat, scan):
   """Rematerialised blocks, unrolled or scanned, give the gradients of the plain model (here
   the kept adaLN statistics, which enter the normalisation under stop_gradient, must not
-  lose x's gradient through them)."""
-  cfg = dict(TINY_MMDIT, depth=3, attention="xla")
+  lose x's gradient through them), for MMDiT and for Flux's double and single blocks."""
+  cfg = dict(TINY_MMDIT, depth=3) if name == "mmdit" else dict(TINY_FLUX, depth=2, single_depth=2)
+  cfg = dict(cfg, attention="xla")
   x, t, cond = inputs(cfg, batch=2)
   plain, params = init(dict(cfg, remat="none"), x, t, cond)
   params = perturb(params)

@@ -126,7 +126,7 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
     assert z["wrong"].any(1).all() and len(z["index"]) == meta["num_pairs"]
 
   # tune: only the adapters moved; the base is the GRPO model, bit for bit.
-  tuned, dpo_model = _flat(states["tune"][0].params), _flat(states["grpo"][0].ema_params)
+  tuned, dpo_model = _flat(states["tune"][0].params), _flat(states["grpo"][0].averaged())
   lora = [k for k in tuned if "lora_" in k]
   assert lora and set(tuned) - set(lora) == set(dpo_model)
   for k, v in dpo_model.items():
@@ -140,7 +140,7 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   exported = convert.export_lora_dir(configs["tune"][0], str(tmp_path / "lora_export"))
   from safetensors.numpy import load_file
   tensors = load_file(exported["file"])
-  ema = _flat(states["tune"][0].ema_params)
+  ema = _flat(states["tune"][0].averaged())
   assert len(tensors) == len([k for k in ema if "lora_" in k]) == exported["num_tensors"]
   scale = configs["tune"][1].lora.alpha / configs["tune"][1].lora.rank
   np.testing.assert_allclose(tensors["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"],

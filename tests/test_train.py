@@ -45,7 +45,8 @@ def restored(workdir, config):
   networks = networks_lib.build_networks(config)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
   mesh = shard_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-  abstract, shardings = state_lib.state_shardings(networks, tx, mesh, shard_lib.rules_tuple(config.sharding.logical_rules))
+  abstract, shardings = state_lib.state_shardings(networks, tx, mesh, shard_lib.rules_tuple(config.sharding.logical_rules),
+                                                 config.optim.trainable)
   p = pipeline_lib.make_pipeline(config.data, global_batch=config.train.batch_size,
                                  max_len=config.text.max_len, seed=config.seed)
   ckpt = ckpt_lib.Checkpoints(str(workdir), read_only=True)
@@ -369,7 +370,9 @@ def test_dit_config_trains():
 
 def test_frozen_parameters_stay_bit_identical(tmp_path):
   """optim.trainable: only the matching parameters (here one block and the text encoder's
-  final layers) move; every other parameter and its EMA is bit-identical after training."""
+  final layers) move; every other parameter and its EMA is bit-identical after training. The
+  optimizer state and the EMA are held for the trainable parameters only, and the EMA read
+  back for sampling (checkpoint.restore_ema) takes the frozen ones from the params."""
   pattern = r"denoiser/blocks_0/.*|text/.*norm.*"
   config = get_config(optim__trainable=pattern, train__num_steps=3, train__sample_every=0, eval__at_end=False)
   init = get_config(train__num_steps=1, train__sample_every=0, eval__at_end=False)
@@ -379,9 +382,15 @@ def test_frozen_parameters_stay_bit_identical(tmp_path):
   before, _, _ = restored(tmp_path / "base", init)
   after, _, lineage = restored(tmp_path / "tuned", config)
   mask = optim.trainable_mask(after.params, pattern)
+  trained = lambda tree: sum(x.size for x, m in zip(jax.tree.leaves(tree), jax.tree.leaves(mask)) if m)
+  assert sum(x.size for x in jax.tree.leaves(after.ema_params)) == trained(after.params)
+  ema, _, _ = ckpt_lib.restore_ema(str(tmp_path / "tuned"), jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+      after.params))
+  chex.assert_trees_all_equal(jax.device_get(ema), after.averaged())
   moved, frozen = 0, 0
-  for path_mask, b, a, ea in zip(jax.tree.leaves(mask), jax.tree.leaves(before.ema_params),
-                                 jax.tree.leaves(after.params), jax.tree.leaves(after.ema_params)):
+  for path_mask, b, a, ea in zip(jax.tree.leaves(mask), jax.tree.leaves(before.averaged()),
+                                 jax.tree.leaves(after.params), jax.tree.leaves(after.averaged())):
     if path_mask:
       moved += int(not np.array_equal(a, b))
     else:
@@ -392,8 +401,7 @@ def test_frozen_parameters_stay_bit_identical(tmp_path):
   # The optimizer holds state only for what trains.
   adam = [s for s in jax.tree.leaves(after.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
           if isinstance(s, optax.ScaleByAdamState)][0]
-  assert sum(x.size for x in jax.tree.leaves(adam.mu)) == sum(
-      x.size for x, m in zip(jax.tree.leaves(after.params), jax.tree.leaves(mask)) if m)
+  assert sum(x.size for x in jax.tree.leaves(adam.mu)) == trained(after.params)
   with pytest.raises(ValueError, match="matches no parameter"):
     run(get_config(optim__trainable="nothing/.*", train__num_steps=1), tmp_path / "none")
 

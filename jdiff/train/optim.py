@@ -67,10 +67,47 @@ def trainable_mask(params: Any, pattern: str) -> Any:
   """True for the leaves whose path (see `param_path`) fully matches the regex `pattern`
   ('' or '.*': everything). Boxed and plain trees alike."""
   if pattern in ("", ".*"):
-    return jax.tree.map(lambda _: True, params, is_leaf=_is_box)
+    return jax.tree.map(lambda _: True, params, is_leaf=is_box)
   regex = re.compile(pattern)
   return jax.tree_util.tree_map_with_path(lambda path, _: bool(regex.fullmatch(param_path(path))), params,
-                                          is_leaf=_is_box)
+                                          is_leaf=is_box)
+
+
+def count_trainable(params: Any, pattern: str) -> int:
+  """How many parameter values `pattern` (optim.trainable) lets train; raises InvalidArgument
+  when that is none, or when it takes in 8-bit parameters (lora.quantize_base), which cannot."""
+  mask = trainable_mask(params, pattern)
+  trained = [(param_path(path), p) for (path, p), m in zip(jax.tree_util.tree_leaves_with_path(params),
+                                                          jax.tree.leaves(mask)) if m]
+  if not trained:
+    raise errors.InvalidArgument(f"config.optim.trainable={pattern!r} matches no parameter path "
+                                 "(paths look like 'denoiser/blocks_0/x_qkv/q/kernel')")
+  eight_bit = [name for name, p in trained if jax.numpy.dtype(p.dtype).itemsize == 1]
+  if eight_bit:
+    raise errors.InvalidArgument(f"config.optim.trainable={pattern!r} matches 8-bit parameters, which cannot train "
+                                 f"(e.g. {eight_bit[0]}): with lora.quantize_base train the adapters, e.g. "
+                                 "optim.trainable='.*lora_.*'")
+  return sum(p.size for _, p in trained)
+
+
+def masked(x) -> bool:
+  """Whether `x` stands in for a frozen parameter (optax.MaskedNode: no leaves)."""
+  return isinstance(x, optax.MaskedNode)
+
+
+def split_trainable(params: Any, pattern: str) -> tuple[Any, Any]:
+  """(trainable, frozen): `params` twice, each with optax.MaskedNode() in place of the other's
+  leaves (pattern: optim.trainable). `merge_trainable` puts them back together."""
+  mask = trainable_mask(params, pattern)
+  trainable = jax.tree.map(lambda p, m: p if m else optax.MaskedNode(), params, mask)
+  frozen = jax.tree.map(lambda p, m: optax.MaskedNode() if m else p, params, mask)
+  return trainable, frozen
+
+
+def merge_trainable(trainable: Any, rest: Any) -> Any:
+  """`trainable` with each MaskedNode replaced by `rest`'s leaf at that place (rest: a full
+  tree, or the frozen half of `split_trainable`)."""
+  return jax.tree.map(lambda t, r: r if masked(t) else t, trainable, rest, is_leaf=masked)
 
 
 def trains_text(networks, pattern: str) -> bool:
@@ -78,10 +115,10 @@ def trains_text(networks, pattern: str) -> bool:
   if networks.text is None:
     return False
   shapes = jax.eval_shape(lambda: networks.init_params(jax.random.key(0)))
-  return any(jax.tree.leaves(trainable_mask({"text": shapes["text"]}, pattern), is_leaf=_is_box))
+  return any(jax.tree.leaves(trainable_mask({"text": shapes["text"]}, pattern), is_leaf=is_box))
 
 
-def _is_box(x) -> bool:
+def is_box(x) -> bool:
   return hasattr(x, "unbox") and hasattr(x, "names")
 
 

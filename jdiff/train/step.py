@@ -26,21 +26,27 @@ NUM_T_BINS = 10
 def _grads(params, batch, keys, frozen_params, networks: Networks, config, frozen: Frozen | None):
   """(loss, per-sample losses [B], t [B], diagnostics, grads), accumulated over
   config.train.grad_accum micro-batches (one optimizer update per step either way; equal
-  results up to float rounding, since randomness is per sample)."""
-  grad_fn = jax.value_and_grad(functools.partial(objectives.loss_fn, networks=networks, config=config, frozen=frozen),
-                               has_aux=True)
+  results up to float rounding, since randomness is per sample).
+
+  Only the parameters matching optim.trainable are differentiated: grads holds
+  optax.MaskedNode() in place of the frozen ones, so a frozen base gets neither a gradient
+  nor an accumulator."""
+  trainable, fixed = optim.split_trainable(params, config.optim.trainable)
+  loss_fn = lambda tr, *args: objectives.loss_fn(optim.merge_trainable(tr, fixed), *args, networks=networks,
+                                                 config=config, frozen=frozen)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   accum = config.train.grad_accum
   if accum == 1:
-    (loss, (per_sample, t, extra)), grads = grad_fn(params, batch, keys, frozen_params)
+    (loss, (per_sample, t, extra)), grads = grad_fn(trainable, batch, keys, frozen_params)
     return loss, per_sample, t, extra, grads
   split = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
 
   def body(acc, xs):
     mb, mk = xs
-    (loss, aux), g = grad_fn(params, mb, mk, frozen_params)
+    (loss, aux), g = grad_fn(trainable, mb, mk, frozen_params)
     return jax.tree.map(jnp.add, acc, g), (loss, aux)
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
+  zeros = jax.tree.map(jnp.zeros_like, trainable)
   grads, (losses, aux) = jax.lax.scan(body, zeros, (jax.tree.map(split, batch), split(keys)))
   per_sample, t, extra = jax.tree.map(lambda x: x.reshape(-1), aux)
   grads = jax.tree.map(lambda g: g / accum, grads)
@@ -72,20 +78,20 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 
 def apply_update(state: TrainState, loss: jax.Array, grads: Any, tx: optax.GradientTransformation, config
                  ) -> tuple[TrainState, jax.Array, jax.Array]:
-  """One AdamW update from `grads` (frozen parameters get none) and the EMA after it, unless
-  the loss or the gradient is non-finite: then params, EMA and optimizer state stay as they
-  were. Returns (state with new params / ema / opt_state, ok, gradient norm); the step
-  counter is the caller's."""
-  train_mask = optim.trainable_mask(grads, config.optim.trainable)
-  grads = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, train_mask)  # frozen: no gradient
+  """One AdamW update from `grads` (the trainable parameters', `_grads`: the frozen ones get
+  none) and the EMA after it, unless the loss or the gradient is non-finite: then params, EMA
+  and optimizer state stay as they were. Returns (state with new params / ema / opt_state, ok,
+  gradient norm); the step counter is the caller's."""
   grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  # The optimizer's frozen branch (set_to_zero) takes the full tree: zeros stand in there.
+  updates, opt_state = tx.update(optim.merge_trainable(grads, jax.tree.map(jnp.zeros_like, state.params)),
+                                 state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = optim.ema_decay(config.optim, state.step)
-  ema = jax.tree.map(lambda e, p, m: decay * e + (1.0 - decay) * p if m else e, state.ema_params, params,
-                     train_mask)
+  ema = jax.tree.map(lambda e, p: e if optim.masked(e) else decay * e + (1.0 - decay) * p, state.ema_params, params,
+                     is_leaf=optim.masked)
   # A select between new and old values, not a lax.cond: XLA:GPU fuses the select into the
   # update's elementwise kernels (in place on the donated buffers), while a cond's outputs are
   # copied back into them, every state buffer every step (benchmarks/hlo_cost.py shows it).

@@ -310,7 +310,7 @@ def initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline, pa
 
   Returns (state, shardings, abstract_state, lineage).
   """
-  abstract, shardings = state_lib.state_shardings(networks, tx, mesh, rules)
+  abstract, shardings = state_lib.state_shardings(networks, tx, mesh, rules, config.optim.trainable)
   if ckpt.latest_step() is not None:
     target = state_lib.abstract_with_shardings(abstract, shardings)
     state, lineage, step = ckpt.restore(target, pipeline.iterator, config.train.restore_step)
@@ -319,15 +319,16 @@ def initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline, pa
   if config.train.restore_step is not None:
     raise ckpt_lib.CheckpointError(f"train.restore_step={config.train.restore_step}: there is no checkpoint in "
                                    f"{ckpt_lib.checkpoint_dir(workdir)}")
-  state, _ = state_lib.create_state(networks, tx, mesh, rules, config.seed)
+  state, _ = state_lib.create_state(networks, tx, mesh, rules, config.seed, config.optim.trainable)
   if config.init_from:
     _, ema, parent_lineage, from_step = parent
     log.info("starting from the EMA params of %s (step %d) with a fresh optimizer", config.init_from, from_step)
     # Block stacks follow this config's model.scan whatever the parent's was. Parameters the
     # parent lacks (new LoRA adapters, a student's guidance embedding) keep their fresh init;
-    # a parameter both have must agree in shape.
-    params = _overlay(state.params, L.match_layout(ema, state.params))
-    state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+    # a parameter both have must agree in shape. With lora.quantize_base the adapted kernels
+    # are quantized here.
+    params = _overlay(state.params, L.quantize_like(L.match_layout(ema, state.params), state.params))
+    state = state.replace(params=params, ema_params=state_lib.ema_init(params, config.optim.trainable))
     return state, shardings, abstract, parent_lineage + [_lineage_entry(config, workdir, from_step)]
   log.info("starting from scratch")
   return state, shardings, abstract, [_lineage_entry(config, workdir, None)]
@@ -459,11 +460,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   log.info("mesh %s; %s denoiser params, %s text params", dict(mesh.shape),
            f"{networks_lib.param_count(state.params['denoiser']):,}",
            f"{networks_lib.param_count(state.params.get('text', {})):,}")
-  mask = optim.trainable_mask(state.params, config.optim.trainable)
-  n_train = sum(int(np.prod(x.shape)) for x, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(mask)) if m)
-  if n_train == 0:
-    raise errors.InvalidArgument(f"config.optim.trainable={config.optim.trainable!r} matches no parameter path "
-                                 "(paths look like 'denoiser/blocks_0/x_qkv/q/kernel')")
+  n_train = optim.count_trainable(state.params, config.optim.trainable)
   log.info("%s of %s parameters train (optim.trainable=%r)", f"{n_train:,}",
            f"{networks_lib.param_count(state.params):,}", config.optim.trainable)
   if (networks.cache_meta or {}).get("loss_mask", "none") != "none":
@@ -528,18 +525,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         if done % t.checkpoint_every == 0:
           save(done)
         if t.sample_every and done % t.sample_every == 0:
-          samples.append(write_samples(config, networks, state.ema_params, workdir, done, writer))
+          samples.append(write_samples(config, networks, state.averaged(), workdir, done, writer))
           tick = time.time()  # do not count sampling in steps/s
         if evaluator.on and config.eval.every and done % config.eval.every == 0 and done != t.num_steps:
-          evals.append(evaluator(config, networks, state.ema_params, workdir, done, writer))
+          evals.append(evaluator(config, networks, state.averaged(), workdir, done, writer))
           tick = time.time()
     step_now = int(jax.device_get(state.step))
     save(step_now, force=True)
     if t.sample_every and stopped_by == "num_steps" and step_now % t.sample_every:
-      samples.append(write_samples(config, networks, state.ema_params, workdir, step_now, writer))
+      samples.append(write_samples(config, networks, state.averaged(), workdir, step_now, writer))
     # A finished run started again does not evaluate its last step a second time.
     if evaluator.on and config.eval.at_end and stopped_by == "num_steps" and not _evaluated(workdir, step_now):
-      evals.append(evaluator(config, networks, state.ema_params, workdir, step_now, writer))
+      evals.append(evaluator(config, networks, state.averaged(), workdir, step_now, writer))
     elif jax.process_index() == 0:  # the curves of the whole run (the evaluator has just drawn them)
       curves.write(workdir)
   finally:

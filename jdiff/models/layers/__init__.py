@@ -1,7 +1,8 @@
 """Layers shared by the diffusion transformers and the encoders, one file per concern:
 
   partitioning  logical-axis sharding of activations and weights (constrain, gathered)
-  lora          the LoRA spec a model carries as a field; merging adapters into kernels
+  lora          the LoRA spec a model carries as a field; 8-bit base kernels; merging
+                adapters into kernels
   dense         Dense (with adapters), embedding lookups, MLP, CondMLP
   norms         LayerNorm, RMSNorm (QK-norm), adaLN modulation with its fused LayerNorm
   attention     attention backends (XLA, cuDNN, CPU kernel, splash), QKV, output projection
@@ -29,7 +30,7 @@ from jdiff.models.layers.blocks import (REMAT_POLICIES, match_layout, run_blocks
 from jdiff.models.layers.dense import MLP, CondMLP, Dense, as_dtype, dense, embed, xavier, zeros
 from jdiff.models.layers.embeddings import (PatchEmbed, TimestepEmbed, apply_rope, cropped_sincos_2d, patchify,
                                             rope_tables, sincos_1d, timestep_features, unpatchify)
-from jdiff.models.layers.lora import LoRA, merge_lora
+from jdiff.models.layers.lora import QUANTIZED, LoRA, dequantize, merge_lora, quantize_like
 from jdiff.models.layers.norms import (Modulation, RMSNorm, affine_layer_norm, modulate, norm_modulate,
                                        norm_modulate_many, rms_norm)
 from jdiff.models.layers.partitioning import STORAGE_ONLY_AXES, compute_rules, constrain, gathered
@@ -40,7 +41,7 @@ __all__ = [
     "unstack_groups",
     "unstack_scanned", "MLP", "CondMLP", "Dense", "as_dtype", "dense", "embed", "xavier", "zeros", "PatchEmbed",
     "TimestepEmbed", "apply_rope", "cropped_sincos_2d", "patchify", "rope_tables", "sincos_1d",
-    "timestep_features", "unpatchify", "LoRA", "merge_lora", "Modulation", "RMSNorm", "affine_layer_norm",
+    "timestep_features", "unpatchify", "QUANTIZED", "LoRA", "dequantize", "merge_lora", "quantize_like", "Modulation", "RMSNorm", "affine_layer_norm",
     "modulate", "norm_modulate", "norm_modulate_many", "rms_norm", "STORAGE_ONLY_AXES", "compute_rules",
     "constrain", "gathered",
 ]

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jdiff.models.layers.lora import LoRA
+from jdiff.models.layers.lora import LoRA, dequantize_kernel
 from jdiff.models.layers.partitioning import constrain, gathered
 
 Dtype = Any
@@ -30,8 +30,8 @@ class Dense(nn.Module):
 
   Parameters are stored in param_dtype, cast to dtype and gathered (see `gathered`)
   before use; names match nn.Dense ('kernel', 'bias'). With `lora` set and this layer's
-  module path matching lora.targets, it adds the low-rank adapter 'lora_a', 'lora_b' (see
-  `LoRA`).
+  module path matching lora.targets, it adds the low-rank adapter 'lora_a', 'lora_b', and
+  with lora.quantize_base holds its kernel in 8 bits beside 'kernel_scale' (see `LoRA`).
   """
 
   features: int
@@ -44,20 +44,31 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", nn.with_logical_partitioning(self.init, self.axes),
-                        (x.shape[-1], self.features), self.param_dtype)
+    spec = self.lora
+    adapted = spec is not None and spec.rank > 0 and re.fullmatch(spec.targets, "/".join(self.path))
+    shape = (x.shape[-1], self.features)
+    if adapted and spec.quantize_base:
+      # 8 bits gathered, then dequantized: FSDP moves a quarter of float32's bytes. The
+      # initial values are placeholders for the base model's (lora.quantize_like).
+      q = self.param("kernel", nn.with_logical_partitioning(zeros, self.axes), shape, jnp.dtype(spec.quantize_base))
+      scale = self.param("kernel_scale", nn.with_logical_partitioning(nn.initializers.ones, (None, self.axes[1])),
+                         (1, self.features), jnp.float32)
+      kernel = dequantize_kernel(gathered(q, self.axes), gathered(scale, (None, self.axes[1])), self.dtype)
+    else:
+      kernel = gathered(self.param("kernel", nn.with_logical_partitioning(self.init, self.axes), shape,
+                                   self.param_dtype).astype(self.dtype), self.axes)
     # As a 2D matmul over all leading axes: for [B, L, D] inputs XLA:CPU otherwise transposes
     # the backward's residual gradient for each weight gradient inside huge loop fusions (a
     # much slower CPU step). A bitcast on every backend.
     x2 = x.astype(self.dtype).reshape(-1, x.shape[-1])
-    y = jnp.dot(x2, gathered(kernel.astype(self.dtype), self.axes))
-    spec = self.lora
-    if spec is not None and spec.rank > 0 and re.fullmatch(spec.targets, "/".join(self.path)):
+    y = jnp.dot(x2, kernel)
+    if adapted:
+      lora_dtype = spec.param_dtype or self.param_dtype
       a = self.param("lora_a", nn.with_logical_partitioning(
           nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"), (self.axes[0], None)),
-                     (x.shape[-1], spec.rank), self.param_dtype)
+                     (x.shape[-1], spec.rank), lora_dtype)
       b = self.param("lora_b", nn.with_logical_partitioning(zeros, (None, self.axes[1])),
-                     (spec.rank, self.features), self.param_dtype)
+                     (spec.rank, self.features), lora_dtype)
       y = y + jnp.dot(jnp.dot(x2, a.astype(self.dtype)), b.astype(self.dtype)) * jnp.asarray(spec.scale, self.dtype)
     y = y.reshape(x.shape[:-1] + (self.features,))
     if self.use_bias:
