@@ -34,6 +34,7 @@ memory-bound kernels (at 90% of peak bandwidth, not fitted) come out at 183.5 ms
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
 import math
@@ -414,10 +415,11 @@ def _short(op_name: str) -> str:
   return re.sub(r"\bblocks_\d+\b", "blocks", "/".join(parts))
 
 
-def compile_step_hlo(config, target: str = "h100", device_memory_gib: float = 96.0) -> tuple[str, dict]:
-  """The optimised HLO text of the config's train step (flow objective), compiled by XLA:GPU
-  for `target` on this machine (no GPU needed; see the module docstring), and the compile
-  time and peak memory (what jdiff.bench reports on a device)."""
+@contextlib.contextmanager
+def gpu_target(target: str = "h100", device_memory_gib: float = 96.0):
+  """Yields the devices of a compile-only `target` GPU (no GPU needed; see the module
+  docstring); while inside, models trace their GPU code paths (cuDNN attention, one-hot
+  embeddings)."""
   import jax  # pylint: disable=g-import-not-at-top
 
   jax.config.update("jax_platforms", "cpu")
@@ -438,19 +440,27 @@ def compile_step_hlo(config, target: str = "h100", device_memory_gib: float = 96
   jax.default_backend = lambda: "gpu"
   cudnn_attention.check_cudnn_version = lambda *a, **k: None  # asks the (absent) device
   try:
+    yield topo.devices
+  finally:
+    jax.default_backend = default_backend
+    cudnn_attention.check_cudnn_version = check
+
+
+def compile_step_hlo(config, target: str = "h100", device_memory_gib: float = 96.0) -> tuple[str, dict]:
+  """The optimised HLO text of the config's train step (flow objective), compiled by XLA:GPU
+  for `target` on this machine (no GPU needed; see the module docstring), and the compile
+  time and peak memory (what jdiff.bench reports on a device)."""
+  with gpu_target(target, device_memory_gib) as devices:
     from jdiff import bench  # pylint: disable=g-import-not-at-top
     from jdiff.train import trainer  # pylint: disable=g-import-not-at-top
     from jdiff.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
-    networks, tx, mesh, rules = bench.step_parts(config, topo.devices)
-    abstract, shardings = state_lib.state_shardings(networks, tx, mesh, rules)
+    networks, tx, mesh, rules = bench.step_parts(config, devices)
+    abstract, shardings = state_lib.state_shardings(networks, tx, mesh, rules, config.optim.trainable)
     t0 = time.perf_counter()
     compiled, _ = trainer.compile_step(networks, tx, config, mesh, rules, shardings, abstract)
     info = dict(compile_s=time.perf_counter() - t0, peak_memory_bytes=bench.peak_memory_bytes(compiled))
     return compiled.as_text(), info
-  finally:
-    jax.default_backend = default_backend
-    cudnn_attention.check_cudnn_version = check
 
 
 def report(text: str, rates: Rates, top: int, ks: list[Kernel] | None = None) -> dict:

@@ -11,7 +11,7 @@ a checkpoint written on one mesh restores onto another.
 Integrity. Every checkpoint carries CHECKSUMS (size and CRC-32 of each of its files), written
 into Orbax's temporary directory before the atomic rename that commits it, so a committed
 checkpoint always has them and a save killed midway leaves only a temporary directory that
-Orbax ignores. Restoring checks them first: a truncated, missing or changed file is found
+Orbax ignores and the next writable open removes. Restoring checks them first: a truncated, missing or changed file is found
 before any of it is used. A run resumes from the newest checkpoint that restores; newer ones
 that do not are moved to WORKDIR/checkpoints_aside/ (never deleted) with one log line each.
 A write error during an asynchronous save (a full disk) is reported when the next save or
@@ -24,6 +24,7 @@ import datetime
 import json
 import logging
 import os
+import time
 import zlib
 from typing import Any, Callable
 
@@ -191,12 +192,17 @@ class Checkpoints:
               save_interval_steps=0 if read_only else 1,
               enable_async_checkpointing=async_save,
               async_options=ocp.AsyncOptions(post_finalization_callback=self._seal) if async_save else None,
-              # A save that a kill or a full disk interrupted leaves a temporary directory.
-              cleanup_tmp_directories=not read_only,
+              # Partial saves are removed by _remove_partial_saves instead: Orbax removes
+              # them in a background thread that only a later save waits for, so a restore
+              # could still see them.
+              cleanup_tmp_directories=False,
               create=not read_only, read_only=read_only),
       )
     finally:
       absl_log.removeFilter(quiet)
+    if not read_only:
+      # A save that a kill or a full disk interrupted left a temporary directory.
+      self._remove_partial_saves()
     self._save_errors = _OneLineSaveErrors(self)
     absl_log.addFilter(self._save_errors)
 
@@ -237,7 +243,7 @@ class Checkpoints:
         write_checksums(os.fspath(self.directory / str(step)))
     except Exception as e:  # noqa: BLE001 -- a write error before the save went to the background
       self._saving = None
-      self._discard_partial(step)
+      self._remove_partial_saves()
       self._count(CheckpointError(f"saving checkpoint step {step} in {self.directory} failed "
                                   f"({_one_line(e)}); the earlier checkpoints are intact "
                                   f"({self._latest_text()})"))
@@ -315,13 +321,23 @@ class Checkpoints:
     latest = self.latest_step()
     return "none yet" if latest is None else f"latest: step {latest}"
 
-  def _discard_partial(self, step: int | None) -> None:
-    """Removes what a failed save of `step` wrote (never committed, so never a checkpoint),
-    freeing the space a full disk needs for the next save."""
-    if step is not None and jax.process_index() == 0:
-      for partial in self.directory.glob(f"{step}{_ORBAX_TMP}*"):
-        partial.rmtree(missing_ok=True)
-    self.manager.reload()
+  def _remove_partial_saves(self, reload: bool = True) -> None:
+    """Removes every uncommitted (temporary) step directory, never a checkpoint; called only
+    while no save is in flight. After a failed save this frees the space a full disk needs
+    for the next one. The failed save's other TensorStore writes may still be unwinding and
+    recreate directories, so after removing any it looks again until none comes back."""
+    if jax.process_index() == 0:
+      for _ in range(20):
+        partial = [p.get() for p in ocp.path.step.all_temporary_paths(self.directory)]
+        if not partial:
+          break
+        for path in partial:
+          path.rmtree(missing_ok=True)
+        time.sleep(0.1)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("jdiff checkpoint remove partial saves")
+    if reload:
+      self.manager.reload()
 
   def _set_aside(self, step: int, why: str) -> epath.Path:
     """Moves checkpoint `step` to aside_dir (first process; the others wait for it)."""
@@ -342,7 +358,7 @@ class Checkpoints:
       self.manager.check_for_errors()
     except Exception as e:  # noqa: BLE001 -- a write error of the save thread, e.g. a full disk
       step, self._saving = self._saving, None
-      self._discard_partial(step)
+      self._remove_partial_saves()
       raise CheckpointError(f"saving checkpoint step {step} in {self.directory} failed "
                             f"({_one_line(e)}); it was not committed, the earlier checkpoints are intact "
                             f"({self._latest_text()})") from e
@@ -353,6 +369,8 @@ class Checkpoints:
       self.wait()
     finally:
       self.manager.close()
+      if not self.read_only:
+        self._remove_partial_saves(reload=False)
       logging.getLogger("absl").removeFilter(self._save_errors)
 
 

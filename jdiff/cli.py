@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
 from absl import app, flags
@@ -77,10 +78,19 @@ def _on_sigint(signum, frame) -> None:
 
 
 def _drop_lost_interrupts(unraisable) -> None:
-  """A KeyboardInterrupt that Python could not raise (inside a gc callback) is acted on
-  through interrupt_pending; its 'Exception ignored' traceback would only alarm."""
-  if not isinstance(unraisable.exc_value, KeyboardInterrupt):
-    sys.__unraisablehook__(unraisable)
+  """Two kinds of 'Exception ignored' tracebacks that would only alarm are dropped:
+  a KeyboardInterrupt that Python could not raise (inside a gc callback), which is acted on
+  through interrupt_pending; and TensorStore's completion callbacks of a failed asynchronous
+  checkpoint save (a full disk), which find Orbax's event loop already closed ('Event loop
+  is closed') while the save's other writes finish -- the save's own one-line error says it."""
+  exc = unraisable.exc_value
+  if isinstance(exc, KeyboardInterrupt):
+    return
+  frames = traceback.extract_tb(unraisable.exc_traceback)
+  if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+      and frames and frames[0].name == "call_soon_threadsafe"):
+    return
+  sys.__unraisablehook__(unraisable)
 
 
 def interrupt_pending() -> bool:

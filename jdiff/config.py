@@ -147,7 +147,7 @@ def base() -> ml_collections.ConfigDict:
   # model.param_dtype so a bfloat16 base trains float32 adapters ('' = model.param_dtype).
   # quantize_base: '' | int8 | float8_e4m3fn: the adapted layers' frozen kernels held in 8 bits
   # with a float32 scale per output channel (qwix), quantized from init_from's weights when the
-  # run starts (QLoRA; docs/memory.md). Exports merge onto the dequantized kernels.
+  # run starts (QLoRA; README "Memory for a big frozen base"). Exports merge onto the dequantized kernels.
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=1.0, targets=r"(.*_)?blocks?(_\d+)?/.*(qkv2?/[qkv]|attn2?_out|mlp/fc[12]|mlp_in|out)",
                                           param_dtype="float32", quantize_base=""))
   # Pixel space (path '') or latent space: a diffusers AutoencoderKL directory (or a pipeline

@@ -73,11 +73,10 @@ def test_full_disk_stops_the_run_with_one_line_and_commits_nothing(tmp_path):
   proc = _start(work, max_file_kib=64)
   out, err = proc.communicate(timeout=600)
   assert proc.returncode == 2, err[-3000:]
-  # No traceback through jdiff's code. (TensorStore's callback threads may still print
-  # 'Event loop is closed' tracebacks of asyncio's own frames while a failed save unwinds.)
-  assert "/jdiff/" not in "".join(l for l in err.splitlines(True) if l.startswith("  File ")), err[-3000:]
-  assert "exception was never retrieved" not in err
-  # The one error line (TensorStore's threads may still print after it while they unwind).
+  # No traceback at all: not through jdiff's code, and not the 'Event loop is closed' ones
+  # of TensorStore's callbacks while a failed save unwinds (cli drops those; printed from
+  # several threads at once, they had split the error line).
+  assert "Traceback" not in err and "exception was never retrieved" not in err, err[-3000:]
   errors = [l for l in err.splitlines() if l.startswith("error:")]
   assert len(errors) == 1, err[-3000:]
   last = errors[0]

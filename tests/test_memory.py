@@ -13,6 +13,7 @@ from jdiff.models import layers
 from jdiff.models.layers import lora as lora_lib
 from jdiff.train import optim
 
+import helpers
 from helpers import TINY_FLUX, TINY_MMDIT, inputs, perturb
 
 
@@ -192,3 +193,28 @@ def test_bfloat16_adam_moments_on_flux_lora():
   a16, a32 = ({k: v for k, v in _paths(p).items() if "lora_b" in k} for p in (p16, p32))
   assert max(float(jnp.abs(v).max()) for v in a32.values()) > 1e-3
   chex.assert_trees_all_close(a16, a32, atol=3e-5, rtol=2e-2)
+
+
+def test_lora_memory_counts_the_flux_dev_state_by_hand():
+  """benchmarks/lora_memory.py's state bytes for Flux-dev (abstract shapes, nothing
+  allocated) against hand arithmetic: rank-r adapters on the 12 projections of each of 19
+  double blocks (8 of width D -> D, 4 of the MLP D <-> 4D) and the 5 of each of 38 single
+  blocks (q, k, v, MLP in D -> 4D, out 5D -> D), float32; Adam's two moments (the first in
+  bfloat16 with mu_dtype) and the EMA of the adapters only; an int8 base saves a byte per
+  adapted kernel weight and adds a float32 scale per output channel."""
+  lm = helpers.benchmark_module("lora_memory")
+  d, r = 3072, 16
+  adapters = r * d * (19 * (8 * 2 + 4 * 5) + 38 * (3 * 2 + 5 + 6))
+  rows = {}
+  for base, mu in (("bfloat16", ""), ("int8", ""), ("int8", "bfloat16")):
+    config = lm.tune_config("flux-dev", 1024, 1, r, base, "full", mu)
+    rows[base, mu] = lm._state_bytes(config, "flux-dev")
+  bf16, int8, int8_mu16 = rows["bfloat16", ""], rows["int8", ""], rows["int8", "bfloat16"]
+  assert bf16["adapters"] == int8["adapters"] == 4 * adapters
+  assert bf16["ema"] == bf16["adapters"]
+  assert bf16["optimizer"] == 2 * bf16["adapters"] + 8  # mu, nu and two int32 step counts
+  assert int8_mu16["optimizer"] == 3 * adapters * 2 + 8
+  kernels = d * d * (19 * 8 + 38 * 3) + 4 * d * d * (19 * 4 + 38) + 5 * d * d * 38  # adapted kernel weights
+  scales = d * (19 * 10 + 38 * 4) + 4 * d * (19 * 2 + 38)  # their output channels
+  assert int8["base"] == bf16["base"] - kernels + 4 * scales
+  assert bf16["base"] == 2 * bf16["base_params"] and bf16["base_params"] > 11.8e9

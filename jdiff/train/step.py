@@ -8,7 +8,6 @@ donated state.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping
 
 import jax
@@ -85,18 +84,21 @@ def apply_update(state: TrainState, loss: jax.Array, grads: Any, tx: optax.Gradi
   grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-  # The optimizer's frozen branch (set_to_zero) takes the full tree: zeros stand in there.
-  updates, opt_state = tx.update(optim.merge_trainable(grads, jax.tree.map(jnp.zeros_like, state.params)),
-                                 state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  # Only the trainable parameters pass through the optimizer, the EMA and the select below;
+  # the frozen ones go out as they came in (donated, so aliased), whatever XLA would or would
+  # not simplify in a zero update of them.
+  trainable, frozen = optim.split_trainable(state.params, config.optim.trainable)
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  new = optax.apply_updates(trainable, updates)
   decay = optim.ema_decay(config.optim, state.step)
-  ema = jax.tree.map(lambda e, p: e if optim.masked(e) else decay * e + (1.0 - decay) * p, state.ema_params, params,
+  ema = jax.tree.map(lambda e, p: e if optim.masked(e) else decay * e + (1.0 - decay) * p, state.ema_params, new,
                      is_leaf=optim.masked)
   # A select between new and old values, not a lax.cond: XLA:GPU fuses the select into the
   # update's elementwise kernels (in place on the donated buffers), while a cond's outputs are
   # copied back into them, every state buffer every step (benchmarks/hlo_cost.py shows it).
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  params, ema, opt_state = keep(params, state.params), keep(ema, state.ema_params), keep(opt_state, state.opt_state)
+  new, ema, opt_state = keep(new, trainable), keep(ema, state.ema_params), keep(opt_state, state.opt_state)
+  params = optim.merge_trainable(new, frozen)
   return state.replace(params=params, ema_params=ema, opt_state=opt_state), ok, grad_norm
 
 
