@@ -416,10 +416,11 @@ def _short(op_name: str) -> str:
 
 
 @contextlib.contextmanager
-def gpu_target(target: str = "h100", device_memory_gib: float = 96.0):
+def gpu_target(target: str = "h100", device_memory_gib: float | None = None):
   """Yields the devices of a compile-only `target` GPU (no GPU needed; see the module
-  docstring); while inside, models trace their GPU code paths (cuDNN attention, one-hot
-  embeddings)."""
+  docstring) with `device_memory_gib` of memory (None: DEVICE_MEMORY_GIB of the target);
+  while inside, models trace their GPU code paths (cuDNN attention, one-hot embeddings)."""
+  device_memory_gib = device_memory_gib or DEVICE_MEMORY_GIB[target]
   import jax  # pylint: disable=g-import-not-at-top
 
   jax.config.update("jax_platforms", "cpu")
@@ -446,7 +447,7 @@ def gpu_target(target: str = "h100", device_memory_gib: float = 96.0):
     cudnn_attention.check_cudnn_version = check
 
 
-def compile_step_hlo(config, target: str = "h100", device_memory_gib: float = 96.0) -> tuple[str, dict]:
+def compile_step_hlo(config, target: str = "h100", device_memory_gib: float | None = None) -> tuple[str, dict]:
   """The optimised HLO text of the config's train step (flow objective), compiled by XLA:GPU
   for `target` on this machine (no GPU needed; see the module docstring), and the compile
   time and peak memory (what jdiff.bench reports on a device)."""
@@ -517,7 +518,7 @@ def main(argv=None):
       config = gpu_checks.config(None, "latent256", gpu_checks.row_overrides(row))
     else:
       config = config_lib.load(args.config)
-    text, info = compile_step_hlo(config, args.target, args.device_memory_gib or DEVICE_MEMORY_GIB[args.target])
+    text, info = compile_step_hlo(config, args.target, args.device_memory_gib)
     if args.hlo_out:
       with open(args.hlo_out + (f".{row.replace(':', '_')}" if len(args.rows.split()) > 1 else ""), "w") as f:
         f.write(text)

@@ -121,7 +121,7 @@ def measure(config, model: str, target: str = "", device_memory_gib: float = 0.0
     import hlo_cost  # pylint: disable=g-import-not-at-top  (beside this script)
 
     compiled_config.model.attention = "cudnn"
-    with hlo_cost.gpu_target(target, device_memory_gib or hlo_cost.DEVICE_MEMORY_GIB[target]) as devices:
+    with hlo_cost.gpu_target(target, device_memory_gib) as devices:
       temporaries, compile_s = _temporaries(compiled_config, model, devices)
     backend, bound = target, False
   else:

@@ -11,8 +11,8 @@ a checkpoint written on one mesh restores onto another.
 Integrity. Every checkpoint carries CHECKSUMS (size and CRC-32 of each of its files), written
 into Orbax's temporary directory before the atomic rename that commits it, so a committed
 checkpoint always has them and a save killed midway leaves only a temporary directory that
-Orbax ignores and the next writable open removes. Restoring checks them first: a truncated, missing or changed file is found
-before any of it is used. A run resumes from the newest checkpoint that restores; newer ones
+Orbax ignores and the next writable open removes. Restoring checks them first: a truncated,
+missing or changed file is found before any of it is used. A run resumes from the newest checkpoint that restores; newer ones
 that do not are moved to WORKDIR/checkpoints_aside/ (never deleted) with one log line each.
 A write error during an asynchronous save (a full disk) is reported when the next save or
 the end of the run finds it; the failed step is never committed.
