@@ -1,18 +1,20 @@
-"""Test setup: 8 fake CPU devices, set before JAX initialises (never in library code), and
-one persistent XLA compilation cache for the session and the CLI subprocesses it starts
-(many tests compile the same train step; the cache only skips recompiling identical
-programs). `pytest -n auto` (pytest-xdist) runs the tests in up to four worker processes
-that share the cache."""
+"""Test setup: 8 fake CPU devices and the test processes' XLA settings (xla_env.py), set
+before JAX initialises (never in library code), and one persistent XLA compilation cache
+for the session and the CLI subprocesses it starts (many tests compile the same train step;
+the cache only skips recompiling identical programs). `pytest -n auto` (pytest-xdist) runs
+the tests in up to four worker processes that share the cache."""
 
+import fcntl
 import os
 import shutil
 import tempfile
 
 import pytest
 
-_flag = "--xla_force_host_platform_device_count=8"
-if _flag not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+import xla_env
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_env.flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _cache = None
@@ -20,6 +22,41 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jdiff_test_xla_cache_")
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_replica_saves():
+  """Orbax splits the device-to-host copy of a replicated array among its replicas, one
+  sliced program per array shape and device; on 8 fake devices sharing 2 cores those
+  compilations cost seconds per save and buy nothing. What is saved is the same."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+                                          override=True)
+  yield
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, worker_id):
+  """A finished run of configs/mmdit_256.py:test through `python -m jdiff.main` (4 steps, one
+  device, no sample grids), trained once per session and shared by the xdist workers (the
+  first to ask trains it, under a file lock). Tests only read it: sample or evaluate it, or
+  start another run from it with init_from."""
+  import helpers  # pylint: disable=g-import-not-at-top
+
+  base = tmp_path_factory.getbasetemp()
+  root = base if worker_id == "master" else base.parent  # the session's, not the worker's
+  work, done = root / "tiny_run", root / "tiny_run.done"
+  with open(root / "tiny_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      shutil.rmtree(work, ignore_errors=True)
+      helpers.cli("jdiff.main", "--config=configs/mmdit_256.py:test", f"--workdir={work}",
+                  "--config.train.sample_every=0")
+      done.write_text("")
+  return str(work)
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -10,6 +10,8 @@ import jax
 from jdiff import models
 from jdiff.models import layers
 
+import xla_env
+
 TINY_MMDIT = dict(name="mmdit", variant="d2", in_channels=4, context_dim=24, pooled_dim=12,
                   pos_embed_max_size=16)
 TINY_FLUX = dict(name="flux", variant="schnell", depth=1, single_depth=2, width=64, num_heads=2,
@@ -36,8 +38,10 @@ def inputs(cfg, batch=2, size=(16, 16), seed=0, text_len=5):
 
 
 def init(cfg, x, t, cond, seed=0):
+  """(model, params). Jitted: op by op, a model's many small ops would each be dispatched and
+  compiled on their own, which costs the suite more than compiling the whole init once."""
   model = models.build(cfg)
-  return model, nn.unbox(model.init(jax.random.key(seed), x, t, **cond))
+  return model, nn.unbox(jax.jit(model.init)(jax.random.key(seed), x, t, **cond))
 
 
 def perturb(params, scale=0.05, seed=1):
@@ -78,7 +82,7 @@ def benchmark_module(name):
 
 def cli(*args, check=True, timeout=600):
   """Runs `python -m <args>` from the repository root on one CPU device; returns the process."""
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = xla_env.env()
   proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=timeout)
   if check and proc.returncode != 0:

@@ -13,13 +13,14 @@ import chex
 import pytest
 
 import helpers
+import xla_env
 from jdiff import checkpoint as ckpt_lib
 from test_train import get_config, restored
 
 STEPS = 8
 FLAGS = ["--config=configs/mmdit_256.py:test", f"--config.train.num_steps={STEPS}", "--config.train.log_every=1",
          "--config.train.checkpoint_every=1", "--config.train.sample_every=0"]
-ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+ENV = xla_env.env()
 
 
 def _start(workdir, max_file_kib=None):
@@ -97,16 +98,28 @@ def straight_6(tmp_path_factory):
   return work
 
 
+@pytest.fixture(scope="module")
+def stopped_at_4(tmp_path_factory):
+  """The same run stopped after 4 steps (checkpoints 2 and 4); each test damages a copy."""
+  work = tmp_path_factory.mktemp("stopped") / "w"
+  helpers.cli("jdiff.main", *EVERY_2, "--config.train.num_steps=4", f"--workdir={work}")
+  return work
+
+
+# One worker runs all three, so the module's two runs above are trained once.
+@pytest.mark.xdist_group("damaged_checkpoints")
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "remove_item"])
-def test_damaged_latest_checkpoint_through_the_cli(tmp_path, straight_6, damage):
+def test_damaged_latest_checkpoint_through_the_cli(tmp_path, straight_6, stopped_at_4, damage):
   """The newest checkpoint damaged between two runs of the same command: the second run
   names it in one line, sets it aside, resumes from the one before and ends bit-identical
   to an uninterrupted run."""
+  import shutil
+
   import test_checkpoint
 
   flags = EVERY_2
   work = tmp_path / "damaged"
-  helpers.cli("jdiff.main", *flags, "--config.train.num_steps=4", f"--workdir={work}")
+  shutil.copytree(stopped_at_4, work)
   getattr(test_checkpoint, f"_{damage}")(os.path.join(ckpt_lib.checkpoint_dir(str(work)), "4"))
   proc = helpers.cli("jdiff.main", *flags, "--config.train.num_steps=6", f"--workdir={work}")
   named = [l for l in proc.stderr.splitlines() if "checkpoint step 4" in l]

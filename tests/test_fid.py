@@ -146,7 +146,7 @@ def test_stats_files_round_trip_and_read_pytorch_fid_layout(tmp_path):
     fid.load_stats(str(tmp_path / "bad.npz"))
 
 
-def test_fid_stats_and_evaluate_through_the_cli(tmp_path):
+def test_fid_stats_and_evaluate_through_the_cli(tmp_path, tiny_run):
   """jdiff.fid_stats on the embedded shapes data, then jdiff.evaluate --metrics=fid,kid on a tiny
   run against those statistics (random Inception weights, given as .safetensors)."""
   import json
@@ -156,7 +156,7 @@ def test_fid_stats_and_evaluate_through_the_cli(tmp_path):
   import helpers
   from jdiff import config as config_lib
 
-  weights, stats, work = str(tmp_path / "inception.safetensors"), str(tmp_path / "stats.npz"), str(tmp_path / "w")
+  weights, stats = str(tmp_path / "inception.safetensors"), str(tmp_path / "stats.npz")
   save_file(inception_io.export_state_dict(_random_params()), weights)
   test = "--config=configs/mmdit_256.py:test"
   out = helpers.cli("jdiff.fid_stats", test, f"--weights={weights}", f"--out={stats}", "--num_images=12",
@@ -174,8 +174,7 @@ def test_fid_stats_and_evaluate_through_the_cli(tmp_path):
   assert list(caps) == list(captions)
   np.testing.assert_allclose(fid.Features.load(weights)(images), feats, rtol=1e-5, atol=1e-5 * np.abs(feats).max())
 
-  helpers.cli("jdiff.main", test, f"--workdir={work}", "--config.train.sample_every=0")
-  out = helpers.cli("jdiff.evaluate", f"--workdir={work}", "--metrics=fid,kid", f"--fid_stats={stats}",
+  out = helpers.cli("jdiff.evaluate", f"--workdir={tiny_run}", "--metrics=fid,kid", f"--fid_stats={stats}",
                     f"--fid_weights={weights}", "--num_samples=12", "--num_steps=2")
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert set(result) == {"fid", "kid", "kid_std", "n", "resize"} and result["n"] == 12

@@ -378,12 +378,13 @@ def test_prepare_killed_with_sigkill_resumes_to_the_same_files(tmp_path):
   import time
 
   import helpers
+  import xla_env
   from jdiff import config as config_lib
   from jdiff.data import prepare as prepare_lib
 
   args = ["--config=configs/mmdit_256.py:test", "--num_records=400", "--records_per_shard=10", "--workers=1"]
   out = tmp_path / "killed"
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = xla_env.env()
   proc = subprocess.Popen([sys.executable, "-m", "jdiff.prepare", *args, f"--out={out}"], cwd=helpers.ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   first = out / (prepare_lib.SHARD.format(0, 40) + ".json")

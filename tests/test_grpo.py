@@ -290,13 +290,12 @@ def test_sharded_grpo_step_equals_one_device():
   assert float(out["one"][1]["grad_norm"]) > 0
 
 
-def test_grpo_through_the_cli_raises_its_reward_and_resumes_bit_for_bit(tmp_path):
+def test_grpo_through_the_cli_raises_its_reward_and_resumes_bit_for_bit(tmp_path, tiny_run):
   """A tiny model tuned for brightness (a reward with an obvious optimum) from an init_from
   parent: the reward rises within a few dozen steps; a run stopped half-way and resumed ends
   with the uninterrupted run's state."""
   base = ["--config=configs/mmdit_256.py:test", "--config.train.sample_every=0", "--config.mesh.data=1"]
-  helpers.cli("jdiff.main", *base, f"--workdir={tmp_path / 'parent'}")
-  rl = [*base, "--config.stage=posttrain", "--config.objective=grpo", f"--config.init_from={tmp_path / 'parent'}",
+  rl = [*base, "--config.stage=posttrain", "--config.objective=grpo", f"--config.init_from={tiny_run}",
         "--config.grpo.reward=brightness", "--config.train.batch_size=4", "--config.grpo.group_size=4",
         "--config.grpo.num_steps=4", "--config.optim.warmup_steps=1", "--config.grpo.clip_range=0.01",
         "--config.train.log_every=6", "--config.train.checkpoint_every=12"]

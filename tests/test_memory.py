@@ -51,7 +51,7 @@ def test_quantized_base_forward_is_close_to_bfloat16(cfg, qtype, tolerance):
   x, t, cond = inputs(cfg, batch=2)
   spec = layers.LoRA(rank=4, alpha=4.0, targets=r".*")
   base_model = models.build(cfg, lora=spec)
-  params = perturb(nn.unbox(base_model.init(jax.random.key(0), x, t, **cond))["params"], scale=0.05)
+  params = perturb(nn.unbox(jax.jit(base_model.init)(jax.random.key(0), x, t, **cond))["params"], scale=0.05)
   q_model = models.build(cfg, lora=layers.LoRA(rank=4, alpha=4.0, targets=r".*", quantize_base=qtype))
   shapes = jax.eval_shape(lambda: nn.unbox(q_model.init(jax.random.key(0), x, t, **cond))["params"])
   q_params = layers.quantize_like(params, shapes)
@@ -60,8 +60,8 @@ def test_quantized_base_forward_is_close_to_bfloat16(cfg, qtype, tolerance):
   assert {k for k, v in flat.items() if v.dtype == jnp.dtype(qtype)} == {
       k for k in flat if k.endswith("/kernel")}
   assert all(v.dtype == jnp.float32 for k, v in flat.items() if "lora_" in k or k.endswith("kernel_scale"))
-  ref = base_model.apply({"params": params}, x, t, **cond).astype(jnp.float32)
-  out = q_model.apply({"params": q_params}, x, t, **cond).astype(jnp.float32)
+  ref = jax.jit(base_model.apply)({"params": params}, x, t, **cond).astype(jnp.float32)
+  out = jax.jit(q_model.apply)({"params": q_params}, x, t, **cond).astype(jnp.float32)
   rms = float(jnp.sqrt(jnp.mean(ref ** 2)))
   rel = float(jnp.sqrt(jnp.mean((out - ref) ** 2))) / rms
   assert rms > 1e-2 and 0 < rel < tolerance, rel
@@ -71,8 +71,8 @@ def test_quantized_base_forward_is_close_to_bfloat16(cfg, qtype, tolerance):
   merged = layers.merge_lora(q_params, q_model.lora)
   assert not any(k.endswith("kernel_scale") or "lora_" in k for k in _paths(merged))
   q32 = models.build(dict(cfg, dtype="float32", param_dtype="float32"), lora=q_model.lora)
-  chex.assert_trees_all_close(plain.apply({"params": merged}, x, t, **cond),
-                              q32.apply({"params": q_params}, x, t, **cond), atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(jax.jit(plain.apply)({"params": merged}, x, t, **cond),
+                              jax.jit(q32.apply)({"params": q_params}, x, t, **cond), atol=1e-5, rtol=1e-5)
 
 
 def test_adapters_keep_their_own_dtype_on_a_bfloat16_base():
@@ -168,6 +168,9 @@ def test_bfloat16_adam_moments_on_flux_lora():
   model = models.build(cfg, lora=layers.LoRA(rank=2))
   params = perturb(nn.unbox(model.init(jax.random.key(0), x, t, **cond))["params"])
   w = jax.random.normal(jax.random.key(3), x.shape)
+  # Jitted: op by op, each of Flux's small ops would be dispatched and compiled on its own.
+  grad = jax.jit(jax.grad(lambda tr, fr: jnp.sum(w * model.apply({"params": optim.merge_trainable(tr, fr)}, x, t,
+                                                                  **cond))))
 
   def run(mu_dtype):
     ocfg = ml_collections.ConfigDict(dict(lr=1e-3, schedule="constant", warmup_steps=0, end_lr_factor=0.0, b1=0.9,
@@ -178,9 +181,8 @@ def test_bfloat16_adam_moments_on_flux_lora():
     p = params
     for _ in range(3):
       trainable, frozen = optim.split_trainable(p, ".*lora_.*")
-      g = jax.grad(lambda tr: jnp.sum(w * model.apply({"params": optim.merge_trainable(tr, frozen)}, x, t, **cond)))(
-          trainable)
-      updates, state = tx.update(optim.merge_trainable(g, jax.tree.map(jnp.zeros_like, p)), state, p)
+      g = grad(trainable, frozen)
+      updates, state = jax.jit(tx.update)(optim.merge_trainable(g, jax.tree.map(jnp.zeros_like, p)), state, p)
       p = jax.tree.map(lambda a, u: a + u.astype(a.dtype), p, updates)
     return p, state
 

@@ -20,7 +20,7 @@ def test_shapes_at_several_resolutions_from_one_set_of_weights(name):
   model, params = init(cfg, *inputs(cfg))
   for size in [(16, 16), (32, 32), (8, 24), (32, 16)]:
     x, t, cond = inputs(cfg, batch=3, size=size)
-    out = model.apply(params, x, t, **cond)
+    out = jax.jit(model.apply)(params, x, t, **cond)
     chex.assert_shape(out, x.shape)
     chex.assert_type(out, jnp.float32)
 
@@ -30,7 +30,7 @@ def test_output_is_exactly_zero_at_init(name):
   cfg = CONFIGS[name]
   x, t, cond = inputs(cfg, batch=3)
   model, params = init(cfg, x, t, cond)
-  out = model.apply(params, x, t, **cond)
+  out = jax.jit(model.apply)(params, x, t, **cond)
   assert np.array_equal(np.asarray(out), np.zeros(x.shape, np.float32))
 
 
@@ -44,8 +44,8 @@ def test_scanned_equals_unrolled(name, remat):
   groups = block_groups(cfg, unrolled)
   scanned = models.build(dict(cfg, scan=True, remat=remat))
   scanned_params = {"params": to_scanned(params["params"], groups)}
-  ref = unrolled.apply(params, x, t, **cond)
-  out = scanned.apply(scanned_params, x, t, **cond)
+  ref = jax.jit(unrolled.apply)(params, x, t, **cond)
+  out = jax.jit(scanned.apply)(scanned_params, x, t, **cond)
   assert float(jnp.abs(ref).max()) > 1e-2
   chex.assert_trees_all_close(out, ref, atol=1e-5, rtol=1e-5)
   # The scanned layout has the same weights under a leading layers axis.
@@ -95,8 +95,9 @@ def test_gradients_match_between_scan_and_unrolled():
   params = perturb(params)
   scanned = models.build(dict(cfg, scan=True, remat="full"))
   loss = lambda m, p: jnp.mean(m.apply(p, x, t, **cond) ** 2)
-  g_unrolled = jax.grad(lambda p: loss(unrolled, p))(params)
-  g_scanned = jax.grad(lambda p: loss(scanned, p))({"params": layers.stack_unrolled(params["params"], "blocks", 1)})
+  g_unrolled = jax.jit(jax.grad(lambda p: loss(unrolled, p)))(params)
+  g_scanned = jax.jit(jax.grad(lambda p: loss(scanned, p)))(
+      {"params": layers.stack_unrolled(params["params"], "blocks", 1)})
   g_scanned = {"params": layers.unstack_scanned(g_scanned["params"], "blocks")}
   chex.assert_trees_all_close(g_scanned, g_unrolled, atol=1e-5, rtol=1e-4)
 
@@ -104,7 +105,7 @@ def test_gradients_match_between_scan_and_unrolled():
 def test_every_parameter_has_logical_axis_names():
   for cfg in CONFIGS.values():
     x, t, cond = inputs(cfg)
-    boxed = models.build(dict(cfg, scan=True)).init(jax.random.key(0), x, t, **cond)
+    boxed = jax.jit(models.build(dict(cfg, scan=True)).init)(jax.random.key(0), x, t, **cond)
     leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
     assert leaves
     for leaf in leaves:
@@ -118,8 +119,8 @@ def test_bf16_compute_with_fp32_params():
   model, params = init(cfg, x, t, cond)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   params = perturb(params)
-  out = model.apply(params, x, t, **cond)
-  ref = models.build(TINY_MMDIT).apply(params, x, t, **cond)
+  out = jax.jit(model.apply)(params, x, t, **cond)
+  ref = jax.jit(models.build(TINY_MMDIT).apply)(params, x, t, **cond)
   chex.assert_type(out, jnp.float32)
   assert np.isfinite(np.asarray(out)).all()
   # bf16 keeps ~3 significant digits; the two paths agree to that precision.
@@ -206,8 +207,8 @@ def test_class_null_label_changes_output():
   x, t, cond = inputs(cfg)
   model, params = init(cfg, x, t, cond)
   params = perturb(params)
-  a = model.apply(params, x, t, labels=jnp.array([1, 1]))
-  b = model.apply(params, x, t, labels=jnp.array([10, 10]))  # the null label
+  a = jax.jit(model.apply)(params, x, t, labels=jnp.array([1, 1]))
+  b = jax.jit(model.apply)(params, x, t, labels=jnp.array([10, 10]))  # the null label
   assert float(jnp.abs(a - b).max()) > 1e-3
 
 
@@ -250,8 +251,8 @@ def test_mmdit_with_splash_attention_equals_xla():
   x, t, cond = inputs(cfg, batch=2)
   model, params = init(cfg, x, t, cond)
   params = perturb(params)
-  ref = model.apply(params, x, t, **cond)
-  out = models.build(dict(cfg, attention="splash")).apply(params, x, t, **cond)
+  ref = jax.jit(model.apply)(params, x, t, **cond)
+  out = jax.jit(models.build(dict(cfg, attention="splash")).apply)(params, x, t, **cond)
   chex.assert_trees_all_close(out, ref, atol=1e-5)
 
 
@@ -265,7 +266,7 @@ def test_lora_merge_equals_the_adapted_forward(scan):
   spec = layers.LoRA(rank=3, alpha=6.0)
   model, plain_model = models.build(cfg, lora=spec), models.build(cfg)
   assert model.lora == spec and plain_model.lora is None
-  params = nn.unbox(model.init(jax.random.key(0), x, t, **cond))["params"]
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), x, t, **cond))["params"]
   names = {"/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
   lora = sorted(n for n in names if "lora_" in n)
   assert any("x_qkv/q/lora_a" in n for n in lora) and any("x_mlp/fc2/lora_b" in n for n in lora)
@@ -273,16 +274,16 @@ def test_lora_merge_equals_the_adapted_forward(scan):
   # At init (B = 0) the adapted model is its base: same output as the plain model.
   with_b0 = jax.tree_util.tree_map_with_path(
       lambda p, v: v if "lora_b" in str(p[-1]) else v + 0.05, params)
-  adapted0 = model.apply({"params": with_b0}, x, t, **cond)
-  chex.assert_trees_all_close(adapted0, plain_model.apply({"params": with_b0}, x, t, **cond), atol=1e-6)
+  adapted0 = jax.jit(model.apply)({"params": with_b0}, x, t, **cond)
+  chex.assert_trees_all_close(adapted0, jax.jit(plain_model.apply)({"params": with_b0}, x, t, **cond), atol=1e-6)
   params = perturb(params, scale=0.1)
-  adapted = model.apply({"params": params}, x, t, **cond)
+  adapted = jax.jit(model.apply)({"params": params}, x, t, **cond)
   merged = layers.merge_lora(params, spec)
   assert not any("lora_" in "/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(merged))
-  plain = plain_model.apply({"params": merged}, x, t, **cond)
+  plain = jax.jit(plain_model.apply)({"params": merged}, x, t, **cond)
   chex.assert_trees_all_close(plain, adapted, atol=1e-5, rtol=1e-5)
   # The adapters matter: the plain model on the unmerged kernels gives another output.
-  without = plain_model.apply({"params": params}, x, t, **cond)
+  without = jax.jit(plain_model.apply)({"params": params}, x, t, **cond)
   assert float(jnp.abs(without - adapted).max()) > 1e-3
 
 
@@ -292,7 +293,7 @@ def test_lora_reaches_every_targeted_layer_of_every_model():
   spec = layers.LoRA(rank=2, targets=r".*")
   for cfg in (TINY_DIT_TEXT, TINY_MMDIT, TINY_FLUX):
     x, t, cond = inputs(cfg, batch=1)
-    params = nn.unbox(models.build(cfg, lora=spec).init(jax.random.key(0), x, t, **cond))["params"]
+    params = nn.unbox(jax.jit(models.build(cfg, lora=spec).init)(jax.random.key(0), x, t, **cond))["params"]
     paths = ["/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     kernels = {p.rsplit("/", 1)[0] for p in paths if p.endswith("/kernel")}
     adapted = {p.rsplit("/", 1)[0] for p in paths if p.endswith("/lora_a")}
@@ -458,8 +459,9 @@ def test_remat_gradients_equal_no_remat(name, remat, scan):
   groups = block_groups(cfg, plain) if scan else []
   w = jax.random.normal(jax.random.key(5), x.shape)
   loss = lambda m, p, x: jnp.sum(w * m.apply(p, x, t, **cond))
-  g_plain = jax.grad(lambda p, x: loss(plain, p, x), argnums=(0, 1))(params, x)
-  g_model = jax.grad(lambda p, x: loss(model, p, x), argnums=(0, 1))({"params": to_scanned(params["params"], groups)}, x)
+  g_plain = jax.jit(jax.grad(lambda p, x: loss(plain, p, x), argnums=(0, 1)))(params, x)
+  g_model = jax.jit(jax.grad(lambda p, x: loss(model, p, x), argnums=(0, 1)))(
+      {"params": to_scanned(params["params"], groups)}, x)
   g_model = ({"params": to_unrolled(g_model[0]["params"], groups)}, g_model[1])
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_plain)) > 1e-2
   chex.assert_trees_all_close(g_model, g_plain, atol=1e-5, rtol=1e-5)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import helpers
+import xla_env
 
 # Two JAX processes that share 2 cores: never beside the Inception tests (test_fid.py), whose
 # CPU load slows one of them far behind the other (the trainer's barrier before step 1 keeps
@@ -24,7 +25,7 @@ COMMON = ["--config=configs/mmdit_256.py:test", f"--config.train.num_steps={STEP
 
 
 def _env(devices):
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  return xla_env.env(devices)
 
 
 def _losses(workdir):

@@ -20,6 +20,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
+from PIL import Image
 
 from jdiff.data import shapes
 
@@ -140,14 +141,23 @@ def write(workdir: str, path: str | None = None, title: str = "") -> tuple[str, 
   image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
-  fig.savefig(tmp, format="png")
+  Image.fromarray(image).save(tmp, format="png")  # the pixels drawn above (savefig would draw again)
   os.replace(tmp, path)  # readers never see a half-written file
   return path, image
 
 
+USAGE = """usage: python -m jdiff.eval.curves WORKDIR [OUT.png]
+
+Redraws a run's learning curve (training and validation loss, loss per t bin, learning rate,
+gradient norm, adherence, other metrics) into OUT.png, by default WORKDIR/learning_curve.png."""
+
+
 def main(argv: list[str]) -> None:
+  if any(a in ("-h", "--help") for a in argv[1:]):
+    print(USAGE)
+    return
   if len(argv) not in (2, 3):
-    raise SystemExit("usage: python -m jdiff.eval.curves WORKDIR [OUT.png]")
+    raise SystemExit(USAGE.splitlines()[0])
   workdir = argv[1]
   if not os.path.isdir(workdir):
     raise SystemExit(f"no workdir {workdir!r}")
