@@ -22,6 +22,9 @@ EXIT_RESUMABLE = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint (syse
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) before training started, as shells report it
 
 
+HELP_FLAGS = ("--help", "-?", "--helpshort", "--helpfull")
+
+
 class Resumable(Exception):
   """Work stopped early with its progress saved: one line, exit status EXIT_RESUMABLE."""
 
@@ -35,6 +38,12 @@ def run(main: Callable[[list[str]], Any]) -> None:
   def parse(argv: Sequence[str]) -> list[str]:
     try:
       return flags.FLAGS(argv)
+    except SystemExit as e:
+      # absl's --help, --helpshort and --helpfull print the usage, then exit with 1: asking
+      # for help is no failure.
+      if e.code == 1 and any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
+        sys.exit(0)
+      raise
     except flags.Error as e:
       _fail(_one_line(str(e)) + " (--helpfull lists the flags)")
     except (AttributeError, KeyError) as e:  # ml_collections: an override naming no config field

@@ -6,16 +6,15 @@ import os
 import pytest
 
 import helpers
+import xla_env
 
 TEST = "--config=configs/mmdit_256.py:test"
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+@pytest.fixture
+def workdir(tiny_run):
   """A finished tiny run, for the commands that read one."""
-  work = str(tmp_path_factory.mktemp("cli") / "w")
-  helpers.cli("jdiff.main", TEST, f"--workdir={work}", "--config.train.sample_every=0")
-  return work
+  return tiny_run
 
 
 CASES = [
@@ -108,7 +107,7 @@ def test_sigterm_saves_and_exits_with_the_resumable_status(tmp_path):
   proc = subprocess.Popen([sys.executable, "-m", "jdiff.main", TEST, f"--workdir={work}",
                            "--config.train.num_steps=100000", "--config.train.log_every=1",
                            "--config.train.checkpoint_every=100000", "--config.train.sample_every=0"],
-                          cwd=helpers.ROOT, env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"),
+                          cwd=helpers.ROOT, env=xla_env.env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while not (work / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
@@ -135,7 +134,7 @@ def test_ctrl_c_before_training_exits_130_without_a_traceback(tmp_path):
   work = tmp_path / "w"
   with open(tmp_path / "stderr", "w") as err_file:
     proc = subprocess.Popen([sys.executable, "-c", wrap, TEST, f"--workdir={work}", "--config.train.num_steps=100000",
-                             "-v", "0"], cwd=helpers.ROOT, env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"),
+                             "-v", "0"], cwd=helpers.ROOT, env=xla_env.env(),
                             stdout=subprocess.DEVNULL, stderr=err_file, text=True)
     deadline = time.time() + 300
     while "starting from scratch" not in open(tmp_path / "stderr").read() and time.time() < deadline:
@@ -147,3 +146,32 @@ def test_ctrl_c_before_training_exits_130_without_a_traceback(tmp_path):
   assert proc.returncode == 130, err[-3000:]
   assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err[-3000:]
   assert not os.path.exists(work / "jdiff.lock")
+
+
+def test_help_exits_0_on_every_command(monkeypatch, capsys):
+  """absl's --help exits with 1 after printing the usage; cli.run, which every `python -m
+  jdiff.X` command runs through (jdiff.eval.curves has its own), makes it 0."""
+  import glob
+  import sys
+
+  from absl import flags
+
+  from jdiff import cli
+  from jdiff.eval import curves
+
+  commands = [p for p in glob.glob(os.path.join(helpers.ROOT, "jdiff", "**", "*.py"), recursive=True)
+              if 'if __name__ == "__main__":' in open(p).read()]
+  assert len(commands) >= 12
+  for path in commands:
+    if not path.endswith(os.path.join("eval", "curves.py")):
+      assert "cli.run(" in open(path).read().split('if __name__ == "__main__":')[1], path
+  for flag in cli.HELP_FLAGS:
+    monkeypatch.setattr(sys, "argv", ["jdiff.x", flag])
+    try:
+      with pytest.raises(SystemExit) as e:
+        cli.run(lambda argv: pytest.fail("main ran"))
+    finally:
+      flags.FLAGS.unparse_flags()
+    assert e.value.code == 0 and "helpfull" in capsys.readouterr().out, flag
+  curves.main(["curves", "--help"])
+  assert capsys.readouterr().out.startswith("usage: python -m jdiff.eval.curves WORKDIR")
