@@ -17,13 +17,14 @@ def test_student_embeds_the_guidance_scale():
   cfg = dict(TINY_MMDIT, guidance_embed=True)
   x, t, cond = inputs(cfg, batch=2)
   model = models.build(cfg)
-  params = model.init(jax.random.key(0), x, t, guidance=jnp.ones(2), **cond)
+  apply = jax.jit(model.apply)
+  params = jax.jit(model.init)(jax.random.key(0), x, t, guidance=jnp.ones(2), **cond)
   assert "guidance_embed" in params["params"]
-  zero = model.apply(params, x, t, guidance=jnp.full(2, 4.0), **cond)
+  zero = apply(params, x, t, guidance=jnp.full(2, 4.0), **cond)
   assert np.array_equal(np.asarray(zero), np.zeros(x.shape, np.float32))  # still adaLN-Zero
   params = perturb(params)
-  a = model.apply(params, x, t, guidance=jnp.full(2, 1.0), **cond)
-  b = model.apply(params, x, t, guidance=jnp.full(2, 4.0), **cond)
+  a = apply(params, x, t, guidance=jnp.full(2, 1.0), **cond)
+  b = apply(params, x, t, guidance=jnp.full(2, 4.0), **cond)
   assert float(jnp.abs(a - b).max()) > 1e-3  # the scale reaches the output
   with pytest.raises(ValueError, match="pass guidance"):
     model.apply(params, x, t, **cond)
@@ -51,7 +52,7 @@ def _teacher():
   model, params = init(TINY_MMDIT, x, t, cond)
   params = perturb(params)
   uncond = jax.tree.map(jnp.zeros_like, cond)
-  return (lambda x, t, c: model.apply(params, x, t, **c)), x, t, cond, uncond
+  return jax.jit(lambda x, t, c: model.apply(params, x, t, **c)), x, t, cond, uncond
 
 
 def test_cfg_target_equals_guided_sampling_velocity():

@@ -145,7 +145,7 @@ def test_flow_loss_feeds_the_configured_guidance_input():
     config.model.update(name="flux", variant="schnell", depth=1, single_depth=1, width=32, num_heads=2,
                         axes_dims=(4, 6, 6), guidance_embed=True, patch_size=2, pos_embed_max_size=0)
   networks = networks_lib.build_networks(config)
-  params = nn.unbox(networks.init_params(jax.random.key(0)))
+  params = nn.unbox(jax.jit(networks.init_params)(jax.random.key(0)))
   rng = np.random.default_rng(0)
   # Every weight random: at init the zeroed output layers would hide the guidance input.
   params = jax.tree.map(lambda p: jnp.asarray(0.2 * rng.standard_normal(p.shape), p.dtype), params)
@@ -198,7 +198,7 @@ def test_true_cfg_guides_a_guidance_embedded_model():
   networks = networks_lib.build_networks(config)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda p: jnp.asarray(0.2 * rng.standard_normal(p.shape), p.dtype),
-                        nn.unbox(networks.init_params(jax.random.key(0))))
+                        nn.unbox(jax.jit(networks.init_params)(jax.random.key(0))))
   inputs = dict(tokens=jnp.asarray(np.stack([np.arange(config.text.max_len) % 50 + 3] * 2), jnp.int32))
   nulls = {k: jnp.asarray(np.stack([v] * 2)) for k, v in networks.null_inputs().items()}
   res = config.data.resolution

@@ -48,7 +48,7 @@ def test_sharded_forward_equals_single_device(cfg, scan, batch, mesh_shape):
   assert fc1.addressable_shards[0].data.size == fc1.size // (mesh_shape[1] * mesh_shape[2])
 
   params = jax.device_put(perturb(jax.device_get(params)), shardings)
-  ref = model.apply(jax.device_get(params), x, t, **cond)
+  ref = jax.jit(model.apply)(jax.device_get(params), x, t, **cond)
 
   batch_sharding = S.logical_sharding(mesh, RULES, "activation_batch")
   x_s, t_s, cond_s = jax.device_put((x, t, cond), batch_sharding)
