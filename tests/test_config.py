@@ -15,6 +15,8 @@ from jdiff.models import layers, text
 from jdiff.interop import sd3_pipeline
 from jdiff.train import objectives, optim
 
+import xla_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -101,3 +103,7 @@ def test_print_config_lists_every_field_with_its_value_and_comment():
   assert any(line.startswith("# grpo: Online RL with a verifiable reward") for line in text.splitlines())
   proc = helpers.cli("jdiff.main", "--config=configs/mmdit_256.py:cpu", "--print_config", "--config.train.num_steps=7")
   assert "train.num_steps = 7" in proc.stdout and "data.buckets.pixels = 0" in proc.stdout
+  # Piped into a reader that stops early (`| head -1`): no traceback.
+  piped = subprocess.run(f"{sys.executable} -m jdiff.main --config=configs/mmdit_256.py:cpu --print_config | head -1",
+                         shell=True, cwd=ROOT, env=xla_env.env(), capture_output=True, text=True)
+  assert piped.stdout.startswith("# ") and "Traceback" not in piped.stderr, piped.stderr[-2000:]
