@@ -57,15 +57,16 @@ def run(main: Callable[[list[str]], Any]) -> None:
     except Resumable as e:
       print(f"stopped: {e}", file=sys.stderr)
       sys.exit(EXIT_RESUMABLE)
+    except BrokenPipeError:  # stdout piped into a reader that stopped reading (`| head`); an OSError,
+      # so before that clause
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+      sys.exit(1)
     except OSError as e:
       if "Failed loading config file" not in str(e):  # ml_collections loads --config on first use
         raise
       _fail(_config_not_loaded(str(e)))
     except KeyboardInterrupt:  # before training (during it, the trainer saves and stops)
       _interrupted()
-    except BrokenPipeError:  # stdout piped into a reader that stopped reading (`| head`)
-      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
-      sys.exit(1)
 
   if threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGINT, _on_sigint)

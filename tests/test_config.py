@@ -103,7 +103,9 @@ def test_print_config_lists_every_field_with_its_value_and_comment():
   assert any(line.startswith("# grpo: Online RL with a verifiable reward") for line in text.splitlines())
   proc = helpers.cli("jdiff.main", "--config=configs/mmdit_256.py:cpu", "--print_config", "--config.train.num_steps=7")
   assert "train.num_steps = 7" in proc.stdout and "data.buckets.pixels = 0" in proc.stdout
-  # Piped into a reader that stops early (`| head -1`): no traceback.
-  piped = subprocess.run(f"{sys.executable} -m jdiff.main --config=configs/mmdit_256.py:cpu --print_config | head -1",
-                         shell=True, cwd=ROOT, env=xla_env.env(), capture_output=True, text=True)
-  assert piped.stdout.startswith("# ") and "Traceback" not in piped.stderr, piped.stderr[-2000:]
+  # Piped into a reader that is gone before the first line (`| head -1` that stopped): no
+  # traceback, exit status 1 (`true` exits at once; Python needs seconds to start).
+  cmd = f"{sys.executable} -m jdiff.main --config=configs/mmdit_256.py:cpu --print_config | true"
+  piped = subprocess.run(["bash", "-c", cmd + "; exit ${PIPESTATUS[0]}"], cwd=ROOT, env=xla_env.env(),
+                         capture_output=True, text=True)
+  assert piped.returncode == 1 and "Traceback" not in piped.stderr, piped.stderr[-2000:]
