@@ -478,7 +478,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     steps[shape], batch_sharding = compile_step(networks, tx, config, mesh, rules, shardings, abstract, frozen,
                                                 frozen_params, shape)
 
-  writer = MetricWriter(workdir, config)
+  writer = None
   t = config.train
   # grpo: each prompt of the batch is drawn group_size times
   images_per_step = t.batch_size * (config.grpo.group_size if config.objective == "grpo" else 1)
@@ -499,6 +499,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   _meet_before_first_step()
   try:
     with _StopFlag() as stop:
+      # metrics.jsonl appears only once SIGTERM is caught: a signal after it saves and exits
+      # with the resumable status (a scheduler, or a test, may take the file as "training").
+      writer = MetricWriter(workdir, config)
       for step in range(start, t.num_steps):
         if stop.stop_before(step):
           stopped_by = f"signal {stop.signal}"
@@ -542,7 +545,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   finally:
     bar.close()
     ckpt.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
   log.info("stopped at step %d (%s)", step_now, stopped_by)
   return dict(step=step_now, stopped_by=stopped_by, last_metrics=last_metrics, samples=samples,
               eval=evals[-1] if evals else None)
