@@ -57,8 +57,9 @@ def run(main: Callable[[list[str]], Any]) -> None:
     except Resumable as e:
       print(f"stopped: {e}", file=sys.stderr)
       sys.exit(EXIT_RESUMABLE)
-    except BrokenPipeError:  # stdout piped into a reader that stopped reading (`| head`); an OSError,
-      # so before that clause
+    # stdout piped into a reader that stopped reading (`| head`). An OSError: caught before
+    # the clause below, which re-raises.
+    except BrokenPipeError:
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
       sys.exit(1)
     except OSError as e:

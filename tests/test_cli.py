@@ -11,12 +11,6 @@ import xla_env
 TEST = "--config=configs/mmdit_256.py:test"
 
 
-@pytest.fixture
-def workdir(tiny_run):
-  """A finished tiny run, for the commands that read one."""
-  return tiny_run
-
-
 CASES = [
     # (command, expected fragment of the one line); WORK stands for the finished run
     (["jdiff.main", TEST, "--workdir=WORK2", "--config.train.num_stepz=5"],
@@ -53,8 +47,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("args, expected", CASES, ids=[" ".join(a[:1] + a[2:])[:60] for a, _ in CASES])
-def test_user_error_is_one_line_with_status_2(workdir, tmp_path, args, expected):
-  where = dict(WORK=workdir, WORK2=str(tmp_path / "w2"), NOWHERE=str(tmp_path / "nowhere"))
+def test_user_error_is_one_line_with_status_2(tiny_run, tmp_path, args, expected):
+  where = dict(WORK=tiny_run, WORK2=str(tmp_path / "w2"), NOWHERE=str(tmp_path / "nowhere"))
   fill = lambda text: next((text.replace(k, v) for k, v in where.items() if k in text), text)
   proc = helpers.cli(*[fill(a) for a in args], check=False)
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
@@ -64,7 +58,7 @@ def test_user_error_is_one_line_with_status_2(workdir, tmp_path, args, expected)
   assert not os.path.exists(tmp_path / "w2" / "config.json")  # a failed start leaves no trace
 
 
-def test_sample_at_another_shape_viewable_and_without_stale_files(workdir, tmp_path):
+def test_sample_at_another_shape_viewable_and_without_stale_files(tiny_run, tmp_path):
   """--height/--width: any shape the model's patches and position table cover (the test model
   trained at 16x16); images enlarged to a short side of 256 unless --upscale says otherwise;
   a second run into the same folder leaves none of the first run's images."""
@@ -73,21 +67,21 @@ def test_sample_at_another_shape_viewable_and_without_stale_files(workdir, tmp_p
   from PIL import Image
 
   (tmp_path / "notes.txt").write_text("mine")
-  first = helpers.cli("jdiff.sample", f"--workdir={workdir}", "--prompt=a red circle", "--num_steps=2", "--height=8",
+  first = helpers.cli("jdiff.sample", f"--workdir={tiny_run}", "--prompt=a red circle", "--num_steps=2", "--height=8",
                       "--width=32", "--num_images=2", "--upscale=1", f"--out={tmp_path}")
   paths = json.loads(first.stdout.strip().splitlines()[-1])["images"]
   with Image.open(paths[1]) as image:
     assert (image.height, image.width) == (8, 32)
-  helpers.cli("jdiff.sample", f"--workdir={workdir}", "--prompt=a blue square", "--num_steps=2", f"--out={tmp_path}")
+  helpers.cli("jdiff.sample", f"--workdir={tiny_run}", "--prompt=a blue square", "--num_steps=2", f"--out={tmp_path}")
   assert sorted(os.listdir(tmp_path)) == ["0000.png", "grid.png", "notes.txt", "prompts.txt"]
   assert (tmp_path / "prompts.txt").read_text() == "0000: a blue square\n"
   with Image.open(tmp_path / "0000.png") as image:
     assert (image.height, image.width) == (256, 256)  # 16x16, enlarged 16 times
 
 
-def test_a_long_prompt_is_cut_with_a_warning(workdir, tmp_path):
+def test_a_long_prompt_is_cut_with_a_warning(tiny_run, tmp_path):
   prompt = "a large red circle " * 10  # 190 bytes; the test config's text.max_len is smaller
-  proc = helpers.cli("jdiff.sample", f"--workdir={workdir}", f"--prompt={prompt}", "--num_steps=1",
+  proc = helpers.cli("jdiff.sample", f"--workdir={tiny_run}", f"--prompt={prompt}", "--num_steps=1",
                      f"--out={tmp_path}")
   assert "longer than the text encoder reads (text.max_len=" in proc.stderr and "it is cut to" in proc.stderr
 
@@ -159,12 +153,15 @@ def test_help_exits_0_on_every_command(monkeypatch, capsys):
   from jdiff import cli
   from jdiff.eval import curves
 
-  commands = [p for p in glob.glob(os.path.join(helpers.ROOT, "jdiff", "**", "*.py"), recursive=True)
-              if 'if __name__ == "__main__":' in open(p).read()]
-  assert len(commands) >= 12
-  for path in commands:
+  main_blocks = {}  # module path -> the code under its `if __name__ == "__main__":`
+  for path in glob.glob(os.path.join(helpers.ROOT, "jdiff", "**", "*.py"), recursive=True):
+    parts = open(path).read().split('if __name__ == "__main__":')
+    if len(parts) == 2:
+      main_blocks[path] = parts[1]
+  assert len(main_blocks) >= 12
+  for path, block in main_blocks.items():
     if not path.endswith(os.path.join("eval", "curves.py")):
-      assert "cli.run(" in open(path).read().split('if __name__ == "__main__":')[1], path
+      assert "cli.run(" in block, path
   for flag in cli.HELP_FLAGS:
     monkeypatch.setattr(sys, "argv", ["jdiff.x", flag])
     try:

@@ -4,6 +4,7 @@ must end bit-identical to an uninterrupted run; the disk case must stop with one
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,8 +114,6 @@ def test_damaged_latest_checkpoint_through_the_cli(tmp_path, straight_6, stopped
   """The newest checkpoint damaged between two runs of the same command: the second run
   names it in one line, sets it aside, resumes from the one before and ends bit-identical
   to an uninterrupted run."""
-  import shutil
-
   import test_checkpoint
 
   flags = EVERY_2

@@ -24,10 +24,6 @@ COMMON = ["--config=configs/mmdit_256.py:test", f"--config.train.num_steps={STEP
           "--config.train.batch_size=8"]
 
 
-def _env(devices):
-  return xla_env.env(devices)
-
-
 def _losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
@@ -43,11 +39,12 @@ def _free_port():
 def test_two_processes_follow_the_single_process_trajectory(tmp_path):
   single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
   subprocess.run([sys.executable, "-m", "jdiff.main", *COMMON, f"--workdir={single}"], cwd=helpers.ROOT,
-                 env=_env(4), check=True, capture_output=True, timeout=600)
+                 env=xla_env.env(4), check=True, capture_output=True, timeout=600)
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, "-m", "jdiff.main", *COMMON, f"--workdir={multi}",
                              f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-                            cwd=helpers.ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=helpers.ROOT, env=xla_env.env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
@@ -77,7 +74,8 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     args = [a for a in flags if not a.startswith("--config.train.num_steps")] + [steps_flag]
     return [subprocess.Popen([sys.executable, "-m", "jdiff.main", *args, f"--workdir={work}",
                               f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-                             cwd=helpers.ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             cwd=helpers.ROOT, env=xla_env.env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
             for i in range(2)]
 
   procs = start("--config.train.num_steps=100000")
