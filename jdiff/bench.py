@@ -37,12 +37,12 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
-from jdiff import config as config_lib
+from jdiff import config_checks
 from jdiff import errors
 from jdiff import flops as flops_lib
 from jdiff import networks as networks_lib
+from jdiff import run_config
 from jdiff.train import optim
 from jdiff.train import sharding as shard_lib
 from jdiff.train import state as state_lib
@@ -163,8 +163,8 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir: str = "", profile
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = ckpt_lib.resolve_inherited(_CONFIG.value)
-  config_lib.validate(config)
+  config = run_config.resolve(_CONFIG.value)
+  config_checks.validate(config)
   cli.set_log_levels(logging.WARNING)
   cli.reuse_host_memory()
   print(json.dumps(run(config, _STEPS.value, _WARMUP.value, _PROFILE_DIR.value)))

@@ -18,9 +18,9 @@ from ml_collections import config_flags
 import numpy as np
 import tqdm
 
-from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
-from jdiff.data import cache, files, pipeline, pixels, sources
+from jdiff import run_config
+from jdiff.data import cache, decode, files, pipeline, pixels, sources
 from jdiff import errors
 from jdiff.interop import sd3_pipeline
 
@@ -46,7 +46,7 @@ def _batches(source, indices: Sequence[int], batch_size: int, resolution: int | 
     try:
       record = source[int(i)]
       caption = files.caption_choice(record["caption"], seed, int(i))
-      decoded.append(pipeline.decode_image(record, resolution, loss_mask))
+      decoded.append(decode.decode_image(record, resolution, loss_mask))
       captions.append(caption)
       keep.append(int(i))
     except Exception as e:  # a broken record is skipped, as in training
@@ -137,7 +137,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.set_log_levels()
-  config = ckpt_lib.resolve_inherited(_CONFIG.value)
+  config = run_config.resolve(_CONFIG.value)
   if config.data.source == "cache":
     raise app.UsageError("config.data.source names the cache itself; set the source to read (e.g. shapes)")
   meta = write(config, _OUT.value, split=_SPLIT.value, num_records=_NUM.value, batch_size=_BATCH.value,

@@ -37,6 +37,7 @@ from etils import epath
 
 from jdiff import config as config_lib
 from jdiff import errors
+from jdiff import run_config
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +379,7 @@ def save_weights(workdir: str, params: Any, config: ml_collections.ConfigDict, l
                  step: int = 0) -> None:
   """A weights-only checkpoint (params = EMA params, no optimizer or data state) that later
   runs start from with config.init_from; written by `python -m jdiff.convert import`."""
-  write_config(workdir, config)
+  run_config.write(workdir, config)
   ckpt = Checkpoints(workdir, async_save=False)
   ckpt._save(step, ocp.args.Composite(
       state=ocp.args.StandardSave({"step": step, "params": params, "ema_params": params}),
@@ -469,22 +470,10 @@ def _open_read_only(workdir: str) -> Checkpoints:
   return ckpt
 
 
-def _config_path(workdir: str) -> epath.Path:
-  return epath.Path(workdir) / "config.json"
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was started with (workdir/config.json)."""
-  path = _config_path(workdir)
-  if not path.exists():
-    raise errors.NotFound(f"{path} not found: is {workdir!r} a jdiff workdir?")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
 def check_same_model(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses to resume `workdir` with a config whose model differs from the one its
   checkpoints hold (the architecture fields of config.INHERITED), before any restore."""
-  path = _config_path(workdir)
+  path = run_config.path(workdir)
   if not path.exists():
     return
   stored = json.loads(path.read_text())
@@ -498,38 +487,3 @@ def check_same_model(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise CheckpointError(f"{workdir} holds checkpoints of another model ({'; '.join(differ)}): resume with "
                           "the same model fields, use a new workdir, or start a new workdir from this one's "
                           f"weights with --config.init_from={workdir}")
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  path = _config_path(workdir)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(config.to_json_best_effort(indent=2))
-
-
-def resolve_inherited(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """model.name='inherit': take the architecture (the model, text and autoencoder sections
-  except config.RUNTIME_FIELDS; diffusion.shift and text.t5_len unless this config changes
-  them from the defaults) from the config of the init_from workdir (e.g. one written by
-  `python -m jdiff.convert import`), so a tune config need not restate an imported model.
-  Other configs are returned as they are."""
-  if config.model.name != "inherit":
-    return config
-  if not config.init_from:
-    raise errors.InvalidArgument("config.model.name='inherit' takes the model from config.init_from, which is not set")
-  parent = load_config(config.init_from)
-  out = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
-  for section in config_lib.INHERITED:
-    for key, value in parent[section].items():
-      if key not in config_lib.RUNTIME_FIELDS:
-        out[section][key] = value
-  # The timestep shift is the model's schedule (an import reads it from the pipeline's
-  # scheduler: SD3's fixed 3, Flux's mu linear in the token count): inherited too, unless
-  # this config sets one of its own.
-  base = config_lib.base()
-  if config.diffusion.shift.to_dict() == base.diffusion.shift.to_dict():
-    out.diffusion.shift = ml_collections.ConfigDict(parent.diffusion.shift.to_dict())
-  # Likewise the T5 token count the import chose (Flux-dev 512, schnell 256), a runtime field.
-  if config.text.t5_len == base.text.t5_len:
-    out.text.t5_len = parent.text.t5_len
-  out.lock()
-  return out

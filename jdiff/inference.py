@@ -26,6 +26,7 @@ from jdiff import checkpoint as ckpt_lib
 from jdiff import diffusion
 from jdiff import errors
 from jdiff import networks as networks_lib
+from jdiff import run_config
 from jdiff import tokens
 from jdiff.data import pixels
 from jdiff.models import layers
@@ -96,7 +97,7 @@ class Model:
 
 def load(workdir: str, step: int | None = None) -> Model:
   """The EMA weights of `workdir`'s latest (or given) checkpoint, on the default device."""
-  config = ckpt_lib.load_config(workdir)
+  config = run_config.load(workdir)
   try:
     layers.check_backend(config.model.attention)
   except errors.InvalidArgument:  # trained on a GPU, sampled elsewhere: same numbers, other kernel

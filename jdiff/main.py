@@ -17,10 +17,11 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
 from jdiff import config as config_lib
+from jdiff import config_checks
 from jdiff import distributed
+from jdiff import run_config
 from jdiff.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mmdit_256.py:cpu.",
@@ -43,8 +44,8 @@ def main(argv):
     return
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required: the directory for checkpoints, logs and samples")
-  config = ckpt_lib.resolve_inherited(_CONFIG.value)
-  config_lib.validate(config)  # before JAX starts any work
+  config = run_config.resolve(_CONFIG.value)
+  config_checks.validate(config)  # before JAX starts any work
   cli.set_log_levels()
 
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

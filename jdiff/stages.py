@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
-from jdiff import config as config_lib
+from jdiff import config_checks
 from jdiff import errors
 from jdiff import inference
 from jdiff import pairs as pairs_lib
@@ -78,7 +78,7 @@ def stage_configs(pipeline: ml_collections.ConfigDict, workdir: str) -> list[tup
     if name in on_policy:  # sampled from the parent by train_all before the stage trains
       c.data.pairs_dir = os.path.join(stage_dir, "pairs")
     c.lock()
-    config_lib.validate(c)
+    config_checks.validate(c)
     out.append((name, stage_dir, c))
     previous = stage_dir
   return out

@@ -35,13 +35,13 @@ from ml_collections import config_flags
 import numpy as np
 import scipy.stats
 
-from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
-from jdiff import config as config_lib
+from jdiff import config_checks
 from jdiff import errors
 from jdiff import flops as flops_lib
 from jdiff import inference
 from jdiff import networks as networks_lib
+from jdiff import run_config
 from jdiff.eval import benchmark
 from jdiff.eval import validation
 from jdiff.train import optim
@@ -285,8 +285,8 @@ def main(argv, values: dict[str, Any]):
     raise app.UsageError("--study and --workdir are required")
   if seeds < 1:
     raise app.UsageError("--seeds must be >= 1")
-  config = ckpt_lib.resolve_inherited(values["config"].value)
-  config_lib.validate(config)
+  config = run_config.resolve(values["config"].value)
+  config_checks.validate(config)
   cli.set_log_levels()
   cli.reuse_host_memory()
   out = run(name, config, workdir, seeds)

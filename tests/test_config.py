@@ -9,7 +9,7 @@ import pytest
 
 from jdiff import config as config_lib
 from jdiff import diffusion, models
-from jdiff.data import files, pipeline, sources
+from jdiff.data import decode, files, sources
 from jdiff.eval import quality
 from jdiff.models import layers, text
 from jdiff.interop import sd3_pipeline
@@ -29,7 +29,7 @@ def test_allowed_values_are_the_registries():
   assert config_lib.DATA_SOURCES == sources.SOURCES
   assert config_lib.CAPTION_FROM == files.CAPTION_FROM
   assert config_lib.MISSING_CAPTIONS == files.MISSING_CAPTION
-  assert config_lib.LOSS_MASKS == pipeline.LOSS_MASKS
+  assert config_lib.LOSS_MASKS == decode.LOSS_MASKS
   assert config_lib.EVAL_METRICS == ("adherence", "val_loss") + quality.METRICS
   assert config_lib.PREDICTIONS == diffusion.PREDICTIONS
   assert config_lib.WEIGHTINGS == diffusion.WEIGHTINGS
@@ -42,8 +42,8 @@ def test_allowed_values_are_the_registries():
 
 
 def test_loading_and_validating_a_config_file_imports_no_jax():
-  code = ("import sys; from jdiff import config; "
-          "[config.validate(config.load(f'configs/{f}')) for f in ('mmdit_256.py:cpu', 'mmdit_256.py:cpu_long', 'dit_256.py')]; "
+  code = ("import sys; from jdiff import config, config_checks; "
+          "[config_checks.validate(config.load(f'configs/{f}')) for f in ('mmdit_256.py:cpu', 'mmdit_256.py:cpu_long', 'dit_256.py')]; "
           "heavy = sorted(m for m in ('jax', 'flax', 'grain', 'optax', 'numpy') if m in sys.modules); "
           "print(heavy); assert not heavy, heavy")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jdiff import config_checks
 from jdiff import tokens
-from jdiff.data import pipeline, pixels, shapes, sources
+from jdiff.data import decode, pipeline, pixels, shapes, sources
 from jdiff.eval import adherence
 
 DATA = dict(source="shapes", resolution=32, shapes_size=1_000_000, shapes_seed=0, read_threads=1,
@@ -191,7 +192,7 @@ def test_read_threads_by_source_and_batches_independent_of_threads():
   c = config_lib.base()
   c.data.read_threads = -3
   with pytest.raises(ValueError, match="data.read_threads=-3"):
-    config_lib.validate(c)
+    config_checks.validate(c)
 
 
 def test_worker_processes_give_the_same_batches_and_portable_resume_states():
@@ -498,14 +499,14 @@ def test_to_rgb_resamples_only_the_crop_and_drafts_large_jpegs():
   rng = np.random.default_rng(0)
   for h, w in [(384, 512), (512, 384), (300, 700), (1000, 800), (100, 60), (64, 64), (40, 64)]:
     arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    got = pipeline.to_rgb(arr, 64)
+    got = decode.to_rgb(arr, 64)
     assert got.shape == (64, 64, 3)
     assert np.abs(got.astype(int) - _resize_then_crop(Image.fromarray(arr), 64).astype(int)).max() <= 1
   scene, _ = shapes.scene_for(0, "train", 5)
   for h, w in [(768, 1024), (1080, 1920)]:
     buf = io.BytesIO()
     Image.fromarray(shapes.render(scene, (h, w))).save(buf, format="JPEG", quality=90)
-    got = pipeline.to_rgb(buf.getvalue(), 128)
+    got = decode.to_rgb(buf.getvalue(), 128)
     full = _resize_then_crop(Image.open(io.BytesIO(buf.getvalue())), 128)
     diff = np.abs(got.astype(int) - full.astype(int))
     assert got.shape == (128, 128, 3) and diff.mean() < 0.25, diff.mean()
@@ -521,7 +522,7 @@ def test_worker_chunks_stay_under_a_size_cap():
   assert pipeline.worker_chunk(32, record) == pipeline.WORKER_CHUNK_BYTES // 2_801_664 == 5
   assert pipeline.worker_chunk(32, {"huge": np.zeros(2**25, np.uint8)}) == 1
   assert pipeline.worker_chunk(3, image) == 3
-  assert pipeline.worker_chunk(32, pipeline.Corrupt(0, "read: broken")) == 32
+  assert pipeline.worker_chunk(32, decode.Corrupt(0, "read: broken")) == 32
 
 
 def test_select_pairs_each_wrong_sample_with_a_right_one_of_its_caption():

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from jdiff import tokens
-from jdiff.data import files, pipeline, sources
+from jdiff.data import decode, files, pipeline, sources
 
 DATA = dict(source="folder", path="", resolution=8, read_threads=2, prefetch=8, num_workers=0, worker_chunk=4,
             arrayrecord_pattern="", image_key="image", caption_key="caption", caption_from="auto",
@@ -131,7 +131,7 @@ def _decoded_colours(src):
   for i in range(len(src)):
     rec = src[i]
     try:
-      img = pipeline.to_rgb(rec["image"], 8)
+      img = decode.to_rgb(rec["image"], 8)
     except Exception:  # the corrupt record
       img = None
     caption = rec["caption"]

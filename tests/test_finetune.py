@@ -14,6 +14,7 @@ import torch
 
 from jdiff import checkpoint as ckpt_lib
 from jdiff import inference
+from jdiff import run_config
 from jdiff.interop import mapping, sd3, sd3_pipeline
 from jdiff.models import mmdit
 
@@ -35,7 +36,7 @@ def pipeline_dir(tmp_path_factory):
 def test_import_matches_the_source_weights(pipeline_dir, tmp_path):
   work = str(tmp_path / "base")
   helpers.cli("jdiff.convert", "import", f"--src={pipeline_dir}", f"--workdir={work}")
-  config = ckpt_lib.load_config(work)
+  config = run_config.load(work)
   assert config.model.name == "mmdit" and config.model.dual_attention_depth == 1
   assert config.text.encoder == "sd3" and config.diffusion.shift.kind == "fixed"
   assert config.diffusion.shift.shift == 3.0

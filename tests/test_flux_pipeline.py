@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from jdiff import checkpoint as ckpt_lib
+from jdiff import run_config
 from jdiff.interop import sd3_pipeline
 
 import flux_fixture
@@ -60,7 +60,7 @@ def test_flux_lora_tune_end_to_end(pipeline_dir, tmp_path):
 
   base, cache, tuned = (str(tmp_path / n) for n in ("base", "cache", "tuned"))
   helpers.cli("jdiff.convert", "import", f"--src={pipeline_dir}", f"--workdir={base}")
-  config = ckpt_lib.load_config(base)
+  config = run_config.load(base)
   assert config.model.name == "flux" and config.model.guidance_embed and config.text.encoder == "flux"
   assert config.text.t5_len == 512 and config.autoencoder.path == os.path.abspath(pipeline_dir)
   assert dict(config.diffusion.shift) == dict(config.diffusion.shift, kind="flux", base_seq_len=256,

@@ -15,6 +15,7 @@ import pytest
 from scipy import stats
 
 from jdiff import config as config_lib
+from jdiff import config_checks
 from jdiff import diffusion
 from jdiff import inference
 from jdiff import networks as networks_lib
@@ -118,7 +119,7 @@ def _grpo_config(**overrides):
   fields = dict(stage="posttrain", objective="grpo", init_from="parent", grpo__reward="brightness",
                 grpo__group_size=4, grpo__num_steps=3, train__batch_size=2)
   config = get_config(**{**fields, **overrides})
-  config_lib.validate(config)
+  config_checks.validate(config)
   return config
 
 

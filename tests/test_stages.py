@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jdiff import config as config_lib
+from jdiff import config_checks
 from jdiff import convert, diffusion, stages
 from jdiff import networks as networks_lib
 from jdiff.data import pipeline as pipeline_lib
@@ -199,7 +200,7 @@ def test_stage_objective_validation(changes, message):
   for k, v in changes.items():
     config[k] = v
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-    config_lib.validate(config)
+    config_checks.validate(config)
 
 
 @pytest.mark.parametrize("name", ["dpo", "guidance", "fewstep"])

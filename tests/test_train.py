@@ -19,6 +19,7 @@ from jdiff import networks as networks_lib
 from jdiff.data import pipeline as pipeline_lib
 from jdiff.data import pixels
 from jdiff.models import layers as L
+from jdiff.train import metrics as metrics_lib
 from jdiff.train import optim, trainer
 from jdiff.train import sharding as shard_lib
 from jdiff.train import state as state_lib
@@ -430,7 +431,7 @@ def test_weights_and_biases_offline_run_is_written_and_continued_on_resume(tmp_p
   over = dict(wandb__project="jdiff-test", wandb__tags=("ci",), train__checkpoint_every=2)
   run(get_config(train__num_steps=2, **over), work)
   run(get_config(train__num_steps=4, **over), work)  # resumes from step 2
-  run_id = (work / trainer.MetricWriter.WANDB_ID).read_text().strip()
+  run_id = (work / metrics_lib.MetricWriter.WANDB_ID).read_text().strip()
   runs = sorted(d for d in os.listdir(work / "wandb") if d.startswith("offline-run-"))
   assert len(runs) == 2 and all(d.endswith("-" + run_id) for d in runs)
   history = b"".join((work / "wandb" / d / f"run-{run_id}.wandb").read_bytes() for d in runs)

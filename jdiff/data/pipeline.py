@@ -11,11 +11,9 @@ order) is saved in every checkpoint, so a resumed run continues with the same ba
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import concurrent.futures
-import math
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -23,139 +21,43 @@ from absl import flags
 import grain
 import jax
 import numpy as np
-from PIL import Image
 
 from jdiff import errors
 from jdiff import tokens
 from jdiff.data import buckets as buckets_lib
 from jdiff.data import cache
+from jdiff.data import decode as decode_lib
 from jdiff.data import files
 from jdiff.data import sources
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class Corrupt:
-  """Stands in for a record that could not be read or decoded."""
-
-  index: int
-  error: str
-
-
-class _Guarded:
-  """Wraps a source so a record that fails to read becomes a `Corrupt` marker."""
-
-  def __init__(self, source):
-    self._source = source
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, index: int):
-    try:
-      return self._source[index]
-    except Exception as e:  # a broken record must not stop a long run
-      return Corrupt(int(index), f"read: {e!r}")
-
-  def __repr__(self) -> str:
-    return f"_Guarded({self._source!r})"
-
-
-def to_rgb(image: Any, resolution: int | tuple[int, int], alpha: bool = False) -> np.ndarray:
-  """Encoded bytes or an array -> uint8 [height, width, 3] (`resolution`: a side, or (height,
-  width)): resize to cover that shape (bicubic, antialiased), centre-crop the rest. alpha:
-  [height, width, 4], the image's alpha channel last (255 where it has none).
-
-  A JPEG at least twice the target size is decoded at 1/2, 1/4 or 1/8 scale in the DCT
-  domain (Pillow's `draft`; still at least the target size), which is most of the decode
-  time saved for large photos. Downscaling by less than 2x resamples only the crop (Pillow's `box`:
-  the sample positions of resizing the whole image, within one level of rounding); from 2x
-  down (reduced by an integer factor first, on the whole image's grid) and upscaling resize
-  the whole image, then crop.
-  """
-  height, width = (resolution, resolution) if isinstance(resolution, (int, np.integer)) else resolution
-  if isinstance(image, (bytes, bytearray, memoryview)):
-    pil = Image.open(io.BytesIO(bytes(image)))
-    if pil.format == "JPEG":
-      scale = max(width / pil.size[0], height / pil.size[1])
-      if scale <= 0.5:
-        pil.draft("RGB", (math.ceil(pil.size[0] * scale), math.ceil(pil.size[1] * scale)))
-    pil.load()
-  else:
-    arr = np.asarray(image)
-    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or arr.dtype != np.uint8:
-      raise ValueError(f"expected a uint8 [H, W, 1|3|4] image, got {arr.dtype} {arr.shape}")
-    if arr.shape[:2] == (height, width) and arr.shape[-1] == 3 and not alpha:
-      return arr
-    pil = Image.fromarray(arr if arr.shape[-1] != 1 else arr[..., 0])
-  pil = pil.convert("RGBA" if alpha else "RGB")
-  w, h = pil.size
-  scale = max(width / w, height / h)
-  # The resized size, and the crop's offset in it.
-  rw, rh = max(width, round(w * scale)), max(height, round(h * scale))
-  left, top = (rw - width) // 2, (rh - height) // 2
-  if 0.5 < scale < 1:
-    sx, sy = w / rw, h / rh
-    return np.asarray(pil.resize((width, height), Image.Resampling.BICUBIC,
-                                 box=(left * sx, top * sy, (left + width) * sx, (top + height) * sy)),
-                      np.uint8)
-  if (rw, rh) != (w, h):  # upscaling, or >= 2x down (an integer reduction first, on the whole image)
-    pil = pil.resize((rw, rh), Image.Resampling.BICUBIC, reducing_gap=None if scale > 0.5 else 2.0)
-  return np.asarray(pil.crop((left, top, left + width, top + height)), np.uint8)
-
-
-IMAGE_KEYS = ("image", "image_w", "image_l")  # a captioned image, or a preference pair
-LOSS_MASKS = ("none", "alpha", "file")  # config.data.loss_mask
-
-
-def decode_image(record: Mapping[str, Any], shape: int | tuple[int, int], loss_mask: str = "none"
-                 ) -> dict[str, np.ndarray]:
-  """A record's image at `shape` {'image': uint8 [h, w, 3]}, with data.loss_mask's weights
-  {'mask': uint8 [h, w, 1]} unless it is 'none': the image's alpha channel ('alpha'), or the
-  record's 'mask' image (a mask file: resized to the image's size first, then cropped as the
-  image is; all 255 where the record has none)."""
-  if loss_mask == "alpha":
-    rgba = to_rgb(record["image"], shape, alpha=True)
-    return dict(image=np.ascontiguousarray(rgba[..., :3]), mask=np.ascontiguousarray(rgba[..., 3:]))
-  out = dict(image=to_rgb(record["image"], shape))
-  if loss_mask == "file":
-    mask = record.get("mask")
-    if mask is None:
-      out["mask"] = np.full(out["image"].shape[:2] + (1,), 255, np.uint8)
-    else:
-      with Image.open(io.BytesIO(bytes(mask))) as pil:
-        gray = pil.convert("L").resize(files.header_size(record["image"]), Image.Resampling.BILINEAR)
-      out["mask"] = to_rgb(np.asarray(gray)[..., None], shape)[..., :1]
-  return out
-
-
-
 class Preprocess(grain.transforms.MapWithIndex):
-  """record -> {'image': uint8 [R, R, 3], 'tokens': int32 [max_len]} or Corrupt (preference
+  """record -> {'image': uint8 [R, R, 3], 'tokens': int32 [max_len]} or decode_lib.Corrupt (preference
   pairs: 'image_w' and 'image_l' instead of 'image')."""
 
   def __init__(self, resolution: int, max_len: int, loss_mask: str = "none"):
     self.resolution, self.max_len, self.loss_mask = resolution, max_len, loss_mask
 
   def map_with_index(self, index: int, record):
-    if isinstance(record, Corrupt):
+    if isinstance(record, decode_lib.Corrupt):
       return record
     try:
       caption = files.caption_choice(record["caption"], 0, index)  # (one already picked by PickCaption)
       if self.loss_mask != "none":
-        return dict(decode_image(record, self.resolution, self.loss_mask),
+        return dict(decode_lib.decode_image(record, self.resolution, self.loss_mask),
                     tokens=tokens.tokenize(caption, self.max_len))
-      images = {k: to_rgb(record[k], self.resolution) for k in IMAGE_KEYS if k in record}
+      images = {k: decode_lib.to_rgb(record[k], self.resolution) for k in decode_lib.IMAGE_KEYS if k in record}
       if not images:
-        raise KeyError(f"no image field among {IMAGE_KEYS}")
+        raise KeyError(f"no image field among {decode_lib.IMAGE_KEYS}")
       return dict(images, tokens=tokens.tokenize(caption, self.max_len))
     except Exception as e:  # undecodable image, missing field, bad text
-      return Corrupt(int(index), f"decode: {e!r}")
+      return decode_lib.Corrupt(int(index), f"decode: {e!r}")
 
 
 class CheckCached(grain.transforms.MapWithIndex):
-  """A cache record, checked against the cache's shapes (a damaged record becomes Corrupt)."""
+  """A cache record, checked against the cache's shapes (a damaged record becomes decode_lib.Corrupt)."""
 
   def __init__(self, meta: Mapping[str, Any]):
     self.shapes = dict(latent_mean=tuple(meta["latent_shape"]), latent_logvar=tuple(meta["latent_shape"]),
@@ -164,7 +66,7 @@ class CheckCached(grain.transforms.MapWithIndex):
       self.shapes[cache.MASK_KEY] = tuple(meta["latent_shape"][:2]) + (1,)
 
   def map_with_index(self, index: int, record):
-    if isinstance(record, Corrupt):
+    if isinstance(record, decode_lib.Corrupt):
       return record
     try:
       for key, shape in self.shapes.items():
@@ -172,17 +74,17 @@ class CheckCached(grain.transforms.MapWithIndex):
           raise ValueError(f"{key} has shape {record[key].shape}, expected {shape}")
       return {k: record[k] for k in self.shapes}
     except Exception as e:
-      return Corrupt(int(index), f"cache: {e!r}")
+      return decode_lib.Corrupt(int(index), f"cache: {e!r}")
 
 
 class SkipCorrupt(grain.transforms.Filter):
-  """Drops Corrupt markers, counting and logging them (runs in the main process)."""
+  """Drops decode_lib.Corrupt markers, counting and logging them (runs in the main process)."""
 
   def __init__(self):
     self.skipped = 0
 
   def filter(self, element) -> bool:
-    if isinstance(element, Corrupt):
+    if isinstance(element, decode_lib.Corrupt):
       self.skipped += 1
       log.warning("skipping corrupt record %d (%s); %d skipped so far", element.index, element.error,
                   self.skipped)
@@ -198,10 +100,10 @@ class SkipCorrupt(grain.transforms.Filter):
 
 def pack_chunk(elements: Sequence[Any]) -> dict[str, Any]:
   """Consecutive elements as one: the good ones stacked ("rows", None if there are none)
-  and the Corrupt markers ("corrupt"), for SkipCorrupt.unpack in the main process."""
-  good = [e for e in elements if not isinstance(e, Corrupt)]
+  and the decode_lib.Corrupt markers ("corrupt"), for SkipCorrupt.unpack in the main process."""
+  good = [e for e in elements if not isinstance(e, decode_lib.Corrupt)]
   rows = {key: np.stack([e[key] for e in good]) for key in good[0]} if good else None
-  return {"rows": rows, "corrupt": [e for e in elements if isinstance(e, Corrupt)]}
+  return {"rows": rows, "corrupt": [e for e in elements if isinstance(e, decode_lib.Corrupt)]}
 
 
 WORKER_CHUNK_BYTES = 16 * 2**20
@@ -211,7 +113,7 @@ def worker_chunk(configured: int, element: Any) -> int:
   """Elements per worker transfer: data.worker_chunk, fewer if that many `element`s would
   exceed WORKER_CHUNK_BYTES (large records such as latent-cache records, whose full chunks
   would, with several workers and their prefetch buffers, exhaust shared memory)."""
-  if isinstance(element, Corrupt):
+  if isinstance(element, decode_lib.Corrupt):
     return configured
   size = sum(np.asarray(v).nbytes for v in element.values())
   return max(1, min(configured, WORKER_CHUNK_BYTES // max(size, 1)))
@@ -226,7 +128,7 @@ class PickCaption(grain.transforms.MapWithIndex):
     self.seed = seed
 
   def map_with_index(self, index: int, record):
-    if isinstance(record, Corrupt) or not isinstance(record.get("caption"), (tuple, list)):
+    if isinstance(record, decode_lib.Corrupt) or not isinstance(record.get("caption"), (tuple, list)):
       return record
     return {**record, "caption": files.caption_choice(record["caption"], self.seed, index)}
 
@@ -268,7 +170,7 @@ class TagIndex(grain.transforms.MapWithIndex):
   """Adds the element's position in the process's stream (ProcessRows index) as INDEX_KEY."""
 
   def map_with_index(self, index: int, element):
-    if isinstance(element, Corrupt):
+    if isinstance(element, decode_lib.Corrupt):
       return element
     return {**element, INDEX_KEY: np.int64(index)}
 
@@ -378,19 +280,19 @@ class _BatchPlan:
 
 class ReadBucketBatch(grain.transforms.MapWithIndex):
   """(bucket, record indices) of global batch j -> this process's rows {'image' [L, h, w, 3],
-  'tokens', INDEX_KEY: j, CORRUPT_KEY: the Corrupt markers} (latent: a latent cache's records).
+  'tokens', INDEX_KEY: j, CORRUPT_KEY: the decode_lib.Corrupt markers} (latent: a latent cache's records).
   A record that cannot be read is replaced by another row of the batch (or, if none can be
   read, by the bucket's next readable record), so that every process delivers every batch
   whole."""
 
   def __init__(self, source, shapes, schedule: buckets_lib.Schedule, max_len: int, seed: int, process_index: int,
                loss_mask: str = "none", latent: bool = False):
-    self.source, self.shapes, self.schedule = _Guarded(source), shapes, schedule
+    self.source, self.shapes, self.schedule = decode_lib.Guarded(source), shapes, schedule
     self.max_len, self.seed, self.p, self.loss_mask, self.latent = max_len, seed, process_index, loss_mask, latent
 
   def _row(self, index: int, position: int, shape: tuple[int, int]):
     record = self.source[int(index)]
-    if isinstance(record, Corrupt):
+    if isinstance(record, decode_lib.Corrupt):
       return record
     try:
       if self.latent:  # checked against their bucket's latent shape
@@ -399,22 +301,22 @@ class ReadBucketBatch(grain.transforms.MapWithIndex):
             raise ValueError(f"{key} has shape {record[key].shape}, expected {tuple(shape)} (its bucket)")
         return dict(record)
       caption = files.caption_choice(record["caption"], self.seed, position)
-      return dict(decode_image(record, shape, self.loss_mask), tokens=tokens.tokenize(caption, self.max_len))
+      return dict(decode_lib.decode_image(record, shape, self.loss_mask), tokens=tokens.tokenize(caption, self.max_len))
     except Exception as e:  # undecodable image, missing field, bad text
-      return Corrupt(int(index), f"decode: {e!r}")
+      return decode_lib.Corrupt(int(index), f"decode: {e!r}")
 
   def map_with_index(self, j: int, plan):
     bucket, records = plan
     shape, local = self.shapes[bucket], len(records)
     first = j * self.schedule.batch_size + self.p * local  # global stream position of row 0
     rows = [self._row(i, first + r, shape) for r, i in enumerate(records)]
-    corrupt = [r for r in rows if isinstance(r, Corrupt)]
-    good = [r for r in rows if not isinstance(r, Corrupt)]
+    corrupt = [r for r in rows if isinstance(r, decode_lib.Corrupt)]
+    good = [r for r in rows if not isinstance(r, decode_lib.Corrupt)]
     members = self.schedule.members[bucket]
     start = int(np.random.default_rng([self.seed, j]).integers(len(members)))
     for k in range(len(members)) if not good else ():
       row = self._row(members[(start + k) % len(members)], first, shape)
-      if not isinstance(row, Corrupt):
+      if not isinstance(row, decode_lib.Corrupt):
         good = [row]
         break
     if not good:
@@ -527,7 +429,7 @@ def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: in
   cached_buckets = getattr(source, "bucket_of_record", None) is not None
   if (data_cfg.get("buckets") and data_cfg["buckets"]["pixels"]) or cached_buckets:
     return _bucketed(data_cfg, source, global_batch=global_batch, max_len=max_len, seed=seed, pi=pi, pc=pc)
-  ds = grain.MapDataset.source(_Guarded(source)).seed(seed).shuffle().repeat(None)
+  ds = grain.MapDataset.source(decode_lib.Guarded(source)).seed(seed).shuffle().repeat(None)
   ds = ds.map_with_index(PickCaption(seed))
   ds = ProcessRows(ds, pi, pc, global_batch // pc)
   if data_cfg["source"] == "cache":

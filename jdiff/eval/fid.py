@@ -31,7 +31,7 @@ import scipy.linalg
 import tqdm
 
 from jdiff import errors
-from jdiff.data import files, pipeline, sources
+from jdiff.data import decode, files, sources
 from jdiff.interop import inception as inception_io
 from jdiff.models import inception
 
@@ -132,7 +132,7 @@ def source_images(source, resolution: int, num_images: int | None = None, batch_
   for i in range(n):
     try:
       record = source[i]
-      images.append(pipeline.decode_image(record, resolution)["image"])
+      images.append(decode.decode_image(record, resolution)["image"])
       captions.append(files.caption_choice(record.get("caption", ""), 0, i))
     except Exception as e:  # as in training: a broken record is skipped
       skipped += 1

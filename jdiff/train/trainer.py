@@ -10,14 +10,12 @@ Order of business:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import json
 import logging
 import os
 import re
-import secrets
 import signal
 import threading
 import time
@@ -34,10 +32,11 @@ import tqdm
 
 from jdiff import checkpoint as ckpt_lib
 from jdiff import cli
-from jdiff import config as config_lib
+from jdiff import config_checks
 from jdiff import errors
 from jdiff import inference
 from jdiff import networks as networks_lib
+from jdiff import run_config
 from jdiff.data import pipeline as pipeline_lib
 from jdiff.eval import benchmark
 from jdiff.eval import curves
@@ -45,6 +44,7 @@ from jdiff.eval import quality as quality_lib
 from jdiff.eval import validation
 from jdiff.models import layers as L
 from jdiff.train import lock as lock_lib
+from jdiff.train import metrics as metrics_lib
 from jdiff.train import grpo as grpo_lib
 from jdiff.train import objectives
 from jdiff.train import optim
@@ -117,91 +117,6 @@ class _StopFlag:
       signal.signal(sig, handler)
 
 
-@dataclasses.dataclass
-class MetricWriter:
-  """metrics.jsonl + TensorBoard events under workdir, and a Weights & Biases run when
-  config.wandb.project is set (process 0 only)."""
-
-  workdir: str
-  config: Any = None
-
-  WANDB_ID = "wandb_id"  # WORKDIR/wandb_id: the W&B run a resumed run continues
-
-  def __post_init__(self):
-    self.enabled = jax.process_index() == 0
-    self._wandb = None
-    if self.enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
-      os.makedirs(self.workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
-      self._tb = SummaryWriter(os.path.join(self.workdir, "tb"))
-      if self.config is not None and self.config.wandb.project:
-        self._wandb = self._start_wandb(self.config)
-
-  def _start_wandb(self, config):
-    try:
-      import wandb  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise errors.InvalidArgument("config.wandb.project is set but wandb is not installed: pip install "
-                                   "'jdiff[wandb]' (or pip install wandb)") from e
-    id_path = os.path.join(self.workdir, self.WANDB_ID)
-    if os.path.exists(id_path):
-      with open(id_path) as f:
-        run_id = f.read().strip()
-    else:
-      run_id = secrets.token_hex(4)  # W&B run ids are [a-z0-9]
-      with open(id_path, "w") as f:
-        f.write(run_id + "\n")
-    w = config.wandb
-    return wandb.init(project=w.project, entity=w.entity or None, name=w.name or os.path.basename(
-        os.path.normpath(self.workdir)), mode=w.mode, tags=list(w.tags), id=run_id, resume="allow",
-                      dir=self.workdir, config=json.loads(config.to_json_best_effort()))
-
-  def scalars(self, step: int, values: dict[str, float]) -> None:
-    if not self.enabled:
-      return
-    self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
-    self._jsonl.flush()
-    for k, v in values.items():
-      self._tb.add_scalar(k, v, step)
-    if self._wandb is not None:
-      self._wandb.log(values, step=step)
-
-  def image(self, step: int, name: str, image: np.ndarray) -> None:
-    if self.enabled:
-      self._tb.add_image(name, image, step, dataformats="HWC")
-      if self._wandb is not None:
-        import wandb  # pylint: disable=g-import-not-at-top
-        self._wandb.log({name: wandb.Image(image)}, step=step)
-
-  def close(self) -> None:
-    if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
-      if self._wandb is not None:
-        self._wandb.finish()
-
-
-def summarize(h: list[dict[str, Any]], seconds: float, batch_size: int) -> dict[str, float]:
-  """Host-side averages of the (fetched) metrics of the steps since the last log; loss and
-  grad norm average the finite steps (non-finite ones are counted separately)."""
-  stack = lambda k: np.stack([m[k] for m in h])
-  finite_mean = lambda x: float(np.mean(x[np.isfinite(x)])) if np.isfinite(x).any() else float("nan")
-  out = dict(loss=finite_mean(stack("loss")), grad_norm=finite_mean(stack("grad_norm")),
-             lr=float(h[-1]["lr"]), nonfinite_steps=int(stack("nonfinite").sum()),
-             nonfinite_streak=int(h[-1]["nonfinite_streak"]))
-  sums, counts = stack("t_bin_loss_sum").sum(0), stack("t_bin_count").sum(0)
-  for i, (s, c) in enumerate(zip(sums, counts)):
-    if c > 0:
-      out[f"loss_t{i / len(sums):.1f}"] = float(s / c)
-  for k in h[-1]["objective"]:  # the objective's diagnostics (dpo_accuracy, ...)
-    out[k] = float(np.mean([m["objective"][k] for m in h]))
-  out["steps_per_s"] = len(h) / seconds
-  out["images_per_s"] = len(h) * batch_size / seconds
-  return out
-
-
 def _lineage_entry(config, workdir: str, from_step: int | None) -> dict[str, Any]:
   return dict(stage=config.stage, workdir=os.path.abspath(workdir), init_from=config.init_from or "",
               from_step=from_step)
@@ -235,7 +150,7 @@ def load_parent(workdir: str, mesh, rules) -> tuple[objectives.Frozen, Any, list
   """The model of an earlier stage's workdir, laid out on `mesh`: (Frozen(networks), its EMA
   params, lineage, step). Adapters of a LoRA stage are merged into their kernels, so the
   result is the plain model whose outputs the adapted one gave."""
-  parent_config = ckpt_lib.load_config(workdir)
+  parent_config = run_config.load(workdir)
   networks = networks_lib.build_networks(parent_config)
   boxed = jax.eval_shape(lambda: networks.init_params(jax.random.key(0)))
   target = state_lib.abstract_with_shardings(nn.unbox(boxed), shard_lib.tree_shardings(boxed, mesh, rules))
@@ -345,7 +260,7 @@ def _overlay(base, new, path=""):
   return jax.device_put(jnp.array(new, dtype=base.dtype, copy=True), base.sharding)
 
 
-def write_samples(config, networks, params, workdir: str, step: int, writer: MetricWriter) -> str:
+def write_samples(config, networks, params, workdir: str, step: int, writer: metrics_lib.MetricWriter) -> str:
   """A grid of config.sample.prompts drawn with fixed noise from `params` (the EMA)."""
   model = inference.Model(networks, jax.device_get(params), config, step)
   images = inference.generate(model, list(config.sample.prompts), seed=config.sample.seed)
@@ -386,7 +301,7 @@ class Evaluator:
   def on(self) -> bool:
     return bool(self.adherence or self.val_loss or self.scorers is not None)
 
-  def __call__(self, config, networks, params, workdir: str, step: int, writer: MetricWriter) -> dict[str, Any]:
+  def __call__(self, config, networks, params, workdir: str, step: int, writer: metrics_lib.MetricWriter) -> dict[str, Any]:
     """The metrics of `params`, logged, appended to workdir/eval.jsonl and drawn into
     workdir/learning_curve.png."""
     t0 = time.time()
@@ -427,8 +342,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns a summary: {'step', 'stopped_by', 'last_metrics', 'samples', 'eval'}.
   """
-  config = ckpt_lib.resolve_inherited(config)
-  config_lib.validate(config)
+  config = run_config.resolve(config)
+  config_checks.validate(config)
   os.makedirs(workdir, exist_ok=True)
   with lock_lib.hold(workdir):  # one run per workdir
     return _train_and_evaluate(config, workdir)
@@ -456,7 +371,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   state, shardings, abstract, lineage = initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline,
                                                       parent)
   if jax.process_index() == 0:  # only now: a start that fails leaves the workdir as it was
-    ckpt_lib.write_config(workdir, config)
+    run_config.write(workdir, config)
   log.info("mesh %s; %s denoiser params, %s text params", dict(mesh.shape),
            f"{networks_lib.param_count(state.params['denoiser']):,}",
            f"{networks_lib.param_count(state.params.get('text', {})):,}")
@@ -501,7 +416,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     with _StopFlag() as stop:
       # metrics.jsonl appears only once SIGTERM is caught: a signal after it saves and exits
       # with the resumable status (a scheduler, or a test, may take the file as "training").
-      writer = MetricWriter(workdir, config)
+      writer = metrics_lib.MetricWriter(workdir, config)
       for step in range(start, t.num_steps):
         if stop.stop_before(step):
           stopped_by = f"signal {stop.signal}"
@@ -516,7 +431,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         if done % t.log_every == 0 or done == t.num_steps:
           fetched = jax.device_get(history)  # waits for the steps to finish
           now = time.time()
-          last_metrics = summarize(fetched, now - tick, images_per_step)
+          last_metrics = metrics_lib.summarize(fetched, now - tick, images_per_step)
           last_metrics["skipped_records"] = pipeline.skipped
           history, tick = [], now
           writer.scalars(done, last_metrics)
