@@ -14,7 +14,7 @@ Prints a table by total time and one JSON summary line:
                       dimensions, and convolutions), recomputation included
   gemm_time_s         their summed standalone times
   gemm_flops_per_s    gemm_flops / gemm_time_s
-  train_flops         jdiff.flops' analytic count (the MFU convention)
+  train_flops         jdiff.train.flops' analytic count (the MFU convention)
   mfu_ceiling         train_flops / gemm_time_s / peak: the MFU of a step that ran only
                       these GEMMs at their standalone speed (nothing else: no attention
                       kernel, norms, optimizer) - an upper bound for this geometry
@@ -113,12 +113,12 @@ def step_jaxpr(config):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from jdiff import bench  # pylint: disable=g-import-not-at-top
+  from jdiff.train import speed  # pylint: disable=g-import-not-at-top
   from jdiff.train import trainer  # pylint: disable=g-import-not-at-top
   from jdiff.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from jdiff.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
-  networks, tx, mesh, rules = bench.step_parts(config)
+  networks, tx, mesh, rules = speed.step_parts(config)
   abstract, _ = state_lib.state_shardings(networks, tx, mesh, rules)
   batch = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in trainer.batch_spec(config, networks).items()}
   fn = functools.partial(step_lib.train_step, networks=networks, tx=tx, config=config)
@@ -152,8 +152,8 @@ def measure(config, reps: int = 20, top: int = 25) -> dict[str, Any]:
   """Times every distinct matmul of the step; prints the table, returns the summary."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from jdiff import bench  # pylint: disable=g-import-not-at-top
-  from jdiff import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from jdiff.train import speed  # pylint: disable=g-import-not-at-top
+  from jdiff.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from jdiff.train import optim  # pylint: disable=g-import-not-at-top
 
   jaxpr, networks = step_jaxpr(config)
@@ -169,7 +169,7 @@ def measure(config, reps: int = 20, top: int = 25) -> dict[str, Any]:
   train_flops = flops_lib.model_flops(networks, config.train.batch_size, networks.seq_len(),
                                       optim.trains_text(networks, config.optim.trainable))["train_step"]
   device = jax.devices()[0]
-  peak = bench.peak_flops(device.device_kind, config.model.dtype)
+  peak = speed.peak_flops(device.device_kind, config.model.dtype)
   summary = dict(
       gemm_flops=gemm_flops, gemm_time_s=gemm_time, gemm_flops_per_s=gemm_flops / gemm_time, distinct_gemms=len(gemm),
       batched_dot_flops=sum(op.flops * n for op, n, _ in rows if op.batched),

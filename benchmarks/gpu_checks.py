@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdiff import bench
+from jdiff.train import speed
 from jdiff import config as config_lib
 from jdiff import networks as networks_lib
 from jdiff.data import pipeline as pipeline_lib
@@ -106,7 +106,7 @@ def bench_row(spec, variant, geometry, steps, warmup, tag, profile_dir=""):
   c = config(variant, geometry, row_overrides(spec))
   row = dict(spec=spec, tag=tag, xla_flags=os.environ.get("XLA_FLAGS", ""), geometry=geometry)
   try:
-    row.update(bench.run(c, steps=steps, warmup=warmup, profile_dir=profile_dir))
+    row.update(speed.run(c, steps=steps, warmup=warmup, profile_dir=profile_dir))
     row["attention"] = c.model.attention
   except Exception as e:  # one failing row (out of memory, say) must not hide the others
     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"

@@ -452,15 +452,15 @@ def compile_step_hlo(config, target: str = "h100", device_memory_gib: float | No
   for `target` on this machine (no GPU needed; see the module docstring), and the compile
   time and peak memory (what jdiff.bench reports on a device)."""
   with gpu_target(target, device_memory_gib) as devices:
-    from jdiff import bench  # pylint: disable=g-import-not-at-top
+    from jdiff.train import speed  # pylint: disable=g-import-not-at-top
     from jdiff.train import trainer  # pylint: disable=g-import-not-at-top
     from jdiff.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
-    networks, tx, mesh, rules = bench.step_parts(config, devices)
+    networks, tx, mesh, rules = speed.step_parts(config, devices)
     abstract, shardings = state_lib.state_shardings(networks, tx, mesh, rules, config.optim.trainable)
     t0 = time.perf_counter()
     compiled, _ = trainer.compile_step(networks, tx, config, mesh, rules, shardings, abstract)
-    info = dict(compile_s=time.perf_counter() - t0, peak_memory_bytes=bench.peak_memory_bytes(compiled))
+    info = dict(compile_s=time.perf_counter() - t0, peak_memory_bytes=speed.peak_memory_bytes(compiled))
     return compiled.as_text(), info
 
 

@@ -46,13 +46,13 @@ def config(variant):
 
 def sd3_cache(directory, records, context_len=333):
   """Writes `records` synthetic cache records in SD3's 256 px shapes; returns the directory."""
-  from jdiff.data import cache
+  from jdiff.data import latents
 
   rng = np.random.default_rng(0)
   latent = rng.standard_normal((2, 32, 32, 16)).astype(np.float16)
   context = rng.standard_normal((context_len, 4096)).astype(np.float16)
   pooled = rng.standard_normal(2048).astype(np.float32)
-  writer = cache.RecordWriter(directory, records_per_file=256)
+  writer = latents.RecordWriter(directory, records_per_file=256)
   for i in range(records):
     writer.write(dict(latent_mean=latent[0] + np.float16(i % 7), latent_logvar=latent[1], context=context,
                       pooled=pooled), f"record {i}", i)

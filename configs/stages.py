@@ -5,7 +5,7 @@
             follows the new token count, in training and sampling alike)
   dpo       posttrain: Diffusion-DPO against the frozen sft model, on on-policy pairs: the
             caption's render (preferred) vs the sft model's own sample for it, where the
-            adherence analyser finds an attribute wrong (rejected; jdiff/pairs.py)
+            adherence analyser finds an attribute wrong (rejected; jdiff/eval/on_policy.py)
   grpo      posttrain: online RL (Flow-GRPO) from the sft model, beside dpo: groups of SDE
             samples per prompt, rewarded by the adherence analyser; tune continues from it
   tune      LoRA (rank 8, attention and MLP projections of every block) teaching a colour
@@ -13,7 +13,7 @@
   guidance  distill: guidance distillation, one forward per step instead of CFG's two
   fewstep   distill: few-step distillation of the guidance student, 4 steps instead of 20
 
-Each stage starts from the previous one's EMA weights (jdiff/stages.py). CPU demo (2 cores,
+Each stage starts from the previous one's EMA weights (jdiff/recipes/stage_pipeline.py). CPU demo (2 cores,
 BENCHMARKS.md has its time and table):
   python -m jdiff.stages --config=configs/stages.py:cpu --workdir=runs/stages
 Seconds-long variant for the tests: configs/stages.py:test. GPU/TPU sizes: configs/stages.py:gpu.
@@ -85,7 +85,7 @@ def get_config(arg: str | None = None):
   p.stages.grpo.grpo = dict(gpu=dict(), cpu=dict(), test=dict(group_size=2, num_steps=2, reward="brightness"))[variant]
   # On-policy preference data: before a listed stage trains, its parent (the sft model) is
   # sampled for `num` training captions and every sample the analyser finds wrong becomes
-  # a rejected image against the caption's render (jdiff/pairs.py). '' = embedded pairs.
+  # a rejected image against the caption's render (jdiff/eval/on_policy.py). '' = embedded pairs.
   # preferred='sample' (with samples_per_caption >= 2) pairs a wrong sample with a right one of
   # the same caption instead of its render, which also allows split='held_out' ('' = the parent's split).
   p.pairs = ml_collections.ConfigDict(dict(stages="dpo", num=dict(gpu=16384, cpu=2048, test=8)[variant],

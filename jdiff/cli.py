@@ -157,6 +157,12 @@ def _unknown_field(e: BaseException, argv: Sequence[str]) -> str:
   return f"{flag}: no such config field" + (f" ({hint[0].lower()}{hint[1:]})" if hint else "")
 
 
+def no_arguments(argv: Sequence[str]) -> None:
+  """Every command takes flags only: a stray word (a flag without its --) is an error."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+
+
 def set_log_levels(jdiff_level: int = logging.INFO) -> None:
   """jdiff's own messages at `jdiff_level`; everything else (Orbax logs each file it reads or
   writes at INFO) at WARNING, unless --verbosity was given on the command line."""

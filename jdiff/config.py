@@ -30,7 +30,7 @@ STAGE_OBJECTIVES = {"pretrain": ("flow",), "posttrain": ("flow", "dpo", "grpo"),
                     "distill": ("guidance", "fewstep")}
 
 # The allowed values of the mode strings, each beside the registry that implements it.
-MODELS = ("dit", "mmdit", "flux")  # jdiff.models.MODELS ('inherit': see run_config.resolve)
+MODELS = ("dit", "mmdit", "flux")  # jdiff.models.MODELS ('inherit': see run_config.prepare)
 ATTENTION = ("default", "xla", "cudnn")  # jdiff.models.layers.ATTENTION_IMPLS, and 'splash[:<block>]'
 REMAT = ("none", "full", "dots", "dots_no_batch", "dots_no_batch_attention",
          "dots_no_batch_attention_mlp")  # jdiff.models.layers.REMAT_POLICIES
@@ -41,7 +41,7 @@ CAPTION_FROM = ("auto", "filename")  # jdiff.data.files.CAPTION_FROM
 MISSING_CAPTIONS = ("skip", "empty")  # jdiff.data.files.MISSING_CAPTION
 LOSS_MASKS = ("none", "alpha", "file")  # jdiff.data.decode.LOSS_MASKS
 WANDB_MODES = ("offline", "online")
-EVAL_METRICS = ("adherence", "val_loss", "fid", "kid", "clip_score")  # jdiff.train.trainer.Evaluator
+EVAL_METRICS = ("adherence", "val_loss", "fid", "kid", "clip_score")  # jdiff.eval.evaluator.METRICS
 PREDICTIONS = ("v", "eps", "x0")  # jdiff.diffusion.PREDICTIONS
 WEIGHTINGS = ("none", "eps", "x0", "sigma_sqrt", "cosmap")  # jdiff.diffusion.WEIGHTINGS
 TIMESTEP_KINDS = ("uniform", "logit_normal", "mode", "cosmap")  # jdiff.diffusion.TIMESTEP_KINDS

@@ -40,12 +40,14 @@ def _positive(name: str, value: Any) -> None:
     raise errors.InvalidArgument(f"config.{name}={value!r} must be > 0")
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-  """Checks every enumerated and numeric field; raises ValueError naming the field."""
+def validate(c: ml_collections.ConfigDict, *, encoding: bool = False) -> None:
+  """Checks every enumerated and numeric field; raises ValueError naming the field.
+  encoding: the config of `python -m jdiff.cache`, which reads the images and captions that a
+  frozen-encoder run trains on once cached."""
   _one_of("stage", c.stage, config_lib.STAGES)
   if c.model.name == "inherit":
     raise errors.InvalidArgument(
-        "config.model.name='inherit' must be resolved first (jdiff.run_config.resolve)")
+        "config.model.name='inherit' must be resolved first (jdiff.workdir.run_config.prepare)")
   _one_of("model.name", c.model.name, config_lib.MODELS)
   if not c.model.attention.startswith("splash"):
     _one_of("model.attention", c.model.attention, config_lib.ATTENTION)
@@ -162,7 +164,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.objective == "dpo":
       raise errors.InvalidArgument(
           "objective='dpo' reads embedded pixel-space pairs (data.source='preference'), not a cache")
-  elif c.text.encoder in config_lib.FROZEN_TEXT or c.autoencoder.path:
+  elif (c.text.encoder in config_lib.FROZEN_TEXT or c.autoencoder.path) and not encoding:
     raise errors.InvalidArgument(f"text.encoder={c.text.encoder!r} and autoencoder.path train on precomputed "
                                  "embeddings and latents: "
                                  "write them with `python -m jdiff.cache` and set data.source='cache', data.cache_dir")

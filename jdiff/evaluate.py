@@ -17,10 +17,7 @@ import json
 from absl import flags
 
 from jdiff import cli
-from jdiff import inference
-from jdiff import errors
-from jdiff.eval import benchmark
-from jdiff.eval import quality as quality_lib
+from jdiff.eval import evaluator
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Prompts per split (default: config.eval).", lower_bound=1)
@@ -33,7 +30,7 @@ _GRIDS = flags.DEFINE_string("grids", None, "adherence: also write each split's 
                              "DIR/<split>.png, framed green (all four attributes read right) or red, with "
                              "DIR/<split>.txt naming what was read wrong.")
 _GRID_IMAGES = flags.DEFINE_integer("grid_images", 64, "Images per verdict grid (--grids).", lower_bound=1)
-_METRICS = flags.DEFINE_list("metrics", ["adherence"], "Any of adherence, fid, kid, clip_score.")
+_METRICS = flags.DEFINE_list("metrics", ["adherence"], "Any of " + ", ".join(evaluator.COMMAND_METRICS) + ".")
 _FID_STATS = flags.DEFINE_string("fid_stats", None, "Reference statistics .npz (python -m jdiff.fid_stats).")
 _FID_WEIGHTS = flags.DEFINE_string("fid_weights", None, "FID Inception weights (pt_inception-2015-12-05-6726825d.pth).")
 _CLIP_MODEL = flags.DEFINE_string("clip_model", None, "CLIP model directory for clip_score (a transformers "
@@ -44,49 +41,15 @@ _WIDTH = flags.DEFINE_integer("width", None, "Width of those images (default: th
                               lower_bound=1)
 flags.mark_flag_as_required("workdir")
 
-METRICS = ("adherence",) + quality_lib.METRICS
-
-
 def main(argv):
-  del argv
+  cli.no_arguments(argv)
   cli.set_log_levels()
+  print(json.dumps(evaluator.evaluate_workdir(
+      _WORKDIR.value, _METRICS.value, step=_STEP.value, num_samples=_NUM_SAMPLES.value, num_steps=_NUM_STEPS.value,
+      cfg_scale=_CFG_SCALE.value, method=_METHOD.value, seed=_SEED.value, grid_dir=_GRIDS.value,
+      grid_images=_GRID_IMAGES.value, fid_stats=_FID_STATS.value, fid_weights=_FID_WEIGHTS.value,
+      clip_model=_CLIP_MODEL.value, height=_HEIGHT.value, width=_WIDTH.value)))
 
-  unknown = set(_METRICS.value) - set(METRICS)
-  if unknown:
-    raise errors.InvalidArgument(f"unknown --metrics {sorted(unknown)}; expected some of {list(METRICS)}")
-  quality = [m for m in _METRICS.value if m in quality_lib.METRICS]
-  if {"fid", "kid"} & set(quality) and not (_FID_STATS.value and _FID_WEIGHTS.value):
-    raise errors.InvalidArgument(f"--metrics={','.join(quality)} needs --fid_stats (python -m jdiff.fid_stats) and "
-                                 "--fid_weights (the FID Inception weights file)")
-  if "clip_score" in quality and not _CLIP_MODEL.value:
-    raise errors.InvalidArgument("--metrics=clip_score needs --clip_model (a transformers CLIPModel directory)")
-  if _GRIDS.value and "adherence" not in _METRICS.value:
-    raise errors.InvalidArgument("--grids draws the shapes benchmark's images: add adherence to --metrics")
-  scorers = quality_lib.Scorers.load(quality, fid_stats=_FID_STATS.value or "", fid_weights=_FID_WEIGHTS.value or "",
-                                     clip_model=_CLIP_MODEL.value or "") if quality else None
-  model = inference.load(_WORKDIR.value, _STEP.value)
-  result = {}
-  if "adherence" in _METRICS.value:
-    result.update(benchmark.evaluate(model, num_samples=_NUM_SAMPLES.value, num_steps=_NUM_STEPS.value,
-                                     cfg_scale=_CFG_SCALE.value, method=_METHOD.value, seed=_SEED.value,
-                                     grid_dir=_GRIDS.value, grid_images=_GRID_IMAGES.value))
-  if (_HEIGHT.value or _WIDTH.value) and not scorers:
-    raise errors.InvalidArgument("--height/--width size the images of fid, kid and clip_score; the shapes "
-                                 "benchmark (adherence) is square at the training resolution")
-  if scorers:
-    e = model.config.eval
-    side = model.networks.resolution
-    size = inference.check_size(model, (_HEIGHT.value or side, _WIDTH.value or side))
-    prompts = quality_lib.prompts_for(_NUM_SAMPLES.value, scorers.reference, model.config.data)
-    result.update(n=len(prompts))
-    if scorers.reference is not None:
-      result.update(resize=scorers.reference.resize)
-    result.update(quality_lib.evaluate(
-        model, scorers, prompts, seed=e.seed if _SEED.value is None else _SEED.value,
-        num_steps=e.num_steps if _NUM_STEPS.value is None else _NUM_STEPS.value,
-        cfg_scale=e.cfg_scale if _CFG_SCALE.value is None else _CFG_SCALE.value, method=_METHOD.value or e.method,
-        resolution=size))
-  print(json.dumps(result))
 
 if __name__ == "__main__":
   cli.run(main)

@@ -12,9 +12,8 @@ captions, the resize and the image count; prints a JSON summary.
 
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
-import numpy as np
 
 from jdiff import cli
 from jdiff.eval import fid
@@ -33,17 +32,11 @@ flags.mark_flags_as_required(["config", "out", "weights"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_arguments(argv)
   cli.set_log_levels()
-  data = _CONFIG.value.data
-  features = fid.Features.load(_WEIGHTS.value, _RESIZE.value, _BATCH.value)
-  feats, captions = fid.dataset_features(features, data, _NUM.value, _SPLIT.value)
-  mu, sigma = fid.statistics(feats)
-  extra = dict(features=feats, captions=np.array(captions, dtype=np.str_)) if _SAVE_FEATURES.value else {}
-  fid.save_stats(_OUT.value, mu, sigma, resize=_RESIZE.value, num_images=len(feats), resolution=data.resolution,
-                 source=data.source, **extra)
-  print(json.dumps(dict(out=_OUT.value, num_images=len(feats), resize=_RESIZE.value, resolution=data.resolution)))
+  print(json.dumps(fid.write_reference(_CONFIG.value.data, _OUT.value, _WEIGHTS.value, resize=_RESIZE.value,
+                                       batch_size=_BATCH.value, num_images=_NUM.value, split=_SPLIT.value,
+                                       save_features=_SAVE_FEATURES.value)))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import dataclasses
 import functools
 import logging
 import math
+import os
+import re
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -22,11 +24,11 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from jdiff import checkpoint as ckpt_lib
+from jdiff.workdir import checkpoint as ckpt_lib
 from jdiff import diffusion
 from jdiff import errors
 from jdiff import networks as networks_lib
-from jdiff import run_config
+from jdiff.workdir import run_config
 from jdiff import tokens
 from jdiff.data import pixels
 from jdiff.models import layers
@@ -229,3 +231,29 @@ def save_png(image: np.ndarray, path: str, upscale: int = 1) -> None:
   if upscale > 1:
     pil = pil.resize((pil.width * upscale, pil.height * upscale), Image.Resampling.NEAREST)
   pil.save(path)
+
+
+MIN_VIEW_SIDE = 256  # upscale=0 enlarges small images to at least this short side
+
+
+def write_samples(model: Model, prompts: Sequence[str], out: str, *, num_images: int = 1, upscale: int = 0,
+                  **generate_kwargs) -> dict[str, Any]:
+  """Samples `num_images` per prompt (`generate`'s keyword arguments) and writes OUT/<i>.png,
+  OUT/grid.png (a prompt's images in a row when num_images > 1) and OUT/prompts.txt (i: prompt),
+  enlarged `upscale` times (0: to a short side of at least MIN_VIEW_SIDE). The images of an
+  earlier call in OUT are removed first; other files are left alone. Returns the paths."""
+  prompts = [p for p in prompts for _ in range(num_images)]
+  images = generate(model, prompts, **generate_kwargs)
+  os.makedirs(out, exist_ok=True)
+  stale = [n for n in os.listdir(out) if re.fullmatch(r"\d{4}\.png|grid\.png|prompts\.txt", n)]
+  for name in stale:  # an earlier run's images: none may stay beside a prompts.txt that does not list them
+    os.remove(os.path.join(out, name))
+  upscale = upscale or max(1, math.ceil(MIN_VIEW_SIDE / min(images.shape[1:3])))
+  paths = []
+  for i, image in enumerate(images):
+    paths.append(os.path.join(out, f"{i:04d}.png"))
+    save_png(image, paths[-1], upscale)
+  save_png(grid(images, columns=num_images if num_images > 1 else None), os.path.join(out, "grid.png"), upscale)
+  with open(os.path.join(out, "prompts.txt"), "w") as f:
+    f.write("\n".join(f"{i:04d}: {p}" for i, p in enumerate(prompts)) + "\n")
+  return {"step": model.step, "images": paths, "grid": os.path.join(out, "grid.png")}

@@ -4,7 +4,7 @@
 
 Several processes (hosts): the same command on each; TPU pods, SLURM and Open MPI are
 detected, elsewhere add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
-(jdiff/distributed.py, launch/).
+(jdiff/train/distributed.py, launch/).
 
 The config is locked: an unknown --config key fails at once, naming it; bad values fail
 in validation before any compute. --print_config lists every field, its value and what it
@@ -19,9 +19,8 @@ from ml_collections import config_flags
 
 from jdiff import cli
 from jdiff import config as config_lib
-from jdiff import config_checks
-from jdiff import distributed
-from jdiff import run_config
+from jdiff.train import distributed
+from jdiff.workdir import run_config
 from jdiff.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mmdit_256.py:cpu.",
@@ -37,15 +36,13 @@ flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_arguments(argv)
   if _PRINT_CONFIG.value:
     print(config_lib.describe(_CONFIG.value))
     return
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required: the directory for checkpoints, logs and samples")
-  config = run_config.resolve(_CONFIG.value)
-  config_checks.validate(config)  # before JAX starts any work
+  config = run_config.prepare(_CONFIG.value)  # before JAX starts any work
   cli.set_log_levels()
 
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -21,7 +21,7 @@ import numpy as np
 from jdiff import errors
 from jdiff import models
 from jdiff import tokens
-from jdiff.data import cache
+from jdiff.data import latents
 from jdiff.interop import sd3_pipeline
 from jdiff.models import layers as L
 from jdiff.models import text as text_lib
@@ -32,7 +32,7 @@ class Networks:
   """The modules of a text-to-image model and their input geometry.
 
   text: the trainable text encoder (params['text']), or None when the conditioning comes
-  precomputed with the data (frozen SD3 encoders, see data/cache.py); `cached` then holds
+  precomputed with the data (frozen SD3 encoders, see data/latents.py); `cached` then holds
   the cached empty-caption and sample-prompt embeddings. latent_scale/latent_shift: in
   latent space, the VAE's scaling and shift factors (model input = (z - shift) * scale).
   """
@@ -129,7 +129,7 @@ def build_networks(config) -> Networks:
 
 
 def _latent_networks(config, lora: L.LoRA | None) -> Networks:
-  """Frozen pipeline encoders (SD3, Flux): the conditioning comes precomputed (data/cache.py) and the inputs
+  """Frozen pipeline encoders (SD3, Flux): the conditioning comes precomputed (data/latents.py) and the inputs
   are VAE latents, whose geometry comes from the autoencoder's config."""
 
   vae = sd3_pipeline.vae_geometry(config.autoencoder.path)
@@ -137,10 +137,10 @@ def _latent_networks(config, lora: L.LoRA | None) -> Networks:
     raise errors.InvalidArgument(
         f"config.data.resolution={config.data.resolution} is not divisible by the VAE's factor "
         f"{vae['factor']}")
-  has_cache = bool(config.data.cache_dir) and os.path.exists(os.path.join(config.data.cache_dir, cache.META))
+  has_cache = bool(config.data.cache_dir) and os.path.exists(os.path.join(config.data.cache_dir, latents.META))
   extra, cached, meta = {}, None, None
   if has_cache:
-    meta = cache.read_meta(config.data.cache_dir)
+    meta = latents.read_meta(config.data.cache_dir)
     if config.model.in_channels != meta["latent_shape"][-1]:
       raise errors.InvalidArgument(f"config.model.in_channels={config.model.in_channels} but the cache holds "
                                    f"{meta['latent_shape'][-1]}-channel latents")
@@ -149,7 +149,7 @@ def _latent_networks(config, lora: L.LoRA | None) -> Networks:
           f"config.data.resolution={config.data.resolution} but the cache in {config.data.cache_dir} "
           f"was written at {meta['resolution']}")
     extra = dict(pooled_dim=meta["pooled_dim"], context_dim=meta["context_shape"][-1])
-    cached = cache.read_conditioning(config.data.cache_dir)
+    cached = latents.read_conditioning(config.data.cache_dir)
   denoiser = models.build({**config.model, **extra}, lora=lora)
   return Networks(denoiser, None, config.data.resolution // vae["factor"], vae["channels"], 0, latent=True,
                   latent_scale=vae["scaling_factor"], latent_shift=vae["shift_factor"], cached=cached,

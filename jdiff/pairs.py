@@ -1,157 +1,43 @@
-"""On-policy preference pairs: the model's own wrong samples as the rejected images.
+"""On-policy preference pairs for a DPO stage: the model's own wrong samples as the rejected
+images (jdiff/eval/on_policy.py says how they are chosen and what is written).
 
   python -m jdiff.pairs --workdir=SFT_DIR --out=PAIRS_DIR [--num=2048 --num_steps=20 --cfg_scale=3]
-  python -m jdiff.pairs --workdir=DIR --out=PAIRS_DIR --preferred=sample --samples_per_caption=4 \
+  python -m jdiff.pairs --workdir=DIR --out=PAIRS_DIR --preferred=sample --samples_per_caption=4 \\
       [--split=held_out]
 
-Samples the workdir's model (EMA weights) for the captions of shapes records 0..num-1 of a
-split, reads each sample back with the adherence analyser, and keeps those that get at least
-one attribute of their caption wrong as rejected images. The preferred image of each pair is
-
-  render  the caption's own render (default): the rejected images are exactly the mistakes
-          the model makes (the self-play idea of SPIN-Diffusion, judged by the analyser
-          instead of a reward model). Reads the data's images, so only seen splits.
-  sample  another of the model's samples for the same caption that the analyser finds right
-          in all four attributes (online DPO with a verifier, the DPO counterpart of GRPO's
-          groups): samples_per_caption >= 2 images a caption, and each wrong one is paired
-          with a right one of its caption; captions with none right give no pair. No image
-          of the data is read, so the split may be 'held_out' (its captions as prompts).
-
-A DPO stage with data.source='preference' and data.pairs_dir=PAIRS_DIR trains on them.
-Writes PAIRS_DIR/pairs.npz (index [K] record indices, image_l uint8 [K, R, R, 3], wrong
-[K, 4] which attributes were wrong; preferred=sample also image_w) and PAIRS_DIR/meta.json
-(source workdir and step, split, seed, sampler settings, the samples' adherence).
+Train on them with data.source='preference' and data.pairs_dir=PAIRS_DIR. Prints the
+pairs' meta.json as one JSON line.
 """
 
-from __future__ import annotations
-
-import collections
 import json
-import logging
-import os
-import time
-from typing import Any, Sequence
 
 from absl import flags
-import numpy as np
 
 from jdiff import cli
-from jdiff import errors
-from jdiff import inference
-from jdiff.data import shapes, sources
-from jdiff.eval import adherence
+from jdiff.eval import on_policy
 
-log = logging.getLogger("jdiff.pairs")
-
-FILE = sources.PAIRS_FILE
-PREFERRED = ("render", "sample")
-
-
-def select(index: Sequence[int], images: np.ndarray, wrong: np.ndarray, preferred: str) -> dict[str, np.ndarray]:
-  """The pairs among one batch of samples: index [N] caption records (a caption's samples
-  next to each other or not), images [N, R, R, 3], wrong bool [N, 4] (the analyser's verdict).
-
-  Every sample with an attribute wrong is a rejected image; preferred='sample' pairs the
-  j-th wrong sample of a caption with its (j mod r)-th right one (r right samples) and drops
-  it when r = 0. Returns the pairs.npz arrays ('image_w' with preferred='sample' only)."""
-  index, wrong = np.asarray(index), np.asarray(wrong, bool)
-  bad = wrong.any(1)
-  keep = np.flatnonzero(bad)
-  out = {}
-  if preferred == "sample":
-    winners, kept, seen = [], [], collections.Counter()  # seen: wrong samples of each caption so far
-    for i in keep:
-      right = np.flatnonzero((index == index[i]) & ~bad)
-      j = seen[index[i]]
-      seen[index[i]] += 1
-      if len(right):
-        winners.append(right[j % len(right)])
-        kept.append(i)
-    keep = np.array(kept, np.int64)
-    out["image_w"] = images[np.array(winners, np.int64)].reshape((len(keep),) + images.shape[1:])
-  out.update(index=index[keep].astype(np.int64), image_l=images[keep].reshape((len(keep),) + images.shape[1:]),
-             wrong=wrong[keep].reshape(len(keep), wrong.shape[1]))
-  return out
-
-
-def generate(workdir: str, out: str, *, num: int = 2048, num_steps: int | None = None,
-             cfg_scale: float | None = None, seed: int = 0, batch: int = 256, preferred: str = "render",
-             samples_per_caption: int = 1, split: str | None = None) -> dict[str, Any]:
-  """Writes the pairs of `workdir`'s model to `out`; returns the meta dict."""
-  if preferred not in PREFERRED:
-    raise errors.InvalidArgument(f"preferred={preferred!r}: expected one of {PREFERRED}")
-  if preferred == "sample" and samples_per_caption < 2:
-    raise errors.InvalidArgument("preferred='sample' pairs a caption's right and wrong samples: samples_per_caption "
-                                 f"must be >= 2 (got {samples_per_caption})")
-  model = inference.load(workdir)
-  data = model.config.data
-  if data.source not in ("shapes", "preference"):
-    raise errors.InvalidArgument(
-        f"{workdir} trained on data.source={data.source!r}; on-policy pairs need the shapes data")
-  split = split or data.shapes_split
-  if split not in shapes.SPLITS:
-    raise errors.InvalidArgument(f"split={split!r}: expected one of {shapes.SPLITS}")
-  if split == "held_out" and preferred == "render":
-    raise errors.InvalidArgument("split='held_out' holds the benchmark's unseen colour-shape pairs: a render of its "
-                                 "captions would train on them; use preferred='sample' (the model's own right samples)")
-  num_steps = model.config.eval.num_steps if num_steps is None else num_steps
-  cfg_scale = model.config.eval.cfg_scale if cfg_scale is None else cfg_scale
-  k = samples_per_caption
-  parts = []
-  hits = np.zeros(len(shapes.ATTRIBUTES))
-  captions_per_batch = max(1, batch // k)
-  t0 = time.time()
-  for start in range(0, num, captions_per_batch):
-    idx = np.repeat(np.arange(start, min(start + captions_per_batch, num)), k)  # a caption's samples side by side
-    scenes = [shapes.scene_for(data.shapes_seed, split, int(i)) for i in idx[::k]]
-    texts = [text for _, text in scenes for _ in range(k)]
-    images = inference.generate(model, texts, num_steps=num_steps, cfg_scale=cfg_scale, seed=seed,
-                                first_index=start * k)
-    wrong = np.stack([~adherence.correct(image, scenes[n // k][0].attributes()) for n, image in enumerate(images)])
-    hits += (~wrong).sum(0)
-    parts.append(select(idx, images, wrong, preferred))
-    log.info("pairs: sampled %d/%d captions x %d, %d pairs so far (%.0f s)", idx[-1] + 1, num, k,
-             sum(len(p["index"]) for p in parts), time.time() - t0)
-  found = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-  if not len(found["index"]):
-    raise errors.InvalidArgument(
-        f"no pairs among the {num * k} samples: " + ("every sample matched its caption" if preferred == "render" else
-                                                     "no caption had both a right and a wrong sample"))
-  os.makedirs(out, exist_ok=True)
-  meta = dict(workdir=os.path.abspath(workdir), step=model.step, split=split, shapes_seed=data.shapes_seed,
-              resolution=int(found["image_l"].shape[1]), num_sampled=num, samples_per_caption=k,
-              preferred=preferred, num_pairs=len(found["index"]), num_steps=num_steps, cfg_scale=cfg_scale,
-              seed=seed, adherence={a: float(h / (num * k)) for a, h in zip(shapes.ATTRIBUTES, hits)})
-  with open(os.path.join(out, "meta.json"), "w") as f:
-    json.dump(meta, f, indent=1)
-  # Written last and renamed into place: pairs.npz exists only once complete.
-  tmp = os.path.join(out, "pairs.tmp.npz")
-  np.savez(tmp, **found)
-  os.replace(tmp, os.path.join(out, FILE))
-  return meta
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the model whose samples are rejected.")
+_OUT = flags.DEFINE_string("out", None, "Directory to write pairs.npz and meta.json to.")
+_NUM = flags.DEFINE_integer("num", 2048, "Captions to sample (records 0..num-1 of the split).", lower_bound=1)
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Sampler steps (default: config.eval).", lower_bound=1)
+_CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: config.eval).", lower_bound=0)
+_SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
+_PREFERRED = flags.DEFINE_enum("preferred", "render", on_policy.PREFERRED,
+                               "Preferred image: the caption's render, or a right sample of the model's own.")
+_SAMPLES = flags.DEFINE_integer("samples_per_caption", 1, "Samples per caption (preferred=sample: >= 2).",
+                                lower_bound=1)
+_SPLIT = flags.DEFINE_string("split", None, "Shapes split of the captions (default: the model's data.shapes_split; "
+                             "held_out only with preferred=sample).")
+flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main(argv):
-  del argv
+  cli.no_arguments(argv)
   cli.set_log_levels()
-  meta = generate(_WORKDIR.value, _OUT.value, num=_NUM.value, num_steps=_NUM_STEPS.value,
-                  cfg_scale=_CFG_SCALE.value, seed=_SEED.value, preferred=_PREFERRED.value,
-                  samples_per_caption=_SAMPLES.value, split=_SPLIT.value)
-  print(json.dumps(meta))
+  print(json.dumps(on_policy.generate(
+      _WORKDIR.value, _OUT.value, num=_NUM.value, num_steps=_NUM_STEPS.value, cfg_scale=_CFG_SCALE.value,
+      seed=_SEED.value, preferred=_PREFERRED.value, samples_per_caption=_SAMPLES.value, split=_SPLIT.value)))
 
 
 if __name__ == "__main__":
-  _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the model whose samples are rejected.")
-  _OUT = flags.DEFINE_string("out", None, "Directory to write pairs.npz and meta.json to.")
-  _NUM = flags.DEFINE_integer("num", 2048, "Captions to sample (records 0..num-1 of the split).", lower_bound=1)
-  _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Sampler steps (default: config.eval).", lower_bound=1)
-  _CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: config.eval).", lower_bound=0)
-  _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
-  _PREFERRED = flags.DEFINE_enum("preferred", "render", PREFERRED,
-                                 "Preferred image: the caption's render, or a right sample of the model's own.")
-  _SAMPLES = flags.DEFINE_integer("samples_per_caption", 1, "Samples per caption (preferred=sample: >= 2).",
-                                  lower_bound=1)
-  _SPLIT = flags.DEFINE_string("split", None, "Shapes split of the captions (default: the model's data.shapes_split; "
-                               "held_out only with preferred=sample).")
-  flags.mark_flags_as_required(["workdir", "out"])
   cli.run(main)

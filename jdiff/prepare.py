@@ -1,4 +1,4 @@
-"""Convert any data source into sharded ArrayRecord files (jdiff/data/prepare.py).
+"""Convert any data source into sharded ArrayRecord files (jdiff/data/shards.py).
 
   python -m jdiff.prepare --config=configs/mmdit_256.py --config.data.source=folder \\
       --config.data.path=/data/my_images --out=/data/my_images_ar [--records_per_shard=4096] [--workers=8]
@@ -10,11 +10,11 @@ one JSON line.
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jdiff import cli
-from jdiff.data import prepare as prepare_lib
+from jdiff.data import shards
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose config.data to convert.", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
@@ -29,10 +29,9 @@ flags.mark_flags_as_required(["config", "out"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_arguments(argv)
   cli.set_log_levels()
-  result = prepare_lib.prepare(_CONFIG.value.data, _OUT.value, records_per_shard=_PER_SHARD.value,
+  result = shards.prepare(_CONFIG.value.data, _OUT.value, records_per_shard=_PER_SHARD.value,
                                workers=_WORKERS.value, num_records=_NUM.value, split=_SPLIT.value,
                                process_index=_PROCESS_INDEX.value, process_count=_PROCESS_COUNT.value)
   print(json.dumps(result))

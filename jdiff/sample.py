@@ -4,13 +4,11 @@
       [--prompt=... --num_images=4 --num_steps=28 --cfg_scale=5 --seed=0 --out=DIR/generated]
 
 Writes OUT/<index>.png per image, OUT/grid.png and OUT/prompts.txt (index: prompt), enlarged
-to a viewable size (--upscale); prints the paths as JSON.
+to a viewable size (--upscale; jdiff.inference.write_samples); prints the paths as JSON.
 """
 
 import json
-import math
 import os
-import re
 
 from absl import flags
 
@@ -38,35 +36,15 @@ _UPSCALE = flags.DEFINE_integer("upscale", 0, "Enlarge the written images this m
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", lower_bound=0)
 flags.mark_flags_as_required(["workdir", "prompt"])
 
-MIN_VIEW_SIDE = 256  # --upscale=0 enlarges small images to at least this short side
-
-
 def main(argv):
-  del argv
+  cli.no_arguments(argv)
   cli.set_log_levels()
-
   model = inference.load(_WORKDIR.value, _STEP.value)
   side = _RESOLUTION.value or model.networks.resolution
-  size = (_HEIGHT.value or side, _WIDTH.value or side)
-  prompts = [p for p in _PROMPTS.value for _ in range(_NUM_IMAGES.value)]
-  images = inference.generate(model, prompts, num_steps=_NUM_STEPS.value, cfg_scale=_CFG_SCALE.value,
-                              method=_METHOD.value, seed=_SEED.value, resolution=size,
-                              true_cfg_scale=_TRUE_CFG.value)
-  out = _OUT.value or os.path.join(_WORKDIR.value, "generated")
-  os.makedirs(out, exist_ok=True)
-  stale = [n for n in os.listdir(out) if re.fullmatch(r"\d{4}\.png|grid\.png|prompts\.txt", n)]
-  for name in stale:  # an earlier run's images: none may stay beside a prompts.txt that does not list them
-    os.remove(os.path.join(out, name))
-  upscale = _UPSCALE.value or max(1, math.ceil(MIN_VIEW_SIDE / min(images.shape[1:3])))
-  paths = []
-  for i, image in enumerate(images):
-    paths.append(os.path.join(out, f"{i:04d}.png"))
-    inference.save_png(image, paths[-1], upscale)
-  inference.save_png(inference.grid(images, columns=_NUM_IMAGES.value if _NUM_IMAGES.value > 1 else None),
-                     os.path.join(out, "grid.png"), upscale)
-  with open(os.path.join(out, "prompts.txt"), "w") as f:
-    f.write("\n".join(f"{i:04d}: {p}" for i, p in enumerate(prompts)) + "\n")
-  print(json.dumps({"step": model.step, "images": paths, "grid": os.path.join(out, "grid.png")}))
+  print(json.dumps(inference.write_samples(
+      model, _PROMPTS.value, _OUT.value or os.path.join(_WORKDIR.value, "generated"), num_images=_NUM_IMAGES.value,
+      upscale=_UPSCALE.value, num_steps=_NUM_STEPS.value, cfg_scale=_CFG_SCALE.value, method=_METHOD.value,
+      seed=_SEED.value, resolution=(_HEIGHT.value or side, _WIDTH.value or side), true_cfg_scale=_TRUE_CFG.value)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM pod slice: create it (optional), copy this checkout to every
 # worker, install, and run the same command on all workers at once. JAX finds the other
-# workers itself (jdiff/distributed.py: TPU_WORKER_HOSTNAMES).
+# workers itself (jdiff/train/distributed.py: TPU_WORKER_HOSTNAMES).
 #
 #   launch/tpu_pod.sh NAME ZONE ACCELERATOR WORKDIR [jdiff.main flags ...]
 #   launch/tpu_pod.sh jdiff-v5p zone-x v5p-32 /gcs/my-bucket/runs/mmdit --config.mesh.fsdp=16

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jdiff import bench
-from jdiff import flops as flops_lib
+from jdiff.train import speed
+from jdiff.train import flops as flops_lib
 from jdiff import networks as networks_lib
 from jdiff.train import optim
 
@@ -59,14 +59,14 @@ def test_a_frozen_text_encoder_counts_forward_only():
   assert full["train_step"] - frozen["train_step"] == pytest.approx(2 * full["text_forward"])
   # bench counts what the run trains.
   config.optim.trainable = "denoiser/.*"
-  r = bench.run(config, steps=1, warmup=0)  # no warm-up is allowed
+  r = speed.run(config, steps=1, warmup=0)  # no warm-up is allowed
   assert r["flops_per_step"] == pytest.approx(frozen["train_step"] * config.train.batch_size / 4)
 
 
 def test_peak_table():
-  assert bench.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
-  assert bench.peak_flops("TPU v5 lite", "bfloat16") == 197e12
-  assert bench.peak_flops("cpu", "float32") is None
+  assert speed.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert speed.peak_flops("TPU v5 lite", "bfloat16") == 197e12
+  assert speed.peak_flops("cpu", "float32") is None
 
 
 def test_run_reports_consistent_numbers_and_its_profile_summarises(tmp_path):
@@ -75,7 +75,7 @@ def test_run_reports_consistent_numbers_and_its_profile_summarises(tmp_path):
   size; the trace it takes afterwards is read back by benchmarks/profile_summary.py."""
   import flax.linen as nn
   config = get_config("mmdit_256")
-  r = bench.run(config, steps=2, warmup=1, profile_dir=str(tmp_path))
+  r = speed.run(config, steps=2, warmup=1, profile_dir=str(tmp_path))
   networks = networks_lib.build_networks(config)
   b = config.train.batch_size
   assert r["batch"] == b and r["image_tokens"] == networks.seq_len()
@@ -101,7 +101,7 @@ def test_run_rejects_frozen_objectives():
   config = get_config("mmdit_256")
   config.objective = "dpo"
   with pytest.raises(ValueError, match="flow objective"):
-    bench.run(config, steps=1, warmup=0)
+    speed.run(config, steps=1, warmup=0)
 
 
 def _profile_summary():

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jdiff import checkpoint as ckpt_lib
+from jdiff.workdir import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = ml_collections.ConfigDict({"seed": 0})
@@ -106,7 +106,7 @@ def test_checksums_cover_every_file_and_verify_clean(tmp_path):
 def test_damaged_latest_is_set_aside_and_the_next_older_restores(tmp_path, caplog, damage, expect):
   _write(tmp_path, [2, 4, 6])
   damage(_step_dir(tmp_path, 6))
-  with caplog.at_level(logging.ERROR, logger="jdiff.checkpoint"):
+  with caplog.at_level(logging.ERROR, logger="jdiff.workdir.checkpoint"):
     state, lineage, step, next_record = _restore(tmp_path)
   assert step == 4 and int(state["step"]) == 4
   np.testing.assert_array_equal(state["w"], np.asarray(_state(4)["w"]))
@@ -175,7 +175,7 @@ def _run_script(body, tmp_path):
   script = textwrap.dedent("""
       import os, resource, signal, sys
       import jax, jax.numpy as jnp, grain, ml_collections
-      from jdiff import checkpoint as ckpt_lib
+      from jdiff.workdir import checkpoint as ckpt_lib
       workdir = sys.argv[1]
       config = ml_collections.ConfigDict({"seed": 0})
       it = iter(grain.MapDataset.range(10).to_iter_dataset())

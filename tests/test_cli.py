@@ -95,7 +95,7 @@ def test_sigterm_saves_and_exits_with_the_resumable_status(tmp_path):
   import sys
   import time
 
-  from jdiff import checkpoint as ckpt_lib
+  from jdiff.workdir import checkpoint as ckpt_lib
 
   work = tmp_path / "w"
   proc = subprocess.Popen([sys.executable, "-m", "jdiff.main", TEST, f"--workdir={work}",
@@ -144,14 +144,13 @@ def test_ctrl_c_before_training_exits_130_without_a_traceback(tmp_path):
 
 def test_help_exits_0_on_every_command(monkeypatch, capsys):
   """absl's --help exits with 1 after printing the usage; cli.run, which every `python -m
-  jdiff.X` command runs through (jdiff.eval.curves has its own), makes it 0."""
+  jdiff.X` command runs through, makes it 0."""
   import glob
   import sys
 
   from absl import flags
 
   from jdiff import cli
-  from jdiff.eval import curves
 
   main_blocks = {}  # module path -> the code under its `if __name__ == "__main__":`
   for path in glob.glob(os.path.join(helpers.ROOT, "jdiff", "**", "*.py"), recursive=True):
@@ -160,8 +159,7 @@ def test_help_exits_0_on_every_command(monkeypatch, capsys):
       main_blocks[path] = parts[1]
   assert len(main_blocks) >= 12
   for path, block in main_blocks.items():
-    if not path.endswith(os.path.join("eval", "curves.py")):
-      assert "cli.run(" in block, path
+    assert "cli.run(main)" in block and os.path.dirname(path) == os.path.join(helpers.ROOT, "jdiff"), path
   for flag in cli.HELP_FLAGS:
     monkeypatch.setattr(sys, "argv", ["jdiff.x", flag])
     try:
@@ -170,5 +168,27 @@ def test_help_exits_0_on_every_command(monkeypatch, capsys):
     finally:
       flags.FLAGS.unparse_flags()
     assert e.value.code == 0 and "helpfull" in capsys.readouterr().out, flag
-  curves.main(["curves", "--help"])
-  assert capsys.readouterr().out.startswith("usage: python -m jdiff.eval.curves WORKDIR")
+
+
+def test_every_module_is_in_a_layer_and_every_command_is_thin():
+  """pyproject's layers contract names every top-level module and package of jdiff (one
+  missing would be checked by no contract), and a command (jdiff/<name>.py with a
+  `__main__` block) holds flags and its main only: no other function or class."""
+  import ast
+  import pkgutil
+  import re
+  import tomllib
+
+  import jdiff
+
+  with open(os.path.join(helpers.ROOT, "pyproject.toml"), "rb") as f:
+    layers = tomllib.load(f)["tool"]["importlinter"]["contracts"][0]["layers"]
+  named = {n.strip() for layer in layers for n in re.split(r"[|:]", layer)}
+  assert named == {"jdiff." + m.name for m in pkgutil.iter_modules(jdiff.__path__)}
+  commands = [m.name for m in pkgutil.iter_modules(jdiff.__path__) if not m.ispkg and 'if __name__ == "__main__":' in
+              open(os.path.join(helpers.ROOT, "jdiff", m.name + ".py")).read()]
+  assert set(layers[0].replace(" ", "").replace("jdiff.", "").split("|")) == set(commands)
+  for name in commands:
+    tree = ast.parse(open(os.path.join(helpers.ROOT, "jdiff", name + ".py")).read())
+    defs = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    assert defs == ["main"] or name == "convert" and defs == ["_summary", "main"], (name, defs)

@@ -10,7 +10,7 @@ import pytest
 from jdiff import config as config_lib
 from jdiff import diffusion, models
 from jdiff.data import decode, files, sources
-from jdiff.eval import quality
+from jdiff.eval import evaluator
 from jdiff.models import layers, text
 from jdiff.interop import sd3_pipeline
 from jdiff.train import objectives, optim
@@ -30,7 +30,7 @@ def test_allowed_values_are_the_registries():
   assert config_lib.CAPTION_FROM == files.CAPTION_FROM
   assert config_lib.MISSING_CAPTIONS == files.MISSING_CAPTION
   assert config_lib.LOSS_MASKS == decode.LOSS_MASKS
-  assert config_lib.EVAL_METRICS == ("adherence", "val_loss") + quality.METRICS
+  assert config_lib.EVAL_METRICS == evaluator.NAMES
   assert config_lib.PREDICTIONS == diffusion.PREDICTIONS
   assert config_lib.WEIGHTINGS == diffusion.WEIGHTINGS
   assert config_lib.TIMESTEP_KINDS == diffusion.TIMESTEP_KINDS

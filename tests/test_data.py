@@ -419,11 +419,11 @@ def test_generated_pairs_source_pairs_the_caption_render_with_the_stored_sample(
 
 
 def _write_cache(directory, n, record_format):
-  """A latent cache of n small records: the present format (cache.RecordWriter) or the first
+  """A latent cache of n small records: the present format (latents.RecordWriter) or the first
   one (npz in ArrayRecord's default compression, meta without 'record_format')."""
   from array_record.python import array_record_module
 
-  from jdiff.data import cache
+  from jdiff.data import latents
   rng = np.random.default_rng(0)
   records = [dict(latent_mean=rng.standard_normal((4, 4, 2)).astype(np.float16),
                   latent_logvar=rng.standard_normal((4, 4, 2)).astype(np.float16),
@@ -439,14 +439,14 @@ def _write_cache(directory, n, record_format):
       np.savez(buf, **r, caption=np.str_(f"caption {i}"), index=np.int64(i))
       writer.write(buf.getvalue())
     writer.close()
-    with open(os.path.join(directory, cache.META), "w") as f:
+    with open(os.path.join(directory, latents.META), "w") as f:
       json.dump(dict(num_records=n, files=["records-00000.array_record"], **shapes_meta), f)
   else:
-    writer = cache.RecordWriter(directory, records_per_file=7)
+    writer = latents.RecordWriter(directory, records_per_file=7)
     for i, r in enumerate(records):
       writer.write(r, f"caption {i}", i)
     meta = writer.write_meta(**shapes_meta)
-    assert meta["num_records"] == n and len(meta["files"]) == 4 and meta["record_format"] == cache.RECORD_FORMAT
+    assert meta["num_records"] == n and len(meta["files"]) == 4 and meta["record_format"] == latents.RECORD_FORMAT
   return records
 
 
@@ -455,9 +455,9 @@ def test_cache_records_read_back_through_the_pipeline(tmp_path, record_format):
   """Cache records (the present safetensors format across several files, and the first npz
   format) come back exactly through grain's read threads, none skipped: np.load's header
   parsing is not thread-safe on Python 3.11 and once dropped records as corrupt."""
-  from jdiff.data import cache
+  from jdiff.data import latents
   records = _write_cache(str(tmp_path), 24, record_format)
-  src = cache.CacheSource(str(tmp_path))
+  src = latents.CacheSource(str(tmp_path))
   assert len(src) == 24
   for i in (0, 7, 23):
     chex.assert_trees_all_equal(src[i], records[i])
@@ -529,14 +529,14 @@ def test_select_pairs_each_wrong_sample_with_a_right_one_of_its_caption():
   """pairs.select: every sample with an attribute wrong is rejected; preferred='sample' pairs
   the j-th wrong sample of a caption with its (j mod r)-th right one and drops captions with
   none right; 'render' keeps every wrong sample and stores no preferred image."""
-  from jdiff import pairs
+  from jdiff.eval import on_policy
   index = np.array([5, 5, 5, 5, 9, 9, 2, 2])
   images = np.arange(8, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
   wrong = np.zeros((8, 4), bool)
   wrong[[0, 2, 3], 1] = True  # caption 5: samples 0, 2, 3 wrong, 1 right
   wrong[[4, 5], 0] = True     # caption 9: no sample right
   wrong[7, 3] = True          # caption 2: sample 7 wrong, 6 right
-  got = pairs.select(index, images, wrong, "sample")
+  got = on_policy.select(index, images, wrong, "sample")
   np.testing.assert_array_equal(got["index"], [5, 5, 5, 2])
   np.testing.assert_array_equal(got["image_l"][:, 0, 0, 0], [0, 2, 3, 7])
   np.testing.assert_array_equal(got["image_w"][:, 0, 0, 0], [1, 1, 1, 6])
@@ -544,12 +544,12 @@ def test_select_pairs_each_wrong_sample_with_a_right_one_of_its_caption():
   # Two right samples alternate.
   wrong2 = wrong.copy()
   wrong2[2] = False
-  np.testing.assert_array_equal(pairs.select(index, images, wrong2, "sample")["image_w"][:2, 0, 0, 0], [1, 2])
-  got = pairs.select(index, images, wrong, "render")
+  np.testing.assert_array_equal(on_policy.select(index, images, wrong2, "sample")["image_w"][:2, 0, 0, 0], [1, 2])
+  got = on_policy.select(index, images, wrong, "render")
   assert "image_w" not in got
   np.testing.assert_array_equal(got["index"], [5, 5, 5, 9, 9, 2])
   # Nothing wrong: empty arrays of the right shapes.
-  none = pairs.select(index, images, np.zeros((8, 4), bool), "sample")
+  none = on_policy.select(index, images, np.zeros((8, 4), bool), "sample")
   assert none["image_w"].shape == none["image_l"].shape == (0, 2, 2, 3) and none["wrong"].shape == (0, 4)
 
 
@@ -561,7 +561,7 @@ def test_generate_pairs_lines_up_captions_samples_and_verdicts(tmp_path, monkeyp
   import types
   from jdiff import config as config_lib
   from jdiff import inference
-  from jdiff import pairs
+  from jdiff.eval import on_policy
   config = config_lib.base()
   config.data.resolution = 24
   stand_in = types.SimpleNamespace(config=config, step=7)
@@ -574,7 +574,7 @@ def test_generate_pairs_lines_up_captions_samples_and_verdicts(tmp_path, monkeyp
                      for n, t in enumerate(texts)])
 
   monkeypatch.setattr(inference, "generate", fake_generate)
-  meta = pairs.generate("w", str(tmp_path / "p"), num=6, batch=8, preferred="sample", samples_per_caption=4,
+  meta = on_policy.generate("w", str(tmp_path / "p"), num=6, batch=8, preferred="sample", samples_per_caption=4,
                         split="held_out")
   assert meta["num_pairs"] == 12 and meta["split"] == "held_out" and meta["adherence"]["color"] == 0.5
   with np.load(tmp_path / "p" / "pairs.npz") as z:
@@ -585,9 +585,9 @@ def test_generate_pairs_lines_up_captions_samples_and_verdicts(tmp_path, monkeyp
   src = sources.GeneratedPairsSource(str(tmp_path / "p"), 24)
   np.testing.assert_array_equal(src[3]["image_w"], shapes.render(shapes.scene_for(0, "held_out", 1)[0], 24))
   with pytest.raises(ValueError, match="unseen colour-shape pairs"):
-    pairs.generate("w", str(tmp_path / "q"), num=2, split="held_out")
+    on_policy.generate("w", str(tmp_path / "q"), num=2, split="held_out")
   with pytest.raises(ValueError, match="must be >= 2"):
-    pairs.generate("w", str(tmp_path / "q"), num=2, preferred="sample")
+    on_policy.generate("w", str(tmp_path / "q"), num=2, preferred="sample")
   # A held-out pairs file without preferred images is refused rather than rendered.
   with np.load(tmp_path / "p" / "pairs.npz") as z:
     np.savez(tmp_path / "p" / "pairs.npz", index=z["index"], image_l=z["image_l"], wrong=z["wrong"])

@@ -15,7 +15,7 @@ import pytest
 
 import helpers
 import xla_env
-from jdiff import checkpoint as ckpt_lib
+from jdiff.workdir import checkpoint as ckpt_lib
 from test_train import get_config, restored
 
 STEPS = 8

@@ -290,13 +290,13 @@ def _same_file(a, b):
 
 def _records(src):
   """{(image bytes, caption alternatives)} of the records of `src` whose image decodes."""
-  from jdiff.data import prepare as prepare_lib
+  from jdiff.data import shards
 
   out = set()
   for i in range(len(src)):
     rec = src[i]
     try:
-      prepare_lib.encoded(rec["image"])
+      shards.encoded(rec["image"])
     except Exception:
       continue
     caption = rec["caption"]
@@ -309,52 +309,52 @@ def _records(src):
 def test_prepare_writes_arrayrecord_shards_that_read_as_the_source(tmp_path, kind):
   """Worker processes (spawn: the source is pickled to them), shards of 2 records; the
   arrayrecord source over the output holds exactly the source's decodable records."""
-  from jdiff.data import prepare as prepare_lib
+  from jdiff.data import shards
 
   {"folder": write_folder, "parquet": write_parquet}[kind](tmp_path / "in")
   cfg = dict(DATA, source=kind, path=str(tmp_path / "in"), caption_key="text" if kind == "parquet" else "caption")
-  result = prepare_lib.prepare(cfg, str(tmp_path / "out"), records_per_shard=2, workers=2)
+  result = shards.prepare(cfg, str(tmp_path / "out"), records_per_shard=2, workers=2)
   assert result["shards"] == result["shards_done"] == 3 and result["kept"] == 5 and result["missing_caption"] == 1
   assert result["skipped"] == {"UnidentifiedImageError": 1}
-  with open(tmp_path / "out" / prepare_lib.SUMMARY) as f:
+  with open(tmp_path / "out" / shards.SUMMARY) as f:
     assert json.load(f) == json.loads(json.dumps(result))
   prepared = sources.make_source(dict(DATA, source="arrayrecord", path=str(tmp_path / "out")))
   assert len(prepared) == 5
   assert _records(prepared) == _records(sources.make_source(cfg))
   # The images' sizes come with the shards (for aspect-ratio buckets), equal to their headers.
-  assert np.load(tmp_path / "out" / prepare_lib.SIZES).shape == (5, 2)
+  assert np.load(tmp_path / "out" / shards.SIZES).shape == (5, 2)
   assert [prepared.image_size(i) for i in range(5)] == [files.header_size(prepared[i]["image"]) for i in range(5)]
 
 
 def test_prepare_resumes_after_a_kill_to_the_same_files_and_splits_work_by_process(tmp_path, monkeypatch):
-  from jdiff.data import prepare as prepare_lib
+  from jdiff.data import shards
 
   write_folder(tmp_path / "in")
   cfg = dict(DATA, path=str(tmp_path / "in"))
   whole = tmp_path / "whole"
-  prepare_lib.prepare(cfg, str(whole), records_per_shard=1)
+  shards.prepare(cfg, str(whole), records_per_shard=1)
   # A killed run: shards 0 and 2 finished, shard 1 renamed but without its summary, shard 3 half-written.
   killed = tmp_path / "killed"
-  prepare_lib.prepare(cfg, str(killed), records_per_shard=1, process_index=0, process_count=2)  # shards 0, 2, 4
+  shards.prepare(cfg, str(killed), records_per_shard=1, process_index=0, process_count=2)  # shards 0, 2, 4
   for shard in (4,):
-    os.remove(killed / (prepare_lib.SHARD.format(shard, 6) + ".json"))
-  (killed / (prepare_lib.SHARD.format(3, 6) + ".array_record.tmp")).write_bytes(b"partial")
-  assert not (killed / prepare_lib.SUMMARY).exists()
+    os.remove(killed / (shards.SHARD.format(shard, 6) + ".json"))
+  (killed / (shards.SHARD.format(3, 6) + ".array_record.tmp")).write_bytes(b"partial")
+  assert not (killed / shards.SUMMARY).exists()
   calls = []
-  real = prepare_lib.write_shard
-  monkeypatch.setattr(prepare_lib, "write_shard", lambda *job: calls.append(job[1]) or real(*job))
-  result = prepare_lib.prepare(cfg, str(killed), records_per_shard=1)
+  real = shards.write_shard
+  monkeypatch.setattr(shards, "write_shard", lambda *job: calls.append(job[1]) or real(*job))
+  result = shards.prepare(cfg, str(killed), records_per_shard=1)
   assert sorted(calls) == [1, 3, 4, 5] and result["shards_done"] == 6
   names = sorted(os.listdir(whole))
   assert names == sorted(os.listdir(killed)) and not any(n.endswith(".tmp") for n in names)
   for name in names:
-    if name == prepare_lib.SUMMARY:  # the same but for the output directory it names
+    if name == shards.SUMMARY:  # the same but for the output directory it names
       a, b = (json.loads((d / name).read_text()) for d in (whole, killed))
       assert a.pop("out") != b.pop("out") and a == b
     else:
       assert _same_file(whole / name, killed / name), name
   with pytest.raises(ValueError, match="other records_per_shard"):
-    prepare_lib.prepare(cfg, str(killed), records_per_shard=2)
+    shards.prepare(cfg, str(killed), records_per_shard=2)
 
 
 def test_prepare_cli_on_webdataset_shards(tmp_path):
@@ -380,14 +380,14 @@ def test_prepare_killed_with_sigkill_resumes_to_the_same_files(tmp_path):
   import helpers
   import xla_env
   from jdiff import config as config_lib
-  from jdiff.data import prepare as prepare_lib
+  from jdiff.data import shards
 
   args = ["--config=configs/mmdit_256.py:test", "--num_records=400", "--records_per_shard=10", "--workers=1"]
   out = tmp_path / "killed"
   env = xla_env.env()
   proc = subprocess.Popen([sys.executable, "-m", "jdiff.prepare", *args, f"--out={out}"], cwd=helpers.ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  first = out / (prepare_lib.SHARD.format(0, 40) + ".json")
+  first = out / (shards.SHARD.format(0, 40) + ".json")
   deadline = time.time() + 120
   while not first.exists() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.02)
@@ -397,10 +397,10 @@ def test_prepare_killed_with_sigkill_resumes_to_the_same_files(tmp_path):
   assert 1 <= len(done) < 40, len(done)  # killed part way
   helpers.cli("jdiff.prepare", *args, f"--out={out}")
   whole = tmp_path / "whole"
-  prepare_lib.prepare(config_lib.load(os.path.join(helpers.ROOT, "configs", "mmdit_256.py:test")).data, str(whole),
+  shards.prepare(config_lib.load(os.path.join(helpers.ROOT, "configs", "mmdit_256.py:test")).data, str(whole),
                       records_per_shard=10, num_records=400)
-  names = sorted(n for n in os.listdir(whole) if n != prepare_lib.SUMMARY)
-  assert names == sorted(n for n in os.listdir(out) if n != prepare_lib.SUMMARY) and len(names) == 82  # + sizes.npy
+  names = sorted(n for n in os.listdir(whole) if n != shards.SUMMARY)
+  assert names == sorted(n for n in os.listdir(out) if n != shards.SUMMARY) and len(names) == 82  # + sizes.npy
   for name in names:
     assert _same_file(whole / name, out / name), name
 

@@ -12,9 +12,9 @@ from PIL import Image
 import pytest
 import torch
 
-from jdiff import checkpoint as ckpt_lib
+from jdiff.workdir import checkpoint as ckpt_lib
 from jdiff import inference
-from jdiff import run_config
+from jdiff.workdir import run_config
 from jdiff.interop import mapping, sd3, sd3_pipeline
 from jdiff.models import mmdit
 
@@ -110,7 +110,7 @@ def test_a_cache_written_with_buckets_trains_one_step_per_bucket(pipeline_dir, t
   """jdiff.cache with data.buckets encodes each image at its bucket's shape and records the
   bucket; training on the cache batches by bucket and compiles a step for each."""
   import test_buckets
-  from jdiff.data import cache as cache_lib
+  from jdiff.data import latents as cache_lib
 
   test_buckets.write_two_aspect_folder(tmp_path / "images")  # 10 images 40x20, 6 of 20x40, one corrupt
   base, cache, tuned = (str(tmp_path / n) for n in ("base", "cache", "tuned"))
@@ -135,7 +135,7 @@ def test_a_cache_written_with_buckets_trains_one_step_per_bucket(pipeline_dir, t
 def test_a_cache_written_with_loss_masks_holds_them_at_latent_resolution(pipeline_dir, tmp_path):
   """jdiff.cache with data.loss_mask stores each image's mask pooled to the latent grid; training
   on the cache weights the flow loss with them."""
-  from jdiff.data import cache as cache_lib
+  from jdiff.data import latents as cache_lib
 
   images = tmp_path / "images"
   images.mkdir()

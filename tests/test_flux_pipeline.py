@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from jdiff import run_config
+from jdiff.workdir import run_config
 from jdiff.interop import sd3_pipeline
 
 import flux_fixture
@@ -171,10 +171,10 @@ def test_flow_loss_feeds_the_configured_guidance_input():
 def test_a_schnell_pipeline_imports_without_guidance(tmp_path):
   """Flux-schnell (no guidance embedding): the import sets diffusers' 256 T5 tokens and a
   model without the guidance input."""
-  from jdiff import convert
+  from jdiff.hf import workdirs
 
   flux_fixture.make_pipeline(str(tmp_path / "schnell"), seed=4, guidance=False)
-  config = convert.import_dir(str(tmp_path / "schnell"), str(tmp_path / "base"))
+  config = workdirs.import_dir(str(tmp_path / "schnell"), str(tmp_path / "base"))
   assert config.model.name == "flux" and not config.model.guidance_embed
   assert config.text.encoder == "flux" and config.text.t5_len == 256 and config.diffusion.shift.kind == "flux"
 

@@ -270,7 +270,8 @@ def test_import_lora_cli_round_trip(pipeline_dir, tmp_path, scan):
   the same output), --merge folds them into the weights with the same output, and a base
   that already has adapters is refused."""
   import safetensors.numpy
-  from jdiff import convert, inference
+  from jdiff import inference
+  from jdiff.hf import workdirs
   from jdiff.interop import sd3_pipeline
 
   _, kwargs, plain = sd3_pipeline.load_transformer(pipeline_dir)
@@ -283,7 +284,7 @@ def test_import_lora_cli_round_trip(pipeline_dir, tmp_path, scan):
   params = _adapted(model, plain, x, t, context=context, pooled=pooled)
   ours = np.asarray(model.apply({"params": params}, x, t, context=context, pooled=pooled))
   base = str(tmp_path / "base")
-  convert.import_dir(pipeline_dir, base, scan=scan)
+  workdirs.import_dir(pipeline_dir, base, scan=scan)
   rules = sd3.rules(kwargs)
   adapters = lora_files.adapters_from_params(rules, params, spec.scale)
   kohya = lora_files.to_kohya(adapters, lora_files.sd3_layers(kwargs), lora_files.output_widths(rules, params))
@@ -294,11 +295,11 @@ def test_import_lora_cli_round_trip(pipeline_dir, tmp_path, scan):
     net = mmdit.MMDiT(**kwargs, attention="xla", scan=loaded.config.model.scan, lora=loaded.networks.lora)
     return np.asarray(net.apply({"params": loaded.params["denoiser"]}, x, t, context=context, pooled=pooled))
 
-  info = convert.import_lora_dir(str(tmp_path / "mine.safetensors"), base, str(tmp_path / "adapted"))
+  info = workdirs.import_lora_dir(str(tmp_path / "mine.safetensors"), base, str(tmp_path / "adapted"))
   assert info["naming"] == "kohya" and info["rank"] == spec.rank and info["alpha"] == spec.alpha
   np.testing.assert_allclose(forward(str(tmp_path / "adapted")), ours, rtol=1e-5, atol=1e-5)
   for naming, want in (("kohya", kohya), ("diffusers", lora_files.to_peft(adapters))):
-    out = convert.export_lora_dir(str(tmp_path / "adapted"), str(tmp_path / naming), naming=naming)
+    out = workdirs.export_lora_dir(str(tmp_path / "adapted"), str(tmp_path / naming), naming=naming)
     got = safetensors.numpy.load_file(out["file"])
     assert set(got) == set(want)
     for k in want:
@@ -308,8 +309,8 @@ def test_import_lora_cli_round_trip(pipeline_dir, tmp_path, scan):
     pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir, text_encoder_3=None, tokenizer_3=None)
     pipe.load_lora_weights(str(tmp_path / "diffusers"))
     helpers.assert_parity(ours, tsd3.torch_forward(pipe.transformer.eval(), x, t, context, pooled))
-  convert.import_lora_dir(str(tmp_path / "diffusers" / convert.LORA_FILE), base, str(tmp_path / "merged"), merge=True)
+  workdirs.import_lora_dir(str(tmp_path / "diffusers" / workdirs.LORA_FILE), base, str(tmp_path / "merged"), merge=True)
   assert inference.load(str(tmp_path / "merged")).networks.lora is None
   np.testing.assert_allclose(forward(str(tmp_path / "merged")), ours, rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="already has LoRA adapters"):
-    convert.import_lora_dir(str(tmp_path / "mine.safetensors"), str(tmp_path / "adapted"), str(tmp_path / "again"))
+    workdirs.import_lora_dir(str(tmp_path / "mine.safetensors"), str(tmp_path / "adapted"), str(tmp_path / "again"))

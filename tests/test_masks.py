@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from jdiff import diffusion
-from jdiff.data import cache
+from jdiff.data import latents
 from jdiff.data import pipeline
 
 import test_train
@@ -96,4 +96,4 @@ def test_latent_mask_averages_each_latents_pixels():
   mask[:2, :2] = 255  # one whole 2x2 block
   mask[2:, 4:5] = 255  # half of another
   mask[0, 2] = 100  # a quarter of a third at 100
-  np.testing.assert_array_equal(cache.latent_mask(mask, 2)[..., 0], [[255, 25, 0], [0, 0, 128]])
+  np.testing.assert_array_equal(latents.latent_mask(mask, 2)[..., 0], [[255, 25, 0], [0, 0, 128]])

@@ -113,7 +113,8 @@ def test_qlora_run_from_a_base_quantizes_it_trains_adapters_resumes_and_exports(
   adapted kernels are stored as int8 (exactly quantize_kernel of the parent's float32 ones), only the
   float32 adapters move and carry EMA state, two steps resumed equal two straight, the adapters
   export, and merging puts them onto the dequantized kernels."""
-  from jdiff import checkpoint as ckpt_lib, convert
+  from jdiff.workdir import checkpoint as ckpt_lib
+  from jdiff.hf import workdirs
   from test_train import get_config, restored, run
 
   # Three steps: after one only the zero-initialised final layer has moved, and the blocks'
@@ -144,7 +145,7 @@ def test_qlora_run_from_a_base_quantizes_it_trains_adapters_resumes_and_exports(
   assert any(np.abs(v).max() > 0 for k, v in adapters.items() if k.endswith("lora_b"))
   assert set(_paths(a.ema_params)) == set(adapters)  # no EMA of the frozen base
   # The adapters export as a LoRA file; merged, they sit on the dequantized kernels.
-  exported = convert.export_lora_dir(str(tmp_path / "straight"), str(tmp_path / "lora"))
+  exported = workdirs.export_lora_dir(str(tmp_path / "straight"), str(tmp_path / "lora"))
   assert exported["num_tensors"] == len(adapters)
   ema, _, _ = ckpt_lib.restore_ema(str(tmp_path / "straight"), jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),

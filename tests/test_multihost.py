@@ -64,7 +64,7 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
   the resumable status (75), and the run resumes from that step to the end."""
   import time
 
-  from jdiff import checkpoint as ckpt_lib
+  from jdiff.workdir import checkpoint as ckpt_lib
 
   work = str(tmp_path / "multi")
   flags = [*COMMON[:1], "--config.train.num_steps=100000", *COMMON[2:]]

@@ -16,7 +16,9 @@ import pytest
 
 from jdiff import config as config_lib
 from jdiff import config_checks
-from jdiff import convert, diffusion, stages
+from jdiff import diffusion
+from jdiff.hf import workdirs
+from jdiff.recipes import stage_pipeline
 from jdiff import networks as networks_lib
 from jdiff.data import pipeline as pipeline_lib
 from jdiff.train import objectives
@@ -105,8 +107,8 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   each from the previous one's EMA weights, lineage recorded; a finished stage is skipped
   when the command runs again; the table prices each sampler in forwards."""
   p = _pipeline()
-  rows, table = stages.run(p, str(tmp_path))
-  configs = {name: (d, c) for name, d, c in stages.stage_configs(p, str(tmp_path))}
+  rows, table = stage_pipeline.run(p, str(tmp_path))
+  configs = {name: (d, c) for name, d, c in stage_pipeline.stage_configs(p, str(tmp_path))}
   states = {name: restored(d, c) for name, (d, c) in configs.items()}
   lineage = states["fewstep"][2]
   assert [e["stage"] for e in lineage] == ["pretrain", "posttrain", "posttrain", "tune", "distill", "distill"]
@@ -138,7 +140,7 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   assert still_zero == ["denoiser/last_block/ctx_qkv/q/lora_b"], still_zero
   assert not any("t_embed" in k or "adaLN" in k for k in lora)
   # The adapters export in diffusers/PEFT naming (B carries alpha/rank).
-  exported = convert.export_lora_dir(configs["tune"][0], str(tmp_path / "lora_export"))
+  exported = workdirs.export_lora_dir(configs["tune"][0], str(tmp_path / "lora_export"))
   from safetensors.numpy import load_file
   tensors = load_file(exported["file"])
   ema = _flat(states["tune"][0].averaged())
@@ -164,9 +166,9 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   # its checkpoint: the trainer's resume tests); a longer stage continues where it stopped.
   mtimes = {name: os.path.getmtime(os.path.join(d, "metrics.jsonl")) for name, (d, _) in configs.items()}
   mtimes["pairs"] = os.path.getmtime(os.path.join(pairs_dir, "pairs.npz"))
-  assert all(stages.finished(d, c.train.num_steps) for d, c in configs.values())
+  assert all(stage_pipeline.finished(d, c.train.num_steps) for d, c in configs.values())
   p.stages.fewstep.train.num_steps = 3
-  stages.train_all(p, str(tmp_path))
+  stage_pipeline.train_all(p, str(tmp_path))
   assert all(os.path.getmtime(os.path.join(d, "metrics.jsonl")) == mtimes[name]
              for name, (d, _) in configs.items() if name != "fewstep")
   assert os.path.getmtime(os.path.join(pairs_dir, "pairs.npz")) == mtimes["pairs"]  # sampled once
@@ -179,12 +181,12 @@ def test_stage_effects_carry_binomial_standard_errors():
     return dict(name=name, parent=parent, objective="flow", train_steps=1, resolution=8, sampler="2 x 2",
                 forwards=4, adherence=dict(seen=split, held_out=split, new_color=dict(split, color=colour)))
   rows = [row("a", None, 0.7, 0.5), row("b", "a", 0.8, 0.9)]
-  assert stages.standard_error(0.7, 100) == pytest.approx(math.sqrt(0.21 / 100))
-  d, se = stages.effect(rows[1], rows[0], "seen")
+  assert stage_pipeline.standard_error(0.7, 100) == pytest.approx(math.sqrt(0.21 / 100))
+  d, se = stage_pipeline.effect(rows[1], rows[0], "seen")
   assert d == pytest.approx(0.1) and se == pytest.approx(math.sqrt(0.0021 + 0.0016))
-  d, se = stages.effect(rows[1], rows[0], "new_color", "color")
+  d, se = stage_pipeline.effect(rows[1], rows[0], "new_color", "color")
   assert d == pytest.approx(0.4) and se == pytest.approx(math.sqrt(0.0025 + 0.0009))
-  table = stages.markdown(rows).splitlines()
+  table = stage_pipeline.markdown(rows).splitlines()
   assert "| 0.800 ± 0.040 | +0.100 ± 0.061 |" in table[3] and "| 0.900 ± 0.030 | +0.400 ± 0.058 |" in table[3]
   assert "| 0.700 ± 0.046 |  |" in table[2]  # the first stage has no effect
 
@@ -229,7 +231,7 @@ def test_pipeline_config_errors_name_the_problem(edit, message, tmp_path):
   with p.unlocked():  # as if the pipeline file itself said so (the --config flag locks it after)
     edit(p)
   with pytest.raises(ValueError, match=message):
-    stages.stage_configs(p, str(tmp_path))
+    stage_pipeline.stage_configs(p, str(tmp_path))
 
 
 def test_noised_is_the_shared_opening_of_the_objectives():

@@ -9,11 +9,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 from jdiff import config as config_lib
 from jdiff import networks as networks_lib
-from jdiff import study
+from jdiff.recipes import studies
 from jdiff import tokens
 from jdiff.data import shapes
 from jdiff.eval import curves
@@ -96,7 +97,6 @@ def test_trainer_writes_learning_curve_and_validation_loss(tmp_path):
     np.testing.assert_allclose(data["t_bins"][k][1], [m[k] for m in metrics if k in m])
   assert data["other"] == {}  # adherence and validation loss have panels of their own
   # The PNG opens, at the figure's size, with a line per series in its panel.
-  from PIL import Image
   assert Image.open(tmp_path / curves.FILENAME).size == (1500, 800)
   fig = curves.draw(data)
   labels = [[line.get_label() for line in ax.get_lines()] for ax in fig.axes]
@@ -121,6 +121,14 @@ def test_curves_draw_other_eval_metrics_and_are_written_at_the_end_without_evalu
   trainer.train_and_evaluate(config, str(tmp_path / "run"))
   data = curves.curve_data(str(tmp_path / "run"))
   assert (tmp_path / "run" / curves.FILENAME).exists() and len(data["train"][0]) and not len(data["val"][0])
+  # The command redraws it from the files alone, and names a missing workdir.
+  out = subprocess.run([sys.executable, "-m", "jdiff.curves", f"--workdir={tmp_path / 'run'}",
+                        f"--out={tmp_path / 'again.png'}"], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 0 and out.stdout.strip() == str(tmp_path / "again.png"), out.stderr
+  assert Image.open(tmp_path / "again.png").size == Image.open(tmp_path / "run" / curves.FILENAME).size
+  out = subprocess.run([sys.executable, "-m", "jdiff.curves", f"--workdir={tmp_path / 'nope'}"], cwd=ROOT,
+                       capture_output=True, text=True)
+  assert out.returncode == 2 and "no workdir" in out.stderr.strip().splitlines()[-1], out.stderr
 
 
 def test_read_jsonl_merges_records_by_step_and_skips_a_torn_line(tmp_path):
@@ -140,7 +148,7 @@ def _row(variant, seed, val, seen5, held5, seen25, held25):
 def test_study_summary_means_spreads_and_ranks():
   rows = [_row("uniform", 0, 0.30, 0.2, 0.1, 0.4, 0.3), _row("uniform", 1, 0.34, 0.4, 0.1, 0.6, 0.3),
           _row("cosmap", 0, 0.20, 0.5, 0.2, 0.5, 0.3), _row("cosmap", 1, 0.22, 0.7, 0.4, 0.5, 0.3)]
-  table = study.summarize("timesteps", rows)
+  table = studies.summarize("timesteps", rows)
   assert [e["variant"] for e in table] == ["uniform", "cosmap"]  # the study's order, finished only
   u, c = table
   assert u["metrics"]["val_loss"]["mean"] == pytest.approx(0.32)
@@ -150,38 +158,38 @@ def test_study_summary_means_spreads_and_ranks():
   assert (u["metrics"]["val_loss"]["rank"], c["metrics"]["val_loss"]["rank"]) == (2, 1)
   assert (u["metrics"]["held_out all, 25 steps"]["rank"], c["metrics"]["held_out all, 25 steps"]["rank"]) == (1.5, 1.5)
   assert c["average_rank"] == pytest.approx(np.mean([1, 1, 1, 1.5, 1.5]))
-  md = study.markdown("timesteps", table)
+  md = studies.markdown("timesteps", table)
   assert "| uniform | 2 | 10 |" in md and "0.3200 ± 0.0283 (2)" in md
 
 
 def test_study_configs_and_equal_compute():
   base = get_config()
-  arch = study.STUDIES["arch"]
-  mmdit = study.variant_config(base, arch, "MMDiT", 1)
-  dit = study.variant_config(base, arch, "DiT", 1)
+  arch = studies.STUDIES["arch"]
+  mmdit = studies.variant_config(base, arch, "MMDiT", 1)
+  dit = studies.variant_config(base, arch, "DiT", 1)
   assert (mmdit.seed, dit.model.name, mmdit.eval.at_end) == (1, "dit", False)
   d_mmdit, d_dit = (networks_lib.build_networks(c).denoiser for c in (mmdit, dit))
   assert (d_dit.width, d_dit.depth, d_dit.num_heads) == (d_mmdit.width, d_mmdit.depth, d_mmdit.num_heads)
   # DiT's cheaper step gets more steps, to the same training FLOPs (up to one step's rounding).
   assert dit.train.num_steps > mmdit.train.num_steps
-  assert abs(study.train_flops(dit) - study.train_flops(mmdit)) <= study.train_flops(dit) / dit.train.num_steps
-  shift = study.variant_config(base, study.STUDIES["shift"], "train no shift", 0)
+  assert abs(studies.train_flops(dit) - studies.train_flops(mmdit)) <= studies.train_flops(dit) / dit.train.num_steps
+  shift = studies.variant_config(base, studies.STUDIES["shift"], "train no shift", 0)
   assert (shift.data.resolution, shift.diffusion.shift.kind) == (2 * base.data.resolution, "none")
-  ts = study.variant_config(base, study.STUDIES["timesteps"], "lognorm(0.50, 0.60)", 0)
+  ts = studies.variant_config(base, studies.STUDIES["timesteps"], "lognorm(0.50, 0.60)", 0)
   assert (ts.diffusion.timesteps.kind, ts.diffusion.timesteps.mean, ts.diffusion.timesteps.std) == ("logit_normal", 0.5, 0.6)
 
 
 def test_study_runs_resumes_and_writes_its_table(tmp_path, monkeypatch):
   """A two-variant study of tiny runs: every run scored, the table written, and a second
   call trains nothing (it reads the finished runs' results)."""
-  tiny = study.Study("tiny", (("uniform", {"diffusion.timesteps.kind": "uniform"}),
+  tiny = studies.Study("tiny", (("uniform", {"diffusion.timesteps.kind": "uniform"}),
                               ("cosmap", {"diffusion.timesteps.kind": "cosmap"})),
-                     sampling=(study.Sampling("2 steps", 2),))
-  monkeypatch.setitem(study.STUDIES, "tiny", tiny)
+                     sampling=(studies.Sampling("2 steps", 2),))
+  monkeypatch.setitem(studies.STUDIES, "tiny", tiny)
   base = get_config(train__num_steps=2, train__sample_every=0, eval__num_samples=2, eval__val_examples=2,
                     eval__val_times=2)
   base.mesh.data = 1
-  out = study.run("tiny", base, str(tmp_path), seeds=1)
+  out = studies.run("tiny", base, str(tmp_path), seeds=1)
   assert [r["variant"] for r in out["runs"]] == ["uniform", "cosmap"]
   for r in out["runs"]:
     assert set(r["adherence"]["2 steps"]) == {"seen", "held_out", "new_color"}
@@ -189,15 +197,25 @@ def test_study_runs_resumes_and_writes_its_table(tmp_path, monkeypatch):
   on_disk = json.loads((tmp_path / "study.json").read_text())
   assert on_disk["summary"] == out["summary"]
   assert "| cosmap | 1 | 2 |" in (tmp_path / "study.md").read_text()
-  monkeypatch.setattr(study.trainer, "train_and_evaluate", lambda *a: pytest.fail("trained again"))
-  assert study.run("tiny", base, str(tmp_path), seeds=1)["summary"] == out["summary"]
+  monkeypatch.setattr(studies.trainer, "train_and_evaluate", lambda *a: pytest.fail("trained again"))
+  assert studies.run("tiny", base, str(tmp_path), seeds=1)["summary"] == out["summary"]
 
 
-def test_study_imports_next_to_the_other_clis_and_parses_its_flags(tmp_path):
-  """The library defines no flags at import (tests import it beside jdiff.convert, which
-  defines --workdir too); the program does, and checks them before any work."""
-  code = "import jdiff.convert, jdiff.bench, jdiff.study"
-  subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+def test_library_modules_define_no_flags_and_commands_check_theirs(tmp_path):
+  """Flags belong to the commands (jdiff/<command>.py): every other module imports in one
+  process without defining a flag, so tests and notebooks import any of them together; a
+  command checks its required flags before any work."""
+  code = ("import importlib, pkgutil, jdiff; from absl import flags; "
+          "names = [m.name for m in pkgutil.walk_packages(jdiff.__path__, 'jdiff.') if m.ispkg or "
+          "m.name.count('.') > 1 or m.name in ('jdiff.config', 'jdiff.config_checks', 'jdiff.cli', 'jdiff.errors', "
+          "'jdiff.workdir.run_config', 'jdiff.workdir.checkpoint', 'jdiff.networks', 'jdiff.inference', 'jdiff.train.distributed', "
+          "'jdiff.train.flops', 'jdiff.tokens')]; "
+          "[importlib.import_module(n) for n in names]; "
+          "ours = [f for f, m in flags.FLAGS.flags_by_module_dict().items() if m and 'jdiff' in f]; "
+          "assert not ours, ours; print(len(names))")
+  out = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True)
+  assert int(out.stdout) > 60
   out = subprocess.run([sys.executable, "-m", "jdiff.study", f"--workdir={tmp_path}"], cwd=ROOT,
                        capture_output=True, text=True)
-  assert out.returncode != 0 and "--study and --workdir are required" in out.stderr
+  assert out.returncode == 2 and "--study" in out.stderr and not os.listdir(tmp_path), out.stderr
+

@@ -1,5 +1,6 @@
 """The trainer end to end on tiny configs: resume, sharding, init_from, failures, CLIs."""
 
+import dataclasses
 import functools
 import json
 import logging
@@ -13,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from jdiff import checkpoint as ckpt_lib
+from jdiff.workdir import checkpoint as ckpt_lib
 from jdiff import config as config_lib
 from jdiff import networks as networks_lib
 from jdiff.data import pipeline as pipeline_lib
@@ -439,3 +440,29 @@ def test_weights_and_biases_offline_run_is_written_and_continued_on_resume(tmp_p
     assert key in history
   images = [f for d in runs for f in os.listdir(work / "wandb" / d / "files" / "media" / "images")]
   assert any(f.startswith("samples_") and f.endswith(".png") for f in images)
+
+
+def test_evaluator_builds_the_asked_metric_families_and_skips_shapes_only_ones_elsewhere(monkeypatch, caplog):
+  """The registry: a family is built only when a run evaluates and asks for one of its names;
+  adherence and val_loss are skipped (with a log line) on data other than the shapes."""
+  from jdiff.eval import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
+  built = []
+  monkeypatch.setattr(evaluator_lib, "METRICS", tuple(
+      dataclasses.replace(f, build=lambda config, names, f=f: built.append(tuple(names)) or f.names[0])
+      for f in evaluator_lib.METRICS))
+  c = config_lib.load("configs/mmdit_256.py:cpu")
+  with c.unlocked():
+    c.eval.metrics = ("adherence", "kid", "val_loss")
+    c.eval.every, c.eval.at_end = 0, True
+  assert evaluator_lib.Evaluator(c).scores == ["adherence", "val_loss", "fid"] and built == [
+      ("adherence",), ("val_loss",), ("kid",)]
+  built.clear()
+  with c.unlocked():
+    c.data.source, c.data.path = "folder", "/nowhere"
+  with caplog.at_level(logging.INFO, logger=evaluator_lib.__name__):
+    assert evaluator_lib.Evaluator(c).scores == ["fid"] and built == [("kid",)]
+  assert "['adherence', 'val_loss'] score runs on the shapes data" in caplog.text
+  built.clear()
+  with c.unlocked():
+    c.eval.at_end = False
+  assert not evaluator_lib.Evaluator(c).on and not built  # a run that never evaluates loads nothing

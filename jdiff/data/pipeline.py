@@ -25,7 +25,7 @@ import numpy as np
 from jdiff import errors
 from jdiff import tokens
 from jdiff.data import buckets as buckets_lib
-from jdiff.data import cache
+from jdiff.data import latents
 from jdiff.data import decode as decode_lib
 from jdiff.data import files
 from jdiff.data import sources
@@ -63,7 +63,7 @@ class CheckCached(grain.transforms.MapWithIndex):
     self.shapes = dict(latent_mean=tuple(meta["latent_shape"]), latent_logvar=tuple(meta["latent_shape"]),
                        context=tuple(meta["context_shape"]), pooled=(meta["pooled_dim"],))
     if meta.get("loss_mask", "none") != "none":
-      self.shapes[cache.MASK_KEY] = tuple(meta["latent_shape"][:2]) + (1,)
+      self.shapes[latents.MASK_KEY] = tuple(meta["latent_shape"][:2]) + (1,)
 
   def map_with_index(self, index: int, record):
     if isinstance(record, decode_lib.Corrupt):
@@ -296,7 +296,7 @@ class ReadBucketBatch(grain.transforms.MapWithIndex):
       return record
     try:
       if self.latent:  # checked against their bucket's latent shape
-        for key in ("latent_mean", "latent_logvar", cache.MASK_KEY):
+        for key in ("latent_mean", "latent_logvar", latents.MASK_KEY):
           if key in record and record[key].shape[:2] != tuple(shape):
             raise ValueError(f"{key} has shape {record[key].shape}, expected {tuple(shape)} (its bucket)")
         return dict(record)

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
-from jdiff.data import cache
+from jdiff.data import latents
 from jdiff.data import files
 from jdiff.data import shapes
 from jdiff import errors
@@ -154,7 +154,7 @@ def make_source(data_cfg: Mapping[str, Any], split: str = "train"):
   if kind == "cache":
     if not data_cfg["cache_dir"]:
       raise errors.InvalidArgument("data.source='cache' needs data.cache_dir")
-    return cache.CacheSource(data_cfg["cache_dir"])
+    return latents.CacheSource(data_cfg["cache_dir"])
   if kind == "arrayrecord":
     pattern = data_cfg["arrayrecord_pattern"] or data_cfg.get("path", "")
     return ArrayRecordExamples(pattern, data_cfg["image_key"], data_cfg["caption_key"])

@@ -4,7 +4,7 @@ the training loss per t bin, the learning rate, the gradient norm, caption adher
 attribute, and any other evaluation metric (FID, KID, ...) with an objective's own training
 metrics (grpo's reward and KL).
 
-  python -m jdiff.eval.curves WORKDIR [OUT.png]   # default WORKDIR/learning_curve.png
+  python -m jdiff.curves --workdir=WORKDIR [--out=OUT.png]   # default WORKDIR/learning_curve.png
 
 The trainer redraws WORKDIR/learning_curve.png after every evaluation and at the end of a run.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -22,6 +21,7 @@ from matplotlib.figure import Figure
 import numpy as np
 from PIL import Image
 
+from jdiff import errors
 from jdiff.data import shapes
 
 FILENAME = "learning_curve.png"
@@ -135,6 +135,8 @@ def draw(data: dict[str, Any], title: str = "") -> Figure:
 def write(workdir: str, path: str | None = None, title: str = "") -> tuple[str, np.ndarray]:
   """Draws the workdir's curves into `path` (default workdir/learning_curve.png); returns the
   path and the image (uint8 [H, W, 3], for TensorBoard)."""
+  if not os.path.isdir(workdir):
+    raise errors.NotFound(f"no workdir {workdir!r}")
   path = path or os.path.join(workdir, FILENAME)
   fig = draw(curve_data(workdir), title or os.path.basename(os.path.normpath(workdir)))
   fig.canvas.draw()
@@ -144,25 +146,3 @@ def write(workdir: str, path: str | None = None, title: str = "") -> tuple[str, 
   Image.fromarray(image).save(tmp, format="png")  # the pixels drawn above (savefig would draw again)
   os.replace(tmp, path)  # readers never see a half-written file
   return path, image
-
-
-USAGE = """usage: python -m jdiff.eval.curves WORKDIR [OUT.png]
-
-Redraws a run's learning curve (training and validation loss, loss per t bin, learning rate,
-gradient norm, adherence, other metrics) into OUT.png, by default WORKDIR/learning_curve.png."""
-
-
-def main(argv: list[str]) -> None:
-  if any(a in ("-h", "--help") for a in argv[1:]):
-    print(USAGE)
-    return
-  if len(argv) not in (2, 3):
-    raise SystemExit(USAGE.splitlines()[0])
-  workdir = argv[1]
-  if not os.path.isdir(workdir):
-    raise SystemExit(f"no workdir {workdir!r}")
-  print(write(workdir, argv[2] if len(argv) == 3 else None)[0])
-
-
-if __name__ == "__main__":
-  main(sys.argv)

@@ -254,3 +254,16 @@ class Reference:
       extra = {k: np.asarray(f[k]) for k in ("features", "captions", "resize") if k in f.files}
     captions = [str(c) for c in extra["captions"]] if "captions" in extra else None
     return cls(path, mu, sigma, extra.get("features"), captions, str(extra.get("resize", "tf1_bilinear")))
+
+
+def write_reference(data_cfg, out: str, weights: str, *, resize: str = "tf1_bilinear", batch_size: int = 64,
+                    num_images: int | None = None, split: str = "train", save_features: bool = True) -> dict[str, Any]:
+  """The reference statistics of a dataset's first `num_images` records (default: all),
+  written to `out` (.npz) with, for KID, the features and captions too; returns a summary."""
+  features = Features.load(weights, resize, batch_size)
+  feats, captions = dataset_features(features, data_cfg, num_images, split)
+  mu, sigma = statistics(feats)
+  extra = dict(features=feats, captions=np.array(captions, dtype=np.str_)) if save_features else {}
+  save_stats(out, mu, sigma, resize=resize, num_images=len(feats), resolution=data_cfg.resolution,
+             source=data_cfg.source, **extra)
+  return dict(out=out, num_images=len(feats), resize=resize, resolution=data_cfg.resolution)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import os
 import re
@@ -30,18 +29,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
-from jdiff import checkpoint as ckpt_lib
+from jdiff.workdir import checkpoint as ckpt_lib
 from jdiff import cli
-from jdiff import config_checks
 from jdiff import errors
 from jdiff import inference
 from jdiff import networks as networks_lib
-from jdiff import run_config
+from jdiff.workdir import run_config
 from jdiff.data import pipeline as pipeline_lib
-from jdiff.eval import benchmark
 from jdiff.eval import curves
-from jdiff.eval import quality as quality_lib
-from jdiff.eval import validation
+from jdiff.eval import evaluator as evaluator_lib
 from jdiff.models import layers as L
 from jdiff.train import lock as lock_lib
 from jdiff.train import metrics as metrics_lib
@@ -275,75 +271,13 @@ def write_samples(config, networks, params, workdir: str, step: int, writer: met
   return path
 
 
-class Evaluator:
-  """config.eval.metrics of the EMA weights: caption adherence and validation loss on runs over
-  the shapes data (eval.benchmark.applies; skipped elsewhere, with a log line), FID and KID on
-  any run, and the CLIP score. The reference statistics, the Inception network and the CLIP model
-  are loaded when it is built, before any work, so a wrong path fails at once."""
-
-  def __init__(self, config):
-    metrics = set(config.eval.metrics)
-    shapes = benchmark.applies(config)
-    self.adherence, self.val_loss = shapes and "adherence" in metrics, shapes and "val_loss" in metrics
-    skipped = sorted(metrics & {"adherence", "val_loss"}) if not shapes else []
-    if skipped and (config.eval.every or config.eval.at_end):
-      log.info("eval.metrics %s score runs on the shapes data: not computed for data.source=%r", skipped,
-               config.data.source)
-    quality = [m for m in quality_lib.METRICS if m in metrics]
-    self.scorers, self.prompts = None, None
-    e = config.eval
-    if quality and (e.every or e.at_end):
-      self.scorers = quality_lib.Scorers.load(quality, fid_stats=e.fid_stats, fid_weights=e.fid_weights,
-                                              clip_model=e.clip_model)
-      self.prompts = quality_lib.prompts_for(e.fid_samples, self.scorers.reference, config.data)
-
-  @property
-  def on(self) -> bool:
-    return bool(self.adherence or self.val_loss or self.scorers is not None)
-
-  def __call__(self, config, networks, params, workdir: str, step: int, writer: metrics_lib.MetricWriter) -> dict[str, Any]:
-    """The metrics of `params`, logged, appended to workdir/eval.jsonl and drawn into
-    workdir/learning_curve.png."""
-    t0 = time.time()
-    params = jax.device_get(params)
-    model = inference.Model(networks, params, config, step)
-    e = config.eval
-    result, scalars = {}, {}
-    if self.adherence:
-      result.update(benchmark.evaluate(model))
-      scalars.update({f"adherence/{split}/{k}": v for split, r in result.items() for k, v in r.items() if k != "n"})
-    if self.val_loss:
-      val = validation.loss(networks, params, config)
-      result.update(val)
-      scalars.update(val)
-    if self.scorers is not None:
-      quality = quality_lib.evaluate(model, self.scorers, self.prompts, seed=e.seed, num_steps=e.num_steps,
-                                     cfg_scale=e.cfg_scale, method=e.method)
-      result.update(quality)
-      scalars.update(quality)
-    log.info("step %d evaluation (%.0fs): %s", step, time.time() - t0, json.dumps(result))
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
-        f.write(json.dumps({"step": step, **result}) + "\n")
-      writer.scalars(step, scalars)
-      _, image = curves.write(workdir)
-      writer.image(step, "learning_curve", image)
-    return result
-
-
-def _evaluated(workdir: str, step: int) -> bool:
-  """Whether workdir/eval.jsonl holds an evaluation of `step`."""
-  return any(e["step"] == step for e in curves.read_jsonl(os.path.join(workdir, "eval.jsonl")))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains until config.train.num_steps (resuming if workdir holds a checkpoint), holding
   the workdir's lock (jdiff.train.lock: raises WorkdirInUse if another run holds it).
 
   Returns a summary: {'step', 'stopped_by', 'last_metrics', 'samples', 'eval'}.
   """
-  config = run_config.resolve(config)
-  config_checks.validate(config)
+  config = run_config.prepare(config)
   os.makedirs(workdir, exist_ok=True)
   with lock_lib.hold(workdir):  # one run per workdir
     return _train_and_evaluate(config, workdir)
@@ -367,7 +301,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   parent = None
   if config.init_from and (ckpt.latest_step() is None or frozen_objective):
     parent = load_parent(config.init_from, mesh, rules)
-  evaluator = Evaluator(config)  # loads FID's reference and network now: a wrong path fails before any work
+  evaluator = evaluator_lib.Evaluator(config)  # loads FID's reference and network now: a wrong path fails before any work
   state, shardings, abstract, lineage = initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline,
                                                       parent)
   if jax.process_index() == 0:  # only now: a start that fails leaves the workdir as it was
@@ -453,7 +387,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     if t.sample_every and stopped_by == "num_steps" and step_now % t.sample_every:
       samples.append(write_samples(config, networks, state.averaged(), workdir, step_now, writer))
     # A finished run started again does not evaluate its last step a second time.
-    if evaluator.on and config.eval.at_end and stopped_by == "num_steps" and not _evaluated(workdir, step_now):
+    if evaluator.on and config.eval.at_end and stopped_by == "num_steps" and not evaluator_lib.evaluated(workdir, step_now):
       evals.append(evaluator(config, networks, state.averaged(), workdir, step_now, writer))
     elif jax.process_index() == 0:  # the curves of the whole run (the evaluator has just drawn them)
       curves.write(workdir)

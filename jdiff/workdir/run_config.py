@@ -1,5 +1,6 @@
 """A run's config in its workdir (WORKDIR/config.json): written when a run starts, read by
-everything that opens the run, and inherited by tune configs (model.name='inherit')."""
+everything that opens the run, and inherited by tune configs (model.name='inherit');
+`prepare`, the one way from a config file to the config a run starts with."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import ml_collections
 from etils import epath
 
 from jdiff import config as config_lib
+from jdiff import config_checks
 from jdiff import errors
 
 
@@ -58,3 +60,13 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     out.text.t5_len = parent.text.t5_len
   out.lock()
   return out
+
+
+def prepare(config: ml_collections.ConfigDict, *, encoding: bool = False) -> ml_collections.ConfigDict:
+  """The config a run starts with: `resolve`d, then validated (jdiff.config_checks; encoding:
+  for `python -m jdiff.cache`, which reads the data a frozen-encoder run trains on). Every
+  entry point calls it before any work, and so does the trainer for library callers; on a
+  prepared config it returns the same config, unchanged."""
+  config = resolve(config)
+  config_checks.validate(config, encoding=encoding)
+  return config

@@ -37,7 +37,7 @@ from etils import epath
 
 from jdiff import config as config_lib
 from jdiff import errors
-from jdiff import run_config
+from jdiff.workdir import run_config
 
 log = logging.getLogger(__name__)
 

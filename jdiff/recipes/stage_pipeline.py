@@ -1,0 +1,220 @@
+"""The whole pipeline: pretrain -> posttrain -> tune -> distill, one stage after another.
+
+  python -m jdiff.stages --config=configs/stages.py:cpu --workdir=runs/stages
+
+The pipeline config (configs/stages.py) holds a base training config and, per stage, the
+fields that differ from it. Stage i trains in workdir/<name> with init_from = the previous
+stage's workdir (its EMA weights, a fresh optimizer, the lineage recorded), or the workdir of
+the earlier stage its own init_from names (a branch: e.g. dpo and grpo both from sft). A stage whose
+workdir holds a checkpoint at its last step is done and skipped; an interrupted one resumes
+from its latest checkpoint, so re-running the command continues where it stopped.
+
+At the end every stage (plus the distillation teacher at table.teacher_steps) is evaluated
+with the shapes caption-adherence benchmark, each with its own sampler settings, and the
+table is written to workdir/stages.md and workdir/stages.json: adherence, and sampling
+cost as steps x network forwards per step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+from jdiff.workdir import checkpoint as ckpt_lib
+from jdiff import cli
+from jdiff import config_checks
+from jdiff import errors
+from jdiff import inference
+from jdiff.eval import on_policy as pairs_lib
+from jdiff.eval import benchmark
+from jdiff.train import trainer
+
+log = logging.getLogger(__name__)
+
+
+def _apply(config: ml_collections.ConfigDict, overrides: Any, where: str) -> None:
+  """Sets every field of `overrides` (nested) in `config`; a field the config lacks fails."""
+  for key, value in overrides.items():
+    if key not in config:
+      raise errors.InvalidArgument(f"{where}.{key}: no such config field")
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      _apply(config[key], value, f"{where}.{key}")
+    else:
+      config[key] = value
+
+
+def stage_configs(pipeline: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, str, Any]]:
+  """[(name, stage workdir, training config)] in pipeline order, init_from chained."""
+  order = [s.strip() for s in pipeline.order.split(",") if s.strip()]
+  if not order:
+    raise errors.InvalidArgument("config.order names no stage")
+  missing = [s for s in order if s not in pipeline.stages]
+  if missing:
+    raise errors.InvalidArgument(f"config.order names stages {missing} that config.stages does not define")
+  on_policy = _pair_stages(pipeline)
+  unknown = [s for s in on_policy if s not in order]
+  if unknown:
+    raise errors.InvalidArgument(f"config.pairs.stages names {unknown}, which config.order does not run")
+  if order[0] in on_policy:
+    raise errors.InvalidArgument(
+        f"config.pairs.stages: the first stage {order[0]!r} has no parent model to sample pairs from")
+  out, previous, dirs = [], "", {}
+  for name in order:
+    c = ml_collections.ConfigDict(pipeline.base.to_dict())
+    _apply(c, pipeline.stages[name], f"config.stages.{name}")
+    parent = pipeline.stages[name].get("init_from", "")
+    if parent and parent not in dirs:
+      raise errors.InvalidArgument(f"config.stages.{name}.init_from={parent!r} names no stage that config.order runs "
+                                   f"before it (earlier: {list(dirs)})")
+    c.init_from = dirs[parent] if parent else previous
+    stage_dir = dirs[name] = os.path.join(workdir, name)
+    if name in on_policy:  # sampled from the parent by train_all before the stage trains
+      c.data.pairs_dir = os.path.join(stage_dir, "pairs")
+    c.lock()
+    config_checks.validate(c)  # every stage before the first trains (the trainer prepares each again)
+    out.append((name, stage_dir, c))
+    previous = stage_dir
+  return out
+
+
+def _pair_stages(pipeline: ml_collections.ConfigDict) -> list[str]:
+  pairs = pipeline.get("pairs")
+  return [s.strip() for s in pairs.stages.split(",") if s.strip()] if pairs else []
+
+
+def finished(stage_dir: str, num_steps: int) -> bool:
+  """Whether `stage_dir` holds a checkpoint at (or past) num_steps."""
+
+  if not os.path.isdir(ckpt_lib.checkpoint_dir(stage_dir)):
+    return False
+  ckpt = ckpt_lib.Checkpoints(stage_dir, read_only=True)
+  latest = ckpt.latest_step()
+  ckpt.close()
+  return latest is not None and latest >= num_steps
+
+
+def train_all(pipeline: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, str, Any]]:
+  """Trains every stage that is not finished; returns stage_configs."""
+
+  stages = stage_configs(pipeline, workdir)
+  on_policy = _pair_stages(pipeline)
+  for i, (name, stage_dir, config) in enumerate(stages):
+    if finished(stage_dir, config.train.num_steps):
+      log.info("stage %d/%d %s: finished in %s, skipped", i + 1, len(stages), name, stage_dir)
+      continue
+    log.info("stage %d/%d %s (%s, objective %s) in %s", i + 1, len(stages), name, config.stage,
+             config.objective, stage_dir)
+    if name in on_policy and not os.path.exists(os.path.join(config.data.pairs_dir, pairs_lib.FILE)):
+      pairs = pipeline.pairs
+      meta = pairs_lib.generate(config.init_from, config.data.pairs_dir, num=pairs.num,
+                                preferred=pairs.get("preferred", "render"),
+                                samples_per_caption=pairs.get("samples_per_caption", 1),
+                                split=pairs.get("split") or None)
+      log.info("stage %s: %d on-policy pairs from %d samples of %s", name, meta["num_pairs"], meta["num_sampled"],
+               config.init_from)
+    summary = trainer.train_and_evaluate(config, stage_dir)
+    if summary["stopped_by"] != "num_steps":
+      raise cli.Resumable(f"stage {name} stopped early ({summary['stopped_by']}) after saving a checkpoint; "
+                          "run the command again to resume")
+  return stages
+
+
+def _row(label: str, model, config, num_samples: int, num_steps: int | None = None) -> dict[str, Any]:
+  """One table row: `model` (a loaded stage) scored with its eval sampler (num_steps: override)."""
+
+  e = model.config.eval
+  num_steps = e.num_steps if num_steps is None else num_steps
+  result = benchmark.evaluate(model, num_samples=num_samples, num_steps=num_steps, cfg_scale=e.cfg_scale)
+  forwards = inference.forwards_per_image(model.networks, num_steps, e.cfg_scale, e.method)
+  return dict(name=label, stage=config.stage, objective=config.objective, train_steps=config.train.num_steps,
+              resolution=config.data.resolution,
+              sampler=f"{num_steps} x {forwards // num_steps}", forwards=forwards, cfg_scale=e.cfg_scale,
+              guidance_embedded=bool(model.networks.denoiser.guidance_embed), adherence=result)
+
+
+def evaluate_all(pipeline: ml_collections.ConfigDict, stages: list[tuple[str, str, Any]]) -> list[dict[str, Any]]:
+  """The table's rows: each stage with its own eval sampler (and `parent`, the stage it
+  started from), plus the teacher row."""
+
+  t = pipeline.table
+  rows = []
+  names = {stage_dir: name for name, stage_dir, _ in stages}
+  for name, stage_dir, config in stages:
+    model = inference.load(stage_dir)
+    rows.append(dict(_row(name, model, config, t.num_samples), parent=names.get(config.init_from)))
+    if name == t.teacher:
+      rows.append(dict(_row(f"{name} @ {t.teacher_steps} steps", model, config, t.num_samples, t.teacher_steps),
+                       parent=name))
+  return rows
+
+
+def _mean(r: dict[str, float]) -> float:
+  return sum(r[a] for a in ("color", "shape", "size", "position")) / 4
+
+
+def standard_error(p: float, n: int) -> float:
+  """Binomial standard error of a fraction p of n images."""
+  return math.sqrt(p * (1.0 - p) / n) if n else float("nan")
+
+
+def _estimate(split: dict[str, float], key: str = "all") -> tuple[float, float]:
+  return split[key], standard_error(split[key], split["n"])
+
+
+def effect(row: dict[str, Any], parent: dict[str, Any], split: str, key: str = "all") -> tuple[float, float]:
+  """(change of `key` on `split` from the parent stage's row to this one, its standard
+  error). The stages are scored on the same prompts with the same noise, so their errors are
+  positively correlated and sqrt(se^2 + se'^2) overstates the difference's error: a
+  conservative bound."""
+  (a, se_a), (b, se_b) = _estimate(row["adherence"][split], key), _estimate(parent["adherence"][split], key)
+  return a - b, math.sqrt(se_a**2 + se_b**2)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+  """The table in Markdown: 'all' = every attribute right (± its standard error); 'attr' =
+  mean per-attribute accuracy; 'effect' = the change of 'all' from the stage it started from."""
+  head = ("| stage | objective | train steps | resolution | sampling (steps x forwards) | forwards/image "
+          "| seen all | effect | seen attr | held-out all | effect | held-out attr | new colour: colour | effect |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  by_name = {r["name"]: r for r in rows}
+
+  def cell(r, split, key="all"):
+    value, se = _estimate(r["adherence"][split], key)
+    return f"{value:.3f} ± {se:.3f}"
+
+  def change(r, split, key="all"):
+    if r.get("parent") not in by_name:
+      return ""
+    d, se = effect(r, by_name[r["parent"]], split, key)
+    return f"{d:+.3f} ± {se:.3f}"
+
+  for r in rows:
+    a = r["adherence"]
+    lines.append(f"| {r['name']} | {r['objective']} | {r['train_steps']} | {r['resolution']} | {r['sampler']} | {r['forwards']} | "
+                 f"{cell(r, 'seen')} | {change(r, 'seen')} | {_mean(a['seen']):.3f} | "
+                 f"{cell(r, 'held_out')} | {change(r, 'held_out')} | {_mean(a['held_out']):.3f} | "
+                 f"{cell(r, 'new_color', 'color')} | {change(r, 'new_color', 'color')} |")
+  n = rows[0]["adherence"]["seen"]["n"] if rows else 0
+  return "\n".join(lines) + (
+      f"\n\n{n} prompts per split; ± one standard error (binomial). Effect: the change from the stage "
+      "it started from (the teacher row: from the same model with its own sampler); its error adds "
+      "both stages' in quadrature, which overstates it, since every stage is scored on the same "
+      "prompts and noise. Guided samplers use CFG (2 forwards) unless guidance is embedded.\n")
+
+
+def run(pipeline: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict[str, Any]], str]:
+  """Trains what is not finished, evaluates every stage, writes workdir/stages.{json,md}.
+  Returns (rows, Markdown table)."""
+  stages = train_all(pipeline, workdir)  # validates every stage's config before any training
+  rows = evaluate_all(pipeline, stages)
+  table = markdown(rows)
+  with open(os.path.join(workdir, "stages.json"), "w") as f:
+    json.dump(rows, f, indent=1)
+  with open(os.path.join(workdir, "stages.md"), "w") as f:
+    f.write(table)
+  return rows, table
