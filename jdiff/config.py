@@ -41,6 +41,8 @@ CAPTION_FROM = ("auto", "filename")  # jdiff.data.files.CAPTION_FROM
 MISSING_CAPTIONS = ("skip", "empty")  # jdiff.data.files.MISSING_CAPTION
 LOSS_MASKS = ("none", "alpha", "file")  # jdiff.data.decode.LOSS_MASKS
 WANDB_MODES = ("offline", "online")
+SHAPES_SPLITS = ("train", "held_out", "new_color", "web", "curated")  # jdiff.data.shapes.SPLITS
+WEB_RATES = ("noise", "blur", "jpeg", "cast", "clutter", "occlusion", "crop", "wrong", "missing")  # degrade.RATES
 EVAL_METRICS = ("adherence", "val_loss", "fid", "kid", "clip_score")  # jdiff.eval.evaluator.METRICS
 PREDICTIONS = ("v", "eps", "x0")  # jdiff.diffusion.PREDICTIONS
 WEIGHTINGS = ("none", "eps", "x0", "sigma_sqrt", "cosmap")  # jdiff.diffusion.WEIGHTINGS
@@ -201,8 +203,14 @@ def base() -> ml_collections.ConfigDict:
       shapes_size=1_000_000,  # records in the embedded dataset (procedural)
       shapes_seed=0,
       # shapes/preference training split: train | new_color (adds 'pink') | held_out (the unseen
-      # colour-shape pairs: objective grpo only, whose prompts they become; no image is read)
+      # colour-shape pairs: objective grpo only, whose prompts they become; no image is read) |
+      # web (pre-training data: images degraded and captions garbled at the rates of data.web)
+      # | curated (clean renders, exact captions naming every attribute and the background)
       shapes_split="train",
+      # shapes_split='web': the chance of each image degradation and caption fault, each drawn
+      # on its own per record (jdiff/data/degrade.py says what each does)
+      web=ml_collections.ConfigDict(dict(noise=0.3, blur=0.2, jpeg=0.3, cast=0.2, clutter=0.15, occlusion=0.1,
+                                         crop=0.15, wrong=0.1, missing=0.2)),
       # preference: a directory of on-policy pairs from `python -m jdiff.pairs` (rejected =
       # the model's own wrong samples); '' = embedded pairs (one attribute of the render changed)
       pairs_dir="",

@@ -60,7 +60,12 @@ def validate(c: ml_collections.ConfigDict, *, encoding: bool = False) -> None:
   _one_of("text.encoder", c.text.encoder, config_lib.TEXT_ENCODERS)
   _one_of("data.source", c.data.source, config_lib.DATA_SOURCES)
   _one_of("objective", c.objective, config_lib.STAGE_OBJECTIVES[c.stage])
-  _one_of("data.shapes_split", c.data.shapes_split, ("train", "new_color", "held_out"))
+  _one_of("data.shapes_split", c.data.shapes_split, config_lib.SHAPES_SPLITS)
+  if set(c.data.web) != set(config_lib.WEB_RATES):
+    raise errors.InvalidArgument(f"config.data.web: expected the rates {config_lib.WEB_RATES}, got {sorted(c.data.web)}")
+  for name, rate in c.data.web.items():
+    if not 0 <= rate <= 1:
+      raise errors.InvalidArgument(f"config.data.web.{name}={rate}: a rate in [0, 1]")
   if c.data.shapes_split == "held_out" and c.objective != "grpo":
     raise errors.InvalidArgument("data.shapes_split='held_out' holds the benchmark's unseen colour-shape pairs: only "
                                  "objective 'grpo' may read it (its captions as prompts, never its images)")

@@ -159,6 +159,8 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   assert by_name["guidance"]["forwards"] == p.base.eval.num_steps  # embedded guidance: one
   assert by_name["fewstep"]["forwards"] == 2 and by_name["fewstep"]["sampler"] == "2 x 1"
   assert table.count("\n| ") == len(rows) and os.path.exists(tmp_path / "stages.json")
+  assert all(0 <= r["adherence"][s]["clean"] <= 1 and r["adherence"][s]["residual"] >= 0 for r in rows
+             for s in ("seen", "held_out", "new_color"))
   # Each row's effect is measured from the stage it started from; the teacher row from its own stage.
   assert [r["parent"] for r in rows] == [None, "pretrain", "sft", "sft", "grpo", "tune", "tune", "guidance"]
 
@@ -177,7 +179,8 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
 
 def test_stage_effects_carry_binomial_standard_errors():
   def row(name, parent, seen_all, colour):
-    split = dict(color=1.0, shape=1.0, size=1.0, position=1.0, all=seen_all, n=100)
+    split = dict(color=1.0, shape=1.0, size=1.0, position=1.0, all=seen_all, n=100, clean=seen_all / 2,
+                 residual=3.25, residual_se=0.5)
     return dict(name=name, parent=parent, objective="flow", train_steps=1, resolution=8, sampler="2 x 2",
                 forwards=4, adherence=dict(seen=split, held_out=split, new_color=dict(split, color=colour)))
   rows = [row("a", None, 0.7, 0.5), row("b", "a", 0.8, 0.9)]
@@ -189,6 +192,7 @@ def test_stage_effects_carry_binomial_standard_errors():
   table = stage_pipeline.markdown(rows).splitlines()
   assert "| 0.800 ± 0.040 | +0.100 ± 0.061 |" in table[3] and "| 0.900 ± 0.030 | +0.400 ± 0.058 |" in table[3]
   assert "| 0.700 ± 0.046 |  |" in table[2]  # the first stage has no effect
+  assert table[3].endswith("| 0.400 ± 0.049 | 3.25 ± 0.50 |")  # render quality of the seen images
 
 
 @pytest.mark.parametrize("changes,message", [

@@ -95,7 +95,11 @@ def test_trainer_writes_learning_curve_and_validation_loss(tmp_path):
   assert list(data["t_bins"]) == bins and len(bins) >= 2
   for k in bins:
     np.testing.assert_allclose(data["t_bins"][k][1], [m[k] for m in metrics if k in m])
-  assert data["other"] == {}  # adherence and validation loss have panels of their own
+  # Adherence and validation loss have panels of their own; the benchmark images' render quality
+  # joins the other metrics.
+  assert list(data["other"]) == ["clean (seen)"]
+  np.testing.assert_array_equal(data["other"]["clean (seen)"][0], [e["step"] for e in evals])
+  assert [e["seen"]["clean"] for e in evals] == list(data["other"]["clean (seen)"][1])
   # The PNG opens, at the figure's size, with a line per series in its panel.
   assert Image.open(tmp_path / curves.FILENAME).size == (1500, 800)
   fig = curves.draw(data)

@@ -13,16 +13,25 @@ New attribute: the colour in NEW_COLORS ('pink') never appears in 'train' or 'he
 The 'new_color' split, for teaching it to a trained model (a LoRA tune stage), draws half
 its examples in the new colour and half from the 'train' distribution.
 
-Everything is a pure function of (seed, split, index): every process, worker and
-restart sees the same example for the same index.
+Pre-training and fine-tuning data, as in production: 'web' draws its scenes as 'train' does,
+degrades its images and garbles its captions at the rates of config.data.web (sensor noise,
+blur, compression, colour casts, clutter, occlusion, off-centre crops; wrong or missing
+attributes, more caption templates: jdiff/data/degrade.py); 'curated' is clean renders with
+exact, detailed captions (every attribute and the background), for supervised fine-tuning
+on a small number of records (data.shapes_size).
+
+Everything is a pure function of (seed, split, index) and, for 'web', the rates: every
+process, worker and restart sees the same example for the same index.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
+
+from jdiff.data import degrade
 
 COLORS = {
     "red": (220, 40, 40),
@@ -42,7 +51,8 @@ ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
 POSITIONS = tuple(f"{r} {c}" for r in ROWS for c in COLS)
 HELD_OUT = frozenset({("blue", "triangle"), ("yellow", "circle"), ("purple", "square")})
-SPLITS = ("train", "held_out", "new_color")
+SPLITS = ("train", "held_out", "new_color", "web", "curated")
+TRAIN_LIKE = ("train", "web", "curated")  # scenes of the seen colour-shape pairs
 ATTRIBUTES = ("color", "shape", "size", "position")
 
 # Jitter keeps the data from being 1458 fixed images while every attribute stays readable.
@@ -65,6 +75,7 @@ _TEMPLATES = (
     "{size} {color} {shape} {where}, {background} background",
 )
 BENCHMARK_TEMPLATE = _TEMPLATES[0]
+CURATED_TEMPLATE = _TEMPLATES[1]  # every attribute and the background
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,16 +212,33 @@ def scene_for(seed: int, split: str, index: int) -> tuple[Scene, str]:
   position = str(rng.choice(POSITIONS))
   background = str(rng.choice(list(BACKGROUNDS)))
   scene = Scene(color, shape, size, position, background, **_layout(rng, position, size))
-  return scene, caption(scene, _TEMPLATES[rng.integers(len(_TEMPLATES))])
+  template = _TEMPLATES[rng.integers(len(_TEMPLATES))]
+  return scene, caption(scene, CURATED_TEMPLATE if split == "curated" else template)
+
+
+_CHOICES = {"color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES), "position": POSITIONS}
+
+
+def web_example(seed: int, index: int, resolution: int | tuple[int, int], rates: Mapping[str, float]
+                ) -> tuple[np.ndarray, degrade.NoisyCaption, tuple[str, ...], Scene]:
+  """Record `index` of the 'web' split: (degraded image, noisy caption, the degradations
+  applied, the true scene)."""
+  scene, _ = scene_for(seed, "web", index)
+  rng = np.random.default_rng([seed, SPLITS.index("web"), index, 2])
+  noisy = degrade.noisy_caption(scene.attributes(), scene.background, _PHRASES, _CHOICES, rng, rates)
+  image, applied = degrade.degrade(render(scene, resolution), scene.center, scene.half_extent, rng, rates)
+  return image, noisy, applied, scene
 
 
 class ShapesSource:
   """grain random-access source: record i -> {'image': uint8 [H, W, 3], 'caption': str, attributes}."""
 
-  def __init__(self, resolution: int = 64, split: str = "train", size: int = 1_000_000, seed: int = 0):
+  def __init__(self, resolution: int = 64, split: str = "train", size: int = 1_000_000, seed: int = 0,
+               web: Mapping[str, float] | None = None):
     if split not in SPLITS:
       raise ValueError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
     self.resolution, self.split, self.size, self.seed = resolution, split, size, seed
+    self.web = dict(web or {})  # the 'web' split's rates (degrade.RATES)
 
   def __len__(self) -> int:
     return self.size
@@ -218,6 +246,9 @@ class ShapesSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     if not 0 <= index < self.size:
       raise IndexError(f"index {index} out of range for {self.size} examples")
+    if self.split == "web":
+      image, noisy, _, scene = web_example(self.seed, int(index), self.resolution, self.web)
+      return dict(image=image, caption=noisy.text, **scene.attributes())
     scene, text = scene_for(self.seed, self.split, int(index))
     return dict(image=render(scene, self.resolution), caption=text, **scene.attributes())
 

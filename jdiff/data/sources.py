@@ -145,7 +145,9 @@ def make_source(data_cfg: Mapping[str, Any], split: str = "train"):
   if kind in ("shapes", "preference"):
     cls = shapes.ShapesSource if kind == "shapes" else shapes.PreferencePairsSource
     split = data_cfg.get("shapes_split", "train") if split == "train" else split
-    return cls(data_cfg["resolution"], split, size=data_cfg["shapes_size"], seed=data_cfg["shapes_seed"])
+    web = data_cfg.get("web")
+    return cls(data_cfg["resolution"], split, size=data_cfg["shapes_size"], seed=data_cfg["shapes_seed"],
+               web=dict(web) if web is not None else None)
   if kind == "tfds":
     if not data_cfg["tfds_name"]:
       raise errors.InvalidArgument("data.source='tfds' needs data.tfds_name")

@@ -34,11 +34,18 @@ def _nearest(color: np.ndarray, table: np.ndarray, names: Iterable[str]) -> str:
   return list(names)[int(np.argmin(np.linalg.norm(table - color, axis=-1)))]
 
 
-def analyse(image: np.ndarray) -> dict[str, Any]:
+def nearest_background(color: np.ndarray) -> str:
+  """The name of the palette background nearest an RGB colour."""
+  return _nearest(color, _BACKDROPS, shapes.BACKGROUNDS)
+
+
+def analyse(image: np.ndarray, with_layout: bool = False) -> dict[str, Any]:
   """Attributes of one shapes image.
 
   Args:
     image: [H, W, 3] uint8 (or float in [0, 255]).
+    with_layout: also return the fitted shape's 'center' (x, y) and 'half_extent'
+      (fractions of the image side, as shapes.Scene holds them; None without a shape).
 
   Returns:
     dict with color, shape, size, position, background; the first four are None when
@@ -48,8 +55,9 @@ def analyse(image: np.ndarray) -> dict[str, Any]:
   h, w, _ = img.shape
   border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
   bg = np.median(border, axis=0)
-  out: dict[str, Any] = dict(background=_nearest(bg, _BACKDROPS, shapes.BACKGROUNDS),
-                             color=None, shape=None, size=None, position=None)
+  out: dict[str, Any] = dict(background=nearest_background(bg), color=None, shape=None, size=None, position=None)
+  if with_layout:
+    out.update(center=None, half_extent=None)
   dist = np.linalg.norm(img - bg, axis=-1)
   if np.count_nonzero(dist > _FG_THRESHOLD) < 2:
     return out
@@ -78,6 +86,8 @@ def analyse(image: np.ndarray) -> dict[str, Any]:
   row = shapes.ROWS[min(max(int(y * 3), 0), 2)]
   col = shapes.COLS[min(max(int(x * 3), 0), 2)]
   out["position"] = f"{row} {col}"
+  if with_layout:
+    out.update(center=(x, y), half_extent=half)
   return out
 
 

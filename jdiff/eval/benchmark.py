@@ -11,6 +11,7 @@ import numpy as np
 from jdiff import inference
 from jdiff.data import shapes
 from jdiff.eval import adherence
+from jdiff.eval import render_quality
 
 # seen: trained colour-shape pairs; held_out: unseen pairs of seen words; new_color: a colour
 # word absent from pre-training (learned by a tune stage on the 'new_color' data split).
@@ -48,7 +49,10 @@ def applies(config) -> bool:
 def evaluate(model: inference.Model, *, num_samples: int | None = None, num_steps: int | None = None,
              cfg_scale: float | None = None, method: str | None = None, seed: int | None = None,
              grid_dir: str | None = None, grid_images: int = 64) -> dict[str, Any]:
-  """{'seen': {color, shape, size, position, all, n}, 'held_out': {...}, 'new_color': {...}};
+  """{'seen': {color, shape, size, position, all, n, clean, residual, residual_se}, 'held_out':
+  {...}, 'new_color': {...}}: adherence (jdiff.eval.adherence) and render quality of the same
+  images (jdiff.eval.render_quality: the fraction within CLEAN of a clean render, and the mean
+  distance to one in grey levels with its standard error);
   unset settings come from config.eval. `grid_dir`: also writes each split's first
   `grid_images` images as a verdict grid (write_verdict_grid) to grid_dir/<split>.png."""
   e = model.config.eval
@@ -62,6 +66,8 @@ def evaluate(model: inference.Model, *, num_samples: int | None = None, num_step
                                 method=method or e.method, seed=e.seed if seed is None else seed)
     verdicts = [adherence.correct(image, a) for image, (_, a) in zip(images, prompts)]
     out[name] = adherence.tally(verdicts)
+    quality = render_quality.score(images)
+    out[name].update(clean=quality["clean"], residual=quality["residual"], residual_se=quality["residual_se"])
     if grid_dir:
       k = min(grid_images, len(prompts))
       write_verdict_grid(images[:k], [p for p, _ in prompts[:k]], verdicts[:k], os.path.join(grid_dir, f"{name}.png"))

@@ -61,7 +61,8 @@ def curve_data(workdir: str) -> dict[str, Any]:
   """The series of the workdir's logs, each (steps, values) arrays (empty where nothing was
   logged yet): 'train' (loss), 'val' (val_loss), 't_bins' {loss_tX: ...}, 'lr', 'grad_norm',
   'adherence' {split: {attribute: ...}}, 'other' {eval metric: ...} (numbers of eval.jsonl
-  that are neither adherence nor validation loss, and OBJECTIVE_SERIES of metrics.jsonl)."""
+  that are neither adherence nor validation loss, the render quality of the seen images, and
+  OBJECTIVE_SERIES of metrics.jsonl)."""
   metrics = [m for m in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in m]
   evals = read_jsonl(os.path.join(workdir, "eval.jsonl"))
   adherence = {}
@@ -73,10 +74,15 @@ def curve_data(workdir: str) -> dict[str, Any]:
   other = sorted({k for e in evals for k, v in e.items()
                   if isinstance(v, (int, float)) and k != "step" and not k.startswith("val_loss")})
   training = [k for k in OBJECTIVE_SERIES if any(k in m for m in metrics)]
+  series = {k: _series(evals, k) for k in other}
+  quality = [e for e in evals if "clean" in e.get("seen", {})]  # render quality of the seen images
+  if quality:
+    series["clean (seen)"] = (np.array([e["step"] for e in quality], np.int64),
+                              np.array([e["seen"]["clean"] for e in quality], float))
   return dict(train=_series(metrics, "loss"), val=_series(evals, "val_loss"),
               t_bins={k: _series(metrics, k) for k in t_bins}, lr=_series(metrics, "lr"),
               grad_norm=_series(metrics, "grad_norm"), adherence=adherence,
-              other={**{k: _series(evals, k) for k in other},
+              other={**series,
                      **{f"{k} (training)": _series(metrics, k) for k in training}})
 
 

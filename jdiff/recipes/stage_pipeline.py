@@ -32,6 +32,7 @@ from jdiff import errors
 from jdiff import inference
 from jdiff.eval import on_policy as pairs_lib
 from jdiff.eval import benchmark
+from jdiff.eval import render_quality
 from jdiff.train import trainer
 
 log = logging.getLogger(__name__)
@@ -177,9 +178,11 @@ def effect(row: dict[str, Any], parent: dict[str, Any], split: str, key: str = "
 
 def markdown(rows: list[dict[str, Any]]) -> str:
   """The table in Markdown: 'all' = every attribute right (± its standard error); 'attr' =
-  mean per-attribute accuracy; 'effect' = the change of 'all' from the stage it started from."""
+  mean per-attribute accuracy; 'effect' = the change of 'all' from the stage it started from;
+  'clean' and 'artefacts' = render quality of the seen images."""
   head = ("| stage | objective | train steps | resolution | sampling (steps x forwards) | forwards/image "
-          "| seen all | effect | seen attr | held-out all | effect | held-out attr | new colour: colour | effect |")
+          "| seen all | effect | seen attr | held-out all | effect | held-out attr | new colour: colour | effect "
+          "| clean | artefacts |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   by_name = {r["name"]: r for r in rows}
 
@@ -193,18 +196,27 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     d, se = effect(r, by_name[r["parent"]], split, key)
     return f"{d:+.3f} ± {se:.3f}"
 
+  def quality(split):
+    if "clean" not in split:  # a table of rows scored before render quality was
+      return " | "
+    return (f"{split['clean']:.3f} ± {standard_error(split['clean'], split['n']):.3f} | "
+            f"{split['residual']:.2f} ± {split['residual_se']:.2f}")
+
   for r in rows:
     a = r["adherence"]
     lines.append(f"| {r['name']} | {r['objective']} | {r['train_steps']} | {r['resolution']} | {r['sampler']} | {r['forwards']} | "
                  f"{cell(r, 'seen')} | {change(r, 'seen')} | {_mean(a['seen']):.3f} | "
                  f"{cell(r, 'held_out')} | {change(r, 'held_out')} | {_mean(a['held_out']):.3f} | "
-                 f"{cell(r, 'new_color', 'color')} | {change(r, 'new_color', 'color')} |")
+                 f"{cell(r, 'new_color', 'color')} | {change(r, 'new_color', 'color')} | "
+                 f"{quality(a['seen'])} |")
   n = rows[0]["adherence"]["seen"]["n"] if rows else 0
   return "\n".join(lines) + (
       f"\n\n{n} prompts per split; ± one standard error (binomial). Effect: the change from the stage "
       "it started from (the teacher row: from the same model with its own sampler); its error adds "
       "both stages' in quadrature, which overstates it, since every stage is scored on the same "
-      "prompts and noise. Guided samplers use CFG (2 forwards) unless guidance is embedded.\n")
+      "prompts and noise. Guided samplers use CFG (2 forwards) unless guidance is embedded. Clean: "
+      f"the fraction of the seen images within {render_quality.CLEAN:g} grey levels of a clean render of what they show; "
+      "artefacts: their mean distance from it in grey levels (jdiff/eval/render_quality.py).\n")
 
 
 def run(pipeline: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict[str, Any]], str]:
