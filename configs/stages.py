@@ -1,8 +1,10 @@
 """The whole training pipeline on the embedded shapes data (`python -m jdiff.stages`):
 
-  pretrain  flow matching from scratch (configs/mmdit_256.py; cpu: the README demo)
-  sft       posttrain: supervised fine-tuning at a higher resolution (the timestep shift
-            follows the new token count, in training and sampling alike)
+  pretrain  flow matching from scratch (configs/mmdit_256.py) on the 'web' split: many
+            records, images degraded and captions garbled at the rates of data.web
+  sft       posttrain: supervised fine-tuning on the small 'curated' split (clean renders,
+            exact captions) at a higher resolution (the timestep shift follows the new
+            token count, in training and sampling alike)
   dpo       posttrain: Diffusion-DPO against the frozen sft model, on on-policy pairs: the
             caption's render (preferred) vs the sft model's own sample for it, where the
             adherence analyser finds an attribute wrong (rejected; jdiff/eval/on_policy.py)
@@ -41,6 +43,7 @@ def get_config(arg: str | None = None):
   pretrain_steps, stage_steps = dict(gpu=(400_000, 4000), cpu=(base.train.num_steps, 400), test=(3, 2))[variant]
   high_res = dict(gpu=512, cpu=32, test=24)[variant]
   lr = dict(gpu=1e-5, cpu=1e-4, test=1e-4)[variant]  # later stages: short runs from a trained model
+  curated = dict(gpu=100_000, cpu=2048, test=64)[variant]  # records of the sft split
 
   def later(**fields):
     """A later stage: short, its own lr and EMA, at the sft resolution."""
@@ -56,8 +59,8 @@ def get_config(arg: str | None = None):
   p.base = base
   p.order = "pretrain,sft,dpo,grpo,tune,guidance,fewstep"
   p.stages = ml_collections.ConfigDict(dict(
-      pretrain=dict(train=dict(num_steps=pretrain_steps)),
-      sft=later(stage="posttrain"),
+      pretrain=dict(train=dict(num_steps=pretrain_steps), data=dict(shapes_split="web")),
+      sft=later(stage="posttrain", data=dict(shapes_split="curated", shapes_size=curated)),
       # t ~ logit-normal(1, 1): the high-noise steps where layout, shape and colour are decided;
       # DPO-Positive keeps the preferred images' error from rising (docs/notes.md).
       dpo=later(stage="posttrain", objective="dpo", dpo=dict(beta=2000.0, positive=100.0),
