@@ -122,6 +122,10 @@ def base() -> ml_collections.ConfigDict:
       patch_size=8,  # pixels per patch side
       in_channels=3,  # 3 for pixel space
       pos_embed_max_size=64,  # largest patch grid side the position table covers
+      # Position interpolation: the patch grid side the positions were learned at (e.g. the
+      # pre-training resolution's, set when fine-tuning at another); every grid then spans
+      # that grid's extent, so tokens keep their place in the frame. 0: SD3's centred crop.
+      pos_embed_interpolate=0,
       dtype="bfloat16",  # compute dtype
       param_dtype="float32",  # storage dtype of params and optimizer state
       attention="default",  # default | xla | cudnn | splash[:block] (TPU Pallas kernel, block 512)

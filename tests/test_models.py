@@ -465,3 +465,34 @@ def test_remat_gradients_equal_no_remat(name, remat, scan):
   g_model = ({"params": to_unrolled(g_model[0]["params"], groups)}, g_model[1])
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_plain)) > 1e-2
   chex.assert_trees_all_close(g_model, g_plain, atol=1e-5, rtol=1e-5)
+
+
+def test_position_interpolation_keeps_each_token_in_its_place_in_the_frame():
+  """pos_embed_interpolate=G: at the G grid the table is SD3's centred crop; at any other grid
+  token i of n takes the coordinate of fractional place (i + 1/2) / n within the G crop (so
+  the corner tokens of a 4 grid sit 1/8 of a G=3 token outside the G grid's corner tokens)."""
+  from jdiff.models.layers import embeddings  # pylint: disable=g-import-not-at-top
+  dim, max_size = 16, 10
+  crop = embeddings.cropped_sincos_2d(dim, (3, 3), max_size, None)
+  np.testing.assert_array_equal(embeddings.cropped_sincos_2d(dim, (3, 3), max_size, None, 3), crop)
+  table = embeddings.cropped_sincos_2d(dim, (4, 2), max_size, None, 3)
+  rows = 3 + (np.arange(4) + 0.5) * 3 / 4 - 0.5  # the 3 crop starts at (10 - 3) // 2 = 3
+  cols = 3 + (np.arange(2) + 0.5) * 3 / 2 - 0.5
+  want = np.concatenate([embeddings.sincos_1d(dim // 2, np.tile(cols, 4)),
+                         embeddings.sincos_1d(dim // 2, np.repeat(rows, 2))], axis=1)
+  np.testing.assert_allclose(table, want, atol=1e-6)
+  assert rows[0] == 2.875 and rows[-1] == 5.125 and cols.tolist() == [3.25, 4.75]
+  # SD3's scaled coordinates (base_size) scale the interpolated ones alike.
+  np.testing.assert_allclose(embeddings.cropped_sincos_2d(dim, (3, 3), max_size, 5, 3),
+                             embeddings.cropped_sincos_2d(dim, (3, 3), max_size, 5), atol=1e-6)
+  # The model field reaches the table: the same params give other outputs at a new grid only.
+  cfg = dict(TINY_MMDIT, width=32, num_heads=2, patch_size=4)
+  cond = dict(context=jnp.ones((1, 4, 24)), pooled=jnp.ones((1, 12)))
+  t = jnp.full((1,), 0.5)
+  plain, params = init(cfg, jnp.ones((1, 12, 12, 4)), t, cond)
+  params = perturb(params)
+  interp = models.build(dict(cfg, pos_embed_interpolate=3))
+  for side, same in ((12, True), (16, False)):
+    x = jax.random.normal(jax.random.key(side), (1, side, side, 4))
+    a, b = (jax.jit(m.apply)(params, x, t, **cond) for m in (plain, interp))
+    assert np.array_equal(a, b) == same, side

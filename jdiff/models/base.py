@@ -27,6 +27,7 @@ class PatchTransformer(nn.Module):
   qk_norm: bool = True
   pos_embed_max_size: int = 64
   pos_embed_base_size: int | None = None
+  pos_embed_interpolate: int = 0  # the grid side positions were learned at (L.cropped_sincos_2d); 0: crop
   time_scale: float = 1000.0
   guidance_embed: bool = False  # embed a guidance scale like t (guidance-distilled models)
   attention: str = "default"
@@ -49,7 +50,7 @@ class PatchTransformer(nn.Module):
       raise ValueError(f"expected {self.in_channels} input channels, got shape {x.shape}")
     grid = (x.shape[1] // self.patch_size, x.shape[2] // self.patch_size)
     h = L.PatchEmbed(self.width, self.patch_size, self.pos_embed_max_size, self.pos_embed_base_size,
-                     name="patch_embed", **self._kw)(x.astype(self.dtype))
+                     self.pos_embed_interpolate, name="patch_embed", **self._kw)(x.astype(self.dtype))
     c = L.TimestepEmbed(self.width, self.time_scale, name="t_embed", **self._kw)(t)
     return h, c, grid
 

@@ -46,13 +46,20 @@ def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
-def cropped_sincos_2d(dim: int, grid: tuple[int, int], max_size: int, base_size: int | None):
+def cropped_sincos_2d(dim: int, grid: tuple[int, int], max_size: int, base_size: int | None,
+                      interpolate: int = 0):
   """2D sin-cos position table [h*w, dim] for grid (h, w), cut from the centre of max_size^2.
 
   As in SD3: the table is defined on a max_size x max_size grid whose coordinates are
   scaled by base_size / max_size (base_size None: unit spacing), and each resolution
   takes its centred crop, so one set of weights serves every grid up to max_size.
   The first dim/2 channels encode the column, the last dim/2 the row.
+
+  interpolate > 0 (position interpolation): the grid side the model learned its positions
+  at. Every grid then spans the extent of that one's crop, token i of n at the coordinate of
+  fractional place (i + 1/2) / n, so a token keeps its place in the frame when the resolution
+  changes (a model fine-tuned at another resolution keeps what it learned of layout); at
+  that side the table is the crop itself.
   """
   h, w = grid
   if dim % 4:
@@ -65,8 +72,13 @@ def cropped_sincos_2d(dim: int, grid: tuple[int, int], max_size: int, base_size:
   coords = np.arange(max_size, dtype=np.float32)
   if base_size is not None:
     coords = coords / np.float32(max_size / base_size)
-  top, left = (max_size - h) // 2, (max_size - w) // 2
-  rows, cols = coords[top:top + h], coords[left:left + w]
+  if interpolate:
+    start = (max_size - interpolate) // 2
+    scale = np.float32(1.0 if base_size is None else base_size / max_size)
+    rows, cols = ((start + (np.arange(n, dtype=np.float64) + 0.5) * interpolate / n - 0.5) * scale for n in (h, w))
+  else:
+    top, left = (max_size - h) // 2, (max_size - w) // 2
+    rows, cols = coords[top:top + h], coords[left:left + w]
   col_emb = sincos_1d(dim // 2, np.tile(cols, h))
   row_emb = sincos_1d(dim // 2, np.repeat(rows, w))
   return np.concatenate([col_emb, row_emb], axis=1).astype(np.float32)
@@ -80,6 +92,7 @@ class PatchEmbed(nn.Module):
   patch_size: int
   pos_embed_max_size: int
   pos_embed_base_size: int | None = None
+  pos_embed_interpolate: int = 0  # see cropped_sincos_2d
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   lora: LoRA | None = None  # adapters on matching Dense layers (see LoRA)
@@ -90,7 +103,8 @@ class PatchEmbed(nn.Module):
     tokens = dense(self.width, ("patch", "embed"), name="proj", dtype=self.dtype,
                    param_dtype=self.param_dtype, lora=self.lora)(patchify(x, self.patch_size))
     if self.pos_embed_max_size:
-      pos = cropped_sincos_2d(self.width, grid, self.pos_embed_max_size, self.pos_embed_base_size)
+      pos = cropped_sincos_2d(self.width, grid, self.pos_embed_max_size, self.pos_embed_base_size,
+                              self.pos_embed_interpolate)
       tokens = tokens + jnp.asarray(pos, self.dtype)[None]
     return constrain(tokens, "activation_batch", "activation_length", "activation_embed")
 
