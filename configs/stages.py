@@ -95,9 +95,10 @@ def get_config(arg: str | None = None):
                                            preferred="render", samples_per_caption=1, split=""))
   # The table: prompts per benchmark split, and the teacher row (the stage that distillation
   # starts from, sampled with table.teacher_steps steps and CFG).
-  p.table = ml_collections.ConfigDict(dict(num_samples=480, teacher="tune", teacher_steps=50))
+  # picture: prompts in the row of samples per stage drawn into stages.png.
+  p.table = ml_collections.ConfigDict(dict(num_samples=480, teacher="tune", teacher_steps=50, picture=8))
   if variant == "test":
     p.stages.fewstep.distill.update(student_steps=2, teacher_substeps=2)
     p.stages.fewstep.sample.num_steps = p.stages.fewstep.eval.num_steps = 2
-    p.table.update(num_samples=2, teacher_steps=3)
+    p.table.update(num_samples=2, teacher_steps=3, picture=2)
   return p

@@ -159,6 +159,9 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   assert by_name["guidance"]["forwards"] == p.base.eval.num_steps  # embedded guidance: one
   assert by_name["fewstep"]["forwards"] == 2 and by_name["fewstep"]["sampler"] == "2 x 1"
   assert table.count("\n| ") == len(rows) and os.path.exists(tmp_path / "stages.json")
+  # The picture: a row of samples per table row, each image scaled to 64 px, plus the gaps.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  assert Image.open(tmp_path / stage_pipeline.PICTURE).height == len(rows) * (64 + 2) + 2
   assert all(0 <= r["adherence"][s]["clean"] <= 1 and r["adherence"][s]["residual"] >= 0 for r in rows
              for s in ("seen", "held_out", "new_color"))
   # Each row's effect is measured from the stage it started from; the teacher row from its own stage.

@@ -24,18 +24,22 @@ import os
 from typing import Any
 
 import ml_collections
+import numpy as np
+from PIL import Image, ImageDraw
 
-from jdiff.workdir import checkpoint as ckpt_lib
 from jdiff import cli
 from jdiff import config_checks
 from jdiff import errors
 from jdiff import inference
-from jdiff.eval import on_policy as pairs_lib
+from jdiff.data import shapes
 from jdiff.eval import benchmark
+from jdiff.eval import on_policy as pairs_lib
 from jdiff.eval import render_quality
 from jdiff.train import trainer
+from jdiff.workdir import checkpoint as ckpt_lib
 
 log = logging.getLogger(__name__)
+PICTURE = "stages.png"
 
 
 def _apply(config: ml_collections.ConfigDict, overrides: Any, where: str) -> None:
@@ -138,20 +142,54 @@ def _row(label: str, model, config, num_samples: int, num_steps: int | None = No
               guidance_embedded=bool(model.networks.denoiser.guidance_embed), adherence=result)
 
 
-def evaluate_all(pipeline: ml_collections.ConfigDict, stages: list[tuple[str, str, Any]]) -> list[dict[str, Any]]:
+def picture_prompts(num: int) -> list[str]:
+  """The prompts of the stage picture: seen and held-out benchmark prompts, alternating (every
+  fifth: the benchmark steps through sizes and positions in order, and these vary both)."""
+  seen, held_out = (shapes.benchmark(split, 5 * num)[::5] for split in ("train", "held_out"))
+  return [p for pair in zip(seen, held_out) for p, _ in pair][:num]
+
+
+def _samples(model, prompts: list[str], num_steps: int | None = None) -> np.ndarray:
+  """A row of the stage picture: `prompts` drawn by `model` with its eval sampler and seed."""
+  e = model.config.eval
+  return inference.generate(model, prompts, num_steps=e.num_steps if num_steps is None else num_steps,
+                            cfg_scale=e.cfg_scale, method=e.method, seed=e.seed)
+
+
+def evaluate_all(pipeline: ml_collections.ConfigDict, stages: list[tuple[str, str, Any]]
+                 ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
   """The table's rows: each stage with its own eval sampler (and `parent`, the stage it
-  started from), plus the teacher row."""
+  started from), plus the teacher row; and each row's samples of the picture prompts (the
+  same prompts and noise for every row)."""
 
   t = pipeline.table
-  rows = []
+  rows, pictures = [], []
+  prompts = picture_prompts(t.picture)
   names = {stage_dir: name for name, stage_dir, _ in stages}
   for name, stage_dir, config in stages:
     model = inference.load(stage_dir)
     rows.append(dict(_row(name, model, config, t.num_samples), parent=names.get(config.init_from)))
+    pictures.append(_samples(model, prompts))
     if name == t.teacher:
       rows.append(dict(_row(f"{name} @ {t.teacher_steps} steps", model, config, t.num_samples, t.teacher_steps),
                        parent=name))
-  return rows
+      pictures.append(_samples(model, prompts, t.teacher_steps))
+  return rows, pictures
+
+
+def picture(labels: list[str], samples: list[np.ndarray], side: int = 64) -> np.ndarray:
+  """One row per stage: its label, then its samples scaled (nearest) to side x side, so
+  stages at different resolutions line up. uint8 [rows * (side + 2) + 2, W, 3]."""
+  label_width = 8 + 7 * max(len(label) for label in labels)
+  scaled = [np.stack([np.asarray(Image.fromarray(x).resize((side, side), Image.Resampling.NEAREST)) for x in row])
+            for row in samples]
+  rows = []
+  for label, row in zip(labels, scaled):
+    strip = inference.grid(row, columns=len(row))
+    text = Image.new("RGB", (label_width, strip.shape[0]), (255, 255, 255))
+    ImageDraw.Draw(text).text((4, strip.shape[0] // 2 - 6), label, fill=(0, 0, 0))
+    rows.append(np.concatenate([np.asarray(text), strip], axis=1)[:-2])  # rows share their 2-pixel gaps
+  return np.concatenate(rows + [np.full((2,) + rows[0].shape[1:], 255, np.uint8)], axis=0)
 
 
 def _mean(r: dict[str, float]) -> float:
@@ -220,13 +258,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def run(pipeline: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict[str, Any]], str]:
-  """Trains what is not finished, evaluates every stage, writes workdir/stages.{json,md}.
+  """Trains what is not finished, evaluates every stage, writes workdir/stages.{json,md} and
+  the picture (workdir/stages.png: a row of samples per stage, same prompts and noise).
   Returns (rows, Markdown table)."""
   stages = train_all(pipeline, workdir)  # validates every stage's config before any training
-  rows = evaluate_all(pipeline, stages)
+  rows, samples = evaluate_all(pipeline, stages)
   table = markdown(rows)
   with open(os.path.join(workdir, "stages.json"), "w") as f:
     json.dump(rows, f, indent=1)
   with open(os.path.join(workdir, "stages.md"), "w") as f:
     f.write(table)
+  Image.fromarray(picture([r["name"] for r in rows], samples)).save(os.path.join(workdir, PICTURE))
   return rows, table
