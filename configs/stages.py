@@ -2,6 +2,9 @@
 
   pretrain  flow matching from scratch (configs/mmdit_256.py) on the 'web' split: many
             records, images degraded and captions garbled at the rates of data.web
+  hires     pretrain continued on 'web' at the final resolution (progressive resolution,
+            as in SD3): the model relearns its shapes at the new token scale on plentiful
+            data, so fine-tuning on the small curated split need not
   sft       posttrain: supervised fine-tuning on the small 'curated' split (clean renders,
             exact captions) at a higher resolution (the timestep shift follows the new
             token count, in training and sampling alike)
@@ -44,6 +47,7 @@ def get_config(arg: str | None = None):
   high_res = dict(gpu=512, cpu=32, test=24)[variant]
   lr = dict(gpu=1e-5, cpu=1e-4, test=1e-4)[variant]  # later stages: short runs from a trained model
   curated = dict(gpu=100_000, cpu=2048, test=64)[variant]  # records of the sft split
+  hires_steps = dict(gpu=40_000, cpu=2000, test=2)[variant]
 
   def later(**fields):
     """A later stage: short, its own lr and EMA, at the sft resolution."""
@@ -57,9 +61,12 @@ def get_config(arg: str | None = None):
 
   p = ml_collections.ConfigDict()
   p.base = base
-  p.order = "pretrain,sft,dpo,grpo,tune,guidance,fewstep"
+  p.order = "pretrain,hires,sft,dpo,grpo,tune,guidance,fewstep"
   p.stages = ml_collections.ConfigDict(dict(
       pretrain=dict(train=dict(num_steps=pretrain_steps), data=dict(shapes_split="web")),
+      hires=dict(train=dict(num_steps=hires_steps, checkpoint_every=hires_steps,
+                            sample_every=0 if variant == "test" else hires_steps),
+                 optim=dict(warmup_steps=min(50, hires_steps)), data=dict(shapes_split="web", resolution=high_res)),
       sft=later(stage="posttrain", data=dict(shapes_split="curated", shapes_size=curated)),
       # t ~ logit-normal(1, 1): the high-noise steps where layout, shape and colour are decided;
       # DPO-Positive keeps the preferred images' error from rising (docs/notes.md).

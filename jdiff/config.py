@@ -213,8 +213,8 @@ def base() -> ml_collections.ConfigDict:
       shapes_split="train",
       # shapes_split='web': the chance of each image degradation and caption fault, each drawn
       # on its own per record (jdiff/data/degrade.py says what each does)
-      web=ml_collections.ConfigDict(dict(noise=0.3, blur=0.2, jpeg=0.3, cast=0.2, clutter=0.15, occlusion=0.1,
-                                         crop=0.15, wrong=0.1, missing=0.2)),
+      web=ml_collections.ConfigDict(dict(noise=0.15, blur=0.1, jpeg=0.15, cast=0.1, clutter=0.08, occlusion=0.05,
+                                         crop=0.08, wrong=0.05, missing=0.1)),
       # preference: a directory of on-policy pairs from `python -m jdiff.pairs` (rejected =
       # the model's own wrong samples); '' = embedded pairs (one attribute of the render changed)
       pairs_dir="",

@@ -102,7 +102,8 @@ def _flat(params):
 
 
 def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_table(tmp_path):
-  """configs/stages.py:test end to end: pretrain -> SFT at a higher resolution -> DPO, and
+  """configs/stages.py:test end to end: pretrain on web data -> more of it at a higher
+  resolution -> SFT on curated data -> DPO, and
   GRPO beside it from SFT -> LoRA -> guidance -> few-step,
   each from the previous one's EMA weights, lineage recorded; a finished stage is skipped
   when the command runs again; the table prices each sampler in forwards."""
@@ -111,10 +112,11 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   configs = {name: (d, c) for name, d, c in stage_pipeline.stage_configs(p, str(tmp_path))}
   states = {name: restored(d, c) for name, (d, c) in configs.items()}
   lineage = states["fewstep"][2]
-  assert [e["stage"] for e in lineage] == ["pretrain", "posttrain", "posttrain", "tune", "distill", "distill"]
+  assert [e["stage"] for e in lineage] == ["pretrain", "pretrain", "posttrain", "posttrain", "tune", "distill",
+                                           "distill"]
   # grpo branches from sft beside dpo; tune continues from grpo.
   assert [os.path.basename(e["workdir"]) for e in lineage] == [n for n in configs if n != "dpo"]
-  assert [os.path.basename(e["workdir"]) for e in states["dpo"][2]] == ["pretrain", "sft", "dpo"]
+  assert [os.path.basename(e["workdir"]) for e in states["dpo"][2]] == ["pretrain", "hires", "sft", "dpo"]
   grpo_log = [json.loads(line) for line in open(os.path.join(configs["grpo"][0], "metrics.jsonl"))]
   assert all(0.0 <= m["reward"] <= 1.0 and m["kl"] >= 0.0 for m in grpo_log if "reward" in m)
   dpo = json.loads(open(os.path.join(configs["dpo"][0], "metrics.jsonl")).readlines()[-1])
@@ -153,8 +155,8 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   assert set(student) - set(dpo_model) and all("guidance_embed" in k for k in set(student) - set(dpo_model))
 
   by_name = {r["name"]: r for r in rows}
-  assert list(by_name) == ["pretrain", "sft", "dpo", "grpo", "tune", "tune @ 3 steps", "guidance", "fewstep"]
-  assert [r["resolution"] for r in rows] == [16] + [24] * 7  # sft moved to 24x24
+  assert list(by_name) == ["pretrain", "hires", "sft", "dpo", "grpo", "tune", "tune @ 3 steps", "guidance", "fewstep"]
+  assert [r["resolution"] for r in rows] == [16] + [24] * 8  # hires moved to 24x24
   assert by_name["tune @ 3 steps"]["forwards"] == 3 * 2  # CFG: two forwards per step
   assert by_name["guidance"]["forwards"] == p.base.eval.num_steps  # embedded guidance: one
   assert by_name["fewstep"]["forwards"] == 2 and by_name["fewstep"]["sampler"] == "2 x 1"
@@ -165,7 +167,7 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   assert all(0 <= r["adherence"][s]["clean"] <= 1 and r["adherence"][s]["residual"] >= 0 for r in rows
              for s in ("seen", "held_out", "new_color"))
   # Each row's effect is measured from the stage it started from; the teacher row from its own stage.
-  assert [r["parent"] for r in rows] == [None, "pretrain", "sft", "sft", "grpo", "tune", "tune", "guidance"]
+  assert [r["parent"] for r in rows] == [None, "pretrain", "hires", "sft", "sft", "grpo", "tune", "tune", "guidance"]
 
   # Running the command again: finished stages are skipped (an interrupted one resumes from
   # its checkpoint: the trainer's resume tests); a longer stage continues where it stopped.
