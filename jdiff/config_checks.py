@@ -62,7 +62,8 @@ def validate(c: ml_collections.ConfigDict, *, encoding: bool = False) -> None:
   _one_of("objective", c.objective, config_lib.STAGE_OBJECTIVES[c.stage])
   _one_of("data.shapes_split", c.data.shapes_split, config_lib.SHAPES_SPLITS)
   if set(c.data.web) != set(config_lib.WEB_RATES):
-    raise errors.InvalidArgument(f"config.data.web: expected the rates {config_lib.WEB_RATES}, got {sorted(c.data.web)}")
+    raise errors.InvalidArgument(f"config.data.web: expected the rates {config_lib.WEB_RATES}, "
+                                 f"got {sorted(c.data.web)}")
   for name, rate in c.data.web.items():
     if not 0 <= rate <= 1:
       raise errors.InvalidArgument(f"config.data.web.{name}={rate}: a rate in [0, 1]")

@@ -253,8 +253,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
       "it started from (the teacher row: from the same model with its own sampler); its error adds "
       "both stages' in quadrature, which overstates it, since every stage is scored on the same "
       "prompts and noise. Guided samplers use CFG (2 forwards) unless guidance is embedded. Clean: "
-      f"the fraction of the seen images within {render_quality.CLEAN:g} grey levels of a clean render of what they show; "
-      "artefacts: their mean distance from it in grey levels (jdiff/eval/render_quality.py).\n")
+      f"the fraction of the seen images within {render_quality.CLEAN:g} grey levels of a clean render of "
+      "what they show; artefacts: their mean distance from it in grey levels "
+      "(jdiff/eval/render_quality.py).\n")
 
 
 def run(pipeline: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict[str, Any]], str]:
