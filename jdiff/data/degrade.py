@@ -75,10 +75,10 @@ def degrade(image: np.ndarray, center: tuple[float, float], half_extent: float, 
     box = (left * w, top * h, (left + side) * w, (top + side) * h)
     x = np.asarray(Image.fromarray(x.astype(np.uint8)).resize((w, h), Image.BILINEAR, box=box), np.float32)
   if "clutter" in applied:
+    ys, xs = (np.arange(h)[:, None] + 0.5) / h, (np.arange(w)[None, :] + 0.5) / w
     for _ in range(int(rng.integers(1, 4))):
       r = rng.uniform(0.03, 0.07)
       cx, cy = rng.uniform(0, 1, size=2)
-      ys, xs = (np.arange(h)[:, None] + 0.5) / h, (np.arange(w)[None, :] + 0.5) / w
       blob = ((xs - cx) ** 2 + (ys - cy) ** 2) <= r * r
       x[blob] = _OFF_PALETTE[rng.integers(len(_OFF_PALETTE))]
   if "occlusion" in applied:

@@ -52,7 +52,6 @@ COLS = ("left", "center", "right")
 POSITIONS = tuple(f"{r} {c}" for r in ROWS for c in COLS)
 HELD_OUT = frozenset({("blue", "triangle"), ("yellow", "circle"), ("purple", "square")})
 SPLITS = ("train", "held_out", "new_color", "web", "curated")
-TRAIN_LIKE = ("train", "web", "curated")  # scenes of the seen colour-shape pairs
 ATTRIBUTES = ("color", "shape", "size", "position")
 
 # Jitter keeps the data from being 1458 fixed images while every attribute stays readable.

@@ -34,11 +34,6 @@ def _nearest(color: np.ndarray, table: np.ndarray, names: Iterable[str]) -> str:
   return list(names)[int(np.argmin(np.linalg.norm(table - color, axis=-1)))]
 
 
-def nearest_background(color: np.ndarray) -> str:
-  """The name of the palette background nearest an RGB colour."""
-  return _nearest(color, _BACKDROPS, shapes.BACKGROUNDS)
-
-
 def analyse(image: np.ndarray, with_layout: bool = False) -> dict[str, Any]:
   """Attributes of one shapes image.
 
@@ -55,7 +50,8 @@ def analyse(image: np.ndarray, with_layout: bool = False) -> dict[str, Any]:
   h, w, _ = img.shape
   border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
   bg = np.median(border, axis=0)
-  out: dict[str, Any] = dict(background=nearest_background(bg), color=None, shape=None, size=None, position=None)
+  out: dict[str, Any] = dict(background=_nearest(bg, _BACKDROPS, shapes.BACKGROUNDS),
+                             color=None, shape=None, size=None, position=None)
   if with_layout:
     out.update(center=None, half_extent=None)
   dist = np.linalg.norm(img - bg, axis=-1)
@@ -93,7 +89,11 @@ def analyse(image: np.ndarray, with_layout: bool = False) -> dict[str, Any]:
 
 def correct(image: np.ndarray, target: Mapping[str, str]) -> np.ndarray:
   """bool [4]: whether the image shows each of the target's attributes (shapes.ATTRIBUTES order)."""
-  found = analyse(image)
+  return verdict(analyse(image), target)
+
+
+def verdict(found: Mapping[str, Any], target: Mapping[str, str]) -> np.ndarray:
+  """`correct` from an image's analysis (`analyse`), for callers that use it for more."""
   return np.array([found[a] == target[a] for a in shapes.ATTRIBUTES])
 
 

@@ -64,9 +64,10 @@ def evaluate(model: inference.Model, *, num_samples: int | None = None, num_step
     images = inference.generate(model, [p for p, _ in prompts], num_steps=num_steps,
                                 cfg_scale=e.cfg_scale if cfg_scale is None else cfg_scale,
                                 method=method or e.method, seed=e.seed if seed is None else seed)
-    verdicts = [adherence.correct(image, a) for image, (_, a) in zip(images, prompts)]
+    found = [adherence.analyse(image, with_layout=True) for image in images]  # once: for both scores
+    verdicts = [adherence.verdict(f, a) for f, (_, a) in zip(found, prompts)]
     out[name] = adherence.tally(verdicts)
-    quality = render_quality.score(images)
+    quality = render_quality.score(images, found)
     out[name].update(clean=quality["clean"], residual=quality["residual"], residual_se=quality["residual_se"])
     if grid_dir:
       k = min(grid_images, len(prompts))

@@ -16,7 +16,7 @@ deterministic and needs no download or learned model.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -29,34 +29,30 @@ from jdiff.eval import adherence
 CLEAN = 2.0
 
 
-def nearest_render(image: np.ndarray) -> np.ndarray | None:
-  """The clean render (uint8 [H, W, 3]) of the scene the adherence analyser reads in `image`;
-  None when it finds no shape."""
-  found = adherence.analyse(image, with_layout=True)
-  if found["shape"] is None:
-    return None
+def nearest_render(image: np.ndarray, found: Mapping[str, Any] | None = None) -> np.ndarray:
+  """The clean render (uint8 [H, W, 3]) of the scene the adherence analyser reads in `image`
+  (`found`: its analysis with layout, if the caller has it); the plain palette background
+  the analyser reads when it finds no shape."""
+  found = found or adherence.analyse(image, with_layout=True)
   h, w = np.asarray(image).shape[:2]
+  if found["shape"] is None:
+    return np.broadcast_to(np.asarray(shapes.BACKGROUNDS[found["background"]], np.uint8), (h, w, 3))
   scene = shapes.Scene(found["color"], found["shape"], found["size"], found["position"], found["background"],
                        center=found["center"], half_extent=found["half_extent"])
   return shapes.render(scene, (h, w))
 
 
-def residual(image: np.ndarray) -> float:
-  """Mean |image - nearest_render(image)| over pixels and channels (0-255); an image with no
-  shape is compared with the plain palette background nearest its border."""
-  img = np.asarray(image, np.float32)
-  ref = nearest_render(image)
-  if ref is None:
-    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
-    name = adherence.nearest_background(np.median(border, axis=0))
-    ref = np.broadcast_to(np.asarray(shapes.BACKGROUNDS[name], np.float32), img.shape)
-  return float(np.abs(img - ref).mean())
+def residual(image: np.ndarray, found: Mapping[str, Any] | None = None) -> float:
+  """Mean |image - nearest_render(image)| over pixels and channels (0-255)."""
+  return float(np.abs(np.asarray(image, np.float32) - nearest_render(image, found)).mean())
 
 
-def score(images: Iterable[np.ndarray]) -> dict[str, float]:
+def score(images: Sequence[np.ndarray], analyses: Sequence[Mapping[str, Any]] | None = None) -> dict[str, float]:
   """{'clean': fraction of images with residual <= CLEAN, 'residual': mean residual,
-  'residual_se': its standard error, 'n'}."""
-  r = np.array([residual(image) for image in images], np.float64)
+  'residual_se': its standard error, 'n'}; `analyses`: the images' analyses with layout, if
+  the caller has them."""
+  analyses = analyses or [None] * len(images)
+  r = np.array([residual(image, found) for image, found in zip(images, analyses)], np.float64)
   if not len(r):
     raise ValueError("no images to score")
   return dict(clean=float((r <= CLEAN).mean()), residual=float(r.mean()),
