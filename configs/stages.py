@@ -21,7 +21,16 @@
 Each stage starts from the previous one's EMA weights (jdiff/recipes/stage_pipeline.py). CPU demo (2 cores,
 BENCHMARKS.md has its time and table):
   python -m jdiff.stages --config=configs/stages.py:cpu --workdir=runs/stages
-Seconds-long variant for the tests: configs/stages.py:test. GPU/TPU sizes: configs/stages.py:gpu.
+Seconds-long variant for the tests: configs/stages.py:test.
+
+GPU/TPU (configs/stages.py:gpu, the default) is the same recipe at production scale, on
+configs/mmdit_256.py's d12 model with patch 8: pretrain 400k steps at 256x256 on 'web' (the
+compute-heavy stage), hires 40k steps at 512x512 (1024 image tokens instead of 256; the time
+shift follows the token count), then every later stage 4000 steps at 512 with lr 1e-5 and
+EMA 0.999: sft on 100k curated records, dpo on 16384 on-policy pairs, grpo with 32 prompts a
+step, the LoRA tune, and the two distillations. jdiff.stages runs on one host, every device
+in its mesh (`python -m jdiff.stages --config=configs/stages.py --workdir=DIR`); across
+several hosts, run each stage's `python -m jdiff.main` with the same fields (launch/).
 """
 
 import os

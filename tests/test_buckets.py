@@ -175,6 +175,7 @@ def test_each_bucket_trains_with_its_own_resolution_shift():
   assert ts[12] < ts[16] < ts[48]  # more tokens, more shift towards noise
 
 
+@pytest.mark.heavy
 def test_bucketed_training_resumes_bit_identically(tmp_path):
   write_two_aspect_folder(tmp_path / "data")
   over = dict(data__source="folder", data__path=str(tmp_path / "data"), data__buckets__pixels=256,

@@ -78,6 +78,7 @@ def test_score_is_clipped_at_zero_and_scale_free():
   np.testing.assert_allclose(clip_score.score(a, b), [0.0, 100.0, 100 / np.sqrt(2)])
 
 
+@pytest.mark.heavy
 def test_clip_score_in_the_loop_equals_scoring_the_final_models_images(clip_dir, tmp_path):
   """eval.metrics=('clip_score',): the logged score is the CLIP score of the EMA model's images
   for the data's first captions, as jdiff.evaluate computes it from the finished run."""

@@ -37,6 +37,7 @@ def _lines(path):
   return sum(1 for _ in open(path)) if os.path.exists(path) else 0
 
 
+@pytest.mark.heavy
 def test_random_kill_9_then_resume_ends_bit_identical(tmp_path):
   """Six attempts are each killed with SIGKILL a random 0-0.6 s after they logged a step
   (with a checkpoint every step, most kills land in an asynchronous save); then the run goes
@@ -108,6 +109,7 @@ def stopped_at_4(tmp_path_factory):
 
 
 # One worker runs all three, so the module's two runs above are trained once.
+@pytest.mark.heavy
 @pytest.mark.xdist_group("damaged_checkpoints")
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "remove_item"])
 def test_damaged_latest_checkpoint_through_the_cli(tmp_path, straight_6, stopped_at_4, damage):

@@ -181,6 +181,7 @@ def test_fid_stats_and_evaluate_through_the_cli(tmp_path, tiny_run):
   assert result["fid"] > 0 and np.isfinite(result["kid"])
 
 
+@pytest.mark.heavy
 def test_fid_and_kid_in_the_training_loop(tmp_path):
   """config.eval.metrics=('fid', 'kid'): computed at each evaluation on the EMA weights and
   written to eval.jsonl, TensorBoard and the learning curve; a missing statistics file stops

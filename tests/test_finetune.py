@@ -52,6 +52,7 @@ def test_import_matches_the_source_weights(pipeline_dir, tmp_path):
     ckpt_lib.restore_ema(work, {"denoiser": abstract(not config.model.scan)})
 
 
+@pytest.mark.heavy
 def test_tune_from_converted_weights_and_export_to_diffusers(pipeline_dir, tmp_path):
   from diffusers import StableDiffusion3Pipeline
 
@@ -106,6 +107,7 @@ def test_tune_from_converted_weights_and_export_to_diffusers(pipeline_dir, tmp_p
   assert model.config.model.dual_attention_depth == 1  # the architecture came from the import
 
 
+@pytest.mark.heavy
 def test_a_cache_written_with_buckets_trains_one_step_per_bucket(pipeline_dir, tmp_path):
   """jdiff.cache with data.buckets encodes each image at its bucket's shape and records the
   bucket; training on the cache batches by bucket and compiles a step for each."""
@@ -132,6 +134,7 @@ def test_a_cache_written_with_buckets_trains_one_step_per_bucket(pipeline_dir, t
   assert "train step for 4x12 compiled" in proc.stderr and "train step for 12x4 compiled" in proc.stderr
 
 
+@pytest.mark.heavy
 def test_a_cache_written_with_loss_masks_holds_them_at_latent_resolution(pipeline_dir, tmp_path):
   """jdiff.cache with data.loss_mask stores each image's mask pooled to the latent grid; training
   on the cache weights the flow loss with them."""

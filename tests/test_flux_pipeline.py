@@ -44,6 +44,7 @@ def last_json(proc):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.heavy
 def test_flux_lora_tune_end_to_end(pipeline_dir, tmp_path):
   """README's worked example as a user runs it: import the Flux-dev pipeline -> cache a
   folder of captioned images (Flux's text recipe and VAE latents) -> LoRA tune a few steps (guidance input 1, Flux's shift) -> export the adapters in

@@ -136,6 +136,7 @@ def _rollout(networks, config):
   return jax.jit(lambda params, tokens, keys: grpo.rollout(params, tokens, keys, networks=networks, config=config))
 
 
+@pytest.mark.heavy
 def test_grpo_loss_at_the_reference_has_ratio_one_no_kl_and_the_policy_gradient():
   """With the policy equal to the frozen reference and to the rollout's policy: ratio 1, KL 0,
   and the loss's gradient is -mean(A * grad log p) (the clip does not bind)."""
@@ -262,6 +263,7 @@ def test_grpo_config_errors_name_the_field(changes, message):
     _grpo_config(**changes)
 
 
+@pytest.mark.heavy
 def test_sharded_grpo_step_equals_one_device():
   """The whole step (rollout, host reward through pure_callback, two updates) on a (data=2,
   fsdp=2) mesh gives the single-device result."""
@@ -291,6 +293,7 @@ def test_sharded_grpo_step_equals_one_device():
   assert float(out["one"][1]["grad_norm"]) > 0
 
 
+@pytest.mark.heavy
 def test_grpo_through_the_cli_raises_its_reward_and_resumes_bit_for_bit(tmp_path, tiny_run):
   """A tiny model tuned for brightness (a reward with an obvious optimum) from an init_from
   parent: the reward rises within a few dozen steps; a run stopped half-way and resumed ends

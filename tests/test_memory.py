@@ -40,6 +40,7 @@ def test_quantized_kernel_is_within_half_a_step_of_the_float_one(qtype):
   assert float(err.max()) > 0  # it is lossy
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("cfg", [TINY_FLUX, TINY_MMDIT], ids=["flux", "mmdit"])
 @pytest.mark.parametrize("qtype,tolerance", [("int8", 0.02), ("float8_e4m3fn", 0.06)])
 def test_quantized_base_forward_is_close_to_bfloat16(cfg, qtype, tolerance):
@@ -108,6 +109,7 @@ def test_split_trainable_differentiates_only_the_trainable_parameters():
   np.testing.assert_array_equal(grads["a"]["lora_a"], params["a"]["kernel"].sum(0, keepdims=True).T)
 
 
+@pytest.mark.heavy
 def test_qlora_run_from_a_base_quantizes_it_trains_adapters_resumes_and_exports(tmp_path):
   """A LoRA run with lora.quantize_base=int8 on a bfloat16 base, as a user runs it: the base's
   adapted kernels are stored as int8 (exactly quantize_kernel of the parent's float32 ones), only the

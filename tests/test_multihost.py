@@ -16,7 +16,7 @@ import xla_env
 # Two JAX processes that share 2 cores: never beside the Inception tests (test_fid.py), whose
 # CPU load slows one of them far behind the other (the trainer's barrier before step 1 keeps
 # that from failing gloo's 30 s set-up deadline; this keeps the tests' time down).
-pytestmark = pytest.mark.xdist_group("cpu_heavy")
+pytestmark = [pytest.mark.xdist_group("cpu_heavy"), pytest.mark.heavy]
 
 STEPS = 4
 COMMON = ["--config=configs/mmdit_256.py:test", f"--config.train.num_steps={STEPS}", "--config.train.log_every=1",

@@ -55,6 +55,7 @@ def test_web_split_realises_its_rates_and_faults_do_what_they_say():
     for a, value in named.items():  # what the caption names is in its words
       word = shapes._PHRASES[value] if a == "position" else value  # pylint: disable=protected-access
       assert word in noisy.text, (noisy.text, a, value)
+    assert ",," not in noisy.text.replace(" ", "") and noisy.text[0] != ",", noisy.text  # left-out fields leave no commas
     if not applied:
       np.testing.assert_array_equal(image, shapes.render(scene, 16))
   # The templates vary: short tags and long sentences.

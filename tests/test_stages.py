@@ -101,6 +101,7 @@ def _flat(params):
   return {optim.param_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
 
 
+@pytest.mark.heavy
 def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_table(tmp_path):
   """configs/stages.py:test end to end: pretrain on web data -> more of it at a higher
   resolution -> SFT on curated data -> DPO, and

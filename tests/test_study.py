@@ -183,6 +183,7 @@ def test_study_configs_and_equal_compute():
   assert (ts.diffusion.timesteps.kind, ts.diffusion.timesteps.mean, ts.diffusion.timesteps.std) == ("logit_normal", 0.5, 0.6)
 
 
+@pytest.mark.heavy
 def test_study_runs_resumes_and_writes_its_table(tmp_path, monkeypatch):
   """A two-variant study of tiny runs: every run scored, the table written, and a second
   call trains nothing (it reads the finished runs' results)."""

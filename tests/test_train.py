@@ -132,6 +132,7 @@ def _step_on(mesh, config, host_state=None):
   return jax.device_get(new_state), jax.device_get(metrics)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 4, 2)])
 def test_sharded_train_step_equals_single_device(shape):
   config = get_config(train__batch_size=8)
@@ -156,6 +157,7 @@ def test_grad_accumulation_equals_one_big_batch():
   chex.assert_trees_all_close(a.params, b.params, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.heavy
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
   """Also with Adam's first moment in bfloat16 (optim.mu_dtype): it restores as saved."""
   config = get_config(train__num_steps=2, train__sample_every=0, optim__mu_dtype="bfloat16")
@@ -185,6 +187,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   assert run(config, tmp_path)["step"] == 4
 
 
+@pytest.mark.heavy
 def test_init_from_starts_from_ema_with_fresh_optimizer_and_records_lineage(tmp_path):
   """The parent ran scanned blocks, the child runs them unrolled: the parent's stacks are
   unstacked for it."""
@@ -264,6 +267,7 @@ def test_sigterm_saves_and_stops_cleanly_then_resumes(tmp_path, monkeypatch):
 _cli = helpers.cli
 
 
+@pytest.mark.heavy
 def test_cli_train_sample_evaluate(tmp_path):
   work = str(tmp_path / "w")
   out = _cli("jdiff.main", "--config=configs/mmdit_256.py:test", f"--workdir={work}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -140,4 +141,5 @@ def noisy_caption(attributes: Mapping[str, str], background: str, phrases: Mappi
   for key, value in words.items():
     text = text.replace("{" + key + "}", value) if value is not None else text.replace(" {" + key + "}", "").replace(
         "{" + key + "} ", "").replace("{" + key + "}", "")
-  return NoisyCaption(" ".join(text.split()).strip(" ,"), faults, named)
+  text = re.sub(r",(\s*,)+", ",", " ".join(text.split()))  # "red circle,, top left": a left-out field's comma
+  return NoisyCaption(text.strip(" ,"), faults, named)
