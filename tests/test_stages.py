@@ -107,9 +107,14 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   resolution -> SFT on curated data -> DPO, and
   GRPO beside it from SFT -> LoRA -> guidance -> few-step,
   each from the previous one's EMA weights, lineage recorded; a finished stage is skipped
-  when the command runs again; the table prices each sampler in forwards."""
+  when the command runs again; the table prices each sampler in forwards. The first run is
+  the command itself, `python -m jdiff.stages`."""
   p = _pipeline()
-  rows, table = stage_pipeline.run(p, str(tmp_path))
+  out = helpers.cli("jdiff.stages", "--config=configs/stages.py:test", f"--workdir={tmp_path}",
+                    f"--config.base.mesh.data={p.base.mesh.data}").stdout
+  rows = json.load(open(tmp_path / "stages.json"))
+  table = open(tmp_path / "stages.md").read()
+  assert table.strip() in out  # the command prints the table it writes
   configs = {name: (d, c) for name, d, c in stage_pipeline.stage_configs(p, str(tmp_path))}
   states = {name: restored(d, c) for name, (d, c) in configs.items()}
   lineage = states["fewstep"][2]
