@@ -10,7 +10,7 @@ with its rate (config.data.web):
   cast       colour cast: each channel scaled by 0.85-1.15 and shifted by -25..25
   clutter    1-3 small blobs of off-palette colours anywhere in the frame
   occlusion  a bar of an off-palette colour across part of the shape
-  crop       an off-centre crop of 65-90% of the side whose edge cuts through the shape,
+  crop       an off-centre crop of 55-85% of the side whose edge cuts through the shape,
              scaled back: the shape grows, moves and is cut by the frame (its caption's
              size and position may then no longer hold, as with cropped web images)
 

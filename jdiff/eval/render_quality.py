@@ -52,7 +52,7 @@ def score(images: Sequence[np.ndarray], analyses: Sequence[Mapping[str, Any]] | 
   'residual_se': its standard error, 'n'}; `analyses`: the images' analyses with layout, if
   the caller has them."""
   analyses = analyses or [None] * len(images)
-  r = np.array([residual(image, found) for image, found in zip(images, analyses)], np.float64)
+  r = np.array([residual(image, found) for image, found in zip(images, analyses, strict=True)], np.float64)
   if not len(r):
     raise ValueError("no images to score")
   return dict(clean=float((r <= CLEAN).mean()), residual=float(r.mean()),
