@@ -58,7 +58,7 @@ def get_config(arg: str | None = None):
   high_res = dict(gpu=512, cpu=32, test=24)[variant]
   lr = dict(gpu=1e-5, cpu=1e-4, test=1e-4)[variant]  # later stages: short runs from a trained model
   curated = dict(gpu=100_000, cpu=2048, test=64)[variant]  # records of the sft split
-  hires_steps = dict(gpu=40_000, cpu=2000, test=2)[variant]
+  hires_steps = dict(gpu=40_000, cpu=8000, test=2)[variant]
 
   def later(**fields):
     """A later stage: short, its own lr and EMA, at the sft resolution."""
@@ -70,6 +70,10 @@ def get_config(arg: str | None = None):
     fields.setdefault("data", {})["resolution"] = high_res
     return fields
 
+  # Position interpolation from the first stage on (at the pre-training grid it is SD3's
+  # crop itself): at a new resolution every token keeps its place in the frame, so what the
+  # model learned of layout carries over (docs/stages.md; docs/notes.md measures it).
+  base.model.pos_embed_interpolate = base.data.resolution // base.model.patch_size
   p = ml_collections.ConfigDict()
   p.base = base
   p.order = "pretrain,hires,sft,dpo,grpo,tune,guidance,fewstep"
@@ -97,9 +101,16 @@ def get_config(arg: str | None = None):
                     sample=dict(num_steps=4), eval=dict(num_steps=4)),
   ))
   # grpo: train.batch_size prompts a step, group_size images each (test: brightness, since the
-  # tiny model's 32 caption tokens cut the captions the adherence reward reads).
-  # cpu: 50 steps take about the wall time of the dpo stage (its pair sampling included).
-  grpo_steps = dict(gpu=stage_steps, cpu=50, test=stage_steps)[variant]
+  # tiny model's 32 caption tokens cut the captions the adherence reward reads). Its prompts
+  # are captions of the benchmark's held-out colour-shape pairs (no image of them is read;
+  # the benchmark scores other captions of those pairs), as Flow-GRPO trains on prompts of
+  # the kind GenEval scores; dpo gets the same information below.
+  grpo_steps = dict(gpu=stage_steps, cpu=150, test=stage_steps)[variant]
+  p.stages.grpo.data.shapes_split = "held_out"
+  # dpo: about grpo's wall time (its pair sampling included).
+  dpo_steps = dict(gpu=stage_steps, cpu=1000, test=stage_steps)[variant]
+  p.stages.dpo.train.update(num_steps=dpo_steps, checkpoint_every=dpo_steps,
+                            sample_every=0 if variant == "test" else dpo_steps)
   p.stages.grpo.train.update(batch_size=dict(gpu=32, cpu=4, test=2)[variant], num_steps=grpo_steps,
                              checkpoint_every=grpo_steps, sample_every=0 if variant == "test" else grpo_steps,
                              log_every=min(base.train.log_every, 10))
@@ -109,8 +120,13 @@ def get_config(arg: str | None = None):
   # a rejected image against the caption's render (jdiff/eval/on_policy.py). '' = embedded pairs.
   # preferred='sample' (with samples_per_caption >= 2) pairs a wrong sample with a right one of
   # the same caption instead of its render, which also allows split='held_out' ('' = the parent's split).
-  p.pairs = ml_collections.ConfigDict(dict(stages="dpo", num=dict(gpu=16384, cpu=2048, test=8)[variant],
-                                           preferred="render", samples_per_caption=1, split=""))
+  # cpu and gpu: the sft model samples each held-out caption 4 times and a wrong sample is
+  # paired with a right one of the same caption (verifier-ranked, as grpo's reward); test: the
+  # tiny model draws nothing right, so its wrong samples are paired with the renders.
+  ranked = dict(preferred="sample", samples_per_caption=4, split="held_out")
+  p.pairs = ml_collections.ConfigDict(dict(stages="dpo", num=dict(gpu=16384, cpu=1024, test=8)[variant],
+                                           **(ranked if variant != "test" else
+                                              dict(preferred="render", samples_per_caption=1, split=""))))
   # The table: prompts per benchmark split, and the teacher row (the stage that distillation
   # starts from, sampled with table.teacher_steps steps and CFG).
   # picture: prompts in the row of samples per stage drawn into stages.png.

@@ -204,6 +204,27 @@ def test_stage_effects_carry_binomial_standard_errors():
   assert "| 0.800 ± 0.040 | +0.100 ± 0.061 |" in table[3] and "| 0.900 ± 0.030 | +0.400 ± 0.058 |" in table[3]
   assert "| 0.700 ± 0.046 |  |" in table[2]  # the first stage has no effect
   assert table[3].endswith("| 0.400 ± 0.049 | 3.25 ± 0.50 |")  # render quality of the seen images
+  assert "Quality drops" not in "\n".join(table)
+
+
+def test_table_names_reward_hacking_and_quality_drops():
+  """A row whose artefacts rose by more than twice the difference's standard error is named
+  under the table: as reward hacking where a preference or RL stage also raised "all four",
+  else as a quality drop; a rise within that bound is not."""
+  def row(name, parent, objective, seen_all, residual):
+    split = dict(color=1.0, shape=1.0, size=1.0, position=1.0, all=seen_all, n=100, clean=0.5,
+                 residual=residual, residual_se=0.3)
+    return dict(name=name, parent=parent, objective=objective, train_steps=1, resolution=8, sampler="2 x 2",
+                forwards=4, adherence=dict(seen=split, held_out=dict(split, all=0.5), new_color=split))
+  rows = [row("sft", None, "flow", 0.6, 3.0), row("dpo", "sft", "dpo", 0.7, 4.0),  # +1.0 > 2 x 0.42
+          row("grpo", "sft", "grpo", 0.7, 3.8),  # +0.8 < 2 x 0.42
+          row("tune", "dpo", "flow", 0.8, 5.0), row("fewstep", "tune", "fewstep", 0.6, 6.0)]
+  drops = stage_pipeline.quality_drops(rows)
+  assert drops == [
+      "- dpo: reward hacking: seen all +0.100 while artefacts rose 3.00 -> 4.00 (+1.00 ± 0.42) from sft",
+      "- tune: quality drop: artefacts rose 4.00 -> 5.00 (+1.00 ± 0.42) from dpo",
+      "- fewstep: quality drop: artefacts rose 5.00 -> 6.00 (+1.00 ± 0.42) from tune"]
+  assert stage_pipeline.markdown(rows).split("\n\n")[1].splitlines()[1:] == drops
 
 
 @pytest.mark.parametrize("changes,message", [

@@ -214,6 +214,30 @@ def effect(row: dict[str, Any], parent: dict[str, Any], split: str, key: str = "
   return a - b, math.sqrt(se_a**2 + se_b**2)
 
 
+def quality_drops(rows: list[dict[str, Any]]) -> list[str]:
+  """One line per row whose seen images' artefacts rose from its parent's by more than twice
+  the difference's standard error. Where the row of a preference or RL stage raised "all
+  four" on a split, the line calls it what it likely
+  is: reward hacking, the reward (or the preference) rising while what it does not measure
+  degrades."""
+  by_name, lines = {r["name"]: r for r in rows}, []
+  for r in rows:
+    parent = by_name.get(r.get("parent"))
+    if parent is None or "residual" not in r["adherence"]["seen"] or "residual" not in parent["adherence"]["seen"]:
+      continue
+    q, q0 = r["adherence"]["seen"], parent["adherence"]["seen"]
+    d, se = q["residual"] - q0["residual"], math.hypot(q["residual_se"], q0["residual_se"])
+    if d <= 2 * se:
+      continue
+    gains = [(s, effect(r, parent, s)[0]) for s in ("seen", "held_out")]
+    gains = [f"{s.replace('_', '-')} all {g:+.3f}" for s, g in gains if g > 0]
+    hacked = gains and r["objective"] in ("dpo", "grpo")
+    what = f"reward hacking: {', '.join(gains)} while" if hacked else "quality drop:"
+    lines.append(f"- {r['name']}: {what} artefacts rose {q0['residual']:.2f} -> {q['residual']:.2f} "
+                 f"(+{d:.2f} ± {se:.2f}) from {parent['name']}")
+  return lines
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
   """The table in Markdown: 'all' = every attribute right (± its standard error); 'attr' =
   mean per-attribute accuracy; 'effect' = the change of 'all' from the stage it started from;
@@ -248,6 +272,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                  f"{cell(r, 'new_color', 'color')} | {change(r, 'new_color', 'color')} | "
                  f"{quality(a['seen'])} |")
   n = rows[0]["adherence"]["seen"]["n"] if rows else 0
+  drops = quality_drops(rows)
+  if drops:
+    lines += ["", "Quality drops (artefacts up by more than two standard errors):", *drops]
   return "\n".join(lines) + (
       f"\n\n{n} prompts per split; ± one standard error (binomial). Effect: the change from the stage "
       "it started from (the teacher row: from the same model with its own sampler); its error adds "
