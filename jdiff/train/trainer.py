@@ -238,8 +238,14 @@ def initial_state(config, workdir, networks, tx, mesh, rules, ckpt, pipeline, pa
     # parent lacks (new LoRA adapters, a student's guidance embedding) keep their fresh init;
     # a parameter both have must agree in shape. With lora.quantize_base the adapted kernels
     # are quantized here.
-    params = _overlay(state.params, L.quantize_like(L.match_layout(ema, state.params), state.params))
-    state = state.replace(params=params, ema_params=state_lib.ema_init(params, config.optim.trainable))
+    # One compiled program for the whole tree (eagerly, a program per leaf shape), which also
+    # lays the parameters and their EMA out on the state's shardings.
+    def carry_over(ema, base):
+      params = _overlay(base, L.quantize_like(L.match_layout(ema, base), base))
+      return params, state_lib.ema_init(params, config.optim.trainable)
+
+    params, ema = jax.jit(carry_over, out_shardings=(shardings.params, shardings.ema_params))(ema, state.params)
+    state = state.replace(params=params, ema_params=ema)
     return state, shardings, abstract, parent_lineage + [_lineage_entry(config, workdir, from_step)]
   log.info("starting from scratch")
   return state, shardings, abstract, [_lineage_entry(config, workdir, None)]
@@ -253,7 +259,7 @@ def _overlay(base, new, path=""):
   if base.shape != new.shape:
     raise errors.InvalidArgument(f"parameter {path.lstrip('/')} has shape {new.shape} in config.init_from but "
                                  f"{base.shape} in this config")
-  return jax.device_put(jnp.array(new, dtype=base.dtype, copy=True), base.sharding)
+  return jnp.array(new, dtype=base.dtype, copy=True)
 
 
 def write_samples(config, networks, params, workdir: str, step: int, writer: metrics_lib.MetricWriter) -> str:

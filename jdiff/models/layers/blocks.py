@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _cudnn_attention_saveable(prim, *_, **__) -> bool:
@@ -87,8 +88,25 @@ def stack_unrolled(params: dict, name: str, depth: int) -> dict:
   """
   params = dict(params)
   blocks = [params.pop(f"{name}_{i}") for i in range(depth)]
-  params[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  params[name] = (jax.tree.map(lambda *xs: np.stack(xs), *blocks) if _on_host(blocks) else _stack(blocks))
   return params
+
+
+def _on_host(tree: Any) -> bool:
+  """Host (NumPy) weights, e.g. converted checkpoints, stay on the host."""
+  return all(isinstance(x, np.ndarray) for x in jax.tree.leaves(tree))
+
+
+# Whole trees in one program: eagerly, each leaf shape would compile its own slice or stack.
+@jax.jit
+def _stack(blocks: list[Any]) -> Any:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+
+
+@jax.jit
+def _unstack(stacked: Any) -> list[Any]:
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(depth)]
 
 
 def unstack_scanned(params: dict, name: str) -> dict:
@@ -96,8 +114,8 @@ def unstack_scanned(params: dict, name: str) -> dict:
   params = dict(params)
   stacked = params.pop(name)
   depth = jax.tree.leaves(stacked)[0].shape[0]
-  for i in range(depth):
-    params[f"{name}_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  blocks = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(depth)] if _on_host(stacked) else _unstack(stacked)
+  params.update({f"{name}_{i}": block for i, block in enumerate(blocks)})
   return params
 
 

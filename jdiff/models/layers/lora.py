@@ -5,6 +5,7 @@ kernels."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -44,6 +45,9 @@ class LoRA:
     return self.alpha / self.rank
 
 
+# Jitted per kernel: called eagerly (on a loaded model, outside a train step), a kernel's
+# handful of ops would otherwise each compile on their own, for every kernel shape.
+@functools.partial(jax.jit, static_argnums=1)
 def quantize_kernel(kernel: jax.Array, qtype: str) -> tuple[jax.Array, jax.Array]:
   """(8-bit kernel, float32 scales): absmax scales per output channel, i.e. over every axis
   but the input one (-2), so a scanned stack [layers, in, out] gets scales [layers, 1, out]."""
@@ -53,6 +57,7 @@ def quantize_kernel(kernel: jax.Array, qtype: str) -> tuple[jax.Array, jax.Array
   return q.qvalue, q.scale
 
 
+@functools.partial(jax.jit, static_argnums=2)
 def dequantize_kernel(kernel: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
   """The float kernel in `dtype` that an 8-bit kernel and its scales stand for."""
   return qwix.dequantize(qwix.QArray(kernel, scale.astype(jnp.float32))).astype(dtype)
@@ -90,8 +95,13 @@ def _merge(params: Any, scale: float) -> Any:
   if isinstance(params, dict) or hasattr(params, "items"):
     params = dict(params)
     if "lora_a" in params and "lora_b" in params:
-      a, b = params.pop("lora_a"), params.pop("lora_b")
-      delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32)) * scale
-      params["kernel"] = (params["kernel"].astype(jnp.float32) + delta).astype(params["kernel"].dtype)
+      params["kernel"] = _merged_kernel(params["kernel"], params.pop("lora_a"), params.pop("lora_b"), scale)
     return {k: _merge(v, scale) for k, v in params.items()}
   return params
+
+
+@jax.jit
+def _merged_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """W + scale A B, in float32, back in W's dtype."""
+  delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+  return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
