@@ -90,7 +90,10 @@ def get_config(arg: str | None = None):
                 diffusion=dict(timesteps=dict(mean=1.0))),
       # Online RL from the sft model (a branch beside dpo; tune continues from it): groups of
       # images per prompt from the SDE sampler, scored by the adherence analyser (jdiff/train/grpo.py).
-      grpo=later(stage="posttrain", objective="grpo", init_from="sft"),
+      # Its prompts are captions of the benchmark's held-out colour-shape pairs (no image of
+      # them is read; the benchmark scores other captions of those pairs), as Flow-GRPO trains
+      # on prompts of the kind GenEval scores; dpo gets the same information (p.pairs below).
+      grpo=later(stage="posttrain", objective="grpo", init_from="sft", data=dict(shapes_split="held_out")),
       tune=later(stage="tune", lora=dict(rank=8, alpha=8.0), optim=dict(trainable=".*lora_.*", lr=10 * lr),
                  data=dict(shapes_split="new_color")),
       # The students distill on the new_color split too, so the tuned colour carries over.
@@ -101,12 +104,8 @@ def get_config(arg: str | None = None):
                     sample=dict(num_steps=4), eval=dict(num_steps=4)),
   ))
   # grpo: train.batch_size prompts a step, group_size images each (test: brightness, since the
-  # tiny model's 32 caption tokens cut the captions the adherence reward reads). Its prompts
-  # are captions of the benchmark's held-out colour-shape pairs (no image of them is read;
-  # the benchmark scores other captions of those pairs), as Flow-GRPO trains on prompts of
-  # the kind GenEval scores; dpo gets the same information below.
+  # tiny model's 32 caption tokens cut the captions the adherence reward reads).
   grpo_steps = dict(gpu=stage_steps, cpu=150, test=stage_steps)[variant]
-  p.stages.grpo.data.shapes_split = "held_out"
   # dpo: about grpo's wall time (its pair sampling included).
   dpo_steps = dict(gpu=stage_steps, cpu=1000, test=stage_steps)[variant]
   p.stages.dpo.train.update(num_steps=dpo_steps, checkpoint_every=dpo_steps,

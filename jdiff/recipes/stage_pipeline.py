@@ -217,9 +217,8 @@ def effect(row: dict[str, Any], parent: dict[str, Any], split: str, key: str = "
 def quality_drops(rows: list[dict[str, Any]]) -> list[str]:
   """One line per row whose seen images' artefacts rose from its parent's by more than twice
   the difference's standard error. Where the row of a preference or RL stage raised "all
-  four" on a split, the line calls it what it likely
-  is: reward hacking, the reward (or the preference) rising while what it does not measure
-  degrades."""
+  four" on a split, the line calls it what it likely is: reward hacking, the reward (or the
+  preference) rising while what it does not measure degrades."""
   by_name, lines = {r["name"]: r for r in rows}, []
   for r in rows:
     parent = by_name.get(r.get("parent"))

@@ -103,18 +103,19 @@ def _stack(blocks: list[Any]) -> Any:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
 
 
-@jax.jit
 def _unstack(stacked: Any) -> list[Any]:
   depth = jax.tree.leaves(stacked)[0].shape[0]
   return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(depth)]
+
+
+_unstack_jit = jax.jit(_unstack)
 
 
 def unstack_scanned(params: dict, name: str) -> dict:
   """Inverse of `stack_unrolled`."""
   params = dict(params)
   stacked = params.pop(name)
-  depth = jax.tree.leaves(stacked)[0].shape[0]
-  blocks = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(depth)] if _on_host(stacked) else _unstack(stacked)
+  blocks = _unstack(stacked) if _on_host(stacked) else _unstack_jit(stacked)
   params.update({f"{name}_{i}": block for i, block in enumerate(blocks)})
   return params
 
