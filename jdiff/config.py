@@ -200,7 +200,12 @@ def base() -> ml_collections.ConfigDict:
       # data.resolution square (which sampling and evaluation still use). Every batch holds one
       # bucket; one train step compiles per bucket the data fills (at most max_buckets). Images
       # that would be upscaled by more than max_upscale to cover their bucket are left out.
-      buckets=ml_collections.ConfigDict(dict(pixels=0, step=64, max_aspect=4.0, max_upscale=2.0, max_buckets=16)),
+      # Multi-resolution training instead (any source, square): sides = the resolutions, each
+      # record drawn at one of them with `weights` (equal if empty), every batch at one side
+      # (e.g. (24, 32) with (3, 1): a quarter of the batches at 32); sampling and evaluation
+      # still use data.resolution.
+      buckets=ml_collections.ConfigDict(dict(pixels=0, step=64, max_aspect=4.0, max_upscale=2.0, max_buckets=16,
+                                             sides=(), weights=())),
       cache_dir="",  # source 'cache': a directory written by `python -m jdiff.cache`
       resolution=256,  # square training resolution (resize short side, centre-crop)
       caption_dropout=0.1,  # P(caption -> empty) for classifier-free guidance

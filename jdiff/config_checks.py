@@ -15,12 +15,26 @@ from jdiff import errors
 
 def _validate_buckets(c: ml_collections.ConfigDict) -> None:
   b = c.data.buckets
+  if c.objective != "flow":
+    raise errors.InvalidArgument(f"data.buckets trains objective 'flow' (got {c.objective!r})")
+  if b.sides:
+    if b.pixels:
+      raise errors.InvalidArgument(f"data.buckets: set pixels={b.pixels} (aspect-ratio buckets) or sides={b.sides} "
+                                   "(square resolutions), not both")
+    if any(s <= 0 or s % c.model.patch_size for s in b.sides) or len(set(b.sides)) != len(b.sides):
+      raise errors.InvalidArgument(f"data.buckets.sides={b.sides} must be distinct positive multiples of "
+                                   f"model.patch_size={c.model.patch_size}")
+    if c.data.source == "cache":
+      raise errors.InvalidArgument("data.buckets.sides: a latent cache keeps the resolution it was written at")
+    if b.weights and (len(b.weights) != len(b.sides) or min(b.weights) <= 0):
+      raise errors.InvalidArgument(f"data.buckets.weights={b.weights} must be one positive weight per side of "
+                                   f"sides={b.sides} (or empty: equal)")
+    return
   if c.data.source not in ("folder", "webdataset", "parquet", "arrayrecord", "tfds"):
     raise errors.InvalidArgument(f"data.buckets needs images of their own shapes: data.source={c.data.source!r} "
                                  "gives square ones (folder, webdataset, parquet, arrayrecord or tfds; a latent "
-                                 "cache keeps the buckets it was written with)")
-  if c.objective != "flow":
-    raise errors.InvalidArgument(f"data.buckets trains objective 'flow' (got {c.objective!r})")
+                                 "cache keeps the buckets it was written with; data.buckets.sides trains it at "
+                                 "several square resolutions)")
   if b.step <= 0 or b.step % c.model.patch_size:
     raise errors.InvalidArgument(f"data.buckets.step={b.step} must be a positive multiple of "
                                  f"model.patch_size={c.model.patch_size}")
@@ -84,7 +98,7 @@ def validate(c: ml_collections.ConfigDict, *, encoding: bool = False) -> None:
     if c.data.loss_mask == "file" and (c.data.source != "folder" or not c.data.mask_suffix):
       raise errors.InvalidArgument("data.loss_mask='file' reads NAME + data.mask_suffix beside each image of "
                                    "data.source='folder'")
-  if c.data.buckets.pixels:
+  if c.data.buckets.pixels or c.data.buckets.sides:
     _validate_buckets(c)
   if c.data.source in ("folder", "webdataset", "parquet") and not c.data.path:
     raise errors.InvalidArgument(f"data.source={c.data.source!r} needs data.path: a directory, a file pattern or a "

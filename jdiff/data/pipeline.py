@@ -328,9 +328,20 @@ class ReadBucketBatch(grain.transforms.MapWithIndex):
 CORRUPT_KEY = "_corrupt"
 
 
-def assign_buckets(buckets_cfg: Mapping[str, Any], source) -> tuple[list[tuple[int, int]], np.ndarray]:
+def assign_buckets(buckets_cfg: Mapping[str, Any], source, seed: int = 0) -> tuple[list[tuple[int, int]], np.ndarray]:
   """data.buckets over `source`: (bucket shapes, bucket number of each record; -1: left out),
-  logged with the counts."""
+  logged with the counts. With data.buckets.sides each record gets a side at random (seeded,
+  in proportion to the weights); a source that draws its images (the embedded shapes) then
+  draws each at its side, any other is resized to it."""
+  if buckets_cfg.get("sides"):
+    sides = list(buckets_cfg["sides"])
+    weights = np.asarray(buckets_cfg.get("weights") or [1.0] * len(sides), np.float64)
+    which = np.random.default_rng([seed, 0x6D7273]).choice(len(sides), size=len(source), p=weights / weights.sum())
+    if hasattr(source, "render_at"):
+      source.render_at(np.asarray(sides, np.int32)[which])
+    counts = np.bincount(which, minlength=len(sides))
+    log.info("multi-resolution buckets (side: records): %s", ", ".join(f"{s}: {n}" for s, n in zip(sides, counts)))
+    return [(s, s) for s in sides], which
   shapes = buckets_lib.bucket_shapes(buckets_cfg["pixels"], buckets_cfg["step"], buckets_cfg["max_aspect"])
   sizes = image_sizes(source)
   readable = (sizes > 0).all(1)
@@ -356,7 +367,7 @@ def _bucketed(data_cfg: Mapping[str, Any], source, *, global_batch: int, max_len
   if latent:  # the cache's buckets, fixed when it was written
     shapes, which = [tuple(s) for s in source.meta["buckets"]], source.bucket_of_record
   else:
-    shapes, which = assign_buckets(data_cfg["buckets"], source)
+    shapes, which = assign_buckets(data_cfg["buckets"], source, seed)
   schedule = buckets_lib.Schedule(which, len(shapes), global_batch, seed)
   used = tuple(shapes[b] for b in np.flatnonzero(schedule.counts >= 1))
   skip = SkipCorrupt()
@@ -427,7 +438,8 @@ def make_pipeline(data_cfg: Mapping[str, Any], *, global_batch: int, max_len: in
   if len(source) < pc:
     raise errors.InvalidArgument(f"{source!r} has {len(source)} records, fewer than {pc} processes")
   cached_buckets = getattr(source, "bucket_of_record", None) is not None
-  if (data_cfg.get("buckets") and data_cfg["buckets"]["pixels"]) or cached_buckets:
+  buckets = data_cfg.get("buckets") or {}
+  if buckets.get("pixels") or buckets.get("sides") or cached_buckets:
     return _bucketed(data_cfg, source, global_batch=global_batch, max_len=max_len, seed=seed, pi=pi, pc=pc)
   ds = grain.MapDataset.source(decode_lib.Guarded(source)).seed(seed).shuffle().repeat(None)
   ds = ds.map_with_index(PickCaption(seed))

@@ -238,6 +238,13 @@ class ShapesSource:
       raise ValueError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
     self.resolution, self.split, self.size, self.seed = resolution, split, size, seed
     self.web = dict(web or {})  # the 'web' split's rates (degrade.RATES)
+    self.sides: np.ndarray | None = None  # per-record resolution (`render_at`) instead of `resolution`
+
+  def render_at(self, sides: np.ndarray) -> None:
+    """Draws record i at sides[i] x sides[i] from now on (multi-resolution training)."""
+    if len(sides) != self.size:
+      raise ValueError(f"{len(sides)} sides for {self.size} records")
+    self.sides = np.asarray(sides)
 
   def __len__(self) -> int:
     return self.size
@@ -245,11 +252,12 @@ class ShapesSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     if not 0 <= index < self.size:
       raise IndexError(f"index {index} out of range for {self.size} examples")
+    resolution = self.resolution if self.sides is None else int(self.sides[index])
     if self.split == "web":
-      image, noisy, _, scene = web_example(self.seed, int(index), self.resolution, self.web)
+      image, noisy, _, scene = web_example(self.seed, int(index), resolution, self.web)
       return dict(image=image, caption=noisy.text, **scene.attributes())
     scene, text = scene_for(self.seed, self.split, int(index))
-    return dict(image=render(scene, self.resolution), caption=text, **scene.attributes())
+    return dict(image=render(scene, resolution), caption=text, **scene.attributes())
 
   def __repr__(self) -> str:
     return f"ShapesSource(resolution={self.resolution}, split={self.split!r}, size={self.size}, seed={self.seed})"

@@ -59,6 +59,10 @@ def write(config, out_dir: str, *, split: str = "train", num_records: int | None
   # (pixel shape, record indices) per group encoded together: one square group, or a group per
   # aspect-ratio bucket (data.buckets), whose records keep their bucket in BUCKETS.
   factor = sd3_pipeline.vae_geometry(config.autoencoder.path)["factor"]  # pixels per latent
+  if config.data.buckets.sides:
+    raise errors.InvalidArgument(f"data.buckets.sides={tuple(config.data.buckets.sides)}: a latent cache is "
+                                 "written at one resolution (data.resolution) or in aspect-ratio buckets "
+                                 "(data.buckets.pixels)")
   if config.data.buckets.pixels:
     multiple = factor * config.model.patch_size
     if config.data.buckets.step % multiple:
