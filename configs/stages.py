@@ -3,23 +3,24 @@
   pretrain  flow matching from scratch (configs/mmdit_256.py) on the 'web' split: many
             records, images degraded and captions garbled at the rates of data.web
   hires     pretrain continued on 'web' at the final resolution (progressive resolution,
-            as in SD3): the model relearns its shapes at the new token scale on plentiful
-            data, so fine-tuning on the small curated split need not
+            as in SD3), positions interpolated: the model relearns its shapes at the new
+            token scale on plentiful data, so fine-tuning on the small curated split need not
   sft       posttrain: supervised fine-tuning on the small 'curated' split (clean renders,
-            exact captions) at a higher resolution (the timestep shift follows the new
-            token count, in training and sampling alike)
-  dpo       posttrain: Diffusion-DPO against the frozen sft model, on on-policy pairs: the
-            caption's render (preferred) vs the sft model's own sample for it, where the
-            adherence analyser finds an attribute wrong (rejected; jdiff/eval/on_policy.py)
+            exact captions): the quality stage
+  dpo       posttrain: Diffusion-DPO against the frozen sft model on on-policy pairs: the
+            sft model samples held-out captions 4 times each, and a sample the adherence
+            analyser finds wrong is rejected against a right one of the same caption
   grpo      posttrain: online RL (Flow-GRPO) from the sft model, beside dpo: groups of SDE
-            samples per prompt, rewarded by the adherence analyser; tune continues from it
+            samples per held-out caption, rewarded by the analyser; tune continues from it
   tune      LoRA (rank 8, attention and MLP projections of every block) teaching a colour
             word never seen before ('pink', data split new_color); the base stays frozen
-  guidance  distill: guidance distillation, one forward per step instead of CFG's two
-  fewstep   distill: few-step distillation of the guidance student, 4 steps instead of 20
+  fewstep   distill: the tuned model with its CFG into a 4-step student of one forward a
+            step (a tenth of the teacher's 20 x 2), trained on its own sampling states
+  guidance  distill (defined, not in the cpu/gpu order): a student with the guidance scale
+            as an input, one forward per step instead of CFG's two
 
-Each stage starts from the previous one's EMA weights (jdiff/recipes/stage_pipeline.py). CPU demo (2 cores,
-BENCHMARKS.md has its time and table):
+Each stage starts from the previous one's EMA weights (jdiff/recipes/stage_pipeline.py), or
+the one its init_from names. CPU demo (2 cores, BENCHMARKS.md has its time and table):
   python -m jdiff.stages --config=configs/stages.py:cpu --workdir=runs/stages
 Seconds-long variant for the tests: configs/stages.py:test.
 
@@ -28,7 +29,7 @@ configs/mmdit_256.py's d12 model with patch 8: pretrain 400k steps at 256x256 on
 compute-heavy stage), hires 40k steps at 512x512 (1024 image tokens instead of 256; the time
 shift follows the token count), then every later stage 4000 steps at 512 with lr 1e-5 and
 EMA 0.999: sft on 100k curated records, dpo on 16384 on-policy pairs, grpo with 32 prompts a
-step, the LoRA tune, and the two distillations. jdiff.stages runs on one host, every device
+step, the LoRA tune, and the 4-step student. jdiff.stages runs on one host, every device
 in its mesh (`python -m jdiff.stages --config=configs/stages.py --workdir=DIR`); across
 several hosts, run each stage's `python -m jdiff.main` with the same fields (launch/).
 """
@@ -76,7 +77,10 @@ def get_config(arg: str | None = None):
   base.model.pos_embed_interpolate = base.data.resolution // base.model.patch_size
   p = ml_collections.ConfigDict()
   p.base = base
-  p.order = "pretrain,hires,sft,dpo,grpo,tune,guidance,fewstep"
+  # guidance (a student with the guidance scale as an input, sampled with its usual steps) is
+  # defined beside fewstep but left out of the order: the 4-step student embeds the guidance
+  # itself. The test variant runs it too.
+  p.order = "pretrain,hires,sft,dpo,grpo,tune," + ("guidance,fewstep" if variant == "test" else "fewstep")
   p.stages = ml_collections.ConfigDict(dict(
       pretrain=dict(train=dict(num_steps=pretrain_steps), data=dict(shapes_split="web")),
       hires=dict(train=dict(num_steps=hires_steps, checkpoint_every=hires_steps,
@@ -96,20 +100,27 @@ def get_config(arg: str | None = None):
       grpo=later(stage="posttrain", objective="grpo", init_from="sft", data=dict(shapes_split="held_out")),
       tune=later(stage="tune", lora=dict(rank=8, alpha=8.0), optim=dict(trainable=".*lora_.*", lr=10 * lr),
                  data=dict(shapes_split="new_color")),
-      # The students distill on the new_color split too, so the tuned colour carries over.
+      # Both students distill the tuned model (branches beside each other), on the new_color
+      # split so the tuned colour carries over, on-policy: each learns at the states its own
+      # sampler reaches from the noise, where it will be when it samples, instead of at noised
+      # data, which CFG's trajectories leave (docs/notes.md measures it).
       guidance=later(stage="distill", objective="guidance", model=dict(guidance_embed=True),
-                     data=dict(shapes_split="new_color")),
-      fewstep=later(stage="distill", objective="fewstep", model=dict(guidance_embed=True),
-                    data=dict(shapes_split="new_color"), distill=dict(student_steps=4),
+                     data=dict(shapes_split="new_color"), distill=dict(states="student")),
+      fewstep=later(stage="distill", objective="fewstep", init_from="tune", model=dict(guidance_embed=True),
+                    data=dict(shapes_split="new_color"), distill=dict(student_steps=4, states="student"),
                     sample=dict(num_steps=4), eval=dict(num_steps=4)),
   ))
   # grpo: train.batch_size prompts a step, group_size images each (test: brightness, since the
   # tiny model's 32 caption tokens cut the captions the adherence reward reads).
-  grpo_steps = dict(gpu=stage_steps, cpu=150, test=stage_steps)[variant]
+  grpo_steps = dict(gpu=stage_steps, cpu=200, test=stage_steps)[variant]
   # dpo: about grpo's wall time (its pair sampling included).
   dpo_steps = dict(gpu=stage_steps, cpu=1000, test=stage_steps)[variant]
   p.stages.dpo.train.update(num_steps=dpo_steps, checkpoint_every=dpo_steps,
                             sample_every=0 if variant == "test" else dpo_steps)
+  distill_steps = dict(gpu=stage_steps, cpu=1000, test=stage_steps)[variant]
+  for name in ("guidance", "fewstep"):
+    p.stages[name].train.update(num_steps=distill_steps, checkpoint_every=distill_steps,
+                                sample_every=0 if variant == "test" else distill_steps)
   p.stages.grpo.train.update(batch_size=dict(gpu=32, cpu=4, test=2)[variant], num_steps=grpo_steps,
                              checkpoint_every=grpo_steps, sample_every=0 if variant == "test" else grpo_steps,
                              log_every=min(base.train.log_every, 10))

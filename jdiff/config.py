@@ -111,6 +111,11 @@ def base() -> ml_collections.ConfigDict:
       cfg_scale=3.0,  # fewstep: the teacher's guidance scale (CFG, or its embedded guidance)
       student_steps=4,  # fewstep: Euler steps the student samples with
       teacher_substeps=12,  # fewstep: teacher Euler steps per student step
+      # guidance, fewstep: where the student learns: at the noised data ('data'), or on-policy
+      # at its own sampling states ('student': fewstep, after k of its steps; guidance, its ODE
+      # from the noise in state_steps Euler steps), where it will be when it samples
+      states="data",
+      state_steps=4,
   ))
 
   c.model = ml_collections.ConfigDict(dict(

@@ -119,6 +119,7 @@ def validate(c: ml_collections.ConfigDict, *, encoding: bool = False) -> None:
   if not 0 <= c.distill.guidance_min <= c.distill.guidance_max:
     raise errors.InvalidArgument(f"config.distill.guidance_min={c.distill.guidance_min} and guidance_max="
                                  f"{c.distill.guidance_max} must satisfy 0 <= min <= max")
+  _one_of("distill.states", c.distill.states, ("data", "student"))
   _one_of("diffusion.prediction", c.diffusion.prediction, config_lib.PREDICTIONS)
   _one_of("diffusion.weighting", c.diffusion.weighting, config_lib.WEIGHTINGS)
   _one_of("diffusion.timesteps.kind", c.diffusion.timesteps.kind, config_lib.TIMESTEP_KINDS)
@@ -150,8 +151,8 @@ def validate(c: ml_collections.ConfigDict, *, encoding: bool = False) -> None:
                "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                "train.max_nonfinite", "sample.num_steps", "eval.num_steps", "eval.num_samples",
                "text.max_len", "optim.grad_clip", "model.patch_size", "sample.batch_size",
-               "distill.student_steps", "distill.teacher_substeps", "data.worker_chunk", "eval.val_examples",
-               "eval.val_times"):
+               "distill.student_steps", "distill.teacher_substeps", "distill.state_steps", "data.worker_chunk",
+               "eval.val_examples", "eval.val_times"):
     section, key = name.split(".")
     _positive(name, c[section][key])
   if c.data.read_threads < -1:

@@ -82,13 +82,38 @@ def test_few_step_oracle_student_reproduces_the_teacher():
 
   def oracle(x_t, t):
     k = jnp.argmin(jnp.abs(coarse[:, None] - t[None]), axis=0)  # the interval this step starts
-    # x0 = eps = x_t noises to x_t at every t, so the target is computed from x_t itself.
-    _, _, target = diffusion.few_step_target(teacher, x_t, x_t, k, coarse, fine)
+    _, target = diffusion.few_step_target(teacher, x_t, k, coarse, fine)
     return target
 
   noise = jax.random.normal(jax.random.key(7), x.shape)
   np.testing.assert_allclose(diffusion.solve(oracle, noise, coarse), diffusion.solve(teacher, noise, fine),
                              atol=1e-4)
+
+
+def test_student_states_are_the_students_own_euler_steps_from_the_noise():
+  """The on-policy start of interval k is where k of the student's Euler steps on the
+  coarse grid take the noise: the noise itself at k = 0, and per sample."""
+  velocity = lambda x, t: jnp.sin(x) * t.reshape(-1, 1, 1, 1) - 0.2 * x
+  coarse = diffusion.inference_times(4, 64, dict(kind="fixed", shift=3.0))
+  eps = jax.random.normal(jax.random.key(3), (4, 2, 2, 3))
+  k = jnp.array([0, 1, 2, 3])
+  states = diffusion.student_states(velocity, eps, k, coarse)
+  for i in range(4):
+    by_hand = eps[i:i + 1]
+    for j in range(i):
+      by_hand = by_hand + (coarse[j + 1] - coarse[j]) * velocity(by_hand, coarse[j:j + 1])
+    np.testing.assert_allclose(states[i:i + 1], by_hand, rtol=1e-6, atol=1e-6)
+
+
+def test_ode_state_reaches_each_samples_time_along_the_ode():
+  """The guidance student's on-policy state: the ODE from the noise at t = 1 to each
+  sample's own t in equal Euler steps; for dx/dt = -x it is eps (1 + (1 - t)/S)^S."""
+  eps = jax.random.normal(jax.random.key(4), (3, 2, 2, 1))
+  t = jnp.array([1.0, 0.5, 0.1])
+  state = diffusion.ode_state(lambda x, t: -x, eps, t, 5)
+  by_hand = eps * ((1 + (1 - t) / 5) ** 5).reshape(-1, 1, 1, 1)
+  np.testing.assert_allclose(state, by_hand, rtol=1e-5)
+  np.testing.assert_array_equal(state[0], eps[0])  # no step at t = 1
 
 
 def _pipeline(variant="test"):
@@ -104,9 +129,9 @@ def _flat(params):
 @pytest.mark.heavy
 def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_table(tmp_path):
   """configs/stages.py:test end to end: pretrain on web data -> more of it at a higher
-  resolution -> SFT on curated data -> DPO, and
-  GRPO beside it from SFT -> LoRA -> guidance -> few-step,
-  each from the previous one's EMA weights, lineage recorded; a finished stage is skipped
+  resolution -> SFT on curated data -> DPO, and GRPO beside it from SFT -> LoRA -> the
+  guidance student and the few-step student beside it,
+  each from its parent's EMA weights, lineage recorded; a finished stage is skipped
   when the command runs again; the table prices each sampler in forwards. The first run is
   the command itself, `python -m jdiff.stages`."""
   p = _pipeline()
@@ -118,10 +143,10 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   configs = {name: (d, c) for name, d, c in stage_pipeline.stage_configs(p, str(tmp_path))}
   states = {name: restored(d, c) for name, (d, c) in configs.items()}
   lineage = states["fewstep"][2]
-  assert [e["stage"] for e in lineage] == ["pretrain", "pretrain", "posttrain", "posttrain", "tune", "distill",
-                                           "distill"]
-  # grpo branches from sft beside dpo; tune continues from grpo.
-  assert [os.path.basename(e["workdir"]) for e in lineage] == [n for n in configs if n != "dpo"]
+  assert [e["stage"] for e in lineage] == ["pretrain", "pretrain", "posttrain", "posttrain", "tune", "distill"]
+  # grpo branches from sft beside dpo; tune continues from grpo; both students from tune.
+  assert [os.path.basename(e["workdir"]) for e in lineage] == [n for n in configs if n not in ("dpo", "guidance")]
+  assert [os.path.basename(e["workdir"]) for e in states["guidance"][2]][-2:] == ["tune", "guidance"]
   assert [os.path.basename(e["workdir"]) for e in states["dpo"][2]] == ["pretrain", "hires", "sft", "dpo"]
   grpo_log = [json.loads(line) for line in open(os.path.join(configs["grpo"][0], "metrics.jsonl"))]
   assert all(0.0 <= m["reward"] <= 1.0 and m["kl"] >= 0.0 for m in grpo_log if "reward" in m)
@@ -173,7 +198,7 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   assert all(0 <= r["adherence"][s]["clean"] <= 1 and r["adherence"][s]["residual"] >= 0 for r in rows
              for s in ("seen", "held_out", "new_color"))
   # Each row's effect is measured from the stage it started from; the teacher row from its own stage.
-  assert [r["parent"] for r in rows] == [None, "pretrain", "hires", "sft", "sft", "grpo", "tune", "tune", "guidance"]
+  assert [r["parent"] for r in rows] == [None, "pretrain", "hires", "sft", "sft", "grpo", "tune", "tune", "tune"]
 
   # Running the command again: finished stages are skipped (an interrupted one resumes from
   # its checkpoint: the trainer's resume tests); a longer stage continues where it stopped.

@@ -18,7 +18,7 @@ from jdiff.diffusion.flow import (
 )
 from jdiff.diffusion.preference import dpo_loss
 from jdiff.diffusion.distill import (cfg_target, few_step_grid, few_step_target, guidance_distillation_loss,
-                                    velocity_error)
+                                     ode_state, student_states, velocity_error)
 from jdiff.diffusion.sampling import METHODS, embedded_guidance_velocity, guided_velocity, sample, solve
 from jdiff.diffusion.timesteps import (
     SHIFT_KINDS,
@@ -36,7 +36,7 @@ __all__ = [
     "PREDICTIONS", "VIEWS", "WEIGHTINGS", "METHODS", "SHIFT_KINDS", "TIMESTEP_KINDS",
     "convert", "flow_loss", "from_x0_eps", "interpolate", "loss_weight", "to_x0_eps",
     "velocity_target", "dpo_loss", "cfg_target", "guidance_distillation_loss", "few_step_grid",
-    "few_step_target", "velocity_error", "embedded_guidance_velocity",
+    "few_step_target", "ode_state", "student_states", "velocity_error", "embedded_guidance_velocity",
     "guided_velocity", "sample", "solve", "inference_times",
     "resolution_shift", "sample_timesteps", "sampling_times", "time_shift", "training_timesteps",
 ]

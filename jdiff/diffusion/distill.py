@@ -16,8 +16,10 @@ and the student learns the average velocity of that jump,
 
     target = (x_teacher(t_{k+1}) - x_{t_k}) / (t_{k+1} - t_k),
 
-so one student step lands where M teacher steps land. x_{t_k} is the forward-noised data
-(pure noise at k = 0, exactly where sampling starts).
+so one student step lands where M teacher steps land. x_{t_k} is where the jump starts:
+either the forward-noised data, or (on-policy) the student's own state after k of its steps
+from the noise, the state it will be in when it samples, so it learns to correct its own
+errors instead of only the data's (pure noise at k = 0 either way).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jdiff.diffusion import flow, sampling, timesteps
+from jdiff.diffusion import sampling, timesteps
 from jdiff.diffusion.sampling import ModelFn, VelocityFn
 
 
@@ -60,18 +62,38 @@ def few_step_grid(student_steps: int, teacher_substeps: int, seq_len: int, shift
   return coarse, fine
 
 
-def few_step_target(teacher_velocity: VelocityFn, x0: jax.Array, eps: jax.Array, k: jax.Array,
-                    coarse: jax.Array, fine: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The student's training input and target for interval k [B] of the coarse grid.
+def ode_state(velocity: VelocityFn, eps: jax.Array, t: jax.Array, steps: int) -> jax.Array:
+  """[B, ...]: the state at time t [B] of the ODE dx/dt = velocity from the noise eps at
+  t = 1, in `steps` equal Euler steps per sample (no gradient): where a sampler with this
+  velocity passes near t, for training on its own states."""
+  frac = jnp.linspace(0.0, 1.0, steps + 1)[:, None]  # [S+1, 1]
+  times = 1.0 + (t[None, :] - 1.0) * frac  # [S+1, B]
+  return jax.lax.stop_gradient(sampling.solve(velocity, eps, times, "euler"))
 
-  Returns (x_tk [B, ...], t_k [B], target velocity [B, ...]): x_tk is the data noised to
-  t_k = coarse[k], the target is the teacher's M-sub-step jump to coarse[k+1] divided by
-  its length (no gradient).
+
+def student_states(student_velocity: VelocityFn, eps: jax.Array, k: jax.Array, coarse: jax.Array) -> jax.Array:
+  """[B, ...]: the student's state after k [B] of its Euler steps on `coarse` from the noise
+  eps (no gradient): where its step k starts when it samples."""
+  x, states = eps, [eps]
+  for j in range(coarse.shape[0] - 2):  # the state after the last step is never a start
+    x = x + (coarse[j + 1] - coarse[j]) * student_velocity(x, jnp.full(x.shape[:1], coarse[j]))
+    states.append(x)
+  pick = jax.nn.one_hot(k, len(states), dtype=eps.dtype)  # [B, K]
+  chosen = jnp.einsum("kb...,bk->b...", jnp.stack(states), pick)
+  return jax.lax.stop_gradient(chosen)
+
+
+def few_step_target(teacher_velocity: VelocityFn, x_tk: jax.Array, k: jax.Array, coarse: jax.Array,
+                    fine: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The student's time and target velocity for the jump from x_tk [B, ...] on interval k [B]
+  of the coarse grid.
+
+  Returns (t_k [B], target velocity [B, ...]): t_k = coarse[k]; the target is the teacher's
+  M-sub-step jump from x_tk to coarse[k+1] divided by its length (no gradient).
   """
   substeps = (fine.shape[0] - 1) // (coarse.shape[0] - 1)
   t_k, t_next = coarse[k], coarse[k + 1]
-  x_tk = flow.interpolate(x0, eps, t_k)
   per_sample = fine[k[None, :] * substeps + jnp.arange(substeps + 1)[:, None]]  # [M+1, B]
   x_next = sampling.solve(teacher_velocity, x_tk, per_sample, "euler")
-  dt = (t_next - t_k).reshape((-1,) + (1,) * (x0.ndim - 1))
-  return x_tk, t_k, jax.lax.stop_gradient((x_next - x_tk) / dt)
+  dt = (t_next - t_k).reshape((-1,) + (1,) * (x_tk.ndim - 1))
+  return t_k, jax.lax.stop_gradient((x_next - x_tk) / dt)

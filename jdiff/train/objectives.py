@@ -151,35 +151,49 @@ def dpo_loss(params, batch, keys, frozen_params, *, networks: Networks, config, 
 
 def guidance_loss(params, batch, keys, frozen_params, *, networks: Networks, config, frozen: Frozen):
   """Guidance distillation (diffusion/distill.py): the student, given w ~ U[guidance_min,
-  guidance_max], regresses the frozen teacher's CFG velocity at the noised data."""
+  guidance_max], regresses the frozen teacher's CFG velocity at x_t: the noised data
+  (distill.states='data'), or the student's own ODE state at t, reached from the same noise
+  in distill.state_steps Euler steps with the same w ('student')."""
   d, g = config.diffusion, config.distill
   n = noised(batch, keys, networks, config)
   (k_w,) = streams(keys, 5)[4:]
   scale = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, g.guidance_min, g.guidance_max))(k_w)
   teacher = frozen.velocity(frozen_params, n.inputs, null_batch(batch, frozen.networks), scale, d.prediction)
-  student_fn = lambda x, t, c: networks.predict(params["denoiser"], x, t, c)
-  per_sample = diffusion.guidance_distillation_loss(student_fn, teacher, n.x_t, n.t,
-                                                    networks.conditioning(params, n.inputs), scale, d.prediction)
+  cond = networks.conditioning(params, n.inputs)
+  student_fn = lambda p: lambda x, t, c: networks.predict(p["denoiser"], x, t, c)
+  x_t = n.x_t
+  if g.states == "student":
+    own = diffusion.embedded_guidance_velocity(student_fn(jax.lax.stop_gradient(params)), cond, scale, d.prediction)
+    x_t = diffusion.ode_state(own, n.eps, n.t, g.state_steps)
+  per_sample = diffusion.guidance_distillation_loss(student_fn(params), teacher, x_t, n.t, cond, scale,
+                                                    d.prediction)
   return per_sample, n.t, dict(guidance=scale)
 
 
 def fewstep_loss(params, batch, keys, frozen_params, *, networks: Networks, config, frozen: Frozen):
   """Few-step distillation (diffusion/distill.py): on a random interval k of the student's
-  K-step grid, the student's velocity at the noised data regresses the teacher's M-sub-step
-  guided jump. A student with a guidance embedding is given w = distill.cfg_scale. The
-  interval takes the place of the sampled t (its stream draws k)."""
+  K-step grid, the student's velocity at the interval's start regresses the teacher's
+  M-sub-step guided jump from there. The start is the noised data (distill.states='data') or
+  the student's own state after k of its steps from the same noise ('student'). A student
+  with a guidance embedding is given w = distill.cfg_scale. The interval takes the place of
+  the sampled t (its stream draws k)."""
   d, g = config.diffusion, config.distill
   n = noised(batch, keys, networks, config)
   _, h, w, _ = n.x0.shape
   coarse, fine = diffusion.few_step_grid(g.student_steps, g.teacher_substeps, networks.seq_len(h, w), d.shift)
   k = jax.vmap(lambda key: jax.random.randint(key, (), 0, g.student_steps))(streams(keys, 2)[1])
   teacher = frozen.velocity(frozen_params, n.inputs, null_batch(batch, frozen.networks), g.cfg_scale, d.prediction)
-  x_t, t, target = diffusion.few_step_target(teacher, n.x0, n.eps, k, coarse, fine)
   cond = networks.conditioning(params, n.inputs)
   if networks.denoiser.guidance_embed:
-    cond = dict(cond, guidance=jnp.full(t.shape, g.cfg_scale, jnp.float32))
-  v = diffusion.convert(networks.predict(params["denoiser"], x_t, t, cond), d.prediction, "v", x_t, t)
-  return diffusion.velocity_error(v, target), t, dict(interval=k.astype(jnp.float32))
+    cond = dict(cond, guidance=jnp.full(k.shape, g.cfg_scale, jnp.float32))
+  student = lambda p: lambda x, t: diffusion.convert(networks.predict(p["denoiser"], x, t, cond), d.prediction,
+                                                     "v", x, t)
+  if g.states == "student":
+    x_t = diffusion.student_states(student(jax.lax.stop_gradient(params)), n.eps, k, coarse)
+  else:
+    x_t = diffusion.interpolate(n.x0, n.eps, coarse[k])
+  t, target = diffusion.few_step_target(teacher, x_t, k, coarse, fine)
+  return diffusion.velocity_error(student(params)(x_t, t), target), t, dict(interval=k.astype(jnp.float32))
 
 
 def grpo_loss(params, batch, keys, frozen_params, *, networks: Networks, config, frozen: Frozen):
