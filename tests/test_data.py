@@ -527,8 +527,8 @@ def test_worker_chunks_stay_under_a_size_cap():
 
 def test_select_pairs_each_wrong_sample_with_a_right_one_of_its_caption():
   """pairs.select: every sample with an attribute wrong is rejected; preferred='sample' pairs
-  the j-th wrong sample of a caption with its (j mod r)-th right one and drops captions with
-  none right; 'render' keeps every wrong sample and stores no preferred image."""
+  the j-th wrong sample of a caption with its (j mod r)-th right one (the cleanest first) and
+  drops captions with none right; 'render' keeps every wrong sample and stores no preferred image."""
   from jdiff.eval import on_policy
   index = np.array([5, 5, 5, 5, 9, 9, 2, 2])
   images = np.arange(8, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
@@ -545,6 +545,10 @@ def test_select_pairs_each_wrong_sample_with_a_right_one_of_its_caption():
   wrong2 = wrong.copy()
   wrong2[2] = False
   np.testing.assert_array_equal(on_policy.select(index, images, wrong2, "sample")["image_w"][:2, 0, 0, 0], [1, 2])
+  # ... the cleanest first: with sample 2 the cleaner right one, it leads.
+  artefacts = np.array([0.0, 5.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+  np.testing.assert_array_equal(on_policy.select(index, images, wrong2, "sample", artefacts)["image_w"][:2, 0, 0, 0],
+                                [2, 1])
   got = on_policy.select(index, images, wrong, "render")
   assert "image_w" not in got
   np.testing.assert_array_equal(got["index"], [5, 5, 5, 9, 9, 2])

@@ -11,8 +11,11 @@ one attribute of their caption wrong as rejected images. The preferred image of 
   sample  another of the model's samples for the same caption that the analyser finds right
           in all four attributes (online DPO with a verifier, the DPO counterpart of GRPO's
           groups): samples_per_caption >= 2 images a caption, and each wrong one is paired
-          with a right one of its caption; captions with none right give no pair. No image
-          of the data is read, so the split may be 'held_out' (its captions as prompts).
+          with a right one of its caption, the cleanest first (render quality: the least
+          distance from a clean render of what it shows), so that the preference does not
+          also teach the right samples' artefacts; captions with none right give no pair.
+          No image of the data is read, so the split may be 'held_out' (its captions as
+          prompts).
 
 A DPO stage with data.source='preference' and data.pairs_dir=PAIRS_DIR trains on them.
 Writes PAIRS_DIR/pairs.npz (index [K] record indices, image_l uint8 [K, R, R, 3], wrong
@@ -34,7 +37,7 @@ import numpy as np
 from jdiff import errors
 from jdiff import inference
 from jdiff.data import shapes, sources
-from jdiff.eval import adherence
+from jdiff.eval import adherence, render_quality
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +45,25 @@ FILE = sources.PAIRS_FILE
 PREFERRED = ("render", "sample")
 
 
-def select(index: Sequence[int], images: np.ndarray, wrong: np.ndarray, preferred: str) -> dict[str, np.ndarray]:
+def select(index: Sequence[int], images: np.ndarray, wrong: np.ndarray, preferred: str,
+           artefacts: Sequence[float] | None = None) -> dict[str, np.ndarray]:
   """The pairs among one batch of samples: index [N] caption records (a caption's samples
-  next to each other or not), images [N, R, R, 3], wrong bool [N, 4] (the analyser's verdict).
+  next to each other or not), images [N, R, R, 3], wrong bool [N, 4] (the analyser's verdict),
+  artefacts [N] (render quality's residual; None: all alike).
 
   Every sample with an attribute wrong is a rejected image; preferred='sample' pairs the
-  j-th wrong sample of a caption with its (j mod r)-th right one (r right samples) and drops
-  it when r = 0. Returns the pairs.npz arrays ('image_w' with preferred='sample' only)."""
+  j-th wrong sample of a caption with its (j mod r)-th right one in order of artefacts,
+  fewest first (r right samples), and drops it when r = 0. Returns the pairs.npz arrays
+  ('image_w' with preferred='sample' only)."""
   index, wrong = np.asarray(index), np.asarray(wrong, bool)
   bad = wrong.any(1)
   keep = np.flatnonzero(bad)
+  order = np.argsort(np.zeros(len(index)) if artefacts is None else np.asarray(artefacts, np.float64), kind="stable")
   out = {}
   if preferred == "sample":
     winners, kept, seen = [], [], collections.Counter()  # seen: wrong samples of each caption so far
     for i in keep:
-      right = np.flatnonzero((index == index[i]) & ~bad)
+      right = order[(index[order] == index[i]) & ~bad[order]]
       j = seen[index[i]]
       seen[index[i]] += 1
       if len(right):
@@ -104,7 +111,8 @@ def generate(workdir: str, out: str, *, num: int = 2048, num_steps: int | None =
                                 first_index=start * k)
     wrong = np.stack([~adherence.correct(image, scenes[n // k][0].attributes()) for n, image in enumerate(images)])
     hits += (~wrong).sum(0)
-    parts.append(select(idx, images, wrong, preferred))
+    artefacts = [render_quality.residual(image) for image in images] if preferred == "sample" else None
+    parts.append(select(idx, images, wrong, preferred, artefacts))
     log.info("pairs: sampled %d/%d captions x %d, %d pairs so far (%.0f s)", idx[-1] + 1, num, k,
              sum(len(p["index"]) for p in parts), time.time() - t0)
   found = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
