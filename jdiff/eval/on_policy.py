@@ -109,9 +109,14 @@ def generate(workdir: str, out: str, *, num: int = 2048, num_steps: int | None =
     texts = [text for _, text in scenes for _ in range(k)]
     images = inference.generate(model, texts, num_steps=num_steps, cfg_scale=cfg_scale, seed=seed,
                                 first_index=start * k)
-    wrong = np.stack([~adherence.correct(image, scenes[n // k][0].attributes()) for n, image in enumerate(images)])
+    # One analysis per image serves the verdict and, for the right samples a pair may
+    # prefer, the render quality (the wrong ones' is never read).
+    found = [adherence.analyse(image, with_layout=preferred == "sample") for image in images]
+    wrong = np.stack([~adherence.verdict(f, scenes[n // k][0].attributes()) for n, f in enumerate(found)])
     hits += (~wrong).sum(0)
-    artefacts = [render_quality.residual(image) for image in images] if preferred == "sample" else None
+    artefacts = None
+    if preferred == "sample":
+      artefacts = [0.0 if w.any() else render_quality.residual(image, f) for image, f, w in zip(images, found, wrong)]
     parts.append(select(idx, images, wrong, preferred, artefacts))
     log.info("pairs: sampled %d/%d captions x %d, %d pairs so far (%.0f s)", idx[-1] + 1, num, k,
              sum(len(p["index"]) for p in parts), time.time() - t0)
