@@ -103,6 +103,18 @@ def write_two_aspect_folder(root, n_wide=10, n_tall=6, corrupt=1):
 BUCKETS = dict(pixels=256, step=8, max_aspect=4.0, max_upscale=2.0, max_buckets=16)
 
 
+def _resumes_from_its_state(p, cfg):
+  """A new pipeline set to p's state gives p's next five batches; returns it."""
+  state = p.iterator.get_state()
+  rest = [next(p) for _ in range(5)]
+  q = pipeline.make_pipeline(cfg, global_batch=4, max_len=16, seed=0, process_index=0, process_count=1)
+  q.iterator.set_state(state)
+  for a, b in zip(rest, [next(q) for _ in range(5)]):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  return q
+
+
 def test_bucketed_pipeline_one_shape_per_batch_resumes_and_splits_by_process(tmp_path):
   write_two_aspect_folder(tmp_path)
   cfg = dict(source="folder", path=str(tmp_path), resolution=16, read_threads=2, prefetch=8, num_workers=0,
@@ -119,13 +131,7 @@ def test_bucketed_pipeline_one_shape_per_batch_resumes_and_splits_by_process(tmp
     words = {tokens.detokenize(t).split()[0] for t in b["tokens"]}
     assert words == ({"wide"} if b["image"].shape[1] == 8 else {"tall"})  # captions travel with their images
   assert p.skipped == 0  # the corrupt image has no readable header: left out when the buckets are built
-  state = p.iterator.get_state()
-  rest = [next(p) for _ in range(5)]
-  q = pipeline.make_pipeline(cfg, global_batch=4, max_len=16, seed=0, process_index=0, process_count=1)
-  q.iterator.set_state(state)
-  for a, b in zip(rest, [next(q) for _ in range(5)]):
-    np.testing.assert_array_equal(a["image"], b["image"])
-    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  q = _resumes_from_its_state(p, cfg)
   # Two processes' rows of each global batch are the one process's batch.
   halves = [pipeline.make_pipeline(cfg, global_batch=4, max_len=16, seed=0, process_index=i, process_count=2)
             for i in range(2)]
@@ -206,13 +212,7 @@ def test_multi_resolution_batches_hold_one_side_each_in_proportion_and_resume():
   sides = np.array([b["image"].shape[1] for b in batches])
   assert {b["image"].shape[1:] for b in batches} == {(16, 16, 3), (24, 24, 3)}
   assert abs(np.mean(sides == 24) - 0.25) < 0.05  # 400 batches: binomial SE 0.022
-  state = p.iterator.get_state()
-  rest = [next(p) for _ in range(5)]
-  q = pipeline.make_pipeline(cfg, global_batch=4, max_len=16, seed=0, process_index=0, process_count=1)
-  q.iterator.set_state(state)
-  for a, b in zip(rest, [next(q) for _ in range(5)]):
-    np.testing.assert_array_equal(a["image"], b["image"])
-    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  q = _resumes_from_its_state(p, cfg)
   for it in (p, q):
     it.iterator.close()
   source = shapes.ShapesSource(16, "web", size=6, web=dict(noise=0.5, blur=0.5))
