@@ -2,6 +2,7 @@
 traceback (jdiff.cli.run); tracebacks are for bugs."""
 
 import os
+import re
 
 import pytest
 
@@ -49,7 +50,8 @@ CASES = [
 @pytest.mark.parametrize("args, expected", CASES, ids=[" ".join(a[:1] + a[2:])[:60] for a, _ in CASES])
 def test_user_error_is_one_line_with_status_2(tiny_run, tmp_path, args, expected):
   where = dict(WORK=tiny_run, WORK2=str(tmp_path / "w2"), NOWHERE=str(tmp_path / "nowhere"))
-  fill = lambda text: next((text.replace(k, v) for k, v in where.items() if k in text), text)
+  # WORK2 before WORK: a prefix match would send every WORK2 case to one shared workdir
+  fill = lambda text: re.sub(r"\b(WORK2|WORK|NOWHERE)\b", lambda m: where[m.group(1)], text)
   proc = helpers.cli(*[fill(a) for a in args], check=False)
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert proc.returncode == 2, proc.stderr[-3000:]
