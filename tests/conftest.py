@@ -39,24 +39,38 @@ def _single_replica_saves():
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, worker_id):
-  """A finished run of configs/mmdit_256.py:test through `python -m jdiff.main` (4 steps, one
-  device, no sample grids), trained once per session and shared by the xdist workers (the
-  first to ask trains it, under a file lock). Tests only read it: sample or evaluate it, or
-  start another run from it with init_from."""
+def shared_run(tmp_path_factory, worker_id):
+  """shared_run(name, *cli_args) -> workdir: a run of `python -m jdiff.main *cli_args
+  --workdir=...` trained once per session under `name` and shared by the xdist workers (the
+  first to ask trains it, under a file lock; the others wait and reuse it). Module-scoped
+  fixtures would be trained again by every worker, and again whenever a worker comes back
+  to the module after another one's tests. Tests only read these runs, or copy them."""
   import helpers  # pylint: disable=g-import-not-at-top
 
   base = tmp_path_factory.getbasetemp()
   root = base if worker_id == "master" else base.parent  # the session's, not the worker's
-  work, done = root / "tiny_run", root / "tiny_run.done"
-  with open(root / "tiny_run.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not done.exists():
-      shutil.rmtree(work, ignore_errors=True)
-      helpers.cli("jdiff.main", "--config=configs/mmdit_256.py:test", f"--workdir={work}",
-                  "--config.train.sample_every=0")
-      done.write_text("")
-  return str(work)
+
+  def run(name: str, *args: str) -> str:
+    work, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not done.exists():
+        shutil.rmtree(work, ignore_errors=True)
+        helpers.cli("jdiff.main", *args, f"--workdir={work}")
+        done.write_text(" ".join(args))
+      elif done.read_text() != " ".join(args):
+        raise ValueError(f"shared run {name!r} was trained with other arguments: {done.read_text()}")
+    return str(work)
+
+  return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(shared_run):
+  """A finished run of configs/mmdit_256.py:test through `python -m jdiff.main` (4 steps, one
+  device, no sample grids). Tests only read it: sample or evaluate it, or start another run
+  from it with init_from."""
+  return shared_run("tiny_run", "--config=configs/mmdit_256.py:test", "--config.train.sample_every=0")
 
 
 @pytest.hookimpl(optionalhook=True)

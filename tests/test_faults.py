@@ -92,25 +92,19 @@ EVERY_2 = [a for a in FLAGS if "num_steps" not in a and "checkpoint_every" not i
     "--config.train.checkpoint_every=2"]
 
 
-@pytest.fixture(scope="module")
-def straight_6(tmp_path_factory):
+@pytest.fixture
+def straight_6(shared_run):
   """An uninterrupted 6-step run with checkpoints every 2 steps."""
-  work = tmp_path_factory.mktemp("straight") / "w"
-  helpers.cli("jdiff.main", *EVERY_2, "--config.train.num_steps=6", f"--workdir={work}")
-  return work
+  return shared_run("faults_straight_6", *EVERY_2, "--config.train.num_steps=6")
 
 
-@pytest.fixture(scope="module")
-def stopped_at_4(tmp_path_factory):
+@pytest.fixture
+def stopped_at_4(shared_run):
   """The same run stopped after 4 steps (checkpoints 2 and 4); each test damages a copy."""
-  work = tmp_path_factory.mktemp("stopped") / "w"
-  helpers.cli("jdiff.main", *EVERY_2, "--config.train.num_steps=4", f"--workdir={work}")
-  return work
+  return shared_run("faults_stopped_at_4", *EVERY_2, "--config.train.num_steps=4")
 
 
-# One worker runs all three, so the module's two runs above are trained once.
 @pytest.mark.heavy
-@pytest.mark.xdist_group("damaged_checkpoints")
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "remove_item"])
 def test_damaged_latest_checkpoint_through_the_cli(tmp_path, straight_6, stopped_at_4, damage):
   """The newest checkpoint damaged between two runs of the same command: the second run

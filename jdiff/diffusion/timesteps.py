@@ -128,7 +128,11 @@ def sampling_times(num_steps: int, shift: jax.Array | float = 1.0) -> jax.Array:
   """
   if num_steps < 1:
     raise errors.InvalidArgument(f"num_steps must be >= 1, got {num_steps}")
-  return time_shift(jnp.linspace(1.0, 0.0, num_steps + 1, dtype=jnp.float32), shift)
+  # (N - i) / N, each one rounding: linspace's 1 - i/N loses the low bits of the small times
+  # to cancellation, and would give the K-step grid and every M-th time of the K*M-step
+  # grid (few-step distillation's) different roundings of the same number.
+  base = jnp.arange(num_steps, -1, -1, dtype=jnp.float32) / num_steps
+  return time_shift(base, shift)
 
 
 def training_timesteps(keys: jax.Array, seq_len: jax.Array | int, timestep_cfg: Any, shift_cfg: Any
