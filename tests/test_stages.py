@@ -197,6 +197,13 @@ def test_pipeline_runs_every_stage_with_its_objective_resumes_and_writes_the_tab
   assert Image.open(tmp_path / stage_pipeline.PICTURE).height == len(rows) * (64 + 2) + 2
   assert all(0 <= r["adherence"][s]["clean"] <= 1 and r["adherence"][s]["residual"] >= 0 for r in rows
              for s in ("seen", "held_out", "new_color"))
+  for r in rows:  # the per-image scores the effects are paired over add up to the tallies
+    for s in ("seen", "held_out", "new_color"):
+      a, per_image = r["adherence"][s], r["adherence"][s]["per_image"]
+      assert len(per_image["verdicts"]) == a["n"] == len(per_image["residual"])
+      assert np.mean([v == "1111" for v in per_image["verdicts"]]) == pytest.approx(a["all"])
+      assert np.mean([v[0] == "1" for v in per_image["verdicts"]]) == pytest.approx(a["color"])
+      assert np.mean(per_image["residual"]) == pytest.approx(a["residual"], abs=1e-4)
   # Each row's effect is measured from the stage it started from; the teacher row from its own stage.
   assert [r["parent"] for r in rows] == [None, "pretrain", "hires", "sft", "sft", "grpo", "tune", "tune", "tune"]
 
@@ -230,6 +237,36 @@ def test_stage_effects_carry_binomial_standard_errors():
   assert "| 0.700 ± 0.046 |  |" in table[2]  # the first stage has no effect
   assert table[3].endswith("| 0.400 ± 0.049 | 3.25 ± 0.50 |")  # render quality of the seen images
   assert "Quality drops" not in "\n".join(table)
+
+
+def test_stage_effects_are_paired_over_the_same_prompts():
+  """With per-image scores the effect's error is that of the per-prompt differences, by hand:
+  a stage that fixes one of four prompts and changes nothing else has differences (0, 1, 0, 0),
+  mean 1/4, sample standard deviation 1/2, error 1/4; the quadrature bound of the same
+  tallies would be sqrt(2 x 3/16 / 4) = 0.31."""
+  def row(name, parent, verdicts, residuals):
+    right = [v.count("1") == 4 for v in verdicts]
+    split = dict(color=1.0, shape=1.0, size=1.0, position=1.0, all=sum(right) / len(right), n=len(right),
+                 clean=0.5, residual=sum(residuals) / len(residuals), residual_se=0.01,
+                 per_image=dict(verdicts=verdicts, residual=residuals))
+    return dict(name=name, parent=parent, objective="dpo", train_steps=1, resolution=8, sampler="2 x 2",
+                forwards=4, adherence=dict(seen=split, held_out=split, new_color=split))
+  a = row("sft", None, ["1111", "0111", "1011", "1111"], [1.0, 2.0, 3.0, 4.0])
+  b = row("dpo", "sft", ["1111", "1111", "1011", "1111"], [2.0, 3.0, 4.0, 5.5])
+  d, se = stage_pipeline.effect(b, a, "seen")
+  assert d == pytest.approx(0.25) and se == pytest.approx(0.25)
+  d, se = stage_pipeline.effect(b, a, "seen", "color")  # the first attribute: (0, 1, 0, 0) again
+  assert d == pytest.approx(0.25) and se == pytest.approx(0.25)
+  d, se = stage_pipeline.effect(b, a, "seen", "shape")  # right on every image of both
+  assert d == 0.0 and se == 0.0
+  assert stage_pipeline.paired_difference([1, 2], [1, 2]) == (0.0, 0.0)
+  # Residuals up by (1, 1, 1, 1.5): mean 1.125, error 0.125 (sd 0.25 / 2): a drop far beyond
+  # two errors, which the residual_se of 0.01 each would also show, but paired it is exact.
+  drops = stage_pipeline.quality_drops([a, b])
+  assert drops == ["- dpo: reward hacking: seen all +0.250, held-out all +0.250 while artefacts rose "
+                   "2.50 -> 3.62 (+1.12 ± 0.12) from sft"]
+  table = stage_pipeline.markdown([a, b]).splitlines()
+  assert "| 1.000 ± 0.000 | +0.250 ± 0.250 |" in table[3]
 
 
 def test_table_names_reward_hacking_and_quality_drops():

@@ -48,13 +48,16 @@ def applies(config) -> bool:
 
 def evaluate(model: inference.Model, *, num_samples: int | None = None, num_steps: int | None = None,
              cfg_scale: float | None = None, method: str | None = None, seed: int | None = None,
-             grid_dir: str | None = None, grid_images: int = 64) -> dict[str, Any]:
+             grid_dir: str | None = None, grid_images: int = 64, per_image: bool = False) -> dict[str, Any]:
   """{'seen': {color, shape, size, position, all, n, clean, residual, residual_se}, 'held_out':
   {...}, 'new_color': {...}}: adherence (jdiff.eval.adherence) and render quality of the same
   images (jdiff.eval.render_quality: the fraction within CLEAN of a clean render, and the mean
   distance to one in grey levels with its standard error);
   unset settings come from config.eval. `grid_dir`: also writes each split's first
-  `grid_images` images as a verdict grid (write_verdict_grid) to grid_dir/<split>.png."""
+  `grid_images` images as a verdict grid (write_verdict_grid) to grid_dir/<split>.png.
+  `per_image`: each split also holds 'per_image': {'verdicts': one string per image of '1'
+  (right) and '0' per attribute in shapes.ATTRIBUTES order, 'residual': its render residual},
+  for statistics paired over the same prompts and noise (jdiff.recipes.stage_pipeline)."""
   e = model.config.eval
   num_samples = e.num_samples if num_samples is None else num_samples
   num_steps = e.num_steps if num_steps is None else num_steps
@@ -67,8 +70,12 @@ def evaluate(model: inference.Model, *, num_samples: int | None = None, num_step
     found = [adherence.analyse(image, with_layout=True) for image in images]  # once: for both scores
     verdicts = [adherence.verdict(f, a) for f, (_, a) in zip(found, prompts)]
     out[name] = adherence.tally(verdicts)
-    quality = render_quality.score(images, found)
+    residuals = render_quality.residuals(images, found)
+    quality = render_quality.summarise(residuals)
     out[name].update(clean=quality["clean"], residual=quality["residual"], residual_se=quality["residual_se"])
+    if per_image:
+      out[name]["per_image"] = dict(verdicts=["".join("1" if r else "0" for r in v) for v in verdicts],
+                                    residual=[round(float(r), 4) for r in residuals])
     if grid_dir:
       k = min(grid_images, len(prompts))
       write_verdict_grid(images[:k], [p for p, _ in prompts[:k]], verdicts[:k], os.path.join(grid_dir, f"{name}.png"))

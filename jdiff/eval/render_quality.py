@@ -47,12 +47,21 @@ def residual(image: np.ndarray, found: Mapping[str, Any] | None = None) -> float
   return float(np.abs(np.asarray(image, np.float32) - nearest_render(image, found)).mean())
 
 
+def residuals(images: Sequence[np.ndarray], analyses: Sequence[Mapping[str, Any]] | None = None) -> np.ndarray:
+  """float64 [N]: each image's `residual`; `analyses` as in `score`."""
+  analyses = analyses or [None] * len(images)
+  return np.array([residual(image, found) for image, found in zip(images, analyses, strict=True)], np.float64)
+
+
 def score(images: Sequence[np.ndarray], analyses: Sequence[Mapping[str, Any]] | None = None) -> dict[str, float]:
   """{'clean': fraction of images with residual <= CLEAN, 'residual': mean residual,
   'residual_se': its standard error, 'n'}; `analyses`: the images' analyses with layout, if
   the caller has them."""
-  analyses = analyses or [None] * len(images)
-  r = np.array([residual(image, found) for image, found in zip(images, analyses, strict=True)], np.float64)
+  return summarise(residuals(images, analyses))
+
+
+def summarise(r: np.ndarray) -> dict[str, float]:
+  """`score` from the images' residuals [N]."""
   if not len(r):
     raise ValueError("no images to score")
   return dict(clean=float((r <= CLEAN).mean()), residual=float(r.mean()),

@@ -134,7 +134,8 @@ def _row(label: str, model, config, num_samples: int, num_steps: int | None = No
 
   e = model.config.eval
   num_steps = e.num_steps if num_steps is None else num_steps
-  result = benchmark.evaluate(model, num_samples=num_samples, num_steps=num_steps, cfg_scale=e.cfg_scale)
+  result = benchmark.evaluate(model, num_samples=num_samples, num_steps=num_steps, cfg_scale=e.cfg_scale,
+                              per_image=True)
   forwards = inference.forwards_per_image(model.networks, num_steps, e.cfg_scale, e.method)
   return dict(name=label, stage=config.stage, objective=config.objective, train_steps=config.train.num_steps,
               resolution=config.data.resolution,
@@ -205,11 +206,37 @@ def _estimate(split: dict[str, float], key: str = "all") -> tuple[float, float]:
   return split[key], standard_error(split[key], split["n"])
 
 
+def _per_image(row: dict[str, Any], split: str, key: str) -> np.ndarray | None:
+  """float64 [N]: each image's score of `key` on `split` ('all', an attribute, or 'residual'),
+  or None where the row has no per-image scores (a table written before they were kept)."""
+  per_image = row["adherence"][split].get("per_image")
+  if per_image is None:
+    return None
+  if key == "residual":
+    return np.asarray(per_image["residual"], np.float64)
+  verdicts = per_image["verdicts"]
+  if key == "all":
+    return np.array([v.count("1") == len(v) for v in verdicts], np.float64)
+  i = shapes.ATTRIBUTES.index(key)
+  return np.array([v[i] == "1" for v in verdicts], np.float64)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+  """(mean of a - b, its standard error) over paired samples: the error of the per-sample
+  differences, in which whatever both share (here the prompt and the noise) cancels."""
+  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+  return float(d.mean()), se
+
+
 def effect(row: dict[str, Any], parent: dict[str, Any], split: str, key: str = "all") -> tuple[float, float]:
   """(change of `key` on `split` from the parent stage's row to this one, its standard
-  error). The stages are scored on the same prompts with the same noise, so their errors are
-  positively correlated and sqrt(se^2 + se'^2) overstates the difference's error: a
-  conservative bound."""
+  error). Every stage is scored on the same prompts with the same noise, so the error is that
+  of the per-prompt differences (`paired_difference`). Rows without per-image scores fall
+  back to sqrt(se^2 + se'^2), which ignores the pairing and overstates the error."""
+  a, b = _per_image(row, split, key), _per_image(parent, split, key)
+  if a is not None and b is not None and len(a) == len(b):
+    return paired_difference(a, b)
   (a, se_a), (b, se_b) = _estimate(row["adherence"][split], key), _estimate(parent["adherence"][split], key)
   return a - b, math.sqrt(se_a**2 + se_b**2)
 
@@ -225,7 +252,11 @@ def quality_drops(rows: list[dict[str, Any]]) -> list[str]:
     if parent is None or "residual" not in r["adherence"]["seen"] or "residual" not in parent["adherence"]["seen"]:
       continue
     q, q0 = r["adherence"]["seen"], parent["adherence"]["seen"]
-    d, se = q["residual"] - q0["residual"], math.hypot(q["residual_se"], q0["residual_se"])
+    a, b = _per_image(r, "seen", "residual"), _per_image(parent, "seen", "residual")
+    if a is not None and b is not None and len(a) == len(b):
+      d, se = paired_difference(a, b)
+    else:
+      d, se = q["residual"] - q0["residual"], math.hypot(q["residual_se"], q0["residual_se"])
     if d <= 2 * se:
       continue
     gains = [(s, effect(r, parent, s)[0]) for s in ("seen", "held_out")]
@@ -276,9 +307,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines += ["", "Quality drops (artefacts up by more than two standard errors):", *drops]
   return "\n".join(lines) + (
       f"\n\n{n} prompts per split; ± one standard error (binomial). Effect: the change from the stage "
-      "it started from (the teacher row: from the same model with its own sampler); its error adds "
-      "both stages' in quadrature, which overstates it, since every stage is scored on the same "
-      "prompts and noise. Guided samplers use CFG (2 forwards) unless guidance is embedded. Clean: "
+      "it started from (the teacher row: from the same model with its own sampler), ± the standard "
+      "error of the per-prompt differences: every stage is scored on the same prompts and noise, "
+      "so what a prompt makes easy or hard cancels (rows scored without per-image results add both "
+      "stages' errors in quadrature instead). Guided samplers use CFG (2 forwards) unless guidance is embedded. Clean: "
       f"the fraction of the seen images within {render_quality.CLEAN:g} grey levels of a clean render of "
       "what they show; artefacts: their mean distance from it in grey levels "
       "(jdiff/eval/render_quality.py).\n")
