@@ -100,14 +100,16 @@ def get_config(arg: str | None = None):
       grpo=later(stage="posttrain", objective="grpo", init_from="sft", data=dict(shapes_split="held_out")),
       tune=later(stage="tune", lora=dict(rank=8, alpha=8.0), optim=dict(trainable=".*lora_.*", lr=10 * lr),
                  data=dict(shapes_split="new_color")),
-      # Both students distill the tuned model (branches beside each other), on the new_color
-      # split so the tuned colour carries over, on-policy: each learns at the states its own
-      # sampler reaches from the noise, where it will be when it samples, instead of at noised
-      # data, which CFG's trajectories leave (docs/notes.md measures it).
+      # Both students distill the tuned model (branches beside each other) on-policy: each
+      # learns at the states its own sampler reaches from the noise, where it will be when it
+      # samples, instead of at noised data, which CFG's trajectories leave. So no image is
+      # read, and they learn on the 'prompts' split's captions: the tuned colour half the
+      # time, else every colour-shape pair, the unseen ones too, as the teacher is asked for
+      # all of them (docs/notes.md measures both).
       guidance=later(stage="distill", objective="guidance", model=dict(guidance_embed=True),
-                     data=dict(shapes_split="new_color"), distill=dict(states="student")),
+                     data=dict(shapes_split="prompts"), distill=dict(states="student")),
       fewstep=later(stage="distill", objective="fewstep", init_from="tune", model=dict(guidance_embed=True),
-                    data=dict(shapes_split="new_color"), distill=dict(student_steps=4, states="student"),
+                    data=dict(shapes_split="prompts"), distill=dict(student_steps=4, states="student"),
                     sample=dict(num_steps=4), eval=dict(num_steps=4)),
   ))
   # grpo: train.batch_size prompts a step, group_size images each (test: brightness, since the

@@ -41,7 +41,7 @@ CAPTION_FROM = ("auto", "filename")  # jdiff.data.files.CAPTION_FROM
 MISSING_CAPTIONS = ("skip", "empty")  # jdiff.data.files.MISSING_CAPTION
 LOSS_MASKS = ("none", "alpha", "file")  # jdiff.data.decode.LOSS_MASKS
 WANDB_MODES = ("offline", "online")
-SHAPES_SPLITS = ("train", "held_out", "new_color", "web", "curated")  # jdiff.data.shapes.SPLITS
+SHAPES_SPLITS = ("train", "held_out", "new_color", "web", "curated", "prompts")  # jdiff.data.shapes.SPLITS
 WEB_RATES = ("noise", "blur", "jpeg", "cast", "clutter", "occlusion", "crop", "wrong", "missing")  # degrade.RATES
 EVAL_METRICS = ("adherence", "val_loss", "fid", "kid", "clip_score")  # jdiff.eval.evaluator.METRICS
 PREDICTIONS = ("v", "eps", "x0")  # jdiff.diffusion.PREDICTIONS
@@ -217,9 +217,11 @@ def base() -> ml_collections.ConfigDict:
       shapes_size=1_000_000,  # records in the embedded dataset (procedural)
       shapes_seed=0,
       # shapes/preference training split: train | new_color (adds 'pink') | held_out (the unseen
-      # colour-shape pairs: objective grpo only, whose prompts they become; no image is read) |
+      # colour-shape pairs: captions-only objectives, as for 'prompts'; no image is read) |
       # web (pre-training data: images degraded and captions garbled at the rates of data.web)
       # | curated (clean renders, exact captions naming every attribute and the background)
+      # | prompts (captions of every colour-shape pair, the unseen ones too, and the new colour
+      # half the time: objectives that read captions only, grpo and on-policy distillation)
       shapes_split="train",
       # shapes_split='web': the chance of each image degradation and caption fault, each drawn
       # on its own per record (jdiff/data/degrade.py says what each does)

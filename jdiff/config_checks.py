@@ -81,9 +81,12 @@ def validate(c: ml_collections.ConfigDict, *, encoding: bool = False) -> None:
   for name, rate in c.data.web.items():
     if not 0 <= rate <= 1:
       raise errors.InvalidArgument(f"config.data.web.{name}={rate}: a rate in [0, 1]")
-  if c.data.shapes_split == "held_out" and c.objective != "grpo":
-    raise errors.InvalidArgument("data.shapes_split='held_out' holds the benchmark's unseen colour-shape pairs: only "
-                                 "objective 'grpo' may read it (its captions as prompts, never its images)")
+  captions_only = c.objective == "grpo" or (c.objective in ("guidance", "fewstep") and c.distill.states == "student")
+  if c.data.shapes_split in ("held_out", "prompts") and not captions_only:
+    raise errors.InvalidArgument(
+        f"data.shapes_split={c.data.shapes_split!r} holds captions of the benchmark's unseen colour-shape pairs: only "
+        "objectives that read captions, never images, may use it: 'grpo', or 'guidance' / 'fewstep' with "
+        "distill.states='student'")
   _one_of("data.caption_from", c.data.caption_from, config_lib.CAPTION_FROM)
   _one_of("data.missing_caption", c.data.missing_caption, config_lib.MISSING_CAPTIONS)
   _one_of("data.loss_mask", c.data.loss_mask, config_lib.LOSS_MASKS)

@@ -78,6 +78,20 @@ def test_new_color_split_mixes_the_new_colour_with_training_scenes():
   assert all(a["color"] in shapes.NEW_COLORS for _, a in shapes.benchmark("new_color", 30))
 
 
+def test_prompts_split_draws_every_pair_and_the_new_colour_half_the_time():
+  """'prompts': half the new colour, the other half every colour-shape pair, the held-out
+  ones at their share of the pairs (3 of 18: 1/12 of all records)."""
+  src = shapes.ShapesSource(16, "prompts")
+  pairs = [(ex["color"], ex["shape"]) for ex in (src[i] for i in range(2400))]
+  pink = sum(c in shapes.NEW_COLORS for c, _ in pairs)
+  held_out = sum(p in shapes.HELD_OUT for p in pairs)
+  share = len(shapes.HELD_OUT) / (len(shapes.COLORS) * len(shapes.SHAPES)) / 2
+  assert abs(pink - 1200) <= 4 * (2400 * 0.25) ** 0.5
+  assert abs(held_out - 2400 * share) <= 4 * (2400 * share * (1 - share)) ** 0.5
+  assert set(pairs) == {(c, s) for c in (*shapes.COLORS, *shapes.NEW_COLORS) for s in shapes.SHAPES}
+  assert all(ex["caption"] for ex in (src[i] for i in range(10)))
+
+
 def test_captions_name_every_attribute_in_varied_templates():
   src = shapes.ShapesSource(16)
   phrases = {"top left": "top left", "middle center": "center", "bottom center": "bottom"}

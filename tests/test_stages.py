@@ -303,6 +303,23 @@ def test_stage_objective_validation(changes, message):
     config_checks.validate(config)
 
 
+@pytest.mark.parametrize("split", ["held_out", "prompts"])
+def test_captions_only_splits_are_for_objectives_that_read_no_image(split):
+  """The splits with the benchmark's unseen pairs feed grpo's prompts and on-policy
+  distillation (which starts from noise); training on their images is refused."""
+  config = get_config(data__shapes_split=split, stage="distill", objective="fewstep", init_from="x")
+  config.model.guidance_embed = True
+  config.distill.states = "data"  # trains at noised images of the split
+  with pytest.raises(ValueError, match="never images"):
+    config_checks.validate(config)
+  config.distill.states = "student"
+  config_checks.validate(config)
+  config.objective = "guidance"
+  config_checks.validate(config)
+  with pytest.raises(ValueError, match="never images"):
+    config_checks.validate(get_config(data__shapes_split=split))  # flow
+
+
 @pytest.mark.parametrize("name", ["dpo", "guidance", "fewstep"])
 def test_objectives_with_a_frozen_model_need_init_from(name):
   config = get_config()

@@ -329,7 +329,7 @@ def _check_verdict_grids(grids, scores, num, side, upscale=4):
     ("--config.data.source=folder", "needs data.path"),
     ("--config.data.caption_from=exif", "data.caption_from='exif'"),
     ("--config.data.loss_mask=alpha", "weights the flow loss of images read from files"),
-    ("--config.data.shapes_split=held_out", "only objective 'grpo' may read it"),
+    ("--config.data.shapes_split=held_out", "only objectives that read captions, never images, may use it"),
     ("--config.eval.metrics=('adherence','fid')", "eval.metrics ['fid'] need eval.fid_stats"),
     ("--config.eval.metrics=('fdi',)", "config.eval.metrics='fdi' is not one of"),
 ])

@@ -13,6 +13,11 @@ New attribute: the colour in NEW_COLORS ('pink') never appears in 'train' or 'he
 The 'new_color' split, for teaching it to a trained model (a LoRA tune stage), draws half
 its examples in the new colour and half from the 'train' distribution.
 
+Captions only: 'prompts' draws the new colour half the time and otherwise any colour-shape
+pair, HELD_OUT's too, for objectives that read no image of it (the prompts of online RL and
+of on-policy distillation, which learns from the teacher's outputs from noise): a tuned
+model is asked for every pair, and its student should follow it on every pair.
+
 Pre-training and fine-tuning data, as in production: 'web' draws its scenes as 'train' does,
 degrades its images and garbles its captions at the rates of config.data.web (sensor noise,
 blur, compression, colour casts, clutter, occlusion, off-centre crops; wrong or missing
@@ -51,7 +56,7 @@ ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
 POSITIONS = tuple(f"{r} {c}" for r in ROWS for c in COLS)
 HELD_OUT = frozenset({("blue", "triangle"), ("yellow", "circle"), ("purple", "square")})
-SPLITS = ("train", "held_out", "new_color", "web", "curated")
+SPLITS = ("train", "held_out", "new_color", "web", "curated", "prompts")
 ATTRIBUTES = ("color", "shape", "size", "position")
 
 # Jitter keeps the data from being 1458 fixed images while every attribute stays readable.
@@ -199,8 +204,10 @@ def scene_for(seed: int, split: str, index: int) -> tuple[Scene, str]:
   if split not in SPLITS:
     raise ValueError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
   rng = np.random.default_rng([seed, SPLITS.index(split), index])
-  if split == "new_color" and rng.random() < 0.5:
+  if split in ("new_color", "prompts") and rng.random() < 0.5:
     color, shape = str(rng.choice(list(NEW_COLORS))), str(rng.choice(SHAPES))
+  elif split == "prompts":  # every pair, the unseen ones too: captions only (see the docstring)
+    color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
   else:
     while True:
       color = str(rng.choice(list(COLORS)))
