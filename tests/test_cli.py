@@ -44,6 +44,8 @@ CASES = [
      "--grids draws the shapes benchmark's images: add adherence to --metrics"),
     (["jdiff.stages", "--config=configs/stages.py:test", "--workdir=WORK2", "--config.nope=1"],
      "--config.nope: no such config field"),
+    (["jdiff.stages", "--config=configs/stages.py:test", "--workdir=WORK2", "--seeds=0,x"],
+     "--seeds=0,x: give integers"),
 ]
 
 

@@ -269,6 +269,49 @@ def test_stage_effects_are_paired_over_the_same_prompts():
   assert "| 1.000 ± 0.000 | +0.250 ± 0.250 |" in table[3]
 
 
+def _seed_rows(seen, residual):
+  """Two rows (sft, then dpo from it) of one seed: seen 'all' and artefacts per row."""
+  def row(name, parent, all_, res):
+    split = dict(color=0.5, shape=1.0, size=1.0, position=1.0, all=all_, n=100, clean=0.5, residual=res,
+                 residual_se=0.1)
+    return dict(name=name, parent=parent, objective="flow", train_steps=1, resolution=8, sampler="2 x 2",
+                forwards=4, adherence=dict(seen=split, held_out=dict(split, all=all_ / 2), new_color=split))
+  return [row("sft", None, seen[0], residual[0]), row("dpo", "sft", seen[1], residual[1])]
+
+
+def test_table_over_seeds_is_the_mean_with_its_standard_error():
+  """By hand: seen 'all' of dpo over three seeds 0.7, 0.8, 0.9: mean 0.8, sample standard
+  deviation 0.1, error 0.1 / sqrt(3) = 0.058; its effects from sft (0.6, 0.6, 0.9): +0.1,
+  +0.2, +0.0: mean +0.1, error 0.058; artefacts 3, 4, 5 after 3, 3, 3: effect +1.0 ± 0.577."""
+  tables = {0: _seed_rows((0.6, 0.7), (3.0, 3.0)), 1: _seed_rows((0.6, 0.8), (3.0, 4.0)),
+            2: _seed_rows((0.9, 0.9), (3.0, 5.0))}
+  lines = stage_pipeline.across_seeds(tables).splitlines()
+  assert lines[2] == "| sft | 2 x 2 | 0.700 ± 0.100 |  | 0.350 ± 0.050 |  | 0.500 ± 0.000 |  | 3.000 ± 0.000 |  |"
+  assert lines[3] == ("| dpo | 2 x 2 | 0.800 ± 0.058 | +0.100 ± 0.058 | 0.400 ± 0.029 | +0.050 ± 0.029 "
+                      "| 0.500 ± 0.000 | +0.000 ± 0.000 | 4.000 ± 0.577 | +1.000 ± 0.577 |")
+  assert "Seeds 0, 1, 2, 100 prompts per split each" in lines[5]
+  with pytest.raises(ValueError, match="seed 1 has rows"):
+    stage_pipeline.across_seeds({0: tables[0], 1: tables[1][:1]})
+
+
+def test_run_seeds_runs_the_pipeline_once_per_seed_in_its_own_directory(tmp_path, monkeypatch):
+  runs = []
+
+  def run(pipeline, workdir):
+    runs.append((pipeline.base.seed, workdir))
+    return _seed_rows((0.5, 0.5 + pipeline.base.seed / 10), (3.0, 3.0)), ""
+
+  monkeypatch.setattr(stage_pipeline, "run", run)
+  p = _pipeline()
+  tables, table = stage_pipeline.run_seeds(p, str(tmp_path), [3, 1])
+  assert runs == [(3, str(tmp_path / "seed_3")), (1, str(tmp_path / "seed_1"))]
+  assert p.base.seed == 0  # the caller's config is left as it was
+  assert open(tmp_path / "stages.md").read() == table and "| dpo | 2 x 2 | 0.700 ± 0.100 |" in table
+  assert list(json.load(open(tmp_path / "stages.json"))) == ["3", "1"]
+  with pytest.raises(ValueError, match="distinct seeds"):
+    stage_pipeline.run_seeds(p, str(tmp_path), [1, 1])
+
+
 def test_table_names_reward_hacking_and_quality_drops():
   """A row whose artefacts rose by more than twice the difference's standard error is named
   under the table: as reward hacking where a preference or RL stage also raised "all four",

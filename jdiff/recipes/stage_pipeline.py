@@ -329,3 +329,71 @@ def run(pipeline: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict[st
     f.write(table)
   Image.fromarray(picture([r["name"] for r in rows], samples)).save(os.path.join(workdir, PICTURE))
   return rows, table
+
+
+def _mean_and_error(values: list[float]) -> str:
+  """'mean ± standard error of the mean' over seeds (just the mean for one seed)."""
+  v = np.asarray(values, np.float64)
+  if len(v) < 2:
+    return f"{v.mean():.3f}"
+  return f"{v.mean():.3f} ± {v.std(ddof=1) / math.sqrt(len(v)):.3f}"
+
+
+def across_seeds(tables: dict[int, list[dict[str, Any]]]) -> str:
+  """The table over seeds in Markdown: each row's 'all' on the seen and held-out splits, the
+  new colour's colour accuracy and the seen images' artefacts, each with its effect (the change
+  from the stage it started from, per seed), as the mean over seeds ± its standard error
+  (sample standard deviation / sqrt(seeds)): the spread of what a run of the command gives,
+  which includes the training's own randomness that one run's binomial errors leave out."""
+  seeds = sorted(tables)
+  names = [r["name"] for r in tables[seeds[0]]]
+  for s in seeds:
+    if [r["name"] for r in tables[s]] != names:
+      raise errors.InvalidArgument(f"seed {s} has rows {[r['name'] for r in tables[s]]}, seed {seeds[0]} {names}")
+  by_name = {s: {r["name"]: r for r in tables[s]} for s in seeds}
+  columns = (("seen", "all"), ("held_out", "all"), ("new_color", "color"))
+  head = ("| stage | sampling (steps x forwards) | seen all | effect | held-out all | effect | new colour: colour "
+          "| effect | artefacts | effect |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for name in names:
+    rows = [by_name[s][name] for s in seeds]
+    parents = [by_name[s].get(r.get("parent")) for s, r in zip(seeds, rows)]
+    cells = [name, rows[0]["sampler"]]
+    for split, key in columns + (("seen", "residual"),):
+      cells.append(_mean_and_error([r["adherence"][split][key] for r in rows]))
+      if all(p is not None for p in parents):
+        if key == "residual":
+          changes = [r["adherence"][split][key] - p["adherence"][split][key] for r, p in zip(rows, parents)]
+        else:
+          changes = [effect(r, p, split, key)[0] for r, p in zip(rows, parents)]
+        cells.append(("+" if np.mean(changes) >= 0 else "") + _mean_and_error(changes))
+      else:
+        cells.append("")
+    lines.append("| " + " | ".join(cells) + " |")
+  n = tables[seeds[0]][0]["adherence"]["seen"]["n"]
+  return "\n".join(lines) + (
+      f"\n\nSeeds {', '.join(map(str, seeds))}, {n} prompts per split each; mean over seeds ± its standard "
+      "error (sample standard deviation / sqrt(seeds)). Effect: the change from the stage each row started "
+      "from, per seed. Artefacts: the seen images' mean distance from a clean render in grey levels. Each "
+      "seed's own table (binomial errors, paired effects, quality drops) is in seed_<seed>/stages.md.\n")
+
+
+def run_seeds(pipeline: ml_collections.ConfigDict, workdir: str, seeds: list[int]
+              ) -> tuple[dict[int, list[dict[str, Any]]], str]:
+  """`run` once per seed (pipeline.base.seed = seed) in workdir/seed_<seed>, then the table
+  over seeds (`across_seeds`) in workdir/stages.md and every seed's rows in
+  workdir/stages.json. Returns ({seed: rows}, Markdown table)."""
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise errors.InvalidArgument(f"seeds {seeds}: give distinct seeds")
+  tables = {}
+  for seed in seeds:
+    p = pipeline.copy_and_resolve_references()
+    p.base.seed = seed
+    log.info("seed %d: %s", seed, os.path.join(workdir, f"seed_{seed}"))
+    tables[seed] = run(p, os.path.join(workdir, f"seed_{seed}"))[0]
+  table = across_seeds(tables)
+  with open(os.path.join(workdir, "stages.json"), "w") as f:
+    json.dump({str(s): rows for s, rows in tables.items()}, f, indent=1)
+  with open(os.path.join(workdir, "stages.md"), "w") as f:
+    f.write(table)
+  return tables, table
