@@ -203,6 +203,9 @@ def standard_error(p: float, n: int) -> float:
 
 
 def _estimate(split: dict[str, float], key: str = "all") -> tuple[float, float]:
+  """(value of `key`, its standard error): the residual's own, else binomial."""
+  if key == "residual":
+    return split[key], split["residual_se"]
   return split[key], standard_error(split[key], split["n"])
 
 
@@ -233,7 +236,8 @@ def effect(row: dict[str, Any], parent: dict[str, Any], split: str, key: str = "
   """(change of `key` on `split` from the parent stage's row to this one, its standard
   error). Every stage is scored on the same prompts with the same noise, so the error is that
   of the per-prompt differences (`paired_difference`). Rows without per-image scores fall
-  back to sqrt(se^2 + se'^2), which ignores the pairing and overstates the error."""
+  back to sqrt(se^2 + se'^2), which ignores the pairing and overstates the error. `key`:
+  'all', an attribute, or 'residual' (render quality)."""
   a, b = _per_image(row, split, key), _per_image(parent, split, key)
   if a is not None and b is not None and len(a) == len(b):
     return paired_difference(a, b)
@@ -252,11 +256,7 @@ def quality_drops(rows: list[dict[str, Any]]) -> list[str]:
     if parent is None or "residual" not in r["adherence"]["seen"] or "residual" not in parent["adherence"]["seen"]:
       continue
     q, q0 = r["adherence"]["seen"], parent["adherence"]["seen"]
-    a, b = _per_image(r, "seen", "residual"), _per_image(parent, "seen", "residual")
-    if a is not None and b is not None and len(a) == len(b):
-      d, se = paired_difference(a, b)
-    else:
-      d, se = q["residual"] - q0["residual"], math.hypot(q["residual_se"], q0["residual_se"])
+    d, se = effect(r, parent, "seen", "residual")
     if d <= 2 * se:
       continue
     gains = [(s, effect(r, parent, s)[0]) for s in ("seen", "held_out")]
@@ -316,6 +316,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
       "(jdiff/eval/render_quality.py).\n")
 
 
+def _write_table(workdir: str, rows: Any, table: str) -> None:
+  """workdir/stages.json (the rows) and workdir/stages.md (the Markdown table)."""
+  with open(os.path.join(workdir, "stages.json"), "w") as f:
+    json.dump(rows, f, indent=1)
+  with open(os.path.join(workdir, "stages.md"), "w") as f:
+    f.write(table)
+
+
 def run(pipeline: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict[str, Any]], str]:
   """Trains what is not finished, evaluates every stage, writes workdir/stages.{json,md} and
   the picture (workdir/stages.png: a row of samples per stage, same prompts and noise).
@@ -323,10 +331,7 @@ def run(pipeline: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict[st
   stages = train_all(pipeline, workdir)  # validates every stage's config before any training
   rows, samples = evaluate_all(pipeline, stages)
   table = markdown(rows)
-  with open(os.path.join(workdir, "stages.json"), "w") as f:
-    json.dump(rows, f, indent=1)
-  with open(os.path.join(workdir, "stages.md"), "w") as f:
-    f.write(table)
+  _write_table(workdir, rows, table)
   Image.fromarray(picture([r["name"] for r in rows], samples)).save(os.path.join(workdir, PICTURE))
   return rows, table
 
@@ -362,10 +367,7 @@ def across_seeds(tables: dict[int, list[dict[str, Any]]]) -> str:
     for split, key in columns + (("seen", "residual"),):
       cells.append(_mean_and_error([r["adherence"][split][key] for r in rows]))
       if all(p is not None for p in parents):
-        if key == "residual":
-          changes = [r["adherence"][split][key] - p["adherence"][split][key] for r, p in zip(rows, parents)]
-        else:
-          changes = [effect(r, p, split, key)[0] for r, p in zip(rows, parents)]
+        changes = [effect(r, p, split, key)[0] for r, p in zip(rows, parents)]
         cells.append(("+" if np.mean(changes) >= 0 else "") + _mean_and_error(changes))
       else:
         cells.append("")
@@ -392,8 +394,5 @@ def run_seeds(pipeline: ml_collections.ConfigDict, workdir: str, seeds: list[int
     log.info("seed %d: %s", seed, os.path.join(workdir, f"seed_{seed}"))
     tables[seed] = run(p, os.path.join(workdir, f"seed_{seed}"))[0]
   table = across_seeds(tables)
-  with open(os.path.join(workdir, "stages.json"), "w") as f:
-    json.dump({str(s): rows for s, rows in tables.items()}, f, indent=1)
-  with open(os.path.join(workdir, "stages.md"), "w") as f:
-    f.write(table)
+  _write_table(workdir, {str(s): rows for s, rows in tables.items()}, table)
   return tables, table
